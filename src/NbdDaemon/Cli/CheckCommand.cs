@@ -1,0 +1,42 @@
+using System.CommandLine;
+using System.Globalization;
+using Nbd.Kernel;
+
+namespace NbdDaemon.Cli;
+
+/// <summary><c>nbd-daemon check DEVICE</c>: exit 0 when the device is connected, 1 when not, with the reason.</summary>
+internal static class CheckCommand
+{
+    public static Command Create()
+    {
+        var device = new Argument<string>("device") { Description = "The device (/dev/nbdN)" };
+        var command = new Command("check", "Tell whether a device is connected (exit 0) or not (exit 1)") { device };
+        command.SetAction(result => Run(result.GetValue(device)!, "/sys/block", Console.Out, Console.Error));
+        return command;
+    }
+
+    public static int Run(string deviceText, string sysBlock, TextWriter stdout, TextWriter stderr)
+    {
+        if (!DeviceArgument.TryParse(deviceText, out var path, out var index, out var why))
+        {
+            return CliExit.UsageError(stderr, why!);
+        }
+
+        if (!Directory.Exists(Path.Combine(sysBlock, "nbd" + index.ToString(CultureInfo.InvariantCulture))))
+        {
+            stdout.WriteLine($"{path}: not connected: no such device (is the nbd module loaded, with enough nbds_max?)");
+            return CliExit.Failed;
+        }
+
+        var status = NbdSysfs.Read(index, sysBlock);
+        if (!status.IsConnected)
+        {
+            stdout.WriteLine($"{path}: not connected: no client is attached (size {status.SizeBytes})");
+            return CliExit.Failed;
+        }
+
+        stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"{path}: connected (pid {status.Pid}, size {status.SizeBytes} bytes, block size {status.LogicalBlockSize}{(status.Backend is { Length: > 0 } b ? ", backend " + b : "")})"));
+        return CliExit.Ok;
+    }
+}

@@ -1,0 +1,25 @@
+namespace NbdDaemon.Cli;
+
+/// <summary>Exit codes of the one-shot verbs, documented in the README.</summary>
+internal static class CliExit
+{
+    public const int Ok = 0;
+
+    /// <summary>The operation failed (server, network or kernel); stderr names the cause.</summary>
+    public const int Failed = 1;
+
+    /// <summary>The command line itself is wrong (bad URI, device name, block size…).</summary>
+    public const int Usage = 2;
+
+    public static int Error(TextWriter stderr, string message)
+    {
+        stderr.WriteLine($"nbd-daemon: {message}");
+        return Failed;
+    }
+
+    public static int UsageError(TextWriter stderr, string message)
+    {
+        stderr.WriteLine($"nbd-daemon: {message}");
+        return Usage;
+    }
+}

@@ -1,0 +1,202 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Net.Sockets;
+using Nbd.Kernel;
+using Nbd.Protocol;
+
+namespace NbdDaemon.Cli;
+
+/// <summary>
+/// <c>nbd-daemon connect URI [DEVICE] [--interface ioctl|netlink] [--block-size N] [--timeout S] [--read-only]</c>:
+/// maps one export in the foreground until SIGTERM/SIGINT (then disconnects cleanly and exits 0), the server goes
+/// away, or someone disconnects the device.
+/// </summary>
+internal static class ConnectCommand
+{
+    public static Command Create()
+    {
+        var uri = new Argument<string>("uri") { Description = "The export, as an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH)" };
+        var device = new Argument<string?>("device") { Description = "The device to use (/dev/nbdN); default: an unused one", Arity = ArgumentArity.ZeroOrOne };
+        var iface = new Option<string>("--interface") { Description = "Kernel interface: ioctl or netlink", DefaultValueFactory = _ => "ioctl" };
+        iface.AcceptOnlyFromAmong("ioctl", "netlink");
+        var blockSize = new Option<uint?>("--block-size") { Description = "Logical block size in bytes: a power of two from 512 to 4096 (default: the server's preferred size, else 4096)" };
+        var timeout = new Option<int?>("--timeout") { Description = "Request timeout in seconds (0: the kernel's default)" };
+        var readOnly = new Option<bool>("--read-only") { Description = "Map the export read-only even if the server allows writes" };
+        var command = new Command("connect", "Map one export to a device in the foreground") { uri, device, iface, blockSize, timeout, readOnly };
+        command.SetAction((result, ct) => RunAsync(
+            new ConnectRequest(
+                result.GetValue(uri)!,
+                result.GetValue(device),
+                result.GetValue(iface) == "netlink",
+                result.GetValue(blockSize),
+                result.GetValue(timeout),
+                result.GetValue(readOnly)),
+            Console.Out,
+            Console.Error,
+            ct));
+        return command;
+    }
+
+    internal sealed record ConnectRequest(string Uri, string? Device, bool Netlink, uint? BlockSize, int? TimeoutSeconds, bool ReadOnly);
+
+    public static async Task<int> RunAsync(ConnectRequest request, TextWriter stdout, TextWriter stderr, CancellationToken ct)
+    {
+        if (!NbdUri.TryParse(request.Uri, out var uri, out var why))
+        {
+            return CliExit.UsageError(stderr, $"invalid NBD URI '{request.Uri}': {why}");
+        }
+
+        string? devicePath = null;
+        var deviceIndex = -1;
+        if (request.Device is not null && !DeviceArgument.TryParse(request.Device, out devicePath, out deviceIndex, out why))
+        {
+            return CliExit.UsageError(stderr, why!);
+        }
+
+        if (request.TimeoutSeconds is < 0)
+        {
+            return CliExit.UsageError(stderr, $"--timeout must be 0 or more seconds, not {request.TimeoutSeconds}");
+        }
+
+        NbdConnection connection;
+        try
+        {
+            connection = await NbdClient.ConnectAsync(uri!, options: null, ct);
+        }
+        catch (NbdException e)
+        {
+            return CliExit.Error(stderr, $"{uri}: {e.Message}");
+        }
+        catch (OperationCanceledException)
+        {
+            return CliExit.Error(stderr, $"{uri}: interrupted before the handshake finished");
+        }
+
+        using (connection)
+        {
+            var export = connection.Export;
+            if (!TryChooseBlockSize(request.BlockSize, export.BlockSizes, out var blockSize, out why))
+            {
+                return CliExit.UsageError(stderr, $"{uri}: {why}");
+            }
+
+            var flags = export.Flags;
+            if (request.ReadOnly)
+            {
+                flags |= TransmissionFlags.ReadOnly;
+            }
+
+            var mapping = new KernelMapping(export.Size, blockSize, flags, request.TimeoutSeconds is { } s ? TimeSpan.FromSeconds(s) : null);
+            try
+            {
+                return request.Netlink
+                    ? await ServeNetlinkAsync(connection.Socket, mapping, deviceIndex, uri!, stdout, ct)
+                    : await ServeIoctlAsync(connection.Socket, mapping, devicePath, uri!, stdout, ct);
+            }
+            catch (NbdKernelException e)
+            {
+                return CliExit.Error(stderr, e.Message);
+            }
+            catch (ArgumentException e)
+            {
+                return CliExit.Error(stderr, e.Message);
+            }
+        }
+    }
+
+    internal sealed record KernelMapping(ulong Size, uint BlockSize, TransmissionFlags Flags, TimeSpan? Timeout);
+
+    /// <summary>
+    /// The block size we give the kernel: the user's choice, else the server's preferred size, else 4096; it must be one
+    /// the kernel takes (a power of two, 512 to 4096) and one the server accepts (within its minimum and maximum).
+    /// </summary>
+    internal static bool TryChooseBlockSize(uint? requested, BlockSizeConstraints? server, out uint blockSize, out string? error)
+    {
+        blockSize = requested ?? (server is { Preferred: >= 512 and <= 4096 } p && uint.IsPow2(p.Preferred) ? p.Preferred : 4096);
+        error = null;
+        if (blockSize is < 512 or > 4096 || !uint.IsPow2(blockSize))
+        {
+            error = $"block size {blockSize} is not a power of two from 512 to 4096";
+        }
+        else if (server is not null && (blockSize < server.Minimum || blockSize > server.Maximum))
+        {
+            error = $"block size {blockSize} is outside what the server accepts ({server.Minimum} to {server.Maximum})";
+        }
+
+        return error is null;
+    }
+
+    private static async Task<int> ServeIoctlAsync(Socket socket, KernelMapping mapping, string? devicePath, NbdUri uri, TextWriter stdout, CancellationToken ct)
+    {
+        using var device = devicePath is null ? NbdDevice.OpenUnused() : NbdDevice.Open(devicePath);
+        device.SetBlockSize(mapping.BlockSize);
+        device.SetSizeBytes(mapping.Size);
+        if (mapping.Timeout is { } timeout)
+        {
+            device.SetTimeout(timeout);
+        }
+
+        device.SetFlags((ushort)mapping.Flags);
+        device.SetSocket(socket);
+        var loop = device.StartServiceLoop($"nbd-do-it {device.Path}");
+        stdout.WriteLine(Connected(device.Path, uri, mapping, "ioctl"));
+        stdout.Flush();
+
+        var stopped = false;
+        using (ct.Register(() => { stopped = true; loop.Stop(); }))
+        {
+            var result = await loop.Completion;
+            if (stopped || result.StoppedByRequest)
+            {
+                stdout.WriteLine($"{device.Path}: disconnected");
+                return CliExit.Ok;
+            }
+
+            device.ClearQueue();
+            device.ClearSocket();
+            stdout.WriteLine($"{device.Path}: the service loop ended ({result.ErrnoName ?? "server closed the connection"}); device released");
+            return result.Errno == 0 ? CliExit.Ok : CliExit.Failed;
+        }
+    }
+
+    private static async Task<int> ServeNetlinkAsync(Socket socket, KernelMapping mapping, int deviceIndex, NbdUri uri, TextWriter stdout, CancellationToken ct)
+    {
+        using var netlink = NbdNetlink.Open();
+        var index = netlink.Connect(new NbdNetlinkConnectRequest
+        {
+            Index = deviceIndex >= 0 ? deviceIndex : null,
+            SizeBytes = mapping.Size - mapping.Size % mapping.BlockSize,
+            BlockSize = mapping.BlockSize,
+            Timeout = mapping.Timeout,
+            ServerFlags = (ushort)mapping.Flags,
+            Sockets = [socket],
+            BackendIdentifier = $"nbd-daemon-cli:{uri}",
+        });
+        var path = NbdKernel.DevicePrefix + index.ToString(CultureInfo.InvariantCulture);
+        stdout.WriteLine(Connected(path, uri, mapping, "netlink"));
+        stdout.Flush();
+
+        // The kernel owns the socket now; we stay in the foreground so that a signal disconnects, and we leave when the
+        // device is disconnected by someone else or its link dies.
+        try
+        {
+            while (NbdSysfs.Read(index).IsConnected)
+            {
+                await Task.Delay(TimeSpan.FromMilliseconds(250), ct);
+            }
+
+            stdout.WriteLine($"{path}: disconnected elsewhere");
+            return CliExit.Ok;
+        }
+        catch (OperationCanceledException)
+        {
+            netlink.Disconnect(index);
+            stdout.WriteLine($"{path}: disconnected");
+            return CliExit.Ok;
+        }
+    }
+
+    private static string Connected(string path, NbdUri uri, KernelMapping mapping, string iface) =>
+        string.Create(CultureInfo.InvariantCulture,
+            $"{path}: connected to {uri} over {iface} (size {mapping.Size - mapping.Size % mapping.BlockSize} bytes, block size {mapping.BlockSize}{((mapping.Flags & TransmissionFlags.ReadOnly) != 0 ? ", read-only" : "")})");
+}

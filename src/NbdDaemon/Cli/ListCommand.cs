@@ -1,0 +1,54 @@
+using System.CommandLine;
+using System.Text.Json;
+using Nbd.Protocol;
+
+namespace NbdDaemon.Cli;
+
+/// <summary><c>nbd-daemon list URI [--json]</c>: the exports a server offers (NBD_OPT_LIST), one per line.</summary>
+internal static class ListCommand
+{
+    public static Command Create()
+    {
+        var uri = new Argument<string>("uri") { Description = "The server, as an NBD URI (nbd://host[:port], nbd+unix:///?socket=PATH)" };
+        var json = new Option<bool>("--json") { Description = "Print the exports as a JSON array of {name, description}" };
+        var command = new Command("list", "List the exports of an NBD server") { uri, json };
+        command.SetAction((result, ct) =>
+            RunAsync(result.GetValue(uri)!, result.GetValue(json), Console.Out, Console.Error, ct));
+        return command;
+    }
+
+    public static async Task<int> RunAsync(string uriText, bool json, TextWriter stdout, TextWriter stderr, CancellationToken ct)
+    {
+        if (!NbdUri.TryParse(uriText, out var uri, out var why))
+        {
+            return CliExit.UsageError(stderr, $"invalid NBD URI '{uriText}': {why}");
+        }
+
+        IReadOnlyList<NbdExportListing> exports;
+        try
+        {
+            exports = await NbdClient.ListExportsAsync(uri!, options: null, ct);
+        }
+        catch (NbdException e)
+        {
+            return CliExit.Error(stderr, $"{uri}: {e.Message}");
+        }
+
+        if (json)
+        {
+            var items = exports.Select(e => new ExportJson(e.Name, e.Description)).ToArray();
+            stdout.WriteLine(JsonSerializer.Serialize(items, CliJsonContext.Default.ExportJsonArray));
+        }
+        else
+        {
+            foreach (var export in exports)
+            {
+                stdout.WriteLine(string.IsNullOrEmpty(export.Description) ? export.Name : $"{export.Name}\t{export.Description}");
+            }
+        }
+
+        return CliExit.Ok;
+    }
+}
+
+internal sealed record ExportJson(string Name, string? Description);
