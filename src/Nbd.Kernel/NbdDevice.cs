@@ -1,0 +1,304 @@
+using System.Globalization;
+using System.Net.Sockets;
+using System.Text.RegularExpressions;
+using Nbd.Kernel.Interop;
+
+namespace Nbd.Kernel;
+
+/// <summary>
+/// The classic ioctl interface to one /dev/nbdN, opened O_RDWR. Typical use (what nbd-client does):
+/// <see cref="SetBlockSize"/>, <see cref="SetSizeBytes"/>, <see cref="SetFlags"/>, <see cref="SetTimeout"/>,
+/// <see cref="SetSocket"/> (once per connection), then <see cref="StartServiceLoop"/>; the device serves I/O until
+/// the loop ends. One instance is one session: after the loop has ended, dispose it and <see cref="Open(string)"/> the path
+/// again, because the driver keeps the old session (pid file, sockets) until the last descriptor is closed.
+/// </summary>
+/// <remarks>
+/// Kernel rules worth knowing (drivers/block/nbd.c):
+/// <list type="bullet">
+/// <item>NBD_SET_SOCK remembers the calling thread (task_setup); a second SET_SOCK from another thread, or on a device
+/// that another process is setting up or that netlink owns, fails with EBUSY. Call all SetSocket for one device
+/// from one thread.</item>
+/// <item>NBD_SET_BLKSIZE keeps the byte size, so set the block size first and the size second.</item>
+/// <item>A signal delivered to the thread blocked in NBD_DO_IT makes the kernel shut the sockets down; the dedicated
+/// thread of <see cref="StartServiceLoop"/> gets none from .NET.</item>
+/// </list>
+/// </remarks>
+public sealed partial class NbdDevice : IDisposable
+{
+    private readonly INbdDeviceControl _control;
+    private readonly int _pageSize;
+    private uint _blockSize = NbdConstants.DefaultBlockSize;
+    private int _stopRequested;
+    private int _loopRunning;
+    private int _disposed;
+
+    internal NbdDevice(string path, int index, INbdDeviceControl control, int pageSize)
+    {
+        Path = path;
+        Index = index;
+        _control = control;
+        _pageSize = pageSize;
+    }
+
+    /// <summary>"/dev/nbd2".</summary>
+    public string Path { get; }
+
+    /// <summary>2 for /dev/nbd2.</summary>
+    public int Index { get; }
+
+    /// <summary>The block size set through this instance (the kernel's default, 1024, until <see cref="SetBlockSize"/>).</summary>
+    public uint BlockSize => _blockSize;
+
+    /// <summary>Opens an existing /dev/nbdN read-write.</summary>
+    /// <exception cref="ArgumentException">The path does not name an nbdN node.</exception>
+    /// <exception cref="NbdKernelException">open(2) failed; ENOENT usually means the nbd module is not loaded.</exception>
+    public static NbdDevice Open(string path) => Open(path, OpenFile);
+
+    /// <summary>
+    /// Opens the first device that looks free in sysfs: no <c>pid</c> file (no NBD_DO_IT running, not netlink-bound)
+    /// and size 0. Another client can still claim the same device between this check and NBD_SET_SOCK; the kernel then
+    /// refuses our SET_SOCK with EBUSY. <see cref="ClaimUnused(Socket, string, string)"/> handles that by trying the next device.
+    /// </summary>
+    /// <exception cref="NbdKernelException">No free device (ENODEV), or the driver is not loaded (ENOENT).</exception>
+    public static NbdDevice OpenUnused(string sysBlock = "/sys/block", string dev = "/dev") =>
+        OpenUnused(sysBlock, dev, OpenFile, Environment.SystemPageSize);
+
+    /// <summary>
+    /// <see cref="OpenUnused(string, string)"/> plus NBD_SET_SOCK with <paramref name="socket"/>; a device that another client won in the
+    /// meantime (EBUSY) is skipped. Must be called on the thread that will issue any further SetSocket for the device.
+    /// </summary>
+    public static NbdDevice ClaimUnused(Socket socket, string sysBlock = "/sys/block", string dev = "/dev") =>
+        ClaimUnused(socket, sysBlock, dev, OpenFile, Environment.SystemPageSize);
+
+    /// <summary>NBD_SET_SOCK. Only a connected TCP or unix stream socket is passed on (see <see cref="NbdValidation"/>).</summary>
+    /// <exception cref="ArgumentException">Wrong kind of socket; the kernel was not called.</exception>
+    public void SetSocket(Socket socket)
+    {
+        NbdValidation.ValidateSocket(socket, nameof(socket));
+        Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
+    }
+
+    /// <summary>NBD_CLEAR_SOCK: shuts the sockets down and fails queued I/O.</summary>
+    public void ClearSocket() => Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0, nameof(NbdConstants.NBD_CLEAR_SOCK));
+
+    /// <summary>NBD_SET_TIMEOUT in whole seconds; 0 restores the block layer default (30 s).</summary>
+    public void SetTimeout(TimeSpan timeout) =>
+        Ioctl(NbdConstants.NBD_SET_TIMEOUT, NbdValidation.ToWholeSeconds(timeout, nameof(timeout)), nameof(NbdConstants.NBD_SET_TIMEOUT));
+
+    /// <summary>NBD_SET_BLKSIZE; a power of two from 512 to the page size.</summary>
+    public void SetBlockSize(uint bytes)
+    {
+        NbdValidation.ValidateBlockSize(bytes, _pageSize, nameof(bytes));
+        Ioctl(NbdConstants.NBD_SET_BLKSIZE, bytes, nameof(NbdConstants.NBD_SET_BLKSIZE));
+        _blockSize = bytes;
+    }
+
+    /// <summary>NBD_SET_SIZE_BLOCKS, in units of <see cref="BlockSize"/>.</summary>
+    public void SetSizeBlocks(ulong blocks)
+    {
+        // The kernel computes blocks << blksize_bits into a signed loff_t and answers EINVAL on overflow.
+        if (blocks > (ulong)long.MaxValue / _blockSize)
+        {
+            throw new ArgumentOutOfRangeException(nameof(blocks), blocks, $"{blocks} blocks of {_blockSize} bytes overflow the kernel's size.");
+        }
+        Ioctl(NbdConstants.NBD_SET_SIZE_BLOCKS, blocks, nameof(NbdConstants.NBD_SET_SIZE_BLOCKS));
+    }
+
+    /// <summary>
+    /// Sets the size in bytes, rounded down to a whole number of <see cref="BlockSize"/> blocks (the block layer cannot
+    /// address a partial block; nbd-client rounds the same way). Returns the size actually set.
+    /// </summary>
+    public ulong SetSizeBytes(ulong bytes)
+    {
+        ulong blocks = bytes / _blockSize;
+        SetSizeBlocks(blocks);
+        return blocks * _blockSize;
+    }
+
+    /// <summary>NBD_SET_FLAGS with the raw transmission flags from the handshake (NBD_FLAG_READ_ONLY, SEND_FLUSH, ...).</summary>
+    public void SetFlags(ushort transmissionFlags) =>
+        Ioctl(NbdConstants.NBD_SET_FLAGS, transmissionFlags, nameof(NbdConstants.NBD_SET_FLAGS));
+
+    /// <summary>NBD_DO_IT on the calling thread; blocks until the connection ends. Kernel errors are in the result.</summary>
+    public NbdServiceLoopResult RunServiceLoop()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (Interlocked.Exchange(ref _loopRunning, 1) != 0)
+        {
+            throw new InvalidOperationException($"{Path}: the service loop is already running.");
+        }
+        try
+        {
+            int errno = _control.Ioctl(NbdConstants.NBD_DO_IT, 0);
+            return new NbdServiceLoopResult(Volatile.Read(ref _stopRequested) != 0, errno, errno == 0 ? null : Errno.Name(errno));
+        }
+        finally
+        {
+            Volatile.Write(ref _loopRunning, 0);
+        }
+    }
+
+    /// <summary>Runs NBD_DO_IT on a dedicated thread (not the thread pool: it blocks for the connection's lifetime).</summary>
+    public NbdServiceLoop StartServiceLoop(string? threadName = null)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        return new NbdServiceLoop(this, threadName ?? $"nbd{Index.ToString(CultureInfo.InvariantCulture)} DO_IT");
+    }
+
+    /// <summary>NBD_DISCONNECT: the kernel sends NBD_CMD_DISC to the server; NBD_DO_IT returns once the server closes.</summary>
+    public void Disconnect()
+    {
+        Volatile.Write(ref _stopRequested, 1);
+        Ioctl(NbdConstants.NBD_DISCONNECT, 0, nameof(NbdConstants.NBD_DISCONNECT));
+    }
+
+    /// <summary>
+    /// NBD_CLEAR_QUE. Kept for old kernels only: current drivers answer 0 and do nothing, because NBD_DO_IT and
+    /// NBD_CLEAR_SOCK already fail the queued requests.
+    /// </summary>
+    public void ClearQueue() => Ioctl(NbdConstants.NBD_CLEAR_QUE, 0, nameof(NbdConstants.NBD_CLEAR_QUE));
+
+    /// <summary>Stops a running service loop (best effort) and closes the descriptor.</summary>
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+        if (Volatile.Read(ref _loopRunning) != 0)
+        {
+            RequestStop();
+        }
+        // The SafeHandle keeps the descriptor open until a blocked NBD_DO_IT has returned.
+        _control.Dispose();
+    }
+
+    internal void RequestStop()
+    {
+        Volatile.Write(ref _stopRequested, 1);
+        // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
+        _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
+        _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+    }
+
+    internal static NbdDevice Open(string path, Func<string, (INbdDeviceControl? Control, int Errno)> opener, int? pageSize = null)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        int index = ParseIndex(path);
+        var (control, errno) = opener(path);
+        if (control is null)
+        {
+            string? hint = errno switch
+            {
+                Interop.Errno.ENOENT => "no such device node; is the nbd module loaded (modprobe nbd)?",
+                Interop.Errno.ENXIO or Interop.Errno.ENODEV => "the driver has no device with this index",
+                Interop.Errno.EACCES or Interop.Errno.EPERM => "opening nbd devices needs root (CAP_SYS_ADMIN)",
+                _ => null,
+            };
+            throw new NbdKernelException(path, "open", errno, hint);
+        }
+        return new NbdDevice(path, index, control, pageSize ?? Environment.SystemPageSize);
+    }
+
+    internal static NbdDevice OpenUnused(string sysBlock, string dev, Func<string, (INbdDeviceControl? Control, int Errno)> opener, int pageSize)
+    {
+        var indexes = NbdSysfs.ListDevices(sysBlock);
+        if (indexes.Count == 0)
+        {
+            throw new NbdKernelException(System.IO.Path.Combine(dev, "nbd*"), "find unused device", Interop.Errno.ENOENT,
+                $"no nbd devices in {sysBlock}; is the nbd module loaded (modprobe nbd)?");
+        }
+        foreach (int index in indexes)
+        {
+            if (!IsFree(sysBlock, index))
+            {
+                continue;
+            }
+            string path = System.IO.Path.Combine(dev, "nbd" + index.ToString(CultureInfo.InvariantCulture));
+            var (control, _) = opener(path);
+            if (control is null)
+            {
+                continue; // removed meanwhile (ENXIO) or no node: try the next one
+            }
+            // Re-check after open: another client may have started between the first look and our open.
+            if (IsFree(sysBlock, index))
+            {
+                return new NbdDevice(path, index, control, pageSize);
+            }
+            control.Dispose();
+        }
+        throw new NbdKernelException(System.IO.Path.Combine(dev, "nbd*"), "find unused device", Interop.Errno.ENODEV,
+            $"all {indexes.Count} nbd devices are in use");
+    }
+
+    internal static NbdDevice ClaimUnused(Socket socket, string sysBlock, string dev, Func<string, (INbdDeviceControl? Control, int Errno)> opener, int pageSize)
+    {
+        NbdValidation.ValidateSocket(socket, nameof(socket));
+        var skipped = new HashSet<int>();
+        while (true)
+        {
+            var device = OpenUnused(sysBlock, dev, path => skipped.Contains(ParseIndex(path)) ? (null, Interop.Errno.EBUSY) : opener(path), pageSize);
+            try
+            {
+                device.SetSocket(socket);
+                return device;
+            }
+            catch (NbdKernelException ex) when (ex.Errno == Interop.Errno.EBUSY)
+            {
+                skipped.Add(device.Index);
+                device.Dispose();
+            }
+            catch
+            {
+                device.Dispose();
+                throw;
+            }
+        }
+    }
+
+    internal static bool IsFree(string sysBlock, int index)
+    {
+        try
+        {
+            var status = NbdSysfs.Read(index, sysBlock);
+            return !status.IsConnected && status.SizeBytes == 0;
+        }
+        catch (NbdKernelException)
+        {
+            return false;
+        }
+    }
+
+    private static (INbdDeviceControl? Control, int Errno) OpenFile(string path)
+    {
+        var file = NbdDeviceFile.TryOpen(path, out int errno);
+        return (file, errno);
+    }
+
+    private static int ParseIndex(string path)
+    {
+        var match = DeviceName().Match(System.IO.Path.GetFileName(path));
+        if (!match.Success)
+        {
+            throw new ArgumentException($"'{path}' does not name an nbd device (expected /dev/nbdN).", nameof(path));
+        }
+        return int.Parse(match.Groups[1].ValueSpan, NumberStyles.None, CultureInfo.InvariantCulture);
+    }
+
+    private void Ioctl(uint request, ulong argument, string name)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        Check(_control.Ioctl(request, argument), name);
+    }
+
+    private void Check(int errno, string name)
+    {
+        if (errno != 0)
+        {
+            throw new NbdKernelException(Path, name, errno);
+        }
+    }
+
+    [GeneratedRegex(@"^nbd([0-9]{1,6})$", RegexOptions.CultureInvariant)]
+    private static partial Regex DeviceName();
+}

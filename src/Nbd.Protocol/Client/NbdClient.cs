@@ -1,0 +1,204 @@
+using System.Net;
+using System.Net.Sockets;
+
+namespace Nbd.Protocol;
+
+/// <summary>
+/// Entry points: connect a socket (the only place sockets appear), then run the handshake over a stream.
+/// </summary>
+/// <remarks>
+/// TLS: <c>nbds</c>/<c>nbds+unix</c> URIs connect and send NBD_OPT_STARTTLS first (so the message can say whether
+/// the server offers TLS), then fail with <see cref="NbdTlsNotSupportedException"/>: TLS sessions are not
+/// implemented yet. Plain <c>nbd</c> URIs never send STARTTLS; a server answering NBD_REP_ERR_TLS_REQD produces
+/// <see cref="NbdTlsRequiredException"/>.
+/// </remarks>
+public static class NbdClient
+{
+    /// <summary>Connects and completes the handshake (GO, falling back to EXPORT_NAME; oldstyle accepted).</summary>
+    public static async Task<NbdConnection> ConnectAsync(NbdUri uri, NbdClientOptions? options = null, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(uri);
+        options ??= NbdClientOptions.Default;
+        var socket = await ConnectSocketAsync(uri, options, ct);
+        try
+        {
+            using var stream = new NetworkStream(socket, ownsSocket: false);
+            var export = await NegotiateAsync(stream, uri, options, ct);
+            return new NbdConnection(export, socket);
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>NBD_OPT_LIST, then a soft disconnect (NBD_OPT_ABORT).</summary>
+    public static async Task<IReadOnlyList<NbdExportListing>> ListExportsAsync(NbdUri uri, NbdClientOptions? options = null, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(uri);
+        options ??= NbdClientOptions.Default;
+        using var socket = await ConnectSocketAsync(uri, options, ct);
+        using var stream = new NetworkStream(socket, ownsSocket: false);
+        return await NegotiateListAsync(stream, uri, options, ct);
+    }
+
+    /// <summary>NBD_OPT_INFO on the URI's export, then a soft disconnect (NBD_OPT_ABORT).</summary>
+    public static async Task<NbdExportInfo> GetInfoAsync(NbdUri uri, NbdClientOptions? options = null, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(uri);
+        options ??= NbdClientOptions.Default;
+        using var socket = await ConnectSocketAsync(uri, options, ct);
+        using var stream = new NetworkStream(socket, ownsSocket: false);
+        return await NegotiateInfoAsync(stream, uri, options, ct);
+    }
+
+    // ---- Handshake over a stream (what the tests drive) -----------------------------------------------------------
+
+    internal static Task<NbdExportInfo> NegotiateAsync(Stream stream, NbdUri uri, NbdClientOptions options, CancellationToken ct) =>
+        RunHandshakeAsync(stream, uri, options, abortAfter: false, (h, token) => h.GoAsync(uri.ExportName, token), ct);
+
+    internal static Task<IReadOnlyList<NbdExportListing>> NegotiateListAsync(Stream stream, NbdUri uri, NbdClientOptions options, CancellationToken ct) =>
+        RunHandshakeAsync(stream, uri, options, abortAfter: true, (h, token) => h.ListAsync(token), ct);
+
+    internal static Task<NbdExportInfo> NegotiateInfoAsync(Stream stream, NbdUri uri, NbdClientOptions options, CancellationToken ct) =>
+        RunHandshakeAsync(stream, uri, options, abortAfter: true, (h, token) => h.InfoAsync(uri.ExportName, token), ct);
+
+    private static async Task<T> RunHandshakeAsync<T>(
+        Stream stream, NbdUri uri, NbdClientOptions options, bool abortAfter,
+        Func<NbdHandshake, CancellationToken, Task<T>> body, CancellationToken ct)
+    {
+        using var timeout = new CancellationTokenSource(options.HandshakeTimeout, options.TimeProvider);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, ct);
+        var token = linked.Token;
+        var handshake = new NbdHandshake(stream, options.MaxListEntries);
+        try
+        {
+            await handshake.GreetAsync(token);
+            if (uri.Tls)
+            {
+                await RefuseTlsAsync(handshake, token);
+            }
+
+            T result;
+            try
+            {
+                result = await body(handshake, token);
+            }
+            catch (NbdServerErrorException)
+            {
+                // The server said no politely; leave the same way (and NBD_REP_ERR_SHUTDOWN requires it).
+                await handshake.AbortAsync(waitForReply: false, token);
+                throw;
+            }
+
+            if (abortAfter)
+            {
+                await handshake.AbortAsync(waitForReply: true, token);
+            }
+
+            return result;
+        }
+        catch (OperationCanceledException ex) when (timeout.IsCancellationRequested && !ct.IsCancellationRequested)
+        {
+            throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Handshake, options.HandshakeTimeout, ex), uri);
+        }
+        catch (NbdException ex)
+        {
+            throw AddContext(ex, uri);
+        }
+    }
+
+    private static async Task RefuseTlsAsync(NbdHandshake handshake, CancellationToken ct)
+    {
+        if (handshake.Style != NegotiationStyle.FixedNewstyle)
+        {
+            throw new NbdTlsNotSupportedException(
+                "The URI requires TLS but the server does not use fixed newstyle negotiation, so TLS cannot be negotiated.", serverAcceptedStartTls: false);
+        }
+
+        try
+        {
+            await handshake.StartTlsAsync(ct);
+        }
+        catch (NbdServerErrorException ex)
+        {
+            await handshake.AbortAsync(waitForReply: false, ct);
+            throw new NbdTlsNotSupportedException(
+                $"The URI requires TLS and the server refused NBD_OPT_STARTTLS ({NbdServerErrorException.ReplyName(ex.ReplyType)}).", serverAcceptedStartTls: false, ex);
+        }
+
+        // After an ACK the spec allows nothing but a TLS handshake; without one the only way out is to hang up.
+        throw new NbdTlsNotSupportedException(
+            "The server accepted NBD_OPT_STARTTLS, but this client does not implement TLS sessions yet; use an nbd:// URI for a plaintext connection.",
+            serverAcceptedStartTls: true);
+    }
+
+    private static NbdException AddContext(NbdException ex, NbdUri uri)
+    {
+        ex.Server ??= uri.EndPointDescription;
+        ex.ExportName ??= uri.ExportName;
+        return ex;
+    }
+
+    // ---- Connector ------------------------------------------------------------------------------------------------
+
+    private static async Task<Socket> ConnectSocketAsync(NbdUri uri, NbdClientOptions options, CancellationToken ct)
+    {
+        using var timeout = new CancellationTokenSource(options.ConnectTimeout, options.TimeProvider);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, ct);
+        string endPoint = uri.EndPointDescription;
+        try
+        {
+            if (uri.IsUnix)
+            {
+                var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    await socket.ConnectAsync(new UnixDomainSocketEndPoint(uri.SocketPath!), linked.Token);
+                    return socket;
+                }
+                catch
+                {
+                    socket.Dispose();
+                    throw;
+                }
+            }
+
+            IPAddress[] addresses = IPAddress.TryParse(uri.Host, out var literal)
+                ? [literal]
+                : await Dns.GetHostAddressesAsync(uri.Host!, linked.Token);
+            SocketException? last = null;
+            foreach (var address in addresses)
+            {
+                var socket = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+                try
+                {
+                    await socket.ConnectAsync(new IPEndPoint(address, uri.Port), linked.Token);
+                    socket.NoDelay = true;
+                    return socket;
+                }
+                catch (SocketException ex)
+                {
+                    socket.Dispose();
+                    last = ex;
+                }
+                catch
+                {
+                    socket.Dispose();
+                    throw;
+                }
+            }
+
+            throw last ?? new SocketException((int)SocketError.HostNotFound);
+        }
+        catch (OperationCanceledException ex) when (timeout.IsCancellationRequested && !ct.IsCancellationRequested)
+        {
+            throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Connect, options.ConnectTimeout, ex), uri);
+        }
+        catch (SocketException ex)
+        {
+            throw AddContext(new NbdConnectException(endPoint, ex), uri);
+        }
+    }
+}

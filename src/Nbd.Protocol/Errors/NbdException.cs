@@ -1,0 +1,171 @@
+namespace Nbd.Protocol;
+
+/// <summary>
+/// Base of every failure the NBD client raises. <see cref="Server"/> and <see cref="ExportName"/> are filled in by
+/// <see cref="NbdClient"/> so a log line names what failed without the caller re-attaching context.
+/// </summary>
+public class NbdException : Exception
+{
+    public NbdException() { }
+
+    public NbdException(string message) : base(message) { }
+
+    public NbdException(string message, Exception? innerException) : base(message, innerException) { }
+
+    /// <summary>The server (host:port or unix socket path) when known.</summary>
+    public string? Server { get; internal set; }
+
+    /// <summary>The export asked for when known.</summary>
+    public string? ExportName { get; internal set; }
+
+    public override string Message
+    {
+        get
+        {
+            if (Server is null && ExportName is null)
+            {
+                return base.Message;
+            }
+
+            return $"{base.Message} (server {Server ?? "?"}, export '{ExportName ?? ""}')";
+        }
+    }
+}
+
+/// <summary>Why the server's bytes violate the protocol.</summary>
+public enum NbdProtocolError
+{
+    /// <summary>A magic number did not match.</summary>
+    BadMagic,
+    /// <summary>The stream ended inside a message.</summary>
+    Truncated,
+    /// <summary>A reply type or option echo the client did not expect at this point.</summary>
+    UnexpectedReply,
+    /// <summary>A length beyond what the spec or this client allows; refused before allocating.</summary>
+    OversizedLength,
+    /// <summary>A field with a value the spec forbids (bad UTF-8, invalid block sizes, wrong info length...).</summary>
+    InvalidValue,
+    /// <summary>The server's negotiation style cannot do what was asked (e.g. NBD_OPT_LIST on an oldstyle server).</summary>
+    Unsupported,
+}
+
+/// <summary>The server sent something the protocol does not allow; the connection is unusable.</summary>
+public sealed class NbdProtocolException : NbdException
+{
+    public NbdProtocolException(NbdProtocolError error, string message) : base(message) => Error = error;
+
+    public NbdProtocolException(NbdProtocolError error, string message, Exception? innerException)
+        : base(message, innerException) => Error = error;
+
+    public NbdProtocolError Error { get; }
+}
+
+/// <summary>The server answered an option with an NBD_REP_ERR_* reply.</summary>
+public class NbdServerErrorException : NbdException
+{
+    public NbdServerErrorException(NbdOption option, NbdReplyType replyType, string? serverMessage)
+        : base(Describe(option, replyType, serverMessage))
+    {
+        Option = option;
+        ReplyType = replyType;
+        ServerMessage = serverMessage;
+    }
+
+    /// <summary>The option the server refused.</summary>
+    public NbdOption Option { get; }
+
+    /// <summary>The error reply code (may be a value this client does not know; bit 31 is always set).</summary>
+    public NbdReplyType ReplyType { get; }
+
+    /// <summary>The human-readable message the server attached, if any.</summary>
+    public string? ServerMessage { get; }
+
+    internal static string ReplyName(NbdReplyType type) => type switch
+    {
+        NbdReplyType.ErrUnsup => "NBD_REP_ERR_UNSUP",
+        NbdReplyType.ErrPolicy => "NBD_REP_ERR_POLICY",
+        NbdReplyType.ErrInvalid => "NBD_REP_ERR_INVALID",
+        NbdReplyType.ErrPlatform => "NBD_REP_ERR_PLATFORM",
+        NbdReplyType.ErrTlsReqd => "NBD_REP_ERR_TLS_REQD",
+        NbdReplyType.ErrUnknown => "NBD_REP_ERR_UNKNOWN",
+        NbdReplyType.ErrShutdown => "NBD_REP_ERR_SHUTDOWN",
+        NbdReplyType.ErrBlockSizeReqd => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        NbdReplyType.ErrTooBig => "NBD_REP_ERR_TOO_BIG",
+        NbdReplyType.ErrExtHeaderReqd => "NBD_REP_ERR_EXT_HEADER_REQD",
+        _ => $"reply 0x{(uint)type:x8}",
+    };
+
+    internal static string OptionName(NbdOption option) => option switch
+    {
+        NbdOption.ExportName => "NBD_OPT_EXPORT_NAME",
+        NbdOption.Abort => "NBD_OPT_ABORT",
+        NbdOption.List => "NBD_OPT_LIST",
+        NbdOption.StartTls => "NBD_OPT_STARTTLS",
+        NbdOption.Info => "NBD_OPT_INFO",
+        NbdOption.Go => "NBD_OPT_GO",
+        _ => $"option {(uint)option}",
+    };
+
+    private static string Describe(NbdOption option, NbdReplyType type, string? message) =>
+        string.IsNullOrEmpty(message)
+            ? $"Server answered {OptionName(option)} with {ReplyName(type)}."
+            : $"Server answered {OptionName(option)} with {ReplyName(type)}: {message}";
+}
+
+/// <summary>The server answered NBD_REP_ERR_TLS_REQD: it will not go on (with this export) without TLS.</summary>
+public sealed class NbdTlsRequiredException : NbdServerErrorException
+{
+    public NbdTlsRequiredException(NbdOption option, string? serverMessage)
+        : base(option, NbdReplyType.ErrTlsReqd, serverMessage) { }
+}
+
+/// <summary>
+/// TLS was asked for (nbds:// or nbds+unix://) but this client cannot run a TLS session yet. Raised after the
+/// NBD_OPT_STARTTLS exchange so the message can say what the server offered; the connection is then dropped
+/// (a hard disconnect is what the spec asks for when TLS cannot be set up after an ACK).
+/// </summary>
+public sealed class NbdTlsNotSupportedException : NbdException
+{
+    public NbdTlsNotSupportedException(string message, bool serverAcceptedStartTls, Exception? innerException = null)
+        : base(message, innerException) => ServerAcceptedStartTls = serverAcceptedStartTls;
+
+    /// <summary>True when the server answered NBD_OPT_STARTTLS with NBD_REP_ACK.</summary>
+    public bool ServerAcceptedStartTls { get; }
+}
+
+/// <summary>Which bound ran out.</summary>
+public enum NbdTimeoutPhase
+{
+    Connect,
+    Handshake,
+}
+
+/// <summary>The server did not connect or finish the handshake in time.</summary>
+public sealed class NbdTimeoutException : NbdException
+{
+    public NbdTimeoutException(NbdTimeoutPhase phase, TimeSpan timeout, Exception? innerException = null)
+        : base($"{(phase == NbdTimeoutPhase.Connect ? "Connecting" : "Handshake")} timed out after {timeout.TotalMilliseconds:0} ms.", innerException)
+    {
+        Phase = phase;
+        Timeout = timeout;
+    }
+
+    public NbdTimeoutPhase Phase { get; }
+
+    public TimeSpan Timeout { get; }
+}
+
+/// <summary>The TCP or unix-socket connection could not be established (or the host name did not resolve).</summary>
+public sealed class NbdConnectException : NbdException
+{
+    public NbdConnectException(string endPoint, System.Net.Sockets.SocketException innerException)
+        : base($"Cannot connect to {endPoint}: {innerException.SocketErrorCode} ({innerException.Message}).", innerException)
+    {
+        EndPoint = endPoint;
+        SocketError = innerException.SocketErrorCode;
+    }
+
+    public string EndPoint { get; }
+
+    public System.Net.Sockets.SocketError SocketError { get; }
+}

@@ -1,0 +1,70 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Time.Testing;
+using Nbd.Protocol.Tests.TestSupport;
+
+namespace Nbd.Protocol.Tests.Handshake;
+
+public sealed class HandshakeTimeoutTests
+{
+    private static readonly NbdUri Disk = NbdUri.Parse("nbd://server.test/disk");
+
+    public static TheoryData<string, byte[]> SilentAfter() => new()
+    {
+        { "nothing", [] },
+        { "half a greeting", ServerScript.Newstyle(3).ToArray()[..10] },
+        { "greeting", ServerScript.Newstyle(3).ToArray() },
+        { "one INFO", ServerScript.Newstyle(3).InfoExport(NbdOption.Go, 1, TransmissionFlags.HasFlags).ToArray() },
+    };
+
+    [Theory]
+    [MemberData(nameof(SilentAfter))]
+    public async Task Go_ServerFallsSilent_TimeoutAfterHandshakeTimeout(string because, byte[] prefix)
+    {
+        var options = new NbdClientOptions { HandshakeTimeout = TimeSpan.FromMilliseconds(300) };
+        var watch = Stopwatch.StartNew();
+
+        var ex = await Assert.ThrowsAsync<NbdTimeoutException>(() => NbdClient.NegotiateAsync(new SilentStream(prefix), Disk, options, CancellationToken.None));
+
+        Assert.Equal(NbdTimeoutPhase.Handshake, ex.Phase);
+        Assert.Equal(TimeSpan.FromMilliseconds(300), ex.Timeout);
+        Assert.True(watch.Elapsed >= TimeSpan.FromMilliseconds(250), because);
+        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), because);
+        Assert.Equal("server.test:10809", ex.Server);
+    }
+
+    [Fact]
+    public async Task Go_FakeClock_TimesOutExactlyWhenTimeAdvances()
+    {
+        var clock = new FakeTimeProvider();
+        var options = new NbdClientOptions { HandshakeTimeout = TimeSpan.FromSeconds(10), TimeProvider = clock };
+
+        var task = NbdClient.NegotiateAsync(new SilentStream([]), Disk, options, CancellationToken.None);
+        clock.Advance(TimeSpan.FromSeconds(9.9));
+        await Task.Delay(50);
+        Assert.False(task.IsCompleted);
+
+        clock.Advance(TimeSpan.FromSeconds(0.2));
+        var ex = await Assert.ThrowsAsync<NbdTimeoutException>(() => task.WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.Equal(NbdTimeoutPhase.Handshake, ex.Phase);
+    }
+
+    [Fact]
+    public async Task Go_CallerCancels_OperationCanceledNotTimeout()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(100));
+
+        var ex = await Assert.ThrowsAnyAsync<OperationCanceledException>(() =>
+            NbdClient.NegotiateAsync(new SilentStream([]), Disk, new NbdClientOptions(), cts.Token));
+
+        Assert.IsNotType<NbdTimeoutException>(ex);
+    }
+
+    [Fact]
+    public void Defaults_AreTenSeconds()
+    {
+        var options = new NbdClientOptions();
+        Assert.Equal(TimeSpan.FromSeconds(10), options.ConnectTimeout);
+        Assert.Equal(TimeSpan.FromSeconds(10), options.HandshakeTimeout);
+        Assert.Equal(100_000, options.MaxListEntries);
+    }
+}
