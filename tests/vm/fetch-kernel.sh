@@ -31,6 +31,7 @@ nbdko="$root/lib/modules/$ver/kernel/drivers/block/nbd.ko"
 
 if [ ! -f "$root/.complete" ]; then
     tmp=$(mktemp -d "$CACHE/.dl.XXXXXX")
+    chmod 755 "$tmp"   # apt downloads as _apt when it can
     trap 'rm -rf "$tmp"' EXIT
     (cd "$tmp" && apt-get download "linux-image-$ver" >&2)
     deb=$(ls "$tmp"/*.deb)
