@@ -32,7 +32,11 @@ geometry() { # MODE: six mappings at once (nbd0..nbd5), so the daemon start-up c
         [ "$ok" = yes ] || show_log /tmp/geo-$mode-$i.log
     done
     for i in 0 1 2 3 4 5; do eval "kill -TERM \$pid$i 2>/dev/null"; done
-    for i in 0 1 2 3 4 5; do eval "daemon_kill \$pid$i TERM"; wait_free nbd$i 5 >/dev/null; done
+    for i in 0 1 2 3 4 5; do
+        eval "pid=\$pid$i"
+        wait_exit "$pid" 15 || { kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }
+        wait_free nbd$i 5 >/dev/null
+    done
 }
 
 readonly_and_check() { # MODE
