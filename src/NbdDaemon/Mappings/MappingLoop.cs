@@ -141,13 +141,13 @@ internal sealed class MappingLoop
         while (true)
         {
             Exception failure = await AttemptAsync(stop);
-            _firstAttempt.TrySetResult();
             string reason = FailureText.Describe(failure);
             Volatile.Write(ref _lastFailure, reason);
             if (FailureText.KindOf(failure) == FailureKind.Permanent)
             {
                 await ReleaseAsync();
                 Transition(MappingState.Failed, failure, $"; {reason} (not retried)");
+                _firstAttempt.TrySetResult();
                 return;
             }
 
@@ -158,13 +158,18 @@ internal sealed class MappingLoop
                 await ReleaseAsync();
                 string why = policy.Enabled ? $"after {attempts} failed attempts" : "reconnect disabled";
                 Transition(MappingState.GaveUp, failure, $"; {reason} ({why})");
+                _firstAttempt.TrySetResult();
                 return;
             }
 
             TimeSpan delay = _backoff.NextDelay(attempts);
             LastDelay = delay;
+            // The timer starts before the transition is announced, so whoever reacts to Reconnecting
+            // (a test advancing a fake clock) cannot get ahead of it.
+            Task wait = Task.Delay(delay, _time, stop);
             Transition(MappingState.Reconnecting, failure, string.Create(CultureInfo.InvariantCulture, $"; {reason}; attempt {attempts + 1} in {delay.TotalSeconds:0.###} s"));
-            await Task.Delay(delay, _time, stop);
+            _firstAttempt.TrySetResult();
+            await wait;
         }
     }
 
