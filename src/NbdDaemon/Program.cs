@@ -33,11 +33,11 @@ internal static class Program
         run.SetAction(parseResult => runDaemon([.. parseResult.UnmatchedTokens], parseResult.InvocationConfiguration.Error));
         root.Subcommands.Add(run);
 
-        // Verbs owned by the CLI work; each is a static factory in Cli/ returning a System.CommandLine.Command:
-        // root.Subcommands.Add(Cli.ListCommand.Create());
-        // root.Subcommands.Add(Cli.ConnectCommand.Create());
-        // root.Subcommands.Add(Cli.DisconnectCommand.Create());
-        // root.Subcommands.Add(Cli.CheckCommand.Create());
+        // The one-shot verbs for humans; each is a static factory in Cli/.
+        root.Subcommands.Add(Cli.ListCommand.Create());
+        root.Subcommands.Add(Cli.ConnectCommand.Create());
+        root.Subcommands.Add(Cli.DisconnectCommand.Create());
+        root.Subcommands.Add(Cli.CheckCommand.Create());
         return root;
     }
 }

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using Nbd.Kernel;
 using Nbd.Protocol;
 
@@ -23,17 +24,31 @@ internal static class ConnectCommand
         var timeout = new Option<int?>("--timeout") { Description = "Request timeout in seconds (0: the kernel's default)" };
         var readOnly = new Option<bool>("--read-only") { Description = "Map the export read-only even if the server allows writes" };
         var command = new Command("connect", "Map one export to a device in the foreground") { uri, device, iface, blockSize, timeout, readOnly };
-        command.SetAction((result, ct) => RunAsync(
-            new ConnectRequest(
-                result.GetValue(uri)!,
-                result.GetValue(device),
-                result.GetValue(iface) == "netlink",
-                result.GetValue(blockSize),
-                result.GetValue(timeout),
-                result.GetValue(readOnly)),
-            Console.Out,
-            Console.Error,
-            ct));
+        command.SetAction(async (result, ct) =>
+        {
+            // The root command leaves signals alone (the daemon's host owns them), so the foreground mapping takes
+            // SIGTERM and SIGINT itself: they mean "disconnect cleanly and exit 0", not "die now".
+            using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
+            return await RunAsync(
+                new ConnectRequest(
+                    result.GetValue(uri)!,
+                    result.GetValue(device),
+                    result.GetValue(iface) == "netlink",
+                    result.GetValue(blockSize),
+                    result.GetValue(timeout),
+                    result.GetValue(readOnly)),
+                Console.Out,
+                Console.Error,
+                stop.Token);
+
+            void Stop(PosixSignalContext context)
+            {
+                context.Cancel = true;
+                stop.Cancel();
+            }
+        });
         return command;
     }
 
