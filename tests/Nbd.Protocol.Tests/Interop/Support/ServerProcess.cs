@@ -183,7 +183,10 @@ internal sealed class ServerProcess : IAsyncDisposable
         SocketException? last = null;
         while (DateTime.UtcNow < deadline)
         {
-            if (ProcessGroup <= 1 || ProcessGroups.Members(ProcessGroup).Count == 0)
+            // A launched process may not have reached setsid() yet (its group is still ours), so ask the process
+            // itself while we have it; a daemon we only know by its group.
+            bool alive = _launcher is not null ? !_launcher.HasExited : ProcessGroups.Members(ProcessGroup).Count > 0;
+            if (!alive)
             {
                 throw new ServerStartException($"{Name}: exited before accepting on {endPoint}. Output:\n{Output}");
             }
@@ -216,6 +219,12 @@ internal sealed class ServerProcess : IAsyncDisposable
         IReadOnlyList<int> left = ProcessGroup > 1
             ? await ProcessGroups.TerminateAsync(ProcessGroup, TimeSpan.FromSeconds(5))
             : [];
+        if (_launcher is not null && !_launcher.HasExited)
+        {
+            // Still before setsid(), so the group signal missed it.
+            _launcher.Kill();
+        }
+
         if (_launcher is not null)
         {
             // Reap the leader so it does not linger as a zombie of the test host.
