@@ -176,9 +176,16 @@ public sealed partial class NbdDevice : IDisposable
     internal void RequestStop()
     {
         Volatile.Write(ref _stopRequested, 1);
-        // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
-        _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
-        _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+        try
+        {
+            // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
+            _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
+            _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+        }
+        catch (ObjectDisposedException)
+        {
+            // Stop after Dispose: Dispose already stopped the loop and closed the descriptor.
+        }
     }
 
     internal static NbdDevice Open(string path, Func<string, (INbdDeviceControl? Control, int Errno)> opener, int? pageSize = null)

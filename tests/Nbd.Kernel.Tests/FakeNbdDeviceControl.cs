@@ -14,6 +14,9 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
 
     public bool Disposed { get; private set; }
 
+    /// <summary>Behave like a closed SafeHandle does in LibraryImport marshalling.</summary>
+    public bool ThrowDisposedAfterDispose { get; set; }
+
     public string? DoItThreadName { get; private set; }
 
     public bool DoItOnThreadPool { get; private set; }
@@ -28,6 +31,7 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
 
     public int Ioctl(uint request, ulong argument)
     {
+        ObjectDisposedException.ThrowIf(Disposed && ThrowDisposedAfterDispose, this);
         lock (Calls)
         {
             Calls.Add((request, argument));

@@ -251,6 +251,20 @@ public sealed class NbdDeviceTests
     }
 
     [Fact]
+    public async Task Dispose_WhileLoopRuns_StopsLoopAndLaterStopIsHarmless()
+    {
+        var (device, control) = Create();
+        var loop = device.StartServiceLoop();
+        await WaitUntil(() => control.HasCall(NbdConstants.NBD_DO_IT));
+        device.Dispose();
+        var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.True(result.StoppedByRequest);
+        Assert.True(control.HasCall(NbdConstants.NBD_CLEAR_SOCK));
+        control.ThrowDisposedAfterDispose = true;
+        loop.Stop();
+    }
+
+    [Fact]
     public void Dispose_ClosesControl_LaterCallsThrow()
     {
         var (device, control) = Create();
