@@ -97,15 +97,47 @@ await Step("ioctl-setsock-other-thread", r =>
     var (s2, _, _) = Handshake();
     var (s3, _, _) = Handshake();
     using var device = NbdDevice.Open("/dev/nbd2");
-    RunOnThread(() => device.SetSocket(s1));
+    // Thread A stays alive while B tries: the driver compares task_struct pointers, and a new thread may reuse an
+    // exited thread's task_struct (seen once: B succeeded after A had exited).
+    using var aDone = new ManualResetEventSlim();
+    using var aMayExit = new ManualResetEventSlim();
+    var threadA = new Thread(() => { device.SetSocket(s1); aDone.Set(); aMayExit.Wait(); });
+    threadA.Start();
+    aDone.Wait();
     r["first_thread_a"] = "ok";
     r["second_thread_b"] = Outcome(() => RunOnThread(() => device.SetSocket(s2)));
+    aMayExit.Set();
+    threadA.Join();
     r["same_thread_again"] = Outcome(() => device.SetSocket(s3)); // the test thread is not thread A either
     r["ioctl_clear_sock"] = Outcome(device.ClearSocket);
     device.Dispose();
     r["free_ms"] = WaitSysfs(2, connected: false).ToString(CultureInfo.InvariantCulture);
     s1.Dispose(); s2.Dispose(); s3.Dispose();
     return Task.CompletedTask;
+});
+
+await Step("ioctl-multi-conn", async r =>
+{
+    var (s1, size, flags) = Handshake();
+    var (s2, _, _) = Handshake();
+    r["can_multi_conn"] = ((flags & 0x100) != 0).ToString();
+    using var device = NbdDevice.Open("/dev/nbd4");
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    await Task.Yield(); // continue on a thread-pool thread: SetSockets sets both from there
+    device.SetSockets([s1, s2]);
+    var loop = device.StartServiceLoop();
+    if ((flags & 0x100) != 0)
+    {
+        r["connect_ms"] = WaitSysfs(4, connected: true).ToString(CultureInfo.InvariantCulture);
+        r["backing"] = WriteAndCheck("/dev/nbd4", 5 << 20, 4 << 20);
+        loop.Stop();
+    }
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["errno"] = result.ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(4, connected: false).ToString(CultureInfo.InvariantCulture);
+    s1.Dispose(); s2.Dispose();
 });
 
 await Step("open-unused", r =>

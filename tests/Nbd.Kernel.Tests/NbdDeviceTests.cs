@@ -128,6 +128,23 @@ public sealed class NbdDeviceTests
     }
 
     [Fact]
+    public void SetSockets_OneInvalid_NoneSet_ElseAllSet()
+    {
+        var (device, control) = Create();
+        var (c1, s1) = ConnectedTcpPair();
+        var (c2, s2) = ConnectedTcpPair();
+        using var unconnected = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        using (c1) using (s1) using (c2) using (s2)
+        {
+            Assert.Throws<ArgumentException>(() => device.SetSockets([c1, unconnected]));
+            Assert.Empty(control.Calls);
+            Assert.Throws<ArgumentException>(() => device.SetSockets([]));
+            device.SetSockets([c1, c2]);
+        }
+        Assert.Equal([NbdConstants.NBD_SET_SOCK, NbdConstants.NBD_SET_SOCK], control.Calls.Select(c => c.Request));
+    }
+
+    [Fact]
     public void SetSocket_KernelSaysEbusy_TypedExceptionWithExactMessage()
     {
         var (device, control) = Create("/dev/nbd0");
