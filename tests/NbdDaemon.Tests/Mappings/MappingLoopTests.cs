@@ -260,6 +260,34 @@ public sealed class MappingLoopTests
     }
 
     [Fact]
+    public async Task RunAsync_StoppedBeforeStart_NeverConnects()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+
+        await loop.RunAsync(new CancellationToken(canceled: true)).WaitAsync(TestTimeout);
+
+        Assert.Equal([MappingState.Stopping, MappingState.Stopped], states.States);
+        Assert.Equal(0, connector.Calls);
+        Assert.True(loop.FirstAttemptCompleted.IsCompleted);
+    }
+
+    [Fact]
+    public async Task RunAsync_GaveUpThenStopRequested_StaysGaveUp()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: ReconnectOptions.Default with { Enabled = false }), connector, _kernel, _time);
+        using var cts = new CancellationTokenSource();
+        await loop.RunAsync(cts.Token).WaitAsync(TestTimeout);
+
+        await cts.CancelAsync();
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Empty(_kernel.Operations);
+    }
+
+    [Fact]
     public async Task RunAsync_StopWhileConnectHangs_ReturnsPromptly()
     {
         var connector = new FakeConnector().ThenHang();
