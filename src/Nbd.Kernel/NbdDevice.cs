@@ -78,6 +78,21 @@ public sealed partial class NbdDevice : IDisposable
         Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
     }
 
+    /// <summary>
+    /// NBD_SET_SOCK for each socket (multi-connection; the handshake must have offered NBD_FLAG_CAN_MULTI_CONN or
+    /// NBD_DO_IT answers EINVAL). All are validated first, then set from the calling thread, which satisfies the
+    /// driver's one-setup-thread rule even for async callers that would otherwise hop threads between calls.
+    /// </summary>
+    public void SetSockets(IReadOnlyList<Socket> sockets)
+    {
+        ArgumentNullException.ThrowIfNull(sockets);
+        NbdValidation.ValidateSockets(sockets, required: true, nameof(sockets));
+        foreach (var socket in sockets)
+        {
+            Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
+        }
+    }
+
     /// <summary>NBD_CLEAR_SOCK: shuts the sockets down and fails queued I/O.</summary>
     public void ClearSocket() => Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0, nameof(NbdConstants.NBD_CLEAR_SOCK));
 
@@ -176,9 +191,16 @@ public sealed partial class NbdDevice : IDisposable
     internal void RequestStop()
     {
         Volatile.Write(ref _stopRequested, 1);
-        // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
-        _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
-        _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+        try
+        {
+            // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
+            _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
+            _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+        }
+        catch (ObjectDisposedException)
+        {
+            // Stop after Dispose: Dispose already stopped the loop and closed the descriptor.
+        }
     }
 
     internal static NbdDevice Open(string path, Func<string, (INbdDeviceControl? Control, int Errno)> opener, int? pageSize = null)

@@ -89,7 +89,8 @@ public sealed class NbdNetlink : IDisposable
 
     /// <summary>
     /// NBD_CMD_RECONFIGURE. Only for devices connected through netlink and still running (else EINVAL); sockets only
-    /// fill dead slots (see <see cref="NbdNetlinkReconfigureRequest"/>).
+    /// fill dead slots (see <see cref="NbdNetlinkReconfigureRequest"/>). A device connected with a
+    /// BackendIdentifier accepts reconfiguration only when the request repeats it (else EINVAL, seen on 6.1).
     /// </summary>
     public void Reconfigure(NbdNetlinkReconfigureRequest request)
     {
@@ -103,7 +104,10 @@ public sealed class NbdNetlink : IDisposable
         uint sequence = _client.NextSequence();
         _client.Request(
             NbdNetlinkMessages.BuildReconfigure(_family.Id, sequence, request, lease.Descriptors, timeout, dead),
-            sequence, DeviceName(request.Index), "NBD_CMD_RECONFIGURE");
+            sequence, DeviceName(request.Index), "NBD_CMD_RECONFIGURE",
+            errno => errno == Errno.EINVAL
+                ? "the device must exist, be netlink-connected and running, and BackendIdentifier must repeat the one given at connect"
+                : null);
     }
 
     /// <summary>NBD_CMD_STATUS for one device or (null) all of them. An index the driver does not know yields an empty list.</summary>

@@ -50,6 +50,7 @@ public sealed record NbdNetlinkReconfigureRequest
 
     public ulong? ClientFlags { get; init; }
 
+    /// <summary>Must repeat the identifier given at connect when there was one: the kernel refuses the request otherwise.</summary>
     public string? BackendIdentifier { get; init; }
 }
 

@@ -141,6 +141,7 @@ internal sealed class MappingLoop
     {
         while (true)
         {
+            stop.ThrowIfCancellationRequested();
             Exception failure = await AttemptAsync(stop);
             string reason = FailureText.Describe(failure);
             Volatile.Write(ref _lastFailure, reason);
@@ -168,7 +169,9 @@ internal sealed class MappingLoop
             // The timer starts before the transition is announced, so whoever reacts to Reconnecting
             // (a test advancing a fake clock) cannot get ahead of it.
             Task wait = Task.Delay(delay, _time, stop);
-            Transition(MappingState.Reconnecting, failure, string.Create(CultureInfo.InvariantCulture, $"; {reason}; attempt {attempts + 1} in {delay.TotalSeconds:0.###} s"));
+            // The stack trace goes to the journal with the first failure of a series only; a server that stays
+            // down for an hour would otherwise repeat it every MaxDelay.
+            Transition(MappingState.Reconnecting, attempts == 1 ? failure : null, string.Create(CultureInfo.InvariantCulture, $"; {reason}; attempt {attempts + 1} in {delay.TotalSeconds:0.###} s"));
             _firstAttempt.TrySetResult();
             await wait;
         }

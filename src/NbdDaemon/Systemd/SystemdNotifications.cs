@@ -20,6 +20,7 @@ internal sealed class SystemdNotifications : BackgroundService
     private readonly Lock _statusLock = new();
     private string? _lastStatus;
     private bool _reportedUnhealthy;
+    private PeriodicTimer? _timer;
 
     public SystemdNotifications(ISystemdNotifier notifier, MappingSupervisor supervisor, TimeProvider time, WatchdogSettings watchdog, ILogger<SystemdNotifications> logger)
     {
@@ -34,6 +35,14 @@ internal sealed class SystemdNotifications : BackgroundService
     {
         _supervisor.StatusChanged += SendStatus;
         SendStatus();
+        if (_watchdog.PingInterval is TimeSpan interval && _notifier.IsEnabled)
+        {
+            // First ping and the timer are set up here, not in ExecuteAsync: since .NET 10 ExecuteAsync runs
+            // on a pool thread, and the ping schedule must not depend on when that thread gets to run.
+            Tick();
+            _timer = new PeriodicTimer(interval, _time);
+        }
+
         return base.StartAsync(cancellationToken);
     }
 
@@ -87,13 +96,12 @@ internal sealed class SystemdNotifications : BackgroundService
 
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
-        if (_watchdog.PingInterval is not TimeSpan interval || !_notifier.IsEnabled)
+        using PeriodicTimer? timer = _timer;
+        if (timer is null)
         {
             return;
         }
 
-        using var timer = new PeriodicTimer(interval, _time);
-        Tick();
         try
         {
             while (await timer.WaitForNextTickAsync(stoppingToken))

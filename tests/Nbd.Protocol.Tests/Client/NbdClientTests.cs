@@ -61,6 +61,16 @@ public sealed class NbdClientTests
     }
 
     [Fact]
+    public async Task ConnectAsync_AbstractUnixSocket_Works()
+    {
+        await using var server = FakeServer.Unix(GoServer, abstractNamespace: true);
+
+        using var connection = await NbdClient.ConnectAsync(server.Uri("disk"));
+
+        Assert.Equal(1UL << 20, connection.Export.Size);
+    }
+
+    [Fact]
     public async Task Dispose_WithoutDetach_ClosesSocket()
     {
         await using var server = FakeServer.Tcp(async (s, ct) =>
@@ -147,6 +157,8 @@ public sealed class NbdClientTests
         Assert.Equal(NbdReplyType.ErrUnknown, ex.ReplyType);
         Assert.Equal("no such export", ex.ServerMessage);
         Assert.Equal("nope", ex.ExportName);
+        Assert.Contains("NBD_REP_ERR_UNKNOWN: no such export", ex.Message, StringComparison.Ordinal);
+        Assert.Contains($"server {ex.Server}, export 'nope'", ex.Message, StringComparison.Ordinal);
         await server.Completion.WaitAsync(TimeSpan.FromSeconds(5));
     }
 
@@ -193,7 +205,8 @@ public sealed class NbdClientTests
             {
                 var filler = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
                 fillers.Add(filler);
-                using var quick = new CancellationTokenSource(TimeSpan.FromMilliseconds(200));
+                // A loopback connect into a queue with room completes in microseconds; one second means the queue is full.
+                using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(1));
                 try
                 {
                     await filler.ConnectAsync(endPoint, quick.Token);

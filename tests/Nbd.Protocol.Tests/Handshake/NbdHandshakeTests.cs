@@ -216,6 +216,24 @@ public sealed class NbdHandshakeTests
         Assert.Equal(NbdProtocolError.OversizedLength, ex.Error);
     }
 
+    [Fact]
+    public async Task List_ManyMaximalEntries_OversizedLengthBeforeHoldingTooMuch()
+    {
+        // 2100 replies of 8196 bytes = 17.2 MB > 16 MiB total; each reply alone is within its bound.
+        var server = ServerScript.Newstyle(3);
+        for (int i = 0; i < 2100; i++)
+        {
+            server.Server(new string('n', 4096), new string('d', 4096));
+        }
+
+        var stream = new ScriptedStream(server.Ack(NbdOption.List).ToArray());
+
+        var ex = await Assert.ThrowsAsync<NbdProtocolException>(() => NbdClient.NegotiateListAsync(stream, Disk, Options, CancellationToken.None));
+
+        Assert.Equal(NbdProtocolError.OversizedLength, ex.Error);
+        Assert.Contains("export list exceeds", ex.Message, StringComparison.Ordinal);
+    }
+
     [Theory]
     [InlineData((ushort)0)]
     public async Task List_NonFixedNewstyle_Unsupported(ushort flags)

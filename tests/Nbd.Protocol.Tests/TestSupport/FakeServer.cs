@@ -23,7 +23,7 @@ internal sealed class FakeServer : IAsyncDisposable
 
     public NbdUri Uri(string export) => _socketPath is null
         ? NbdUri.Parse($"nbd://127.0.0.1:{((IPEndPoint)_listener.LocalEndPoint!).Port}/{export}")
-        : NbdUri.Parse($"nbd+unix:///{export}?socket={_socketPath}");
+        : NbdUri.Parse($"nbd+unix:///{export}?socket={_socketPath.Replace("\0", "%00", StringComparison.Ordinal)}");
 
     /// <summary>Completes when the script finished; faults if the script's assertions failed.</summary>
     public Task Completion => _run;
@@ -36,9 +36,9 @@ internal sealed class FakeServer : IAsyncDisposable
         return new FakeServer(listener, null, script);
     }
 
-    public static FakeServer Unix(Func<NetworkStream, CancellationToken, Task> script)
+    public static FakeServer Unix(Func<NetworkStream, CancellationToken, Task> script, bool abstractNamespace = false)
     {
-        string path = Path.Combine(Path.GetTempPath(), $"nbd-test-{Guid.NewGuid():N}.sock");
+        string path = (abstractNamespace ? "\0" : "") + Path.Combine(Path.GetTempPath(), $"nbd-test-{Guid.NewGuid():N}.sock");
         var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         listener.Bind(new UnixDomainSocketEndPoint(path));
         listener.Listen(1);
@@ -72,7 +72,7 @@ internal sealed class FakeServer : IAsyncDisposable
 
         _listener.Dispose();
         _stop.Dispose();
-        if (_socketPath is not null)
+        if (_socketPath is not null && !_socketPath.StartsWith('\0'))
         {
             File.Delete(_socketPath);
         }

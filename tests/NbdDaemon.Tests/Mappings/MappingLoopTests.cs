@@ -260,6 +260,69 @@ public sealed class MappingLoopTests
     }
 
     [Fact]
+    public async Task RunAsync_StoppedBeforeStart_NeverConnects()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+
+        await loop.RunAsync(new CancellationToken(canceled: true)).WaitAsync(TestTimeout);
+
+        Assert.Equal([MappingState.Stopping, MappingState.Stopped], states.States);
+        Assert.Equal(0, connector.Calls);
+        Assert.True(loop.FirstAttemptCompleted.IsCompleted);
+    }
+
+    [Fact]
+    public async Task RunAsync_GaveUpThenStopRequested_StaysGaveUp()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: ReconnectOptions.Default with { Enabled = false }), connector, _kernel, _time);
+        using var cts = new CancellationTokenSource();
+        await loop.RunAsync(cts.Token).WaitAsync(TestTimeout);
+
+        await cts.CancelAsync();
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Empty(_kernel.Operations);
+    }
+
+    [Theory]
+    [InlineData("Ioctl", "close /dev/nbd3")]
+    [InlineData("Netlink", "netlink close")]
+    public async Task RunAsync_GivesUpAfterServing_ReleasesDevice(string interfaceName, string lastOperation)
+    {
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var reconnect = ReconnectOptions.Default with { MaxAttempts = 2 };
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: Enum.Parse<KernelInterface>(interfaceName), reconnect: reconnect), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
+        await states.WaitForAsync(MappingState.Serving);
+
+        if (_kernel.Netlink is { } netlink)
+        {
+            netlink.RaiseLinkDead();
+        }
+        else
+        {
+            _kernel.Devices[0].Loop!.End();
+        }
+
+        await states.WaitForAsync(MappingState.Reconnecting);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Equal(lastOperation, _kernel.Operations[^1]);
+        if (_kernel.Netlink is not null)
+        {
+            Assert.Equal("nl-disconnect 3", _kernel.Operations[^2]);
+        }
+
+        Assert.Equal("0 of 1 mappings serving; failing: data (gave up: connection refused)", MappingStatus.Format([loop]));
+    }
+
+    [Fact]
     public async Task RunAsync_StopWhileConnectHangs_ReturnsPromptly()
     {
         var connector = new FakeConnector().ThenHang();

@@ -1,0 +1,348 @@
+// Exercises Nbd.Kernel against the real nbd driver (inside the VM). Prints "RESULT probe-<step> key=value ..."
+// lines; deciding pass/fail is left to whoever reads them (see README.md for what was observed).
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using Nbd.Kernel;
+
+const int Port = 10809;
+const string Export = "probe";
+const string Backing = "/tmp/probe.img";
+
+await Step("ioctl-session", async r =>
+{
+    var (socket, size, flags) = Handshake();
+    using var device = NbdDevice.Open("/dev/nbd0");
+    device.SetBlockSize(4096);
+    r["size_set"] = device.SetSizeBytes(size + 1000).ToString(CultureInfo.InvariantCulture); // rounds down
+    device.SetFlags(flags);
+    device.SetTimeout(TimeSpan.FromSeconds(30));
+    device.ClearQueue();
+    r["clear_que"] = "ok";
+    device.SetSocket(socket);
+    var loop = device.StartServiceLoop();
+    r["connect_ms"] = WaitSysfs(0, connected: true).ToString(CultureInfo.InvariantCulture);
+    var status = NbdSysfs.Read(0);
+    r["sysfs_size"] = status.SizeBytes.ToString(CultureInfo.InvariantCulture);
+    r["sysfs_lbs"] = status.LogicalBlockSize.ToString(CultureInfo.InvariantCulture);
+    r["pid_is_process"] = (status.Pid == Environment.ProcessId).ToString();
+    r["pid_is_our_thread"] = Directory.Exists($"/proc/self/task/{status.Pid}").ToString();
+    r["backing"] = WriteAndCheck("/dev/nbd0", 0, 4 << 20);
+    var sw = Stopwatch.StartNew();
+    loop.Stop();
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["stop_ms"] = sw.ElapsedMilliseconds.ToString(CultureInfo.InvariantCulture);
+    r["stopped_by_request"] = result.StoppedByRequest.ToString();
+    r["errno"] = result.ErrnoName ?? "0";
+    r["pid_after_stop_before_dispose"] = (NbdSysfs.Read(0).Pid is not null).ToString();
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(0, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
+});
+
+await Step("ioctl-reuse", async r =>
+{
+    var (socket, size, flags) = Handshake();
+    using var device = NbdDevice.Open("/dev/nbd0");
+    device.SetBlockSize(1024);
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    device.SetSocket(socket);
+    var loop = device.StartServiceLoop();
+    r["connect_ms"] = WaitSysfs(0, connected: true).ToString(CultureInfo.InvariantCulture);
+    r["sysfs_lbs"] = NbdSysfs.Read(0).LogicalBlockSize.ToString(CultureInfo.InvariantCulture);
+    r["backing"] = WriteAndCheck("/dev/nbd0", 1 << 20, 1 << 20);
+    loop.Stop();
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["stopped_by_request"] = result.StoppedByRequest.ToString();
+    r["errno"] = result.ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(0, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
+});
+
+await Step("ioctl-no-socket", r =>
+{
+    using var device = NbdDevice.Open("/dev/nbd1");
+    var result = device.RunServiceLoop();
+    r["errno"] = result.ErrnoName ?? "0";
+    return Task.CompletedTask;
+});
+
+await Step("ioctl-socket-death", async r =>
+{
+    var (socket, size, flags) = Handshake();
+    using var device = NbdDevice.Open("/dev/nbd3");
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    device.SetSocket(socket);
+    var loop = device.StartServiceLoop();
+    WaitSysfs(3, connected: true);
+    var sw = Stopwatch.StartNew();
+    socket.Shutdown(SocketShutdown.Both); // the kernel uses the same struct socket: its receive thread sees EOF
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["return_ms"] = sw.ElapsedMilliseconds.ToString(CultureInfo.InvariantCulture);
+    r["stopped_by_request"] = result.StoppedByRequest.ToString();
+    r["errno"] = result.ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(3, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
+});
+
+await Step("ioctl-setsock-other-thread", r =>
+{
+    var (s1, _, _) = Handshake();
+    var (s2, _, _) = Handshake();
+    var (s3, _, _) = Handshake();
+    using var device = NbdDevice.Open("/dev/nbd2");
+    // Thread A stays alive while B tries: the driver compares task_struct pointers, and a new thread may reuse an
+    // exited thread's task_struct (seen once: B succeeded after A had exited).
+    using var aDone = new ManualResetEventSlim();
+    using var aMayExit = new ManualResetEventSlim();
+    var threadA = new Thread(() => { device.SetSocket(s1); aDone.Set(); aMayExit.Wait(); });
+    threadA.Start();
+    aDone.Wait();
+    r["first_thread_a"] = "ok";
+    r["second_thread_b"] = Outcome(() => RunOnThread(() => device.SetSocket(s2)));
+    aMayExit.Set();
+    threadA.Join();
+    r["same_thread_again"] = Outcome(() => device.SetSocket(s3)); // the test thread is not thread A either
+    r["ioctl_clear_sock"] = Outcome(device.ClearSocket);
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(2, connected: false).ToString(CultureInfo.InvariantCulture);
+    s1.Dispose(); s2.Dispose(); s3.Dispose();
+    return Task.CompletedTask;
+});
+
+await Step("ioctl-multi-conn", async r =>
+{
+    var (s1, size, flags) = Handshake();
+    var (s2, _, _) = Handshake();
+    r["can_multi_conn"] = ((flags & 0x100) != 0).ToString();
+    using var device = NbdDevice.Open("/dev/nbd4");
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    await Task.Yield(); // continue on a thread-pool thread: SetSockets sets both from there
+    device.SetSockets([s1, s2]);
+    var loop = device.StartServiceLoop();
+    if ((flags & 0x100) != 0)
+    {
+        r["connect_ms"] = WaitSysfs(4, connected: true).ToString(CultureInfo.InvariantCulture);
+        r["backing"] = WriteAndCheck("/dev/nbd4", 5 << 20, 4 << 20);
+        loop.Stop();
+    }
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["errno"] = result.ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(4, connected: false).ToString(CultureInfo.InvariantCulture);
+    s1.Dispose(); s2.Dispose();
+});
+
+await Step("open-unused", r =>
+{
+    using var device = NbdDevice.OpenUnused();
+    r["path"] = device.Path;
+    return Task.CompletedTask;
+});
+
+await Step("netlink", async r =>
+{
+    using var netlink = NbdNetlink.Open();
+    r["family_id"] = netlink.FamilyId.ToString(CultureInfo.InvariantCulture);
+    var all = netlink.Status();
+    r["status_devices"] = all.Count.ToString(CultureInfo.InvariantCulture);
+    r["status_connected"] = all.Count(s => s.Connected).ToString(CultureInfo.InvariantCulture);
+    using var events = NbdNetlinkEvents.Subscribe();
+
+    var (socket, size, flags) = Handshake();
+    int index = netlink.Connect(new NbdNetlinkConnectRequest
+    {
+        SizeBytes = size, BlockSize = 4096, ServerFlags = flags, Sockets = [socket], BackendIdentifier = "probe-nl",
+        Timeout = TimeSpan.FromSeconds(30), DeadConnectionTimeout = TimeSpan.FromSeconds(30),
+    });
+    r["index"] = index.ToString(CultureInfo.InvariantCulture);
+    var status = NbdSysfs.Read(index);
+    r["sysfs_connected"] = status.IsConnected.ToString();
+    r["sysfs_backend"] = status.Backend ?? "none";
+    r["sysfs_lbs"] = status.LogicalBlockSize.ToString(CultureInfo.InvariantCulture);
+    r["sysfs_size"] = status.SizeBytes.ToString(CultureInfo.InvariantCulture);
+    r["status_one"] = string.Join(",", netlink.Status(index).Select(s => $"{s.Index}:{s.Connected}"));
+    r["backing1"] = WriteAndCheck($"/dev/nbd{index}", 2 << 20, 1 << 20);
+
+    var (busySocket, _, _) = Handshake();
+    r["connect_same_index"] = Outcome(() => netlink.Connect(new NbdNetlinkConnectRequest { Index = index, SizeBytes = size, Sockets = [busySocket] }));
+    using (var ioctlOnNetlink = NbdDevice.Open($"/dev/nbd{index}"))
+    {
+        r["ioctl_set_flags_on_netlink_dev"] = Outcome(() => ioctlOnNetlink.SetFlags(flags));
+    }
+
+    var wait = events.WaitForLinkDeadAsync(new CancellationTokenSource(TimeSpan.FromSeconds(20)).Token);
+    var sw = Stopwatch.StartNew();
+    socket.Shutdown(SocketShutdown.Both);
+    try
+    {
+        r["link_dead_index"] = (await wait).ToString(CultureInfo.InvariantCulture);
+        r["link_dead_ms"] = sw.ElapsedMilliseconds.ToString(CultureInfo.InvariantCulture);
+    }
+    catch (OperationCanceledException)
+    {
+        r["link_dead_index"] = "timeout";
+    }
+    r["sysfs_connected_after_death"] = NbdSysfs.Read(index).IsConnected.ToString();
+
+    var (socket2, _, _) = Handshake();
+    r["reconfigure_without_backend"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, Sockets = [socket2] }));
+    r["reconfigure"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, Sockets = [socket2], BackendIdentifier = "probe-nl" }));
+    r["sysfs_connected_after_reconfigure"] = NbdSysfs.Read(index).IsConnected.ToString();
+    r["backing2"] = WriteAndCheck($"/dev/nbd{index}", 3 << 20, 1 << 20);
+    var (socket3, _, _) = Handshake();
+    r["reconfigure_no_dead_slot"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, Sockets = [socket3], BackendIdentifier = "probe-nl" }));
+    r["backing3"] = WriteAndCheck($"/dev/nbd{index}", 4 << 20, 1 << 20);
+    r["reconfigure_wrong_backend"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, BackendIdentifier = "other" }));
+    r["reconfigure_unknown_index"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = 999 }));
+
+    netlink.Disconnect(index);
+    r["free_ms"] = WaitSysfs(index, connected: false).ToString(CultureInfo.InvariantCulture);
+    r["status_after"] = string.Join(",", netlink.Status(index).Select(s => $"{s.Index}:{s.Connected}"));
+    r["disconnect_again"] = Outcome(() => netlink.Disconnect(index));
+    socket.Dispose(); socket2.Dispose(); socket3.Dispose(); busySocket.Dispose();
+});
+
+await Step("netlink-destroy", r =>
+{
+    using var netlink = NbdNetlink.Open();
+    var (socket, size, flags) = Handshake();
+    int index = netlink.Connect(new NbdNetlinkConnectRequest
+    {
+        Index = 20, SizeBytes = size, ServerFlags = flags, Sockets = [socket], ClientFlags = NbdClientFlags.DestroyOnDisconnect,
+    });
+    r["index"] = index.ToString(CultureInfo.InvariantCulture);
+    r["created"] = Directory.Exists($"/sys/block/nbd{index}").ToString();
+    r["listed"] = NbdSysfs.ListDevices().Contains(index).ToString();
+    netlink.Disconnect(index);
+    var sw = Stopwatch.StartNew();
+    while (Directory.Exists($"/sys/block/nbd{index}") && sw.ElapsedMilliseconds < 5000)
+    {
+        Thread.Sleep(20);
+    }
+    r["removed"] = (!Directory.Exists($"/sys/block/nbd{index}")).ToString();
+    socket.Dispose();
+    return Task.CompletedTask;
+});
+
+static async Task Step(string name, Func<Dictionary<string, string>, Task> body)
+{
+    var fields = new Dictionary<string, string>();
+    try
+    {
+        await body(fields);
+    }
+    catch (Exception ex)
+    {
+        fields["error"] = ex.GetType().Name + ":" + ex.Message.Replace(' ', '_');
+    }
+    Console.WriteLine($"RESULT probe-{name} " + string.Join(' ', fields.Select(kv => $"{kv.Key}={kv.Value.Replace(' ', '_')}")));
+}
+
+static string Outcome(Action action)
+{
+    try
+    {
+        action();
+        return "ok";
+    }
+    catch (NbdKernelException ex)
+    {
+        return ex.ErrnoName;
+    }
+    catch (Exception ex)
+    {
+        return ex.GetType().Name;
+    }
+}
+
+static void RunOnThread(Action action)
+{
+    Exception? error = null;
+    var thread = new Thread(() => { try { action(); } catch (Exception ex) { error = ex; } });
+    thread.Start();
+    thread.Join();
+    if (error is not null)
+    {
+        throw error;
+    }
+}
+
+static long WaitSysfs(int index, bool connected)
+{
+    var sw = Stopwatch.StartNew();
+    while (sw.ElapsedMilliseconds < 10_000)
+    {
+        var status = NbdSysfs.Read(index);
+        if (connected ? status.IsConnected && status.SizeBytes > 0 : !status.IsConnected && status.SizeBytes == 0)
+        {
+            return sw.ElapsedMilliseconds;
+        }
+        Thread.Sleep(20);
+    }
+    return -1;
+}
+
+// Writes random bytes through the block device, fsyncs, and compares with nbd-server's backing file.
+static string WriteAndCheck(string device, long offset, int length)
+{
+    var data = new byte[length];
+    Random.Shared.NextBytes(data); // not RandomNumberGenerator: the VM has no libssl
+    using (var stream = new FileStream(device, FileMode.Open, FileAccess.Write, FileShare.ReadWrite))
+    {
+        stream.Position = offset;
+        stream.Write(data);
+        stream.Flush(flushToDisk: true);
+    }
+    using var backing = new FileStream(Backing, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+    backing.Position = offset;
+    var back = new byte[length];
+    backing.ReadExactly(back);
+    return back.AsSpan().SequenceEqual(data) ? "match" : "mismatch";
+}
+
+// Minimal fixed-newstyle handshake with NBD_OPT_EXPORT_NAME (doc/proto.md "Newstyle negotiation").
+static (Socket Socket, ulong Size, ushort Flags) Handshake()
+{
+    var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+    socket.Connect(new IPEndPoint(IPAddress.Loopback, Port));
+    Span<byte> hello = stackalloc byte[18];
+    Receive(socket, hello);
+    if (BinaryPrimitives.ReadUInt64BigEndian(hello) != 0x4e42444d41474943 || BinaryPrimitives.ReadUInt64BigEndian(hello[8..]) != 0x49484156454F5054)
+    {
+        throw new InvalidOperationException("not a newstyle NBD server");
+    }
+    ushort serverFlags = BinaryPrimitives.ReadUInt16BigEndian(hello[16..]);
+    uint clientFlags = serverFlags & 3u; // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+    var name = System.Text.Encoding.ASCII.GetBytes(Export);
+    var request = new byte[4 + 8 + 4 + 4 + name.Length];
+    BinaryPrimitives.WriteUInt32BigEndian(request, clientFlags);
+    BinaryPrimitives.WriteUInt64BigEndian(request.AsSpan(4), 0x49484156454F5054);
+    BinaryPrimitives.WriteUInt32BigEndian(request.AsSpan(12), 1); // NBD_OPT_EXPORT_NAME
+    BinaryPrimitives.WriteUInt32BigEndian(request.AsSpan(16), (uint)name.Length);
+    name.CopyTo(request, 20);
+    socket.Send(request);
+    var reply = new byte[10 + ((clientFlags & 2) != 0 ? 0 : 124)];
+    Receive(socket, reply);
+    return (socket, BinaryPrimitives.ReadUInt64BigEndian(reply), BinaryPrimitives.ReadUInt16BigEndian(reply.AsSpan(8)));
+}
+
+static void Receive(Socket socket, Span<byte> buffer)
+{
+    while (!buffer.IsEmpty)
+    {
+        int n = socket.Receive(buffer);
+        if (n == 0)
+        {
+            throw new EndOfStreamException("server closed during handshake");
+        }
+        buffer = buffer[n..];
+    }
+}

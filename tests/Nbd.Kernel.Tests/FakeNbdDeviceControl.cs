@@ -1,0 +1,62 @@
+using System.Net.Sockets;
+
+namespace Nbd.Kernel.Tests;
+
+/// <summary>Records ioctls instead of calling the driver; NBD_DO_IT blocks until NBD_CLEAR_SOCK, like the kernel.</summary>
+internal sealed class FakeNbdDeviceControl : INbdDeviceControl
+{
+    private readonly ManualResetEventSlim _socketsCleared = new();
+
+    public List<(uint Request, ulong Argument)> Calls { get; } = [];
+
+    /// <summary>errno to answer per request (0 when absent).</summary>
+    public Dictionary<uint, int> Errors { get; } = [];
+
+    public bool Disposed { get; private set; }
+
+    /// <summary>Behave like a closed SafeHandle does in LibraryImport marshalling.</summary>
+    public bool ThrowDisposedAfterDispose { get; set; }
+
+    public string? DoItThreadName { get; private set; }
+
+    public bool DoItOnThreadPool { get; private set; }
+
+    public bool HasCall(uint request)
+    {
+        lock (Calls)
+        {
+            return Calls.Exists(c => c.Request == request);
+        }
+    }
+
+    public int Ioctl(uint request, ulong argument)
+    {
+        ObjectDisposedException.ThrowIf(Disposed && ThrowDisposedAfterDispose, this);
+        lock (Calls)
+        {
+            Calls.Add((request, argument));
+        }
+        if (request == Nbd.Kernel.Interop.NbdConstants.NBD_CLEAR_SOCK)
+        {
+            _socketsCleared.Set();
+        }
+        if (request == Nbd.Kernel.Interop.NbdConstants.NBD_DO_IT)
+        {
+            DoItThreadName = Thread.CurrentThread.Name;
+            DoItOnThreadPool = Thread.CurrentThread.IsThreadPoolThread;
+            if (!_socketsCleared.Wait(TimeSpan.FromSeconds(10)))
+            {
+                return Nbd.Kernel.Interop.Errno.ETIMEDOUT;
+            }
+        }
+        return Errors.GetValueOrDefault(request);
+    }
+
+    public int IoctlWithSocket(uint request, SafeSocketHandle socket)
+    {
+        Assert.False(socket.IsInvalid);
+        return Ioctl(request, ulong.MaxValue);
+    }
+
+    public void Dispose() => Disposed = true;
+}

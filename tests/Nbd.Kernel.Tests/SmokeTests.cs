@@ -1,7 +1,0 @@
-namespace Nbd.Kernel.Tests;
-
-public sealed class SmokeTests
-{
-    [Fact]
-    public void Assembly_Loads_True() => Assert.True(typeof(SmokeTests).Assembly.GetName().Name == "Nbd.Kernel.Tests");
-}

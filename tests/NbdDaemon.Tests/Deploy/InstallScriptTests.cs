@@ -1,0 +1,109 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Configuration;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Deploy;
+
+[System.Runtime.Versioning.SupportedOSPlatform("linux")]
+public sealed class InstallScriptTests
+{
+    private static string RepoRoot()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            if (File.Exists(Path.Combine(dir.FullName, "deploy", "install.sh")))
+            {
+                return dir.FullName;
+            }
+        }
+
+        throw new InvalidOperationException("deploy/install.sh not found above " + AppContext.BaseDirectory);
+    }
+
+    private static async Task<(int Exit, string Output)> RunAsync(string file, params string[] args)
+    {
+        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (string a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+
+        using Process p = Process.Start(psi) ?? throw new InvalidOperationException("cannot start " + file);
+        Task<string> output = p.StandardOutput.ReadToEndAsync();
+        Task<string> error = p.StandardError.ReadToEndAsync();
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
+        return (p.ExitCode, await output + await error);
+    }
+
+    private static string FakePublish(TempDirectory dir)
+    {
+        string publish = Path.Combine(dir.Path, "publish");
+        Directory.CreateDirectory(publish);
+        File.WriteAllText(Path.Combine(publish, "nbd-daemon"), "#!/bin/sh\nexit 0\n");
+        File.SetUnixFileMode(Path.Combine(publish, "nbd-daemon"), UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        File.WriteAllText(Path.Combine(publish, "appsettings.json"), "{}");
+        return publish;
+    }
+
+    [Fact]
+    public async Task Install_IntoDestDir_PlacesFilesAndIsIdempotentKeepingAdminConfig()
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        string root = Path.Combine(dir.Path, "root");
+        string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
+
+        (int exit, string output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+
+        string binary = Path.Combine(root, "usr/local/lib/nbd-daemon/nbd-daemon");
+        Assert.True(File.Exists(binary));
+        Assert.True(File.GetUnixFileMode(binary).HasFlag(UnixFileMode.UserExecute));
+        Assert.True(File.Exists(Path.Combine(root, "usr/local/lib/nbd-daemon/appsettings.json")));
+        Assert.Equal(File.ReadAllText(Path.Combine(RepoRoot(), "systemd/nbd-daemon.service")), File.ReadAllText(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")));
+        Assert.Equal("nbd\n", File.ReadAllText(Path.Combine(root, "etc/modules-load.d/nbd.conf")));
+        Assert.True(File.Exists(Path.Combine(root, "etc/modprobe.d/nbd.conf")));
+        string config = Path.Combine(root, "etc/nbd-daemon/appsettings.json");
+        Assert.Equal(File.ReadAllText(Path.Combine(RepoRoot(), "deploy/appsettings.example.json")), File.ReadAllText(config));
+
+        File.WriteAllText(config, "{ \"Nbd\": { \"Mappings\": [] } } // admin's");
+        (exit, output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        Assert.Contains("kept existing", output, StringComparison.Ordinal);
+        Assert.Equal("{ \"Nbd\": { \"Mappings\": [] } } // admin's", File.ReadAllText(config));
+    }
+
+    [Fact]
+    public async Task Install_MissingPublishDir_FailsWithHint()
+    {
+        using var dir = new TempDirectory();
+        (int exit, string output) = await RunAsync(Path.Combine(RepoRoot(), "deploy", "install.sh"), dir.File("nope"), "--root", dir.File("root"));
+        Assert.Equal(66, exit);
+        Assert.Contains("run deploy/publish.sh first", output, StringComparison.Ordinal);
+        Assert.False(Directory.Exists(dir.File("root")));
+    }
+
+    [Fact]
+    public async Task Unit_SystemdAnalyzeVerify_NoErrorsOnceBinaryExists()
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        string unit = File.ReadAllText(Path.Combine(RepoRoot(), "systemd/nbd-daemon.service"))
+            .Replace("ExecStart=/usr/local/lib/nbd-daemon/nbd-daemon", "ExecStart=" + Path.Combine(publish, "nbd-daemon"), StringComparison.Ordinal);
+        string unitPath = dir.File("nbd-daemon.service");
+        File.WriteAllText(unitPath, unit);
+
+        (int exit, string output) = await RunAsync("systemd-analyze", "verify", "--man=no", unitPath);
+
+        Assert.True(exit == 0, "systemd-analyze verify: " + output);
+    }
+
+    [Fact]
+    public void ExampleConfiguration_ParsesWithNoMappings()
+    {
+        IConfigurationRoot config = new ConfigurationBuilder().AddJsonFile(Path.Combine(RepoRoot(), "deploy/appsettings.example.json")).Build();
+        Assert.Empty(new NbdConfigurationReader(new BasicNbdUriParser()).Read(config));
+        Assert.Equal("Information", config["Serilog:MinimumLevel:Default"]);
+    }
+}

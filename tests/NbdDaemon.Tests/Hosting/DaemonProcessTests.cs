@@ -1,0 +1,108 @@
+using System.Diagnostics;
+using NbdDaemon.Tests.Systemd;
+
+namespace NbdDaemon.Tests.Hosting;
+
+/// <summary>Runs the real nbd-daemon executable (built next to the tests) as systemd would.</summary>
+[Collection(nameof(EnvironmentMutating))]
+public sealed class DaemonProcessTests
+{
+    private static readonly string Executable = Path.Combine(AppContext.BaseDirectory, "nbd-daemon");
+
+    private static Process Start(IEnumerable<string> args, IDictionary<string, string?> environment)
+    {
+        Assert.True(File.Exists(Executable), $"daemon executable missing: {Executable}");
+        var psi = new ProcessStartInfo(Executable)
+        {
+            RedirectStandardError = true,
+            RedirectStandardOutput = true,
+            UseShellExecute = false,
+        };
+        foreach (string a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+
+        foreach (string name in new[] { "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID" })
+        {
+            psi.Environment.Remove(name);
+        }
+
+        foreach ((string key, string? value) in environment)
+        {
+            psi.Environment[key] = value;
+        }
+
+        return Process.Start(psi)!;
+    }
+
+    private static async Task SignalTerm(Process process)
+    {
+        using var kill = Process.Start("kill", ["-TERM", process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        await kill.WaitForExitAsync();
+        Assert.Equal(0, kill.ExitCode);
+    }
+
+    [Fact]
+    public async Task Run_InvalidConfiguration_Exits78NamingKeyWithoutNotifying()
+    {
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1/data", "--Nbd:Mappings:0:Interface=Bogus", "--Nbd:Mappings:1:Name=x"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path });
+        Task<string> stderr = p.StandardError.ReadToEndAsync();
+
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+
+        Assert.Equal(78, p.ExitCode);
+        string errors = await stderr;
+        Assert.Contains("Nbd:Mappings:0:Interface: unknown interface 'Bogus' (Ioctl or Netlink)", errors, StringComparison.Ordinal);
+        Assert.Contains("Nbd:Mappings:1:Uri: is required", errors, StringComparison.Ordinal);
+        await systemd.AssertSilentAsync(TimeSpan.FromMilliseconds(300));
+    }
+
+    [Fact]
+    public async Task Run_MalformedTimeSpanFromEnvironment_Exits78()
+    {
+        using Process p = Start([], new Dictionary<string, string?>
+        {
+            ["Nbd__Mappings__0__Name"] = "data",
+            ["Nbd__Mappings__0__Uri"] = "nbd://127.0.0.1/data",
+            ["Nbd__Mappings__0__Reconnect__MaxDelay"] = "1 minute",
+        });
+        Task<string> stderr = p.StandardError.ReadToEndAsync();
+
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+
+        Assert.Equal(78, p.ExitCode);
+        Assert.Contains("Nbd:Mappings:0:Reconnect:MaxDelay: '1 minute' must be a positive TimeSpan", await stderr, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Run_UnderNotifySocket_StatusWatchdogReadyThenStoppingAndExit0()
+    {
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path, ["WATCHDOG_USEC"] = "60000000" });
+        Task<string> stderr = p.StandardError.ReadToEndAsync();
+        Task<string> stdout = p.StandardOutput.ReadToEndAsync();
+
+        Assert.Equal("STATUS=0 of 1 mappings serving", await systemd.ReceiveTextAsync(TimeSpan.FromSeconds(30)));
+        Assert.Equal("WATCHDOG=1", await systemd.ReceiveTextAsync());
+        string failing = await systemd.ReceiveTextAsync();
+        Assert.StartsWith("STATUS=0 of 1 mappings serving; failing: data (", failing, StringComparison.Ordinal);
+        Assert.Equal("READY=1", await systemd.ReceiveTextAsync());
+
+        var stopwatch = Stopwatch.StartNew();
+        await SignalTerm(p);
+        Assert.Equal("STOPPING=1", await systemd.ReceiveTextAsync());
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
+
+        Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {await stderr}; stdout: {await stdout}");
+        Assert.True(stopwatch.Elapsed < TimeSpan.FromSeconds(20), $"stop took {stopwatch.Elapsed}");
+        Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Idle -> Connecting", await stderr, StringComparison.Ordinal);
+    }
+}

@@ -1,7 +1,0 @@
-namespace NbdDaemon.Tests;
-
-public sealed class SmokeTests
-{
-    [Fact]
-    public void Assembly_Loads_True() => Assert.True(typeof(SmokeTests).Assembly.GetName().Name == "NbdDaemon.Tests");
-}
