@@ -3,6 +3,7 @@ using Microsoft.Extensions.Hosting.Systemd;
 using NbdDaemon.Configuration;
 using NbdDaemon.Logging;
 using NbdDaemon.Mappings;
+using NbdDaemon.Mappings.Linux;
 using NbdDaemon.Systemd;
 using Serilog;
 
@@ -26,7 +27,7 @@ internal static class DaemonHost
         try
         {
             builder = CreateBuilder(hostArgs);
-            mappings = new NbdConfigurationReader(new BasicNbdUriParser()).Read(builder.Configuration);
+            mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(builder.Configuration);
         }
         catch (NbdConfigurationException ex)
         {
@@ -74,9 +75,8 @@ internal static class DaemonHost
         services.AddSingleton(TimeProvider.System);
         services.AddSingleton(mappings);
 
-        // INTEGRATION: replace with the adapters over Nbd.Protocol (NbdClient) and Nbd.Kernel (NbdDevice, NbdNetlink).
-        services.TryAddSingleton<INbdConnector, NotIntegratedConnector>();
-        services.TryAddSingleton<INbdKernel, NotIntegratedKernel>();
+        services.TryAddSingleton<INbdConnector>(sp => new ProtocolConnector(sp.GetRequiredService<TimeProvider>()));
+        services.TryAddSingleton<INbdKernel, LinuxKernel>();
 
         services.AddSingleton(sp => new MappingSupervisor(
             sp.GetRequiredService<IReadOnlyList<MappingOptions>>(), sp.GetRequiredService<INbdConnector>(),

@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using Microsoft.Extensions.Configuration;
 using NbdDaemon.Configuration;
-using NbdDaemon.Mappings;
+using NbdDaemon.Mappings.Linux;
 
 namespace NbdDaemon.Tests.Deploy;
 
@@ -103,7 +103,7 @@ public sealed class InstallScriptTests
     public void ExampleConfiguration_ParsesWithNoMappings()
     {
         IConfigurationRoot config = new ConfigurationBuilder().AddJsonFile(Path.Combine(RepoRoot(), "deploy/appsettings.example.json")).Build();
-        Assert.Empty(new NbdConfigurationReader(new BasicNbdUriParser()).Read(config));
+        Assert.Empty(new NbdConfigurationReader(new ProtocolUriParser()).Read(config));
         Assert.Equal("Information", config["Serilog:MinimumLevel:Default"]);
     }
 }

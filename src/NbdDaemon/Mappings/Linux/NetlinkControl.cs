@@ -1,0 +1,138 @@
+using System.Collections.Concurrent;
+using System.Net.Sockets;
+using Nbd.Kernel;
+
+namespace NbdDaemon.Mappings.Linux;
+
+/// <summary>
+/// <see cref="INbdNetlinkControl"/> over <see cref="NbdNetlink"/>. It joins the multicast group before the first
+/// CONNECT and reads events all the time, so a LINK_DEAD that arrives before anyone waits for it is not lost.
+/// RECONFIGURE repeats the backend identifier given at CONNECT: the driver refuses a RECONFIGURE without it.
+/// </summary>
+internal sealed class NetlinkControl : INbdNetlinkControl
+{
+    private readonly NbdNetlink _netlink;
+    private readonly NbdNetlinkEvents _events;
+    private readonly CancellationTokenSource _closing = new();
+    private readonly ConcurrentDictionary<int, string> _backends = new();
+    private readonly ConcurrentDictionary<int, TaskCompletionSource> _linkDead = new();
+    private readonly Task _reader;
+    private volatile Exception? _readerFailure;
+
+    private NetlinkControl(NbdNetlink netlink, NbdNetlinkEvents events)
+    {
+        _netlink = netlink;
+        _events = events;
+        _reader = Task.Run(ReadEventsAsync);
+    }
+
+    public static NetlinkControl Open()
+    {
+        var netlink = NbdNetlink.Open();
+        try
+        {
+            return new NetlinkControl(netlink, NbdNetlinkEvents.Subscribe());
+        }
+        catch
+        {
+            netlink.Dispose();
+            throw;
+        }
+    }
+
+    public int Connect(NetlinkConnectParameters parameters)
+    {
+        var index = _netlink.Connect(new NbdNetlinkConnectRequest
+        {
+            Index = parameters.Index,
+            SizeBytes = parameters.SizeBytes,
+            BlockSize = parameters.BlockSize,
+            Timeout = parameters.Timeout,
+            DeadConnectionTimeout = parameters.DeadConnectionTimeout,
+            ServerFlags = parameters.ServerFlags,
+            Sockets = parameters.Sockets,
+            BackendIdentifier = parameters.BackendIdentifier,
+        });
+        _backends[index] = parameters.BackendIdentifier;
+        _linkDead.TryRemove(index, out _);
+        return index;
+    }
+
+    public void Reconfigure(int index, IReadOnlyList<Socket> sockets)
+    {
+        _linkDead.TryRemove(index, out _);
+        _netlink.Reconfigure(new NbdNetlinkReconfigureRequest
+        {
+            Index = index,
+            Sockets = sockets,
+            BackendIdentifier = _backends.TryGetValue(index, out var backend) ? backend : null,
+        });
+    }
+
+    public void Disconnect(int index)
+    {
+        _netlink.Disconnect(index);
+        _backends.TryRemove(index, out _);
+    }
+
+    public Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken) =>
+        LinkDead(index).Task.WaitAsync(cancellationToken);
+
+    public void Dispose()
+    {
+        _closing.Cancel();
+        try
+        {
+            _reader.Wait(TimeSpan.FromSeconds(2));
+        }
+        catch (AggregateException)
+        {
+            // The reader ends by cancellation; nothing to report at shutdown.
+        }
+
+        _events.Dispose();
+        _netlink.Dispose();
+        _closing.Dispose();
+    }
+
+    private TaskCompletionSource LinkDead(int index)
+    {
+        var waiter = _linkDead.GetOrAdd(index, _ => new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously));
+        if (_readerFailure is { } failure)
+        {
+            waiter.TrySetException(failure);
+        }
+
+        return waiter;
+    }
+
+    private async Task ReadEventsAsync()
+    {
+        while (!_closing.IsCancellationRequested)
+        {
+            int index;
+            try
+            {
+                index = await _events.WaitForLinkDeadAsync(_closing.Token);
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+            catch (Exception e) when (e is NbdKernelException or IOException or InvalidOperationException)
+            {
+                // Without events a dead link would go unnoticed: fail every waiter, so each mapping treats its
+                // connection as lost and reconnects (the new control it opens subscribes afresh).
+                _readerFailure = new MappingException("lost the netlink event subscription: " + e.Message, FailureKind.Transient, e);
+                foreach (var waiter in _linkDead.Values)
+                {
+                    waiter.TrySetException(_readerFailure);
+                }
+
+                return;
+            }
+
+            LinkDead(index).TrySetResult();
+        }
+    }
+}

@@ -1,0 +1,56 @@
+using System.Net.Sockets;
+using Nbd.Protocol;
+using NbdDaemon.Configuration;
+
+namespace NbdDaemon.Mappings.Linux;
+
+/// <summary>
+/// <see cref="INbdConnector"/> over <see cref="NbdClient"/>: one connect + handshake bounded by the mapping's
+/// <c>Timeout</c>. Protocol failures become <see cref="MappingException"/>s whose kind the reconnect policy reads:
+/// only what a retry can never fix (TLS) is permanent; a refused or unknown export may come back after a server restart.
+/// </summary>
+internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
+{
+    public async Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken)
+    {
+        var uri = NbdUri.Parse(mapping.Uri);
+        var options = new NbdClientOptions { ConnectTimeout = mapping.Timeout, HandshakeTimeout = mapping.Timeout, TimeProvider = time };
+        try
+        {
+            return new Session(await NbdClient.ConnectAsync(uri, options, cancellationToken));
+        }
+        catch (NbdException e)
+        {
+            throw new MappingException(Reason(e), KindOf(e), e);
+        }
+    }
+
+    internal static FailureKind KindOf(NbdException e) =>
+        e is NbdTlsRequiredException or NbdTlsNotSupportedException ? FailureKind.Permanent : FailureKind.Transient;
+
+    /// <summary>The few words for STATUS= and the journal; the full exception travels as the inner exception.</summary>
+    internal static string Reason(NbdException e) => e switch
+    {
+        NbdTlsRequiredException => "server requires TLS (use an nbds:// URI)",
+        NbdTlsNotSupportedException => "TLS is not supported by this version",
+        NbdConnectException c => FailureText.Describe(c),
+        NbdTimeoutException t => t.Phase == NbdTimeoutPhase.Connect ? "connect timed out" : "handshake timed out",
+        NbdServerErrorException s => $"server refused: {s.ReplyType}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + s.ServerMessage + ")")}",
+        NbdProtocolException p => $"protocol error: {p.Error}",
+        _ => e.Message,
+    };
+
+    private sealed class Session(NbdConnection connection) : INbdSession
+    {
+        public ExportDescription Export { get; } = new(
+            connection.Export.Name,
+            connection.Export.Size,
+            (ushort)connection.Export.Flags,
+            connection.Export.BlockSizes?.Minimum,
+            connection.Export.BlockSizes?.Preferred);
+
+        public Socket Socket => connection.Socket;
+
+        public void Dispose() => connection.Dispose();
+    }
+}
