@@ -13,6 +13,7 @@ r() { echo "RESULT systemd $1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 prop() { systemctl show -p "$2" --value "$1" 2>/dev/null; }
+mark() { r "t_$1_s" "$(cut -d' ' -f1 /proc/uptime)"; }
 
 r boot_uptime_s "$(cut -d' ' -f1 /proc/uptime)"
 r systemd_version "$(systemctl --version | head -n1 | awk '{print $2}')"
@@ -35,6 +36,7 @@ wait_port() { # PORT: until something listens on 127.0.0.1:PORT (10 s)
 }
 
 # ---------------------------------------------------------------- harness: a stand-in Type=notify service
+mark harness
 cat >/run/systemd/system/harness-notify.service <<'UNIT'
 [Unit]
 Description=Harness stand-in for a Type=notify daemon
@@ -56,6 +58,7 @@ timeout 30 systemctl stop harness-notify.service; r harness_stop_rc "$?"
 r harness_after_stop_ActiveState "$(prop harness-notify ActiveState)"
 
 # ---------------------------------------------------------------- servers on loopback
+mark servers
 modprobe nbd; r nbd_module "$( [ -d /sys/module/nbd ] && echo loaded || echo missing )"
 r nbd_devices "$(ls -d /sys/block/nbd* 2>/dev/null | wc -l)"
 mkdir -p /srv/nbd
@@ -74,6 +77,7 @@ qemu-nbd --fork --persistent --shared=8 --bind=127.0.0.1 --port=10811 --export-n
 wait_port 10811 && r server_qemu_nbd up || { r server_qemu_nbd down; cat /tmp/qemu-nbd.log; }
 
 # ---------------------------------------------------------------- nbd-client baseline (ioctl mode keeps a process)
+mark client
 client_pids() { local d; for d in /sys/block/nbd*/pid; do [ -e "$d" ] && cat "$d"; done; }
 client_up() { # EXPORT PORT DEVICE
     timeout 20 nbd-client 127.0.0.1 "$2" "$3" -N "$1" -L >/dev/null 2>&1
@@ -92,8 +96,10 @@ r client16_procs "$(client_pids | wc -l)"
 r nbd_client_rss_kb_16 "$sum"
 client_down_all
 r client_after_down_pids "$(client_pids | wc -l)"
+mark client_done
 
 # ---------------------------------------------------------------- nbd-daemon under systemd
+mark daemon
 if ! systemctl cat nbd-daemon.service >/dev/null 2>&1; then
     r daemon_installed no
     exit 0
@@ -168,13 +174,15 @@ done
 stop_daemon daemon3 /dev/nbd0 /dev/nbd1 /dev/nbd2
 
 # One mapping, then sixteen: READY time and RSS.
+mark daemon1
 echo "d1 nbd://127.0.0.1:10809/data /dev/nbd0" | write_config
 start_daemon daemon1
 stop_daemon daemon1 /dev/nbd0
 devs=()
-for i in $(seq 0 15); do echo "m$i nbd://127.0.0.1:10809/m$i /dev/nbd$i"; devs+=("/dev/nbd$i"); done | write_config
+for i in $(seq 0 15); do echo "m$i nbd://127.0.0.1:10809/m$i /dev/nbd$i"; done | write_config
 for i in $(seq 0 15); do devs+=("/dev/nbd$i"); done
 start_daemon daemon16
 n=0; for d in "${devs[@]}"; do [ "$(dev_size "$d")" != 0 ] && [ "$(dev_size "$d")" != missing ] && n=$((n + 1)); done
 r daemon16_connected "$n"
 stop_daemon daemon16 "${devs[@]}"
+mark done
