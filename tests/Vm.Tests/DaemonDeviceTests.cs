@@ -1,0 +1,102 @@
+namespace Vm.Tests;
+
+/// <summary>Scenarios 2-4: geometry, read-only, check/disconnect, automatic device choice, stop by signal.</summary>
+[Collection(VmCollection.Name)]
+public sealed class DaemonDeviceTests(VmFixture vm)
+{
+    public static TheoryData<string, int, string> Geometries()
+    {
+        var data = new TheoryData<string, int, string>();
+        foreach (var mode in new[] { "ioctl", "netlink" })
+        {
+            foreach (var bs in new[] { 512, 1024, 4096 })
+            {
+                foreach (var export in new[] { "even", "odd" })
+                {
+                    data.Add(mode, bs, export);
+                }
+            }
+        }
+
+        return data;
+    }
+
+    /// <summary>
+    /// The kernel sets the capacity from the byte size it is given (nbd_set_size: bytesize &gt;&gt; 9), so a size
+    /// that is not a multiple of the block size is the daemon's to round down; a partial last block cannot be addressed.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Geometries))]
+    public async Task Connect_BlockSize_SysfsSizeAndLogicalBlockSizeMatchNegotiated(string mode, int blockSize, string export)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("geometry", ("mode", mode), ("bs", blockSize.ToString(System.Globalization.CultureInfo.InvariantCulture)), ("export", export));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "lbs", blockSize);
+        Expect.Equal(run, r, "size", r.Long("export_bytes") / blockSize * blockSize);
+    }
+
+    [Theory]
+    [InlineData("ioctl")]
+    [InlineData("netlink")]
+    public async Task Connect_ReadOnly_WritesRefusedReadsWork(string mode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("readonly", ("mode", mode));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "sysfs_ro", 1);
+        Expect.That(run, r, r["write_rc"] != "0", "a write to a read-only mapping succeeded");
+        Expect.That(run, r, r["write_error"] is "EPERM" or "EROFS", $"write error: expected EPERM or EROFS, got {r["write_error"]}");
+        Expect.Equal(run, r, "read_rc", 0);
+    }
+
+    [Theory]
+    [InlineData("ioctl")]
+    [InlineData("netlink")]
+    public async Task CheckAndDisconnect_ConnectedDevice_ExitCodesAndDeviceFreed(string mode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("readonly", ("mode", mode));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "check_connected_rc", 0);
+        Expect.Equal(run, r, "disconnect_rc", 0);
+        Expect.Equal(run, r, "freed", "yes");
+        Expect.Equal(run, r, "size_after", 0);
+        Expect.Equal(run, r, "pid_after", "absent");
+        Expect.Equal(run, r, "check_after_rc", 1);
+        Expect.Equal(run, r, "check_unused_rc", 1);
+    }
+
+    [Theory]
+    [InlineData("ioctl")]
+    [InlineData("netlink")]
+    public async Task Connect_NoDeviceWhileNbd0Busy_PicksAnotherUnusedDevice(string mode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("autodev", ("mode", mode));
+        Expect.Equal(run, r, "first_connected", "yes");
+        Expect.That(run, r, r["picked"] is not "none" and not "nbd0", $"picked device: {r["picked"]}");
+        // The odd export (10 MiB + 1000 bytes) rounded down to whatever block size was chosen: at least 10 MiB - 4 KiB.
+        Expect.That(run, r, r.Long("picked_size") is > (10L << 20) - 4096 and <= (10L << 20) + 1000, $"picked device size {r["picked_size"]}");
+        Expect.Equal(run, r, "nbd0_still_connected", "yes");
+        Expect.Equal(run, r, "second_exit_rc", 0);
+        Expect.Equal(run, r, "picked_freed", "yes");
+    }
+
+    [Theory]
+    [InlineData("ioctl", "TERM")]
+    [InlineData("netlink", "TERM")]
+    [InlineData("ioctl", "INT")]
+    [InlineData("netlink", "INT")]
+    public async Task Connect_Signal_DeviceFreedWithin2sAndExitCode0(string mode, string signal)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("stop", ("mode", mode), ("signal", signal));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "freed", "yes");
+        Expect.That(run, r, r.Long("free_ms") <= 2000, $"device freed after {r["free_ms"]} ms (limit 2000)");
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.Equal(run, r, "size_after", 0);
+        Expect.Equal(run, r, "pid_after", "absent");
+    }
+}

@@ -1,0 +1,11 @@
+namespace Vm.Tests;
+
+/// <summary>A scenario script under tests/vm/scenarios and what its VM needs.</summary>
+public sealed record ScenarioSpec(string Script, IReadOnlyList<string> Programs, bool NeedsDaemon, int TimeoutSeconds)
+{
+    public static readonly ScenarioSpec Anchor = new("anchor-nbd-client.sh", ["nbd-server", "nbd-client"], false, 180);
+
+    public static readonly ScenarioSpec DaemonMap = new("daemon-map.sh", ["nbd-server", "nbdkit", "qemu-nbd"], true, 900);
+
+    public static readonly ScenarioSpec DaemonDevice = new("daemon-device.sh", ["nbd-server"], true, 900);
+}

@@ -1,0 +1,117 @@
+# Scenarios 2-4 in one boot, for --interface ioctl and netlink:
+#  geometry  sysfs size and logical_block_size for block sizes 512/1024/4096, on a 64 MiB export and on one of
+#            10 MiB + 1000 bytes (the host-side test computes what is expected from export_bytes and bs);
+#  readonly  --read-only refuses writes; check/disconnect exit codes; the device is free after disconnect;
+#  autodev   connect without DEVICE picks an unused device while nbd0 is busy;
+#  stop      SIGTERM / SIGINT to the foreground connect frees the device; exit code and timings.
+. /usr/local/lib/nbdvm.sh
+MiB=1048576
+truncate -s 64M /tmp/even.img
+truncate -s $((10 * MiB + 1000)) /tmp/odd.img
+start_nbd_server 10809 even /tmp/even.img odd /tmp/odd.img || note "nbd-server did not start"
+URI=nbd://127.0.0.1:10809
+
+connected_devices() {
+    for d in /sys/block/nbd*; do [ "$(cat $d/size)" != 0 ] && basename "$d"; done
+}
+
+geometry() { # MODE: six mappings at once (nbd0..nbd5), so the daemon start-up cost overlaps under TCG
+    local mode=$1 i=0 bs exp pids="" dev ok
+    for bs in 512 1024 4096; do
+        for exp in even odd; do
+            daemon_connect /tmp/geo-$mode-$i.log "$URI/$exp" /dev/nbd$i --interface "$mode" --block-size $bs
+            eval "pid$i=$DPID bs$i=$bs exp$i=$exp"
+            i=$((i + 1))
+        done
+    done
+    for i in 0 1 2 3 4 5; do
+        eval "pid=\$pid$i bs=\$bs$i exp=\$exp$i"
+        cms=$(wait_connected nbd$i 60 "$pid"); ok=$(yesno $?)
+        result geometry mode=$mode bs=$bs export=$exp export_bytes=$(stat -c %s /tmp/$exp.img) connected=$ok \
+            size=$(nbd_bytes nbd$i) lbs=$(nbd_lbs nbd$i) connect_ms=$cms
+        [ "$ok" = yes ] || show_log /tmp/geo-$mode-$i.log
+    done
+    for i in 0 1 2 3 4 5; do eval "kill -TERM \$pid$i 2>/dev/null"; done
+    for i in 0 1 2 3 4 5; do
+        eval "pid=\$pid$i"
+        wait_exit "$pid" 15 || { kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }
+        wait_free nbd$i 5 >/dev/null
+    done
+}
+
+readonly_and_check() { # MODE
+    local mode=$1 log=/tmp/ro-$mode.log
+    daemon_connect "$log" "$URI/even" /dev/nbd0 --interface "$mode" --read-only
+    local rpid=$DPID
+    cms=$(wait_connected nbd0 30 "$rpid"); ok=$(yesno $?)
+    ro=$(cat /sys/block/nbd0/ro)
+    head -c $MiB /dev/urandom > /tmp/ro-data
+    timeout 30 dd if=/tmp/ro-data of=/dev/nbd0 bs=1M count=1 oflag=direct 2>/tmp/ro-err; wrc=$?
+    err=other
+    grep -qi 'read-only' /tmp/ro-err && err=EROFS
+    grep -qi 'not permitted' /tmp/ro-err && err=EPERM
+    sed 's/^/LOG ro-dd: /' /tmp/ro-err
+    timeout 30 dd if=/dev/nbd0 of=/dev/null bs=1M count=1 iflag=direct 2>/dev/null; rrc=$?
+    nbd-daemon check /dev/nbd0 >/tmp/check.out 2>&1; crc_on=$?
+    sed 's/^/LOG check: /' /tmp/check.out
+    t0=$(now_ms)
+    timeout 30 nbd-daemon disconnect /dev/nbd0 >/tmp/disc.out 2>&1; drc=$?
+    sed 's/^/LOG disconnect: /' /tmp/disc.out
+    fms=$(wait_free nbd0 5); freed=$(yesno $?)
+    wait_exit "$rpid" 10 || { kill -KILL "$rpid" 2>/dev/null; wait "$rpid"; }
+    nbd-daemon check /dev/nbd0 >/dev/null 2>&1; crc_off=$?
+    nbd-daemon check /dev/nbd9 >/dev/null 2>&1; crc_unused=$?
+    result readonly mode=$mode connected=$ok sysfs_ro=$ro write_rc=$wrc write_error=$err read_rc=$rrc \
+        check_connected_rc=$crc_on disconnect_rc=$drc freed=$freed free_ms=$fms connect_exit_rc=$EXIT_RC \
+        check_after_rc=$crc_off check_unused_rc=$crc_unused size_after=$(nbd_bytes nbd0) \
+        pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
+    [ "$ok" = yes ] || show_log "$log"
+}
+
+autodevice() { # MODE: nbd0 held by a first mapping, a second connect without DEVICE must pick another one
+    local mode=$1
+    daemon_connect /tmp/auto-a-$mode.log "$URI/even" /dev/nbd0 --interface "$mode"
+    local apid=$DPID
+    wait_connected nbd0 30 "$apid" >/dev/null; aok=$(yesno $?)
+    before=$(connected_devices | tr '\n' ' ')
+    daemon_connect /tmp/auto-b-$mode.log "$URI/odd" --interface "$mode"
+    local bpid=$DPID n=600 dev=""
+    while [ $n -gt 0 ] && ! proc_gone "$bpid"; do
+        for d in $(connected_devices); do case " $before " in *" $d "*) ;; *) dev=$d ;; esac; done
+        [ -n "$dev" ] && break
+        sleep 0.05; n=$((n - 1))
+    done
+    bsize=0; [ -n "$dev" ] && bsize=$(nbd_bytes "$dev")
+    daemon_kill "$bpid" TERM; brc=$EXIT_RC
+    bfreed=no; [ -n "$dev" ] && wait_free "$dev" 5 >/dev/null && bfreed=yes
+    nbd0_still=$( [ "$(cat /sys/block/nbd0/size)" != 0 ] && echo yes || echo no)
+    daemon_kill "$apid" TERM
+    wait_free nbd0 5 >/dev/null
+    result autodev mode=$mode first_connected=$aok busy_before="$(echo $before | tr ' ' ',')" picked=${dev:-none} \
+        picked_size=$bsize nbd0_still_connected=$nbd0_still second_exit_rc=$brc picked_freed=$bfreed
+    [ -n "$dev" ] || { show_log /tmp/auto-a-$mode.log; show_log /tmp/auto-b-$mode.log; }
+}
+
+stop() { # MODE SIGNAL
+    local mode=$1 sig=$2 log=/tmp/stop-$1-$2.log
+    daemon_connect "$log" "$URI/even" /dev/nbd0 --interface "$mode"
+    local spid=$DPID
+    wait_connected nbd0 30 "$spid" >/dev/null; ok=$(yesno $?)
+    t0=$(now_ms)
+    kill "-$sig" "$spid" 2>/dev/null
+    wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+    fms=$(( $(now_ms) - t0 ))
+    if ! wait_exit "$spid" 15; then kill -KILL "$spid" 2>/dev/null; wait "$spid"; fi
+    ems=$(( $(now_ms) - t0 ))
+    result stop mode=$mode signal=$sig connected=$ok freed=$freed free_ms=$fms exit_rc=$EXIT_RC exit_ms=$ems \
+        size_after=$(nbd_bytes nbd0) pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
+    [ "$ok" = yes ] && [ "$EXIT_RC" = 0 ] || show_log "$log"
+}
+
+for mode in ioctl netlink; do
+    geometry $mode
+    readonly_and_check $mode
+    autodevice $mode
+    stop $mode TERM
+    stop $mode INT
+done
