@@ -1,0 +1,61 @@
+namespace NbdDaemon.Configuration;
+
+/// <summary>Which kernel interface configures the device.</summary>
+internal enum KernelInterface
+{
+    /// <summary>Classic ioctls on /dev/nbdN; the daemon keeps a thread inside NBD_DO_IT while serving.</summary>
+    Ioctl,
+
+    /// <summary>The generic-netlink <c>nbd</c> family; the kernel owns the sockets, reconnect via RECONFIGURE.</summary>
+    Netlink,
+}
+
+/// <summary>Reconnect policy of one mapping (section <c>Nbd:Mappings:N:Reconnect</c>).</summary>
+/// <param name="Enabled">When false the first failure ends the mapping (state GaveUp).</param>
+/// <param name="InitialDelay">Base delay before the first retry.</param>
+/// <param name="MaxDelay">Cap of the exponential backoff.</param>
+/// <param name="MaxAttempts">Consecutive failed attempts before giving up; 0 = retry forever.</param>
+internal sealed record ReconnectOptions(bool Enabled, TimeSpan InitialDelay, TimeSpan MaxDelay, int MaxAttempts)
+{
+    public static readonly ReconnectOptions Default = new(true, TimeSpan.FromSeconds(1), TimeSpan.FromMinutes(1), 0);
+}
+
+/// <summary>One validated entry of <c>Nbd:Mappings</c>. Built only by <see cref="NbdConfigurationReader"/>.</summary>
+internal sealed record MappingOptions
+{
+    public const int DefaultBlockSize = 4096;
+    public const int MaxConnections = 16;
+    public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
+
+    public required string Name { get; init; }
+    public required string Uri { get; init; }
+
+    /// <summary>Server and export derived from <see cref="Uri"/>, for logs and status.</summary>
+    public required MappingEndpoint Endpoint { get; init; }
+
+    /// <summary>/dev/nbdN, or null to let the kernel side pick an unused device.</summary>
+    public string? Device { get; init; }
+
+    public KernelInterface Interface { get; init; } = KernelInterface.Ioctl;
+
+    /// <summary>Configured block size, or null for "server's preferred if usable, else 4096".</summary>
+    public uint? BlockSize { get; init; }
+
+    /// <summary>Kernel request timeout; also the deadline of one connect + handshake attempt.</summary>
+    public TimeSpan Timeout { get; init; } = DefaultTimeout;
+
+    /// <summary>Netlink only: how long the kernel queues I/O while waiting for a RECONFIGURE.</summary>
+    public TimeSpan? DeadConnectionTimeout { get; init; }
+
+    public int Connections { get; init; } = 1;
+    public bool ReadOnly { get; init; }
+    public ReconnectOptions Reconnect { get; init; } = ReconnectOptions.Default;
+
+    /// <summary>Netlink backend identifier; stable per mapping so the kernel (and udev) can tell us apart.</summary>
+    public string BackendIdentifier => "nbd-daemon:" + Name;
+}
+
+/// <summary>Where a mapping's export lives, in words a person reads in the journal.</summary>
+/// <param name="Server">host:port, or the unix socket path.</param>
+/// <param name="Export">Export name (may be empty: the server's default export).</param>
+internal sealed record MappingEndpoint(string Server, string Export);

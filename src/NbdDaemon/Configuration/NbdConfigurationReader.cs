@@ -1,0 +1,301 @@
+using System.Globalization;
+using System.Numerics;
+using System.Text.RegularExpressions;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Configuration;
+
+/// <summary>
+/// Reads section <c>Nbd</c> from raw strings and validates every value, so each error names its full key.
+/// The binder is deliberately not used: it ignores unknown keys and reports bad values without the key.
+/// </summary>
+internal sealed partial class NbdConfigurationReader
+{
+    public const string SectionName = "Nbd";
+
+    private static readonly HashSet<string> s_mappingKeys = new(StringComparer.OrdinalIgnoreCase)
+    {
+        "Name", "Uri", "Device", "Interface", "BlockSize", "Timeout", "DeadConnectionTimeout", "Connections", "ReadOnly",
+        "Reconnect",
+    };
+
+    private static readonly HashSet<string> s_reconnectKeys = new(StringComparer.OrdinalIgnoreCase)
+    {
+        "Enabled", "InitialDelay", "MaxDelay", "MaxAttempts",
+    };
+
+    private readonly INbdUriParser _uriParser;
+
+    public NbdConfigurationReader(INbdUriParser uriParser)
+    {
+        _uriParser = uriParser;
+    }
+
+    /// <summary>Validates everything, then either returns all mappings or throws with every error found.</summary>
+    /// <exception cref="NbdConfigurationException">At least one value is invalid.</exception>
+    public IReadOnlyList<MappingOptions> Read(IConfiguration configuration)
+    {
+        var errors = new List<ConfigurationError>();
+        var mappings = new List<MappingOptions>();
+        IConfigurationSection list = configuration.GetSection(SectionName + ":Mappings");
+        if (list.Value is { Length: > 0 })
+        {
+            errors.Add(new ConfigurationError(list.Path, "must be a list of mappings, not a single value"));
+        }
+
+        foreach (IConfigurationSection entry in list.GetChildren())
+        {
+            if (!int.TryParse(entry.Key, NumberStyles.None, CultureInfo.InvariantCulture, out _))
+            {
+                errors.Add(new ConfigurationError(entry.Path, "Mappings must be a list (JSON array, or keys 0, 1, …)"));
+                continue;
+            }
+
+            MappingOptions? mapping = ReadMapping(entry, errors);
+            if (mapping is not null)
+            {
+                mappings.Add(mapping);
+            }
+        }
+
+        CheckUnique(list, errors);
+        if (errors.Count > 0)
+        {
+            throw new NbdConfigurationException(errors);
+        }
+
+        return mappings;
+    }
+
+    private MappingOptions? ReadMapping(IConfigurationSection entry, List<ConfigurationError> errors)
+    {
+        int before = errors.Count;
+        foreach (IConfigurationSection child in entry.GetChildren())
+        {
+            if (!s_mappingKeys.Contains(child.Key))
+            {
+                errors.Add(new ConfigurationError(child.Path, "unknown key (a typo here would otherwise be silently ignored)"));
+            }
+        }
+
+        string? name = Required(entry, "Name", errors);
+        if (name is not null && !NamePattern().IsMatch(name))
+        {
+            errors.Add(new ConfigurationError(Key(entry, "Name"), $"'{name}' must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+
+        string? uri = Required(entry, "Uri", errors);
+        MappingEndpoint? endpoint = null;
+        if (uri is not null)
+        {
+            try
+            {
+                endpoint = _uriParser.Parse(uri);
+            }
+            catch (FormatException ex)
+            {
+                errors.Add(new ConfigurationError(Key(entry, "Uri"), $"'{uri}' is not a valid NBD URI: {ex.Message}"));
+            }
+        }
+
+        string? device = Optional(entry, "Device");
+        if (device is not null && !DevicePattern().IsMatch(device))
+        {
+            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN"));
+        }
+
+        KernelInterface kernelInterface = KernelInterface.Ioctl;
+        string? interfaceText = Optional(entry, "Interface");
+        if (interfaceText is not null && !TryParseInterface(interfaceText, out kernelInterface))
+        {
+            errors.Add(new ConfigurationError(Key(entry, "Interface"), $"unknown interface '{interfaceText}' (Ioctl or Netlink)"));
+        }
+
+        uint? blockSize = null;
+        string? blockSizeText = Optional(entry, "BlockSize");
+        if (blockSizeText is not null)
+        {
+            if (uint.TryParse(blockSizeText, NumberStyles.None, CultureInfo.InvariantCulture, out uint bs)
+                && bs is >= 512 and <= 4096 && BitOperations.IsPow2(bs))
+            {
+                blockSize = bs;
+            }
+            else
+            {
+                errors.Add(new ConfigurationError(Key(entry, "BlockSize"), $"'{blockSizeText}' must be a power of two from 512 to 4096"));
+            }
+        }
+
+        TimeSpan timeout = ReadTimeSpan(entry, "Timeout", MappingOptions.DefaultTimeout, errors);
+        TimeSpan? deadTimeout = null;
+        if (Optional(entry, "DeadConnectionTimeout") is not null)
+        {
+            deadTimeout = ReadTimeSpan(entry, "DeadConnectionTimeout", TimeSpan.Zero, errors);
+            if (kernelInterface != KernelInterface.Netlink)
+            {
+                errors.Add(new ConfigurationError(Key(entry, "DeadConnectionTimeout"), "only valid with Interface=Netlink"));
+            }
+        }
+
+        int connections = ReadInt(entry, "Connections", 1, 1, MappingOptions.MaxConnections, errors);
+        bool readOnly = ReadBool(entry, "ReadOnly", false, errors);
+
+        IConfigurationSection reconnectSection = entry.GetSection("Reconnect");
+        foreach (IConfigurationSection child in reconnectSection.GetChildren())
+        {
+            if (!s_reconnectKeys.Contains(child.Key))
+            {
+                errors.Add(new ConfigurationError(child.Path, "unknown key"));
+            }
+        }
+
+        ReconnectOptions d = ReconnectOptions.Default;
+        var reconnect = new ReconnectOptions(
+            ReadBool(reconnectSection, "Enabled", d.Enabled, errors),
+            ReadTimeSpan(reconnectSection, "InitialDelay", d.InitialDelay, errors),
+            ReadTimeSpan(reconnectSection, "MaxDelay", d.MaxDelay, errors),
+            ReadInt(reconnectSection, "MaxAttempts", d.MaxAttempts, 0, int.MaxValue, errors));
+        if (reconnect.MaxDelay < reconnect.InitialDelay)
+        {
+            errors.Add(new ConfigurationError(Key(reconnectSection, "MaxDelay"), $"{reconnect.MaxDelay} is smaller than InitialDelay {reconnect.InitialDelay}"));
+        }
+
+        if (errors.Count != before || name is null || uri is null || endpoint is null)
+        {
+            return null;
+        }
+
+        return new MappingOptions
+        {
+            Name = name,
+            Uri = uri,
+            Endpoint = endpoint,
+            Device = device,
+            Interface = kernelInterface,
+            BlockSize = blockSize,
+            Timeout = timeout,
+            DeadConnectionTimeout = deadTimeout,
+            Connections = connections,
+            ReadOnly = readOnly,
+            Reconnect = reconnect,
+        };
+    }
+
+    private static void CheckUnique(IConfigurationSection list, List<ConfigurationError> errors)
+    {
+        // Keys are re-derived from the list so the message points at the second occurrence.
+        var names = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
+        var devices = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (IConfigurationSection entry in list.GetChildren())
+        {
+            string? name = entry["Name"];
+            if (!string.IsNullOrWhiteSpace(name) && !names.TryAdd(name, entry.Path))
+            {
+                errors.Add(new ConfigurationError(Key(entry, "Name"), $"duplicate mapping name '{name}' (also {names[name]}:Name)"));
+            }
+
+            string? device = entry["Device"];
+            if (!string.IsNullOrWhiteSpace(device) && !devices.TryAdd(device, entry.Path))
+            {
+                errors.Add(new ConfigurationError(Key(entry, "Device"), $"device {device} is already used by {devices[device]}"));
+            }
+        }
+    }
+
+    private static bool TryParseInterface(string text, out KernelInterface value)
+    {
+        // Enum.TryParse would also accept "0", "1" and "Ioctl,Netlink"; only the names are meant.
+        if (string.Equals(text, nameof(KernelInterface.Ioctl), StringComparison.OrdinalIgnoreCase))
+        {
+            value = KernelInterface.Ioctl;
+            return true;
+        }
+
+        if (string.Equals(text, nameof(KernelInterface.Netlink), StringComparison.OrdinalIgnoreCase))
+        {
+            value = KernelInterface.Netlink;
+            return true;
+        }
+
+        value = default;
+        return false;
+    }
+
+    private static string Key(IConfigurationSection section, string key) => section.Path + ":" + key;
+
+    private static string? Optional(IConfigurationSection section, string key)
+    {
+        string? value = section[key];
+        return string.IsNullOrWhiteSpace(value) ? null : value.Trim();
+    }
+
+    private static string? Required(IConfigurationSection section, string key, List<ConfigurationError> errors)
+    {
+        string? value = Optional(section, key);
+        if (value is null)
+        {
+            errors.Add(new ConfigurationError(Key(section, key), "is required"));
+        }
+
+        return value;
+    }
+
+    private static TimeSpan ReadTimeSpan(IConfigurationSection section, string key, TimeSpan fallback, List<ConfigurationError> errors)
+    {
+        string? text = Optional(section, key);
+        if (text is null)
+        {
+            return fallback;
+        }
+
+        if (!TimeSpan.TryParse(text, CultureInfo.InvariantCulture, out TimeSpan value) || value <= TimeSpan.Zero
+            || value > TimeSpan.FromDays(1))
+        {
+            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be a positive TimeSpan up to one day, e.g. 00:00:30"));
+            return fallback;
+        }
+
+        return value;
+    }
+
+    private static int ReadInt(IConfigurationSection section, string key, int fallback, int min, int max, List<ConfigurationError> errors)
+    {
+        string? text = Optional(section, key);
+        if (text is null)
+        {
+            return fallback;
+        }
+
+        if (!int.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int value) || value < min || value > max)
+        {
+            string range = max == int.MaxValue ? $"at least {min}" : $"from {min} to {max}";
+            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be an integer {range}"));
+            return fallback;
+        }
+
+        return value;
+    }
+
+    private static bool ReadBool(IConfigurationSection section, string key, bool fallback, List<ConfigurationError> errors)
+    {
+        string? text = Optional(section, key);
+        if (text is null)
+        {
+            return fallback;
+        }
+
+        if (!bool.TryParse(text, out bool value))
+        {
+            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be true or false"));
+            return fallback;
+        }
+
+        return value;
+    }
+
+    [GeneratedRegex("^[A-Za-z0-9._-]{1,64}$")]
+    private static partial Regex NamePattern();
+
+    [GeneratedRegex("^/dev/nbd[0-9]{1,4}$")]
+    private static partial Regex DevicePattern();
+}

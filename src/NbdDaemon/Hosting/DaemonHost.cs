@@ -1,0 +1,103 @@
+using Microsoft.Extensions.DependencyInjection.Extensions;
+using Microsoft.Extensions.Hosting.Systemd;
+using NbdDaemon.Configuration;
+using NbdDaemon.Logging;
+using NbdDaemon.Mappings;
+using NbdDaemon.Systemd;
+using Serilog;
+
+namespace NbdDaemon.Hosting;
+
+/// <summary>Builds and runs the generic host: configuration, validation (exit 78), logging, systemd, the mappings.</summary>
+internal static class DaemonHost
+{
+    /// <summary>sysexits.h EX_CONFIG; the unit's RestartPreventExitStatus=78 keeps systemd from looping on it.</summary>
+    public const int ExitConfigurationError = 78;
+
+    public const string SystemConfigPath = "/etc/nbd-daemon/appsettings.json";
+
+    /// <summary>Kept below the unit's TimeoutStopSec=30 so we finish (or give up) before systemd sends SIGKILL.</summary>
+    public static readonly TimeSpan ShutdownTimeout = TimeSpan.FromSeconds(20);
+
+    public static async Task<int> RunAsync(string[] hostArgs, TextWriter error)
+    {
+        HostApplicationBuilder builder;
+        IReadOnlyList<MappingOptions> mappings;
+        try
+        {
+            builder = CreateBuilder(hostArgs);
+            mappings = new NbdConfigurationReader(new BasicNbdUriParser()).Read(builder.Configuration);
+        }
+        catch (NbdConfigurationException ex)
+        {
+            foreach (ConfigurationError e in ex.Errors)
+            {
+                await error.WriteLineAsync($"nbd-daemon: configuration error: {e.Key}: {e.Reason}");
+            }
+
+            return ExitConfigurationError;
+        }
+        catch (Exception ex) when (ex is InvalidDataException or FormatException)
+        {
+            // Unreadable JSON or a malformed command-line switch: same exit code, message from the provider.
+            await error.WriteLineAsync($"nbd-daemon: configuration error: {ex.Message}");
+            return ExitConfigurationError;
+        }
+
+        ConfigureServices(builder, mappings, Environment.GetEnvironmentVariable);
+        using IHost host = builder.Build();
+        await host.RunAsync();
+        return 0;
+    }
+
+    /// <summary>Configuration sources, later ones winning: shipped defaults, the admin's file, environment, command line.</summary>
+    public static HostApplicationBuilder CreateBuilder(string[] hostArgs, string systemConfigPath = SystemConfigPath)
+    {
+        var builder = Host.CreateEmptyApplicationBuilder(new HostApplicationBuilderSettings
+        {
+            Args = hostArgs,
+            ContentRootPath = AppContext.BaseDirectory,
+            ApplicationName = "nbd-daemon",
+        });
+        builder.Configuration
+            .AddJsonFile(Path.Combine(AppContext.BaseDirectory, "appsettings.json"), optional: true, reloadOnChange: false)
+            .AddJsonFile(systemConfigPath, optional: true, reloadOnChange: false)
+            .AddEnvironmentVariables()
+            .AddCommandLine(hostArgs);
+        return builder;
+    }
+
+    public static void ConfigureServices(HostApplicationBuilder builder, IReadOnlyList<MappingOptions> mappings, Func<string, string?> getVariable)
+    {
+        IServiceCollection services = builder.Services;
+        services.Configure<HostOptions>(o => o.ShutdownTimeout = ShutdownTimeout);
+        services.AddSingleton(TimeProvider.System);
+        services.AddSingleton(mappings);
+
+        // INTEGRATION: replace with the adapters over Nbd.Protocol (NbdClient) and Nbd.Kernel (NbdDevice, NbdNetlink).
+        services.TryAddSingleton<INbdConnector, NotIntegratedConnector>();
+        services.TryAddSingleton<INbdKernel, NotIntegratedKernel>();
+
+        services.AddSingleton(sp => new MappingSupervisor(
+            sp.GetRequiredService<IReadOnlyList<MappingOptions>>(), sp.GetRequiredService<INbdConnector>(),
+            sp.GetRequiredService<INbdKernel>(), sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILoggerFactory>()));
+
+        // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
+        // (and lets tests and `systemd-run`-like supervisors receive the same notifications).
+        services.AddSingleton<ISystemdNotifier, SystemdNotifier>();
+        if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
+        {
+            services.AddSingleton<IHostLifetime, SystemdLifetime>();
+        }
+
+        services.AddSingleton(WatchdogSettings.FromEnvironment(getVariable, Environment.ProcessId));
+        // Order matters: notifications first (watchdog pings during the first attempts), supervisor second
+        // (its StartAsync returns when every mapping was tried; only then does the host signal READY=1).
+        services.AddHostedService<SystemdNotifications>();
+        services.AddHostedService(sp => sp.GetRequiredService<MappingSupervisor>());
+
+        bool journald = LoggingSetup.UseJournald(getVariable);
+        IConfiguration configuration = builder.Configuration;
+        services.AddSerilog((_, logger) => LoggingSetup.Configure(logger, configuration, journald));
+    }
+}

@@ -1,0 +1,41 @@
+using System.Net.Sockets;
+
+namespace NbdDaemon.Mappings;
+
+/// <summary>Turns a failure into the few words shown in STATUS= ("connection refused"), by type.</summary>
+internal static class FailureText
+{
+    public static string Describe(Exception exception)
+    {
+        for (Exception? e = exception; e is not null; e = e.InnerException)
+        {
+            switch (e)
+            {
+                case MappingException m:
+                    return m.Reason;
+                case SocketException s:
+                    return Describe(s.SocketErrorCode) ?? s.Message;
+                case TimeoutException:
+                    return "timed out";
+                default:
+                    break;
+            }
+        }
+
+        return exception.Message;
+    }
+
+    public static FailureKind KindOf(Exception exception) => exception is MappingException m ? m.Kind : FailureKind.Transient;
+
+    private static string? Describe(SocketError error) => error switch
+    {
+        SocketError.ConnectionRefused => "connection refused",
+        SocketError.TimedOut => "connection timed out",
+        SocketError.HostNotFound or SocketError.NoData or SocketError.TryAgain => "host not found",
+        SocketError.HostUnreachable => "host unreachable",
+        SocketError.NetworkUnreachable => "network unreachable",
+        SocketError.ConnectionReset => "connection reset",
+        SocketError.AddressNotAvailable => "address not available",
+        _ => null,
+    };
+}

@@ -1,0 +1,45 @@
+using System.Net.Sockets;
+using NbdDaemon.Configuration;
+
+namespace NbdDaemon.Mappings;
+
+/// <summary>
+/// Opens one connection to a mapping's export and completes the handshake (Connecting state).
+/// Integration seam over <c>Nbd.Protocol.NbdClient.ConnectAsync(NbdUri, NbdClientOptions?, CancellationToken)</c>:
+/// the adapter maps <c>NbdExportInfo</c> to <see cref="ExportDescription"/> and wraps protocol errors that can
+/// never succeed on retry (e.g. <c>NbdTlsRequiredException</c>) into <see cref="MappingException"/> with
+/// <see cref="FailureKind.Permanent"/>; every other exception is treated as transient.
+/// </summary>
+internal interface INbdConnector
+{
+    Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken);
+}
+
+/// <summary>A negotiated connection in transmission phase; disposing it closes the socket.</summary>
+internal interface INbdSession : IDisposable
+{
+    ExportDescription Export { get; }
+
+    /// <summary>The socket to hand to the kernel. Stays owned by the session: dispose the session after the kernel let go.</summary>
+    Socket Socket { get; }
+}
+
+/// <summary>What the server said about the export (from NbdExportInfo).</summary>
+/// <param name="Name">Export name.</param>
+/// <param name="Size">Size in bytes.</param>
+/// <param name="TransmissionFlags">NBD_FLAG_* transmission flags as sent (proto.md "Transmission flags").</param>
+/// <param name="MinimumBlockSize">NBD_INFO_BLOCK_SIZE minimum, if the server sent block size constraints.</param>
+/// <param name="PreferredBlockSize">NBD_INFO_BLOCK_SIZE preferred, if sent.</param>
+internal sealed record ExportDescription(string Name, ulong Size, ushort TransmissionFlags, uint? MinimumBlockSize = null, uint? PreferredBlockSize = null)
+{
+    /// <summary>NBD_FLAG_HAS_FLAGS, bit 0.</summary>
+    public const ushort FlagHasFlags = 1;
+
+    /// <summary>NBD_FLAG_READ_ONLY, bit 1.</summary>
+    public const ushort FlagReadOnly = 2;
+
+    /// <summary>NBD_FLAG_CAN_MULTI_CONN, bit 8.</summary>
+    public const ushort FlagCanMultiConn = 1 << 8;
+
+    public bool ReadOnly => (TransmissionFlags & FlagReadOnly) != 0;
+}

@@ -1,0 +1,77 @@
+using System.Net.Sockets;
+
+namespace NbdDaemon.Mappings;
+
+/// <summary>
+/// The Linux nbd driver as the state machine needs it. Integration seam over <c>Nbd.Kernel</c>:
+/// <see cref="OpenDevice"/> = <c>NbdDevice.Open(path)</c> / <c>NbdDevice.OpenUnused()</c>,
+/// <see cref="OpenNetlink"/> = <c>NbdNetlink.Open()</c> + <c>NbdNetlinkEvents.Subscribe()</c>.
+/// Kernel failures (<c>NbdKernelException</c>) may pass through unchanged: they are retried with backoff.
+/// </summary>
+internal interface INbdKernel
+{
+    /// <param name="path">/dev/nbdN, or null for the first unused device.</param>
+    IIoctlDevice OpenDevice(string? path);
+
+    INbdNetlinkControl OpenNetlink();
+}
+
+/// <summary>One /dev/nbdN driven by ioctls; same names as <c>Nbd.Kernel.NbdDevice</c>.</summary>
+internal interface IIoctlDevice : IDisposable
+{
+    string Path { get; }
+
+    void SetBlockSize(uint blockSize);
+
+    void SetSizeBytes(ulong size);
+
+    void SetFlags(ushort flags);
+
+    void SetTimeout(TimeSpan timeout);
+
+    void SetSocket(Socket socket);
+
+    /// <summary>Starts NBD_DO_IT on a dedicated thread.</summary>
+    INbdServiceLoop StartServiceLoop(string name);
+
+    void ClearQueue();
+
+    void Disconnect();
+
+    void ClearSocket();
+}
+
+/// <summary>The thread sitting in NBD_DO_IT. <see cref="Completion"/> ends when the kernel lets go of the sockets.</summary>
+internal interface INbdServiceLoop
+{
+    Task Completion { get; }
+
+    /// <summary>Marks the end as requested, so the kernel library does not report it as a failure.</summary>
+    void Stop();
+}
+
+/// <summary>Parameters of NBD_CMD_CONNECT (nbd-netlink.h); mirrors <c>NbdNetlinkConnectRequest</c>.</summary>
+internal sealed record NetlinkConnectParameters(
+    int? Index,
+    ulong SizeBytes,
+    uint BlockSize,
+    TimeSpan Timeout,
+    TimeSpan? DeadConnectionTimeout,
+    ushort ServerFlags,
+    IReadOnlyList<Socket> Sockets,
+    string BackendIdentifier);
+
+/// <summary>The generic-netlink nbd family plus its multicast LINK_DEAD events.</summary>
+internal interface INbdNetlinkControl : IDisposable
+{
+    /// <returns>The device index the kernel used.</returns>
+    int Connect(NetlinkConnectParameters parameters);
+
+    /// <summary>NBD_CMD_RECONFIGURE: hands new sockets to a device whose connection died.</summary>
+    void Reconfigure(int index, IReadOnlyList<Socket> sockets);
+
+    void Disconnect(int index);
+
+    /// <summary>Completes when NBD_CMD_LINK_DEAD arrives for <paramref name="index"/>.</summary>
+    Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken);
+}

@@ -1,0 +1,72 @@
+using NbdDaemon.Configuration;
+
+namespace NbdDaemon.Mappings;
+
+/// <summary>
+/// Runs one <see cref="MappingLoop"/> per configured mapping, each as its own task, and owns what depends on
+/// all of them together: readiness, the status line and watchdog health. One hosted service rather than one
+/// BackgroundService per mapping because the host starts hosted services one after another and cannot
+/// express "ready once every mapping has been tried"; isolation comes from the loops themselves
+/// (<see cref="MappingLoop.RunAsync"/> never throws and shares nothing with other loops).
+/// </summary>
+internal sealed class MappingSupervisor : IHostedService, IDisposable
+{
+    private readonly MappingLoop[] _loops;
+    private readonly TimeProvider _time;
+    private readonly ILogger _logger;
+    private readonly CancellationTokenSource _stopping = new();
+    private Task[] _running = [];
+
+    public MappingSupervisor(
+        IReadOnlyList<MappingOptions> mappings, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILoggerFactory loggerFactory,
+        Func<double>? unitRandom = null)
+    {
+        _time = time;
+        _logger = loggerFactory.CreateLogger<MappingSupervisor>();
+        ILogger loopLogger = loggerFactory.CreateLogger<MappingLoop>();
+        _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom))];
+        foreach (MappingLoop loop in _loops)
+        {
+            loop.StateChanged += (_, _) => StatusChanged?.Invoke();
+        }
+    }
+
+    /// <summary>Raised after any mapping changed state (from that mapping's flow).</summary>
+    public event Action? StatusChanged;
+
+    public IReadOnlyList<MappingLoop> Loops => _loops;
+
+    /// <summary>The STATUS= text: "2 of 3 mappings serving; failing: data (connection refused)".</summary>
+    public string StatusText => MappingStatus.Format(_loops);
+
+    /// <summary>Healthy = no loop stuck in an active state (<see cref="MappingLoop.IsStuck"/>). Failing mappings are healthy.</summary>
+    public bool IsHealthy() => !_loops.Any(l => l.IsStuck(_time.GetUtcNow()));
+
+    /// <summary>
+    /// Starts every loop, then returns once every mapping has been tried once (reached Serving or failed its
+    /// first attempt). The host raises ApplicationStarted, and with it systemd READY=1, only after this returns.
+    /// </summary>
+    public async Task StartAsync(CancellationToken cancellationToken)
+    {
+        // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
+        _running = [.. _loops.Select(l => Task.Run(() => l.RunAsync(_stopping.Token), CancellationToken.None))];
+        await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
+        _logger.LogInformation("All {Count} mappings tried once: {Status}", _loops.Length, StatusText);
+    }
+
+    public async Task StopAsync(CancellationToken cancellationToken)
+    {
+        await _stopping.CancelAsync();
+        try
+        {
+            await Task.WhenAll(_running).WaitAsync(cancellationToken);
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            _logger.LogError("Shutdown timeout: mappings still stopping: {Mappings}",
+                string.Join(", ", _loops.Where(l => l.State != MappingState.Stopped).Select(l => $"{l.Name} ({l.State})")));
+        }
+    }
+
+    public void Dispose() => _stopping.Dispose();
+}

@@ -1,0 +1,108 @@
+using Microsoft.Extensions.Hosting.Systemd;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Systemd;
+
+/// <summary>
+/// Keeps STATUS= current and sends WATCHDOG=1. READY=1 and STOPPING=1 come from the stock SystemdLifetime
+/// (READY on ApplicationStarted, which waits for <see cref="MappingSupervisor.StartAsync"/>); the stock
+/// lifetime never sends WATCHDOG=1, so that is done here, and only while <see cref="MappingSupervisor.IsHealthy"/>:
+/// a loop stuck in a kernel call stops the pings and systemd restarts the service after WatchdogSec.
+/// Registered before the supervisor so pings also flow while the first attempts run.
+/// </summary>
+internal sealed class SystemdNotifications : BackgroundService
+{
+    private readonly ISystemdNotifier _notifier;
+    private readonly MappingSupervisor _supervisor;
+    private readonly TimeProvider _time;
+    private readonly WatchdogSettings _watchdog;
+    private readonly ILogger _logger;
+    private readonly Lock _statusLock = new();
+    private string? _lastStatus;
+    private bool _reportedUnhealthy;
+
+    public SystemdNotifications(ISystemdNotifier notifier, MappingSupervisor supervisor, TimeProvider time, WatchdogSettings watchdog, ILogger<SystemdNotifications> logger)
+    {
+        _notifier = notifier;
+        _supervisor = supervisor;
+        _time = time;
+        _watchdog = watchdog;
+        _logger = logger;
+    }
+
+    public override Task StartAsync(CancellationToken cancellationToken)
+    {
+        _supervisor.StatusChanged += SendStatus;
+        SendStatus();
+        return base.StartAsync(cancellationToken);
+    }
+
+    public override async Task StopAsync(CancellationToken cancellationToken)
+    {
+        _supervisor.StatusChanged -= SendStatus;
+        await base.StopAsync(cancellationToken);
+    }
+
+    /// <summary>Sends STATUS= when the text differs from the last one sent.</summary>
+    public void SendStatus()
+    {
+        if (!_notifier.IsEnabled)
+        {
+            return;
+        }
+
+        lock (_statusLock)
+        {
+            string status = _supervisor.StatusText;
+            if (status == _lastStatus)
+            {
+                return;
+            }
+
+            _lastStatus = status;
+            // STATUS is one line; a newline would start a new assignment in the datagram.
+            _notifier.Notify(new ServiceState("STATUS=" + status.ReplaceLineEndings(" ")));
+        }
+    }
+
+    /// <summary>One watchdog tick: WATCHDOG=1 if healthy. Returns whether it was sent.</summary>
+    public bool Tick()
+    {
+        if (_supervisor.IsHealthy())
+        {
+            _reportedUnhealthy = false;
+            _notifier.Notify(new ServiceState("WATCHDOG=1"));
+            return true;
+        }
+
+        if (!_reportedUnhealthy)
+        {
+            _reportedUnhealthy = true;
+            _logger.LogError("Mapping loop stuck, withholding WATCHDOG=1: {Mappings}",
+                string.Join(", ", _supervisor.Loops.Where(l => l.IsStuck(_time.GetUtcNow())).Select(l => $"{l.Name} ({l.State})")));
+        }
+
+        return false;
+    }
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        if (_watchdog.PingInterval is not TimeSpan interval || !_notifier.IsEnabled)
+        {
+            return;
+        }
+
+        using var timer = new PeriodicTimer(interval, _time);
+        Tick();
+        try
+        {
+            while (await timer.WaitForNextTickAsync(stoppingToken))
+            {
+                Tick();
+            }
+        }
+        catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+        {
+        }
+    }
+}
