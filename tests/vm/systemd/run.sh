@@ -3,9 +3,11 @@
 # daemon installed by the repository's own deploy/install.sh, and runs one scenario script as a oneshot unit once
 # the system reached multi-user. The scenario's output comes back over ttyS0 (this script's stdout).
 #
-# usage: run.sh --scenario SCRIPT [--publish DIR] [--timeout SECONDS] [--keep]
+# usage: run.sh --scenario SCRIPT [--publish DIR] [--installer SCRIPT] [--timeout SECONDS] [--keep]
 #   --publish DIR  output of `dotnet publish src/NbdDaemon -r linux-x64 --self-contained`; handed to
 #                  deploy/install.sh DIR --root <rootfs>. Without it the image has no daemon.
+#   --installer S  installer to run instead of the repo's deploy/install.sh (same arguments); for trying the
+#                  scenario before the real installer exists. Tests never pass it.
 #   --timeout S    hard limit for the whole VM run (default 300); qemu is killed after it.
 #   --keep         keep the work directory (rootfs copy, initramfs) and print its path.
 # Host-side facts are printed as "RESULT systemd host_<key>=<value>" lines, next to the VM's own RESULT lines.
@@ -13,11 +15,12 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
-scenario="" publish="" timeout_s=300 keep=0
+scenario="" publish="" installer="$repo/deploy/install.sh" timeout_s=300 keep=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --scenario) scenario=$2; shift 2 ;;
         --publish) publish=$2; shift 2 ;;
+        --installer) installer=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
         --keep) keep=1; shift ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -42,8 +45,8 @@ tar -C "$root" -xpf "$ROOTFS_TARBALL"
 
 # The real installer, so the run proves it as well as the daemon.
 if [ -n "$publish" ]; then
-    if [ -f "$repo/deploy/install.sh" ]; then
-        if bash "$repo/deploy/install.sh" "$publish" --root "$root" >"$work/install.log" 2>&1; then
+    if [ -f "$installer" ]; then
+        if bash "$installer" "$publish" --root "$root" >"$work/install.log" 2>&1; then
             echo "RESULT systemd host_install=ok"
         else
             rc=$?
