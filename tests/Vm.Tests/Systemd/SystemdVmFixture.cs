@@ -16,7 +16,7 @@ public sealed class SystemdVmFixture : IAsyncLifetime
 {
     // A quiet machine runs the whole scenario in ~2 min; the margin is for a host whose cores are shared (TCG
     // slows down in proportion), and every step inside the VM has its own bound.
-    private static readonly TimeSpan VmTimeout = TimeSpan.FromSeconds(480);
+    private static readonly TimeSpan VmTimeout = TimeSpan.FromSeconds(600);
     private static readonly TimeSpan PublishTimeout = TimeSpan.FromMinutes(8);
     private static readonly string[] RequiredTools = ["qemu-system-x86_64", "debootstrap", "cpio", "zstd", "chroot", "tar", "bash", "timeout"];
 

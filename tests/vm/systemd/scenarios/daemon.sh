@@ -104,12 +104,14 @@ sum=0; for p in $(client_pids); do sum=$((sum + $(rss_kb "$p"))); done
 r client1_procs "$(client_pids | wc -l)"
 r nbd_client_rss_kb_1 "$sum"
 client_down_all
+mark client16_up
 for i in $(seq 0 15); do client_up "m$i" 10809 "/dev/nbd$i" & done
 wait
 r client16_connected "$(client_pids | wc -l)"
 sum=0; for p in $(client_pids); do sum=$((sum + $(rss_kb "$p"))); done
 r client16_procs "$(client_pids | wc -l)"
 r nbd_client_rss_kb_16 "$sum"
+mark client16_down
 client_down_all
 r client_after_down_pids "$(client_pids | wc -l)"
 mark client_done
