@@ -3,6 +3,7 @@ using System.Buffers.Binary;
 using System.Globalization;
 using System.Text;
 using Serilog.Events;
+using Serilog.Parsing;
 
 namespace NbdDaemon.Logging;
 
@@ -25,7 +26,7 @@ internal static class JournaldFormat
     public static byte[] Format(LogEvent logEvent, string identifier)
     {
         var buffer = new ArrayBufferWriter<byte>(512);
-        AppendField(buffer, "MESSAGE", logEvent.RenderMessage(CultureInfo.InvariantCulture));
+        AppendField(buffer, "MESSAGE", RenderLiteral(logEvent));
         AppendField(buffer, "PRIORITY", Priority(logEvent.Level).ToString(CultureInfo.InvariantCulture));
         AppendField(buffer, "SYSLOG_IDENTIFIER", identifier);
         AppendField(buffer, "MESSAGE_TEMPLATE", logEvent.MessageTemplate.Text);
@@ -49,6 +50,27 @@ internal static class JournaldFormat
         }
 
         return buffer.WrittenSpan.ToArray();
+    }
+
+    /// <summary>Renders the message with string properties unquoted (Serilog's ":l"), as journalctl readers expect.</summary>
+    public static string RenderLiteral(LogEvent logEvent)
+    {
+        using var output = new StringWriter(CultureInfo.InvariantCulture);
+        foreach (MessageTemplateToken token in logEvent.MessageTemplate.Tokens)
+        {
+            if (token is PropertyToken property
+                && logEvent.Properties.TryGetValue(property.PropertyName, out LogEventPropertyValue? value)
+                && value is ScalarValue { Value: string text })
+            {
+                output.Write(text);
+            }
+            else
+            {
+                token.Render(logEvent.Properties, output, CultureInfo.InvariantCulture);
+            }
+        }
+
+        return output.ToString();
     }
 
     /// <summary>syslog(3) priorities: Fatal=crit(2), Error=err(3), Warning=warning(4), Information=info(6), Debug/Verbose=debug(7).</summary>

@@ -41,6 +41,7 @@ internal sealed class MappingLoop
     private INbdServiceLoop? _serviceLoop;
     private INbdNetlinkControl? _netlink;
     private int? _netlinkIndex;
+    private bool _kernelHasSockets;
     private ExportDescription? _established;
     private MappingState _state = MappingState.Idle;
     private DateTimeOffset _stateEnteredAt;
@@ -295,6 +296,7 @@ internal sealed class MappingLoop
             Volatile.Write(ref _devicePath, _device.Path);
         }
 
+        _kernelHasSockets = true;
         _device.SetBlockSize(blockSize);
         _device.SetSizeBytes(export.Size);
         _device.SetFlags(flags);
@@ -368,10 +370,11 @@ internal sealed class MappingLoop
     /// <summary>After a lost connection: the kernel lets go of the old sockets, the device itself stays ours.</summary>
     private void ReleaseConnection()
     {
-        if (_options.Interface == KernelInterface.Ioctl && _device is not null && _serviceLoop is null)
+        if (_options.Interface == KernelInterface.Ioctl && _device is not null && _serviceLoop is null && _kernelHasSockets)
         {
             TryStep("NBD_CLEAR_QUE", _device.ClearQueue);
             TryStep("NBD_CLEAR_SOCK", _device.ClearSocket);
+            _kernelHasSockets = false;
         }
 
         DisposeAll(_sessions);

@@ -1,0 +1,178 @@
+using Microsoft.Extensions.Configuration;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Configuration;
+
+public sealed class NbdConfigurationReaderTests
+{
+    private static IReadOnlyList<MappingOptions> Read(params (string Key, string Value)[] values) =>
+        new NbdConfigurationReader(new BasicNbdUriParser()).Read(
+            new ConfigurationBuilder().AddInMemoryCollection(values.Select(v => new KeyValuePair<string, string?>(v.Key, v.Value))).Build());
+
+    private static ConfigurationError SingleError(params (string Key, string Value)[] values) =>
+        Assert.Single(Assert.Throws<NbdConfigurationException>(() => Read(values)).Errors);
+
+    [Fact]
+    public void Read_MinimalMapping_AppliesDefaults()
+    {
+        MappingOptions m = Assert.Single(Read(("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server.example/disk")));
+
+        Assert.Equal("data", m.Name);
+        Assert.Equal(new MappingEndpoint("server.example:10809", "disk"), m.Endpoint);
+        Assert.Null(m.Device);
+        Assert.Equal(KernelInterface.Ioctl, m.Interface);
+        Assert.Null(m.BlockSize);
+        Assert.Equal(TimeSpan.FromSeconds(30), m.Timeout);
+        Assert.Null(m.DeadConnectionTimeout);
+        Assert.Equal(1, m.Connections);
+        Assert.False(m.ReadOnly);
+        Assert.Equal(new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromMinutes(1), 0), m.Reconnect);
+        Assert.Equal("nbd-daemon:data", m.BackendIdentifier);
+    }
+
+    [Fact]
+    public void Read_EveryKeySet_ParsesAll()
+    {
+        MappingOptions m = Assert.Single(Read(
+            ("Nbd:Mappings:0:Name", "logs"),
+            ("Nbd:Mappings:0:Uri", "nbd+unix:///vol?socket=/run/nbd.sock"),
+            ("Nbd:Mappings:0:Device", "/dev/nbd4"),
+            ("Nbd:Mappings:0:Interface", "netlink"),
+            ("Nbd:Mappings:0:BlockSize", "512"),
+            ("Nbd:Mappings:0:Timeout", "00:00:10"),
+            ("Nbd:Mappings:0:DeadConnectionTimeout", "00:02:00"),
+            ("Nbd:Mappings:0:Connections", "4"),
+            ("Nbd:Mappings:0:ReadOnly", "true"),
+            ("Nbd:Mappings:0:Reconnect:Enabled", "false"),
+            ("Nbd:Mappings:0:Reconnect:InitialDelay", "00:00:02"),
+            ("Nbd:Mappings:0:Reconnect:MaxDelay", "00:05:00"),
+            ("Nbd:Mappings:0:Reconnect:MaxAttempts", "7")));
+
+        Assert.Equal(new MappingEndpoint("/run/nbd.sock", "vol"), m.Endpoint);
+        Assert.Equal("/dev/nbd4", m.Device);
+        Assert.Equal(KernelInterface.Netlink, m.Interface);
+        Assert.Equal(512u, m.BlockSize);
+        Assert.Equal(TimeSpan.FromSeconds(10), m.Timeout);
+        Assert.Equal(TimeSpan.FromMinutes(2), m.DeadConnectionTimeout);
+        Assert.Equal(4, m.Connections);
+        Assert.True(m.ReadOnly);
+        Assert.Equal(new ReconnectOptions(false, TimeSpan.FromSeconds(2), TimeSpan.FromMinutes(5), 7), m.Reconnect);
+    }
+
+    [Fact]
+    public void Read_NoMappings_Empty() => Assert.Empty(Read());
+
+    [Theory]
+    [InlineData("Uri", "http://x/y", "Nbd:Mappings:1:Uri", "unsupported scheme 'http'")]
+    [InlineData("Uri", "nbd://host:99999/e", "Nbd:Mappings:1:Uri", "invalid port")]
+    [InlineData("Uri", "nbd+unix:///e", "Nbd:Mappings:1:Uri", "socket=PATH")]
+    [InlineData("Interface", "Ioctl2", "Nbd:Mappings:1:Interface", "unknown interface 'Ioctl2'")]
+    [InlineData("Interface", "1", "Nbd:Mappings:1:Interface", "unknown interface '1'")]
+    [InlineData("Device", "/dev/sda", "Nbd:Mappings:1:Device", "must be /dev/nbdN")]
+    [InlineData("BlockSize", "1024x", "Nbd:Mappings:1:BlockSize", "power of two")]
+    [InlineData("BlockSize", "8192", "Nbd:Mappings:1:BlockSize", "power of two from 512 to 4096")]
+    [InlineData("BlockSize", "768", "Nbd:Mappings:1:BlockSize", "power of two")]
+    [InlineData("Timeout", "30 seconds", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
+    [InlineData("Timeout", "-00:00:01", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
+    [InlineData("Connections", "0", "Nbd:Mappings:1:Connections", "from 1 to 16")]
+    [InlineData("Connections", "17", "Nbd:Mappings:1:Connections", "from 1 to 16")]
+    [InlineData("ReadOnly", "yes", "Nbd:Mappings:1:ReadOnly", "true or false")]
+    [InlineData("DeadConnectionTimeout", "00:01:00", "Nbd:Mappings:1:DeadConnectionTimeout", "only valid with Interface=Netlink")]
+    [InlineData("Reconnect:InitialDelay", "soon", "Nbd:Mappings:1:Reconnect:InitialDelay", "positive TimeSpan")]
+    [InlineData("Reconnect:MaxDelay", "00:00:00.5", "Nbd:Mappings:1:Reconnect:MaxDelay", "smaller than InitialDelay")]
+    [InlineData("Reconnect:MaxAttempts", "-1", "Nbd:Mappings:1:Reconnect:MaxAttempts", "at least 0")]
+    [InlineData("Reconnect:Enabled", "on", "Nbd:Mappings:1:Reconnect:Enabled", "true or false")]
+    [InlineData("Timout", "00:00:10", "Nbd:Mappings:1:Timout", "unknown key")]
+    [InlineData("Name", "has space", "Nbd:Mappings:1:Name", "must be 1-64 characters")]
+    public void Read_BadValueInSecondMapping_ErrorNamesFullKey(string key, string value, string expectedKey, string expectedReason)
+    {
+        var values = new Dictionary<string, string>
+        {
+            ["Nbd:Mappings:0:Name"] = "root", ["Nbd:Mappings:0:Uri"] = "nbd://localhost/root",
+            ["Nbd:Mappings:1:Name"] = "data", ["Nbd:Mappings:1:Uri"] = "nbd://localhost/data",
+        };
+        values["Nbd:Mappings:1:" + key] = value;
+
+        ConfigurationError error = SingleError([.. values.Select(kv => (kv.Key, kv.Value))]);
+
+        Assert.Equal(expectedKey, error.Key);
+        Assert.Contains(expectedReason, error.Reason, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Read_MissingNameAndUri_BothReported()
+    {
+        var ex = Assert.Throws<NbdConfigurationException>(() => Read(("Nbd:Mappings:0:ReadOnly", "true")));
+        Assert.Equal(["Nbd:Mappings:0:Name", "Nbd:Mappings:0:Uri"], ex.Errors.Select(e => e.Key));
+        Assert.All(ex.Errors, e => Assert.Equal("is required", e.Reason));
+    }
+
+    [Fact]
+    public void Read_DuplicateNameCaseInsensitive_NamesSecondKey()
+    {
+        ConfigurationError e = SingleError(
+            ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://a/x"),
+            ("Nbd:Mappings:1:Name", "DATA"), ("Nbd:Mappings:1:Uri", "nbd://b/y"));
+        Assert.Equal("Nbd:Mappings:1:Name", e.Key);
+        Assert.Equal("duplicate mapping name 'DATA' (also Nbd:Mappings:0:Name)", e.Reason);
+    }
+
+    [Fact]
+    public void Read_DuplicateDevice_NamesSecondKey()
+    {
+        ConfigurationError e = SingleError(
+            ("Nbd:Mappings:0:Name", "a"), ("Nbd:Mappings:0:Uri", "nbd://a/x"), ("Nbd:Mappings:0:Device", "/dev/nbd1"),
+            ("Nbd:Mappings:1:Name", "b"), ("Nbd:Mappings:1:Uri", "nbd://b/y"), ("Nbd:Mappings:1:Device", "/dev/nbd1"));
+        Assert.Equal("Nbd:Mappings:1:Device", e.Key);
+        Assert.Equal("device /dev/nbd1 is already used by Nbd:Mappings:0", e.Reason);
+    }
+
+    [Fact]
+    public void Read_MappingsNotAList_Error()
+    {
+        ConfigurationError e = SingleError(("Nbd:Mappings:first:Name", "a"));
+        Assert.Equal("Nbd:Mappings:first", e.Key);
+    }
+
+    [Fact]
+    public void Read_JsonFile_SameRulesAsOtherSources()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"nbd-cfg-{Guid.NewGuid():N}.json");
+        File.WriteAllText(path, """{ "Nbd": { "Mappings": [ { "Name": "a", "Uri": "nbd://h/e", "Timeout": "00:00:05" }, { "Name": "b", "Uri": "nbds://[::1]:1234/x", "Connections": 20 } ] } }""");
+        try
+        {
+            IConfigurationRoot config = new ConfigurationBuilder().AddJsonFile(path).Build();
+            var ex = Assert.Throws<NbdConfigurationException>(() => new NbdConfigurationReader(new BasicNbdUriParser()).Read(config));
+            Assert.Equal("Nbd:Mappings:1:Connections", Assert.Single(ex.Errors).Key);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+}
+
+public sealed class BasicNbdUriParserTests
+{
+    [Theory]
+    [InlineData("nbd://localhost", "localhost:10809", "")]
+    [InlineData("nbd://localhost:10810/", "localhost:10810", "")]
+    [InlineData("nbds://10.0.0.1/disk%20one", "10.0.0.1:10809", "disk one")]
+    [InlineData("nbd://[::1]:7000/a/b", "[::1]:7000", "a/b")]
+    [InlineData("nbd+unix:///exp?socket=/tmp/s.sock", "/tmp/s.sock", "exp")]
+    [InlineData("NBDS+UNIX:///?socket=%2Frun%2Fx", "/run/x", "")]
+    public void Parse_ValidUris_ServerAndExport(string uri, string server, string export) =>
+        Assert.Equal(new MappingEndpoint(server, export), new BasicNbdUriParser().Parse(uri));
+
+    [Theory]
+    [InlineData("localhost:10809")]
+    [InlineData("nbd://")]
+    [InlineData("nbd://:10809/x")]
+    [InlineData("nbd://host:0/x")]
+    [InlineData("nbd://[::1/x")]
+    [InlineData("nbd+unix://host/x?socket=/s")]
+    [InlineData("nbd+vsock://1/x")]
+    public void Parse_InvalidUris_FormatException(string uri) =>
+        Assert.Throws<FormatException>(() => new BasicNbdUriParser().Parse(uri));
+}

@@ -1,0 +1,124 @@
+using System.Buffers.Binary;
+using System.Text;
+using Microsoft.Extensions.Logging;
+using NbdDaemon.Logging;
+using NbdDaemon.Mappings;
+using Serilog;
+using Serilog.Extensions.Logging;
+
+namespace NbdDaemon.Tests.Logging;
+
+public sealed class JournaldSinkTests
+{
+    /// <summary>Parses a native-protocol datagram; records which fields used the binary-safe form.</summary>
+    private static (Dictionary<string, string> Fields, HashSet<string> Binary) Parse(byte[] datagram)
+    {
+        var fields = new Dictionary<string, string>(StringComparer.Ordinal);
+        var binary = new HashSet<string>(StringComparer.Ordinal);
+        int i = 0;
+        while (i < datagram.Length)
+        {
+            int newline = Array.IndexOf(datagram, (byte)'\n', i);
+            int equals = Array.IndexOf(datagram, (byte)'=', i, newline - i);
+            if (equals >= 0)
+            {
+                string name = Encoding.ASCII.GetString(datagram, i, equals - i);
+                fields.Add(name, Encoding.UTF8.GetString(datagram, equals + 1, newline - equals - 1));
+                i = newline + 1;
+            }
+            else
+            {
+                string name = Encoding.ASCII.GetString(datagram, i, newline - i);
+                ulong length = BinaryPrimitives.ReadUInt64LittleEndian(datagram.AsSpan(newline + 1, 8));
+                int start = newline + 9;
+                fields.Add(name, Encoding.UTF8.GetString(datagram, start, (int)length));
+                Assert.Equal((byte)'\n', datagram[start + (int)length]);
+                binary.Add(name);
+                i = start + (int)length + 1;
+            }
+        }
+
+        return (fields, binary);
+    }
+
+    [Fact]
+    public async Task Emit_MappingTransitionThroughMicrosoftLogging_FieldsOnTheWire()
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        using var sink = new JournaldSink(journal.Path);
+        using Serilog.Core.Logger serilog = new LoggerConfiguration().MinimumLevel.Verbose().WriteTo.Sink(sink).CreateLogger();
+        using var factory = new SerilogLoggerFactory(serilog);
+        Microsoft.Extensions.Logging.ILogger logger = factory.CreateLogger("NbdDaemon.Mappings.MappingLoop");
+
+        MappingLog.Transition(logger, LogLevel.Warning, new InvalidOperationException("refused\nsecond line"), "data", "/dev/nbd3",
+            "10.0.0.5:10809", "disk", MappingState.Connecting, MappingState.Reconnecting, "; connection refused");
+
+        (Dictionary<string, string> f, HashSet<string> binary) = Parse(await journal.ReceiveAsync());
+        Assert.Equal("Mapping data on /dev/nbd3 (10.0.0.5:10809, export 'disk'): Connecting -> Reconnecting; connection refused", f["MESSAGE"]);
+        Assert.Equal("4", f["PRIORITY"]);
+        Assert.Equal("nbd-daemon", f["SYSLOG_IDENTIFIER"]);
+        Assert.Equal("data", f["MAPPING"]);
+        Assert.Equal("/dev/nbd3", f["DEVICE"]);
+        Assert.Equal("10.0.0.5:10809", f["SERVER"]);
+        Assert.Equal("disk", f["EXPORT"]);
+        Assert.Equal("Reconnecting", f["STATE"]);
+        Assert.Equal("Connecting", f["PREVIOUSSTATE"]);
+        Assert.Equal("NbdDaemon.Mappings.MappingLoop", f["SOURCECONTEXT"]);
+        Assert.StartsWith("System.InvalidOperationException: refused\nsecond line", f["EXCEPTION"], StringComparison.Ordinal);
+        Assert.Contains("EXCEPTION", binary);
+        Assert.DoesNotContain("MESSAGE", binary);
+    }
+
+    [Theory]
+    [InlineData(Serilog.Events.LogEventLevel.Verbose, "7")]
+    [InlineData(Serilog.Events.LogEventLevel.Debug, "7")]
+    [InlineData(Serilog.Events.LogEventLevel.Information, "6")]
+    [InlineData(Serilog.Events.LogEventLevel.Warning, "4")]
+    [InlineData(Serilog.Events.LogEventLevel.Error, "3")]
+    [InlineData(Serilog.Events.LogEventLevel.Fatal, "2")]
+    public async Task Emit_Level_SyslogPriority(Serilog.Events.LogEventLevel level, string priority)
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        using var sink = new JournaldSink(journal.Path);
+        using Serilog.Core.Logger serilog = new LoggerConfiguration().MinimumLevel.Verbose().WriteTo.Sink(sink).CreateLogger();
+
+        serilog.Write(level, "multi\nline {Count}", 3);
+
+        (Dictionary<string, string> f, HashSet<string> binary) = Parse(await journal.ReceiveAsync());
+        Assert.Equal(priority, f["PRIORITY"]);
+        Assert.Equal("multi\nline 3", f["MESSAGE"]);
+        Assert.Contains("MESSAGE", binary);
+        Assert.Equal("3", f["COUNT"]);
+    }
+
+    [Fact]
+    public void Emit_JournaldAbsent_DoesNotThrow()
+    {
+        using var dir = new TempDirectory();
+        using var sink = new JournaldSink(dir.File("missing"));
+        using Serilog.Core.Logger serilog = new LoggerConfiguration().WriteTo.Sink(sink).CreateLogger();
+        serilog.Information("nobody listens");
+    }
+
+    [Theory]
+    [InlineData("Mapping", "MAPPING")]
+    [InlineData("SourceContext", "SOURCECONTEXT")]
+    [InlineData("_private", "PRIVATE")]
+    [InlineData("weird-name.x", "WEIRD_NAME_X")]
+    [InlineData("9lives", null)]
+    [InlineData("___", null)]
+    public void FieldName_Property_JournalRules(string property, string? expected) =>
+        Assert.Equal(expected, JournaldFormat.FieldName(property));
+
+    [Fact]
+    public void UseJournald_OnlyWithJournalStreamAndSocket()
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        Assert.True(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, journal.Path));
+        Assert.False(LoggingSetup.UseJournald(_ => null, journal.Path));
+        Assert.False(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, dir.File("absent")));
+    }
+}

@@ -1,0 +1,325 @@
+using System.Collections.Concurrent;
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging.Abstractions;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Mappings;
+
+internal static class TestMappings
+{
+    public static MappingOptions Create(
+        string name = "data", KernelInterface kernelInterface = KernelInterface.Ioctl, string? device = "/dev/nbd3",
+        ReconnectOptions? reconnect = null, int connections = 1, bool readOnly = false, TimeSpan? timeout = null) => new()
+        {
+            Name = name,
+            Uri = "nbd://127.0.0.1:10809/" + name,
+            Endpoint = new MappingEndpoint("127.0.0.1:10809", name),
+            Device = device,
+            Interface = kernelInterface,
+            Connections = connections,
+            ReadOnly = readOnly,
+            Timeout = timeout ?? TimeSpan.FromSeconds(30),
+            Reconnect = reconnect ?? new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 0),
+        };
+
+    public static MappingLoop Loop(MappingOptions options, FakeConnector connector, FakeKernel kernel, TimeProvider time, Func<double>? random = null) =>
+        new(options, connector, kernel, time, NullLogger.Instance, random ?? (() => 1.0));
+}
+
+internal sealed class FakeSession : INbdSession
+{
+    public FakeSession(ExportDescription export)
+    {
+        Export = export;
+    }
+
+    public ExportDescription Export { get; }
+
+    public Socket Socket { get; } = new(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+
+    public bool Disposed { get; private set; }
+
+    public void Dispose()
+    {
+        Disposed = true;
+        Socket.Dispose();
+    }
+}
+
+/// <summary>Connector whose behaviour per call is scripted: each call dequeues the next handler (the last one repeats).</summary>
+internal sealed class FakeConnector : INbdConnector
+{
+    private readonly List<Func<CancellationToken, Task<INbdSession>>> _script = [];
+    private int _calls;
+
+    public static readonly ExportDescription DefaultExport = new("data", 1UL << 30, ExportDescription.FlagHasFlags | ExportDescription.FlagCanMultiConn);
+
+    public ConcurrentQueue<FakeSession> Sessions { get; } = new();
+
+    public int Calls => Volatile.Read(ref _calls);
+
+    public FakeConnector Then(Func<CancellationToken, Task<INbdSession>> step)
+    {
+        _script.Add(step);
+        return this;
+    }
+
+    public FakeConnector ThenServe(ExportDescription? export = null) => Then(_ =>
+    {
+        var session = new FakeSession(export ?? DefaultExport);
+        Sessions.Enqueue(session);
+        return Task.FromResult<INbdSession>(session);
+    });
+
+    public FakeConnector ThenRefuse() => Then(_ => Task.FromException<INbdSession>(new SocketException((int)SocketError.ConnectionRefused)));
+
+    public FakeConnector ThenHang() => Then(async ct =>
+    {
+        await Task.Delay(Timeout.Infinite, ct);
+        throw new InvalidOperationException("unreachable");
+    });
+
+    public Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken)
+    {
+        int call = Interlocked.Increment(ref _calls) - 1;
+        return _script[Math.Min(call, _script.Count - 1)](cancellationToken);
+    }
+}
+
+/// <summary>Records every kernel operation as text, in order, across devices and netlink.</summary>
+internal sealed class FakeKernel : INbdKernel
+{
+    private readonly ConcurrentQueue<string> _operations = new();
+
+    public List<FakeDevice> Devices { get; } = [];
+
+    public FakeNetlink? Netlink { get; private set; }
+
+    public Action<string>? OnOperation { get; set; }
+
+    public IReadOnlyList<string> Operations => [.. _operations];
+
+    public void Record(string operation)
+    {
+        _operations.Enqueue(operation);
+        OnOperation?.Invoke(operation);
+    }
+
+    public IIoctlDevice OpenDevice(string? path)
+    {
+        Record("open " + (path ?? "unused"));
+        var device = new FakeDevice(this, path ?? "/dev/nbd7");
+        Devices.Add(device);
+        return device;
+    }
+
+    public INbdNetlinkControl OpenNetlink()
+    {
+        Record("netlink open");
+        Netlink = new FakeNetlink(this);
+        return Netlink;
+    }
+}
+
+internal sealed class FakeDevice : IIoctlDevice
+{
+    private readonly FakeKernel _kernel;
+
+    public FakeDevice(FakeKernel kernel, string path)
+    {
+        _kernel = kernel;
+        Path = path;
+    }
+
+    public string Path { get; }
+
+    public FakeServiceLoop? Loop { get; private set; }
+
+    public List<Socket> Sockets { get; } = [];
+
+    public ulong Size { get; private set; }
+
+    public ushort Flags { get; private set; }
+
+    public uint BlockSize { get; private set; }
+
+    public void SetBlockSize(uint blockSize)
+    {
+        BlockSize = blockSize;
+        _kernel.Record($"blksize {blockSize}");
+    }
+
+    public void SetSizeBytes(ulong size)
+    {
+        Size = size;
+        _kernel.Record($"size {size}");
+    }
+
+    public void SetFlags(ushort flags)
+    {
+        Flags = flags;
+        _kernel.Record($"flags {flags}");
+    }
+
+    public void SetTimeout(TimeSpan timeout) => _kernel.Record($"timeout {timeout.TotalSeconds}");
+
+    public void SetSocket(Socket socket)
+    {
+        Sockets.Add(socket);
+        _kernel.Record("set-sock");
+    }
+
+    public INbdServiceLoop StartServiceLoop(string name)
+    {
+        _kernel.Record("do-it " + name);
+        Loop = new FakeServiceLoop(_kernel);
+        return Loop;
+    }
+
+    public void ClearQueue() => _kernel.Record("clear-que");
+
+    public void Disconnect()
+    {
+        _kernel.Record("disconnect");
+        Loop?.End();
+    }
+
+    public void ClearSocket()
+    {
+        Sockets.Clear();
+        _kernel.Record("clear-sock");
+    }
+
+    public void Dispose() => _kernel.Record("close " + Path);
+}
+
+internal sealed class FakeServiceLoop : INbdServiceLoop
+{
+    private readonly FakeKernel _kernel;
+    private readonly TaskCompletionSource _done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public FakeServiceLoop(FakeKernel kernel)
+    {
+        _kernel = kernel;
+    }
+
+    public Task Completion => _done.Task;
+
+    /// <summary>The connection died (or NBD_DISCONNECT took effect): NBD_DO_IT returns.</summary>
+    public void End() => _done.TrySetResult();
+
+    public void Stop() => _kernel.Record("loop-stop");
+}
+
+internal sealed class FakeNetlink : INbdNetlinkControl
+{
+    private readonly FakeKernel _kernel;
+    private TaskCompletionSource _linkDead = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public FakeNetlink(FakeKernel kernel)
+    {
+        _kernel = kernel;
+    }
+
+    public NetlinkConnectParameters? LastConnect { get; private set; }
+
+    public bool FailReconfigure { get; set; }
+
+    public int Connect(NetlinkConnectParameters parameters)
+    {
+        LastConnect = parameters;
+        int index = parameters.Index ?? 5;
+        _kernel.Record($"nl-connect {index} size {parameters.SizeBytes} socks {parameters.Sockets.Count} id {parameters.BackendIdentifier}");
+        return index;
+    }
+
+    public void Reconfigure(int index, IReadOnlyList<Socket> sockets)
+    {
+        _kernel.Record($"nl-reconfigure {index} socks {sockets.Count}");
+        if (FailReconfigure)
+        {
+            throw new IOException("ENOENT");
+        }
+    }
+
+    public void Disconnect(int index) => _kernel.Record($"nl-disconnect {index}");
+
+    public async Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken)
+    {
+        TaskCompletionSource current = Volatile.Read(ref _linkDead);
+        await current.Task.WaitAsync(cancellationToken);
+        _kernel.Record($"nl-link-dead {index}");
+    }
+
+    public void RaiseLinkDead()
+    {
+        TaskCompletionSource old = Interlocked.Exchange(ref _linkDead, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously));
+        old.TrySetResult();
+    }
+
+    public void Dispose() => _kernel.Record("netlink close");
+}
+
+/// <summary>Collects a loop's state changes and lets a test wait for one, always with a deadline.</summary>
+internal sealed class StateRecorder
+{
+    private readonly Lock _lock = new();
+    private readonly List<MappingState> _states = [];
+    private readonly List<(Func<IReadOnlyList<MappingState>, bool> Condition, TaskCompletionSource Done)> _waiters = [];
+
+    public StateRecorder(MappingLoop loop, Action<MappingState>? onChange = null)
+    {
+        loop.StateChanged += (_, state) =>
+        {
+            lock (_lock)
+            {
+                _states.Add(state);
+                foreach (var waiter in _waiters.Where(w => w.Condition(_states)).ToList())
+                {
+                    waiter.Done.TrySetResult();
+                    _waiters.Remove(waiter);
+                }
+            }
+
+            onChange?.Invoke(state);
+        };
+    }
+
+    public IReadOnlyList<MappingState> States
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return [.. _states];
+            }
+        }
+    }
+
+    public Task WaitForAsync(MappingState state, int occurrence = 1) =>
+        WaitForAsync(s => s.Count(x => x == state) >= occurrence, $"{state} #{occurrence}");
+
+    public async Task WaitForAsync(Func<IReadOnlyList<MappingState>, bool> condition, string what)
+    {
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        lock (_lock)
+        {
+            if (condition(_states))
+            {
+                return;
+            }
+
+            _waiters.Add((condition, done));
+        }
+
+        try
+        {
+            await done.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        }
+        catch (TimeoutException)
+        {
+            throw new TimeoutException($"waited 10 s for {what}; states so far: {string.Join(", ", States)}");
+        }
+    }
+}

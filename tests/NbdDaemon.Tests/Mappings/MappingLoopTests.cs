@@ -1,0 +1,416 @@
+using Microsoft.Extensions.Time.Testing;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Mappings;
+
+public sealed class MappingLoopTests
+{
+    private static readonly TimeSpan TestTimeout = TimeSpan.FromSeconds(10);
+    private readonly FakeTimeProvider _time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+    private readonly FakeKernel _kernel = new();
+
+    [Fact]
+    public async Task RunAsync_Ioctl_ConfiguresDeviceInKernelOrderAndServes()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal([MappingState.Connecting, MappingState.Negotiating, MappingState.ConfiguringKernel, MappingState.Serving], states.States);
+        Assert.Equal(["open /dev/nbd3", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations);
+        Assert.True(loop.FirstAttemptCompleted.IsCompleted);
+        Assert.Equal("/dev/nbd3", loop.Device);
+        Assert.Null(loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ServiceLoopEnds_ClearsAndReconfiguresSameDeviceAfterBackoff()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        FakeSession first = connector.Sessions.Single();
+
+        _kernel.Devices[0].Loop!.End();
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
+        Assert.Equal("connection lost (service loop ended)", loop.LastFailure);
+        Assert.True(first.Disposed);
+        Assert.Equal(["clear-que", "clear-sock"], _kernel.Operations.Skip(7));
+        Assert.Equal(1, connector.Calls);
+
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Single(_kernel.Devices);
+        Assert.Equal("/dev/nbd7", loop.Device);
+        Assert.Equal(["blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations.Skip(9));
+        Assert.Equal(0, loop.FailedAttempts);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ServerRefusesRepeatedly_BackoffDoublesUpToCap()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        var reconnect = new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 0);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: reconnect), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+
+        var delays = new List<double>();
+        for (int i = 1; i <= 9; i++)
+        {
+            await states.WaitForAsync(MappingState.Reconnecting, i);
+            delays.Add(loop.LastDelay!.Value.TotalSeconds);
+            _time.Advance(loop.LastDelay.Value);
+        }
+
+        Assert.Equal([1, 2, 4, 8, 16, 32, 60, 60, 60], delays);
+        Assert.Equal("connection refused", loop.LastFailure);
+        Assert.Empty(_kernel.Operations);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_MaxAttemptsReached_GivesUpAndEnds()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        var reconnect = new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 3);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: reconnect), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
+
+        await states.WaitForAsync(MappingState.Reconnecting, 1);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        _time.Advance(TimeSpan.FromSeconds(2));
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Equal(3, connector.Calls);
+        Assert.Equal(3, loop.FailedAttempts);
+        Assert.Equal("connection refused", loop.LastFailure);
+    }
+
+    [Fact]
+    public async Task RunAsync_ReconnectDisabled_GivesUpAfterFirstFailure()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        var reconnect = new ReconnectOptions(false, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 0);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: reconnect), connector, _kernel, _time);
+
+        await loop.RunAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Equal(1, connector.Calls);
+    }
+
+    [Fact]
+    public async Task RunAsync_ExportSizeChanged_RefusesWithoutTouchingKernelThenResumesWhenRestored()
+    {
+        var bigger = FakeConnector.DefaultExport with { Size = 2UL << 30 };
+        var connector = new FakeConnector().ThenServe().ThenServe(bigger).ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        _kernel.Devices[0].Loop!.End();
+        await states.WaitForAsync(MappingState.Reconnecting, 1);
+        int opsBefore = _kernel.Operations.Count;
+
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+
+        Assert.Equal("export size changed from 1073741824 to 2147483648 bytes", loop.LastFailure);
+        Assert.Equal(MappingState.Negotiating, states.States[^2]);
+        Assert.Equal(opsBefore, _kernel.Operations.Count);
+        Assert.True(connector.Sessions.ElementAt(1).Disposed);
+        Assert.Equal(TimeSpan.FromSeconds(2), loop.LastDelay);
+
+        _time.Advance(TimeSpan.FromSeconds(2));
+        await states.WaitForAsync(MappingState.Serving, 2);
+        Assert.Single(_kernel.Devices);
+        Assert.Equal(1UL << 30, _kernel.Devices[0].Size);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ExportBecameReadOnly_Refused()
+    {
+        var readOnly = FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags | ExportDescription.FlagReadOnly };
+        var connector = new FakeConnector().ThenServe().ThenServe(readOnly);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        _kernel.Devices[0].Loop!.End();
+        await states.WaitForAsync(MappingState.Reconnecting, 1);
+
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+
+        Assert.Equal("export became read-only", loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_PermanentFailure_EndsInFailedWithoutRetry()
+    {
+        var connector = new FakeConnector().Then(_ => Task.FromException<INbdSession>(new MappingException("server requires TLS", FailureKind.Permanent)));
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+
+        await loop.RunAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Failed, loop.State);
+        Assert.Equal("server requires TLS", loop.LastFailure);
+        Assert.Equal(1, connector.Calls);
+    }
+
+    [Fact]
+    public async Task RunAsync_ConnectHangs_AttemptTimesOutAfterMappingTimeout()
+    {
+        var connector = new FakeConnector().ThenHang();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(timeout: TimeSpan.FromSeconds(10)), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Connecting);
+
+        _time.Advance(TimeSpan.FromSeconds(9));
+        Assert.Equal(MappingState.Connecting, loop.State);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal("connect timed out after 10 s", loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Theory]
+    [InlineData("Ioctl", "Connecting")]
+    [InlineData("Ioctl", "Negotiating")]
+    [InlineData("Ioctl", "ConfiguringKernel")]
+    [InlineData("Ioctl", "Serving")]
+    [InlineData("Ioctl", "Reconnecting")]
+    [InlineData("Netlink", "Connecting")]
+    [InlineData("Netlink", "Negotiating")]
+    [InlineData("Netlink", "ConfiguringKernel")]
+    [InlineData("Netlink", "Serving")]
+    [InlineData("Netlink", "Reconnecting")]
+    public async Task RunAsync_StopRequestedInState_TearsDownAndStops(string interfaceName, string stateName)
+    {
+        var kernelInterface = Enum.Parse<KernelInterface>(interfaceName);
+        var stopIn = Enum.Parse<MappingState>(stateName);
+        var connector = new FakeConnector();
+        if (stopIn == MappingState.Reconnecting)
+        {
+            connector.ThenRefuse();
+        }
+        else
+        {
+            connector.ThenServe();
+        }
+
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: kernelInterface), connector, _kernel, _time);
+        using var cts = new CancellationTokenSource();
+        var states = new StateRecorder(loop, s =>
+        {
+            if (s == stopIn)
+            {
+                cts.Cancel();
+            }
+        });
+
+        await loop.RunAsync(cts.Token).WaitAsync(TestTimeout);
+
+        Assert.Equal([stopIn, MappingState.Stopping, MappingState.Stopped], states.States.Skip(states.States.Count - 3));
+        Assert.All(connector.Sessions, s => Assert.True(s.Disposed));
+        bool configured = stopIn is MappingState.ConfiguringKernel or MappingState.Serving;
+        if (configured && kernelInterface == KernelInterface.Ioctl)
+        {
+            Assert.Equal(["clear-que", "disconnect", "loop-stop", "clear-sock", "close /dev/nbd3"], _kernel.Operations.Skip(7));
+        }
+        else if (configured)
+        {
+            Assert.Equal(["nl-disconnect 3", "netlink close"], _kernel.Operations.Skip(2));
+        }
+        else
+        {
+            Assert.Empty(_kernel.Operations);
+        }
+    }
+
+    [Fact]
+    public async Task RunAsync_StopWhileConnectHangs_ReturnsPromptly()
+    {
+        var connector = new FakeConnector().ThenHang();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Connecting);
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Stopped, loop.State);
+    }
+
+    [Fact]
+    public async Task RunAsync_NetlinkLinkDead_ReconfiguresSameIndexWithNewSocket()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        Assert.Equal("/dev/nbd5", loop.Device);
+        Assert.Equal("nbd-daemon:data", _kernel.Netlink!.LastConnect!.BackendIdentifier);
+
+        _kernel.Netlink.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Reconnecting);
+        Assert.True(connector.Sessions.First().Disposed);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Equal(
+            ["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", "nl-link-dead 5", "nl-reconfigure 5 socks 1"],
+            _kernel.Operations);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+        Assert.Equal("nl-disconnect 5", _kernel.Operations[^2]);
+    }
+
+    [Fact]
+    public async Task RunAsync_NetlinkReconfigureFails_ConnectsAgainOnSameIndex()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        _kernel.Netlink!.FailReconfigure = true;
+
+        _kernel.Netlink.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Reconnecting);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Equal("nl-connect 3 size 1073741824 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_TwoConnectionsWithMultiConn_HandsBothSocketsToKernel()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(connections: 2), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(2, connector.Calls);
+        Assert.Equal(2, _kernel.Operations.Count(o => o == "set-sock"));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_TwoConnectionsWithoutMultiConn_FailsPermanently()
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(connections: 2), connector, _kernel, _time);
+
+        await loop.RunAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Failed, loop.State);
+        Assert.StartsWith("server does not allow 2 connections", loop.LastFailure, StringComparison.Ordinal);
+        Assert.All(connector.Sessions, s => Assert.True(s.Disposed));
+    }
+
+    [Theory]
+    [InlineData(512u, "blksize 512")]
+    [InlineData(65536u, "blksize 4096")]
+    [InlineData(1000u, "blksize 4096")]
+    public async Task RunAsync_NoConfiguredBlockSize_UsesUsablePreferredElse4096(uint preferred, string expected)
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { PreferredBlockSize = preferred });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(expected, _kernel.Operations[1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ReadOnlyMapping_SetsReadOnlyFlag()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(readOnly: true), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(ExportDescription.FlagReadOnly, _kernel.Devices[0].Flags & ExportDescription.FlagReadOnly);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task IsStuck_KernelCallBlocksPastTimeoutPlusSlack_True()
+    {
+        using var release = new ManualResetEventSlim();
+        _kernel.OnOperation = op =>
+        {
+            if (op == "set-sock")
+            {
+                release.Wait(TestTimeout);
+            }
+        };
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.ConfiguringKernel);
+
+        _time.Advance(TimeSpan.FromSeconds(30) + MappingLoop.StopGrace + MappingLoop.StuckSlack);
+        Assert.False(loop.IsStuck(_time.GetUtcNow()));
+        _time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(loop.IsStuck(_time.GetUtcNow()));
+
+        release.Set();
+        await states.WaitForAsync(MappingState.Serving);
+        Assert.False(loop.IsStuck(_time.GetUtcNow()));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+}

@@ -1,0 +1,168 @@
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Time.Testing;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Mappings;
+
+public sealed class MappingSupervisorTests
+{
+    private static readonly TimeSpan TestTimeout = TimeSpan.FromSeconds(10);
+
+    /// <summary>Routes each mapping (by name) to its own scripted connector.</summary>
+    private sealed class RoutingConnector(Dictionary<string, FakeConnector> routes) : INbdConnector
+    {
+        public Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken) =>
+            routes[mapping.Name].ConnectAsync(mapping, cancellationToken);
+    }
+
+    [Fact]
+    public async Task StartAsync_OneMappingRefusedOneHanging_ThirdStillServesAndStatusNamesFailure()
+    {
+        var time = new FakeTimeProvider();
+        var kernel = new FakeKernel();
+        var connector = new RoutingConnector(new()
+        {
+            ["root"] = new FakeConnector().ThenServe(),
+            ["data"] = new FakeConnector().ThenRefuse(),
+            ["logs"] = new FakeConnector().ThenServe(),
+        });
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("root", device: "/dev/nbd0"),
+            TestMappings.Create("data", device: "/dev/nbd1"),
+            TestMappings.Create("logs", device: "/dev/nbd2"),
+        ];
+        using var supervisor = new MappingSupervisor(mappings, connector, kernel, time, NullLoggerFactory.Instance, () => 0.0);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Serving, supervisor.Loops[0].State);
+        Assert.Equal(MappingState.Reconnecting, supervisor.Loops[1].State);
+        Assert.Equal(MappingState.Serving, supervisor.Loops[2].State);
+        Assert.Equal("2 of 3 mappings serving; failing: data (connection refused)", supervisor.StatusText);
+        Assert.True(supervisor.IsHealthy());
+
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.All(supervisor.Loops, l => Assert.Equal(MappingState.Stopped, l.State));
+    }
+
+    [Fact]
+    public async Task StartAsync_FirstAttemptStillRunning_NotReadyUntilItCompletes()
+    {
+        var time = new FakeTimeProvider();
+        var kernel = new FakeKernel();
+        var gate = new TaskCompletionSource<INbdSession>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var connector = new RoutingConnector(new()
+        {
+            ["fast"] = new FakeConnector().ThenServe(),
+            ["slow"] = new FakeConnector().Then(_ => gate.Task),
+        });
+        using var supervisor = new MappingSupervisor(
+            [TestMappings.Create("fast", device: "/dev/nbd0"), TestMappings.Create("slow", device: "/dev/nbd1")],
+            connector, kernel, time, NullLoggerFactory.Instance);
+
+        Task start = supervisor.StartAsync(CancellationToken.None);
+        var serving = new StateRecorder(supervisor.Loops[0]);
+        await serving.WaitForAsync(MappingState.Serving);
+        await Task.Delay(100);
+        Assert.False(start.IsCompleted);
+
+        gate.SetResult(new FakeSession(FakeConnector.DefaultExport));
+        await start.WaitAsync(TestTimeout);
+        Assert.Equal("2 of 2 mappings serving", supervisor.StatusText);
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task StopAsync_MappingConnectHangs_AllStopWithinBound()
+    {
+        var time = new FakeTimeProvider();
+        var kernel = new FakeKernel();
+        var connector = new RoutingConnector(new()
+        {
+            ["a"] = new FakeConnector().ThenServe(),
+            ["b"] = new FakeConnector().ThenRefuse().ThenHang(),
+        });
+        using var supervisor = new MappingSupervisor(
+            [TestMappings.Create("a", device: "/dev/nbd0"), TestMappings.Create("b", device: "/dev/nbd1")],
+            connector, kernel, time, NullLoggerFactory.Instance, () => 0.0);
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        var b = new StateRecorder(supervisor.Loops[1]);
+        time.Advance(TimeSpan.FromSeconds(1));
+        await b.WaitForAsync(MappingState.Connecting);
+
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.All(supervisor.Loops, l => Assert.Equal(MappingState.Stopped, l.State));
+    }
+
+    [Fact]
+    public async Task StartAsync_LoopThrowsUnexpectedly_OnlyThatMappingFails()
+    {
+        var time = new FakeTimeProvider();
+        var kernel = new FakeKernel
+        {
+            OnOperation = op =>
+            {
+                if (op == "open /dev/nbd1")
+                {
+                    throw new InvalidOperationException("boom");
+                }
+            },
+        };
+        var connector = new RoutingConnector(new() { ["ok"] = new FakeConnector().ThenServe(), ["bad"] = new FakeConnector().ThenServe() });
+        using var supervisor = new MappingSupervisor(
+            [TestMappings.Create("ok", device: "/dev/nbd0"), TestMappings.Create("bad", device: "/dev/nbd1", reconnect: ReconnectOptions.Default with { Enabled = false })],
+            connector, kernel, time, NullLoggerFactory.Instance);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Serving, supervisor.Loops[0].State);
+        Assert.Equal(MappingState.GaveUp, supervisor.Loops[1].State);
+        Assert.Equal("1 of 2 mappings serving; failing: bad (gave up: boom)", supervisor.StatusText);
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.Equal(MappingState.GaveUp, supervisor.Loops[1].State);
+    }
+
+    [Fact]
+    public async Task StartAsync_NoMappings_ReadyImmediately()
+    {
+        using var supervisor = new MappingSupervisor([], new FakeConnector(), new FakeKernel(), TimeProvider.System, NullLoggerFactory.Instance);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal("no mappings configured", supervisor.StatusText);
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+}
+
+public sealed class MappingStatusTests
+{
+    [Fact]
+    public void Format_AllServing_CountsOnly() =>
+        Assert.Equal("3 of 3 mappings serving", MappingStatus.Format([("a", MappingState.Serving, null), ("b", MappingState.Serving, null), ("c", MappingState.Serving, null)]));
+
+    [Fact]
+    public void Format_MixedStates_ListsFailingWithReasonsAndTerminalPrefix() =>
+        Assert.Equal(
+            "1 of 4 mappings serving; failing: data (connection refused), logs (gave up: export size changed from 1 to 2 bytes), tls (failed: server requires TLS)",
+            MappingStatus.Format(
+            [
+                ("root", MappingState.Serving, null),
+                ("data", MappingState.Reconnecting, "connection refused"),
+                ("logs", MappingState.GaveUp, "export size changed from 1 to 2 bytes"),
+                ("tls", MappingState.Failed, "server requires TLS"),
+            ]));
+
+    [Fact]
+    public void Format_FirstAttemptInProgress_NotListedAsFailing() =>
+        Assert.Equal("0 of 1 mappings serving", MappingStatus.Format([("a", MappingState.Connecting, null)]));
+
+    [Fact]
+    public void Format_LongReason_Truncated()
+    {
+        string text = MappingStatus.Format([("a", MappingState.Reconnecting, new string('x', 500))]);
+        Assert.Equal("0 of 1 mappings serving; failing: a (" + new string('x', MappingStatus.MaxReasonLength) + "…)", text);
+    }
+}
