@@ -18,6 +18,7 @@ public sealed class SystemdVmFixture : IAsyncLifetime
     // slows down in proportion), and every step inside the VM has its own bound.
     private static readonly TimeSpan VmTimeout = TimeSpan.FromSeconds(600);
     private static readonly TimeSpan PublishTimeout = TimeSpan.FromMinutes(8);
+    private static readonly TimeSpan RootfsTimeout = TimeSpan.FromMinutes(15);
     private static readonly string[] RequiredTools = ["qemu-system-x86_64", "debootstrap", "cpio", "zstd", "chroot", "tar", "bash", "timeout"];
 
     private readonly IMessageSink _sink;
@@ -68,6 +69,17 @@ public sealed class SystemdVmFixture : IAsyncLifetime
         if (!string.Equals(Environment.UserName, "root", StringComparison.Ordinal))
         {
             SetupError = "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
+            return;
+        }
+
+        // The rootfs on its own clock: the first build on a machine (debootstrap + kernel) takes minutes, cached
+        // runs none, and neither should eat into the VM's bound.
+        var rootfs = await RunProcessAsync(
+            "bash", [Path.Combine(repo, "tests", "vm", "systemd", "build-rootfs.sh")], repo, RootfsTimeout).ConfigureAwait(false);
+        _log.Append("== build-rootfs.sh (exit ").Append(rootfs.ExitCode).Append(")\n").Append(Tail(rootfs.Output, 40)).Append('\n');
+        if (rootfs.ExitCode != 0)
+        {
+            SetupError = $"tests/vm/systemd/build-rootfs.sh failed (exit {rootfs.ExitCode}):\n{Tail(rootfs.Output, 30)}";
             return;
         }
 
@@ -138,6 +150,10 @@ public sealed class SystemdVmFixture : IAsyncLifetime
             if (_results.TryGet(hint, out var h))
             {
                 why.Append('\n').Append(hint).Append('=').Append(h);
+                if (h == "absent")
+                {
+                    why.Append(" (deploy/install.sh is not in this tree yet)");
+                }
             }
         }
 

@@ -105,7 +105,9 @@ if [ ! -f "$base" ]; then
     trap 'rm -rf "$dir"' EXIT
     log "debootstrap $SUITE (minbase + $PACKAGES) from the configured apt mirror; log in $CACHE/systemd/debootstrap.log"
     if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$dir" "$mirror" >"$CACHE/systemd/debootstrap.log" 2>&1; then
-        tail -n 30 "$CACHE/systemd/debootstrap.log" >&2
+        # The mirror stays out of every message: its host is replaced before the log tail is shown.
+        host=$(sed -E 's#^[a-z]+://([^/]+).*#\1#' <<<"$mirror")
+        tail -n 30 "$CACHE/systemd/debootstrap.log" | sed -e "s#$mirror#<apt-mirror>#g" -e "s#$host#<apt-mirror-host>#g" >&2
         die "debootstrap failed"
     fi
     # Nothing in the VM reads docs, manuals, translations or apt lists; they only slow the initramfs down.
@@ -177,6 +179,8 @@ UNIT
     tar -C "$dir" --numeric-owner -cf "$final.tmp" .
     mv "$final.tmp" "$final"
     rm -rf "$dir"; trap - EXIT
+    # Older customisations are superseded (~200 MB each); the base tarballs stay.
+    find "$CACHE/systemd" -maxdepth 1 -name 'rootfs-*.tar' ! -path "$final" -delete
 fi
 
 echo "ROOTFS_TARBALL=$final"
