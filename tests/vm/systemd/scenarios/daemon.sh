@@ -86,8 +86,10 @@ wait_port 10811 && r server_qemu_nbd up || { r server_qemu_nbd down; cat /tmp/qe
 # ---------------------------------------------------------------- nbd-client baseline (ioctl mode keeps a process)
 mark client
 client_pids() { local d; for d in /sys/block/nbd*/pid; do [ -e "$d" ] && cat "$d"; done; }
-client_up() { # EXPORT PORT DEVICE
-    timeout 20 nbd-client 127.0.0.1 "$2" "$3" -N "$1" -L >/dev/null 2>&1
+client_up() { # EXPORT PORT DEVICE; one retry: a first connect on a loaded TCG host has been seen to stall
+    timeout 60 nbd-client 127.0.0.1 "$2" "$3" -N "$1" -L >/dev/null 2>&1 && return 0
+    [ -e "/sys/block/$(basename "$3")/pid" ] && return 0
+    timeout 60 nbd-client 127.0.0.1 "$2" "$3" -N "$1" -L >/dev/null 2>&1
 }
 # Connects and disconnects run in parallel (sixteen sequential nbd-client starts cost a minute under TCG); a
 # second, sequential pass catches any disconnect that lost a race, so the daemon section starts on free devices.
