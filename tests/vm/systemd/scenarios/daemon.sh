@@ -101,6 +101,7 @@ client_down_all() {
     for i in $(seq 1 100); do [ "$(client_pids | wc -l)" -eq 0 ] && break; sleep 0.1; done
 }
 client_up data 10809 /dev/nbd0; r client1_rc "$?"
+for i in $(seq 1 100); do [ "$(client_pids | wc -l)" -ge 1 ] && break; sleep 0.1; done
 r client1_io_data "$(roundtrip /dev/nbd0 cdata)"
 sum=0; for p in $(client_pids); do sum=$((sum + $(rss_kb "$p"))); done
 r client1_procs "$(client_pids | wc -l)"
@@ -109,6 +110,8 @@ client_down_all
 mark client16_up
 for i in $(seq 0 15); do client_up "m$i" 10809 "/dev/nbd$i" & done
 wait
+# nbd-client returns before its forked child has entered NBD_DO_IT (which creates the pid file): give it 10 s.
+for i in $(seq 1 100); do [ "$(client_pids | wc -l)" -ge 16 ] && break; sleep 0.1; done
 r client16_connected "$(client_pids | wc -l)"
 sum=0; for p in $(client_pids); do sum=$((sum + $(rss_kb "$p"))); done
 r client16_procs "$(client_pids | wc -l)"
