@@ -1,0 +1,98 @@
+using Xunit.Abstractions;
+
+namespace Vm.Tests.Systemd;
+
+/// <summary>
+/// The daemon as shipped: published self-contained, installed by deploy/install.sh into a real Debian, started
+/// and stopped by systemd with three mappings (nbd-server, nbdkit memory, qemu-nbd), then 1 and 16 mappings for
+/// READY time and memory. Mapping names: data/mem/qemu on /dev/nbd0..2; m0..m15 on /dev/nbd0..15.
+/// </summary>
+[Collection(SystemdVmCollection.Name)]
+public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelper output)
+{
+    private static readonly string[] ThreeMappings = ["data", "mem", "qemu"];
+
+    [Fact]
+    public void Install_RealInstaller_SucceedsIntoTheImage()
+    {
+        Assert.Null(vm.PublishError);
+        Assert.Equal("ok", vm.Value("host_install"));
+        Assert.Equal("yes", vm.Value("daemon_installed"));
+        Assert.Equal("notify", vm.Value("daemon_unit_type"));
+    }
+
+    [Fact]
+    public void Start_ThreeMappings_ReturnsOnceReadyWithEveryDeviceConnected()
+    {
+        Assert.Equal("0", vm.Value("daemon3_start_rc"));
+        Assert.Equal("active", vm.Value("daemon3_ActiveState"));
+        Assert.Equal("running", vm.Value("daemon3_SubState"));
+        Assert.True(vm.Number("daemon3_MainPID") > 1);
+        Assert.False(string.IsNullOrWhiteSpace(vm.Value("daemon3_StatusText")), "the daemon sent no STATUS=");
+        // Read the moment `systemctl start` returned: READY must mean every device is usable, not merely started.
+        foreach (var name in ThreeMappings)
+        {
+            Assert.True(vm.Number($"daemon3_{name}_size") > 0, $"/dev for mapping {name} had size 0 when start returned");
+            // The kernel's pid file must name one of the daemon's threads, not a leftover nbd-client.
+            Assert.Equal("daemon", vm.Value($"daemon3_{name}_owner"));
+        }
+    }
+
+    [Theory]
+    [InlineData("data")]
+    [InlineData("mem")]
+    [InlineData("qemu")]
+    public void DirectIo_EachMapping_ReadsBackWhatItWrote(string mapping) =>
+        Assert.Equal("ok", vm.Value($"daemon3_io_{mapping}"));
+
+    [Theory]
+    [InlineData("data")]
+    [InlineData("mem")]
+    [InlineData("qemu")]
+    public void Journal_MappingField_FindsEntriesForEachMapping(string mapping) =>
+        Assert.True(vm.Number($"daemon3_journal_{mapping}") > 0, $"journalctl -u nbd-daemon MAPPING={mapping} found nothing");
+
+    [Theory]
+    [InlineData("daemon3")]
+    [InlineData("daemon1")]
+    [InlineData("daemon16")]
+    public void Stop_DisconnectsEveryDevice_UnitInactiveNotFailed(string run)
+    {
+        Assert.Equal("0", vm.Value($"{run}_stop_rc"));
+        Assert.Equal("inactive", vm.Value($"{run}_after_stop_ActiveState"));
+        Assert.Equal("success", vm.Value($"{run}_after_stop_Result"));
+        Assert.Equal(0, vm.Number($"{run}_after_stop_connected"));
+    }
+
+    [Fact]
+    public void Start_SixteenMappings_AllConnected()
+    {
+        Assert.Equal("0", vm.Value("daemon16_start_rc"));
+        Assert.Equal("active", vm.Value("daemon16_ActiveState"));
+        Assert.Equal(16, vm.Number("daemon16_connected"));
+    }
+
+    [Fact]
+    public void Ready_OneAndSixteenMappings_WithinBudget()
+    {
+        var one = vm.Number("daemon1_ready_ms");
+        var sixteen = vm.Number("daemon16_ready_ms");
+        output.WriteLine($"READY after {one} ms with 1 mapping, {sixteen} ms with 16 (qemu TCG, 2 vCPU)");
+        // TCG runs ~10x slower than a real host; 30 s would be a hang, not a slow start.
+        Assert.InRange(one, 1, 30_000);
+        Assert.InRange(sixteen, 1, 30_000);
+    }
+
+    [Fact]
+    public void Memory_DaemonRss_OneAndSixteenMappings_ComparedWithNbdClient()
+    {
+        var d1 = vm.Number("daemon1_rss_kb");
+        var d16 = vm.Number("daemon16_rss_kb");
+        var c1 = vm.Number("nbd_client_rss_kb_1");
+        var c16 = vm.Number("nbd_client_rss_kb_16");
+        output.WriteLine($"VmRSS: nbd-daemon {d1} kB (1 mapping), {d16} kB (16); nbd-client {c1} kB (1 process), {c16} kB (16 processes)");
+        Assert.InRange(d1, 1, 200 * 1024);
+        // One process for all mappings: each further mapping may cost buffers, not a runtime.
+        Assert.True((d16 - d1) / 15 < 4 * 1024, $"each extra mapping costs {(d16 - d1) / 15} kB of RSS");
+    }
+}
