@@ -8,8 +8,77 @@ using System.Net.Sockets;
 using Nbd.Kernel;
 
 const int Port = 10809;
-const string Export = "probe";
-const string Backing = "/tmp/probe.img";
+const string Backing = "/tmp/probe.img"; // export "probe", 64 MiB; export "odd" is /tmp/odd.img, 10 MiB + 1000 bytes
+
+// Geometry: block size, size in bytes (rounded down) or in blocks, timeout -> sysfs size, logical_block_size,
+// queue/io_timeout. One connect cycle each on nbd5.
+foreach (var (call, bs, export, timeoutS) in new[] { ("bytes", 512u, "odd", 7), ("bytes", 1024u, "odd", 11), ("bytes", 4096u, "odd", 13), ("blocks", 4096u, "probe", 17) })
+{
+    await Step("geometry", async r =>
+    {
+        r["call"] = call;
+        r["bs"] = bs.ToString(CultureInfo.InvariantCulture);
+        r["export"] = export;
+        var (socket, size, flags) = Handshake(export);
+        r["export_bytes"] = size.ToString(CultureInfo.InvariantCulture);
+        using var device = NbdDevice.Open("/dev/nbd5");
+        device.SetBlockSize(bs);
+        if (call == "bytes")
+        {
+            r["size_set"] = device.SetSizeBytes(size).ToString(CultureInfo.InvariantCulture);
+        }
+        else
+        {
+            ulong blocks = size / bs - 3; // deliberately not the export size: the sysfs size must follow the call
+            device.SetSizeBlocks(blocks);
+            r["blocks_set"] = blocks.ToString(CultureInfo.InvariantCulture);
+        }
+        device.SetFlags(flags);
+        device.SetTimeout(TimeSpan.FromSeconds(timeoutS));
+        r["timeout_s"] = timeoutS.ToString(CultureInfo.InvariantCulture);
+        device.SetSocket(socket);
+        var loop = device.StartServiceLoop();
+        r["connect_ms"] = WaitSysfs(5, connected: true).ToString(CultureInfo.InvariantCulture);
+        var status = NbdSysfs.Read(5);
+        r["sysfs_size"] = status.SizeBytes.ToString(CultureInfo.InvariantCulture);
+        r["sysfs_lbs"] = status.LogicalBlockSize.ToString(CultureInfo.InvariantCulture);
+        r["io_timeout_ms"] = ReadSys("/sys/block/nbd5/queue/io_timeout");
+        loop.Stop();
+        r["errno"] = (await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15))).ErrnoName ?? "0";
+        device.Dispose();
+        r["free_ms"] = WaitSysfs(5, connected: false).ToString(CultureInfo.InvariantCulture);
+        socket.Dispose();
+    });
+}
+
+// A datagram socket (the 6.1 driver would take a UDP socket: it only asks for a shutdown callout) and a stream
+// socket that is not connected are refused by the library; the device stays untouched and usable.
+await Step("non-stream-socket", async r =>
+{
+    using var device = NbdDevice.Open("/dev/nbd6");
+    using var udp = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+    udp.Connect(new IPEndPoint(IPAddress.Loopback, Port));
+    r["udp_set_socket"] = Refusal(() => device.SetSocket(udp));
+    r["udp_set_sockets"] = Refusal(() => device.SetSockets([udp]));
+    using var unconnected = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+    r["unconnected_tcp"] = Refusal(() => device.SetSocket(unconnected));
+    var after = NbdSysfs.Read(6);
+    r["sysfs_size_after"] = after.SizeBytes.ToString(CultureInfo.InvariantCulture);
+    r["pid_after"] = after.Pid is null ? "absent" : "present";
+    // The same descriptor and thread can still be set up with a proper socket.
+    var (socket, size, flags) = Handshake("probe");
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    device.SetSocket(socket);
+    var loop = device.StartServiceLoop();
+    r["connect_ms"] = WaitSysfs(6, connected: true).ToString(CultureInfo.InvariantCulture);
+    r["backing"] = WriteAndCheck("/dev/nbd6", 6 << 20, 1 << 20);
+    loop.Stop();
+    await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(6, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
+});
 
 await Step("ioctl-session", async r =>
 {
@@ -19,8 +88,7 @@ await Step("ioctl-session", async r =>
     r["size_set"] = device.SetSizeBytes(size + 1000).ToString(CultureInfo.InvariantCulture); // rounds down
     device.SetFlags(flags);
     device.SetTimeout(TimeSpan.FromSeconds(30));
-    device.ClearQueue();
-    r["clear_que"] = "ok";
+    r["clear_que"] = Outcome(device.ClearQueue);
     device.SetSocket(socket);
     var loop = device.StartServiceLoop();
     r["connect_ms"] = WaitSysfs(0, connected: true).ToString(CultureInfo.InvariantCulture);
@@ -29,6 +97,8 @@ await Step("ioctl-session", async r =>
     r["sysfs_lbs"] = status.LogicalBlockSize.ToString(CultureInfo.InvariantCulture);
     r["pid_is_process"] = (status.Pid == Environment.ProcessId).ToString();
     r["pid_is_our_thread"] = Directory.Exists($"/proc/self/task/{status.Pid}").ToString();
+    r["loop_thread_name"] = ReadSys($"/proc/self/task/{status.Pid}/comm");
+    r["clear_que_connected"] = Outcome(device.ClearQueue); // harmless: I/O below still has to round-trip
     r["backing"] = WriteAndCheck("/dev/nbd0", 0, 4 << 20);
     var sw = Stopwatch.StartNew();
     loop.Stop();
@@ -39,6 +109,30 @@ await Step("ioctl-session", async r =>
     r["pid_after_stop_before_dispose"] = (NbdSysfs.Read(0).Pid is not null).ToString();
     device.Dispose();
     r["free_ms"] = WaitSysfs(0, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
+});
+
+// NBD_DISCONNECT (not Stop): the server closes, NBD_DO_IT returns, Dispose frees the device.
+await Step("ioctl-disconnect", async r =>
+{
+    var (socket, size, flags) = Handshake();
+    using var device = NbdDevice.Open("/dev/nbd0");
+    device.SetSizeBytes(size);
+    device.SetFlags(flags);
+    device.SetSocket(socket);
+    var loop = device.StartServiceLoop();
+    r["connect_ms"] = WaitSysfs(0, connected: true).ToString(CultureInfo.InvariantCulture);
+    var sw = Stopwatch.StartNew();
+    device.Disconnect();
+    var result = await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    r["return_ms"] = sw.ElapsedMilliseconds.ToString(CultureInfo.InvariantCulture);
+    r["stopped_by_request"] = result.StoppedByRequest.ToString();
+    r["errno"] = result.ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(0, connected: false).ToString(CultureInfo.InvariantCulture);
+    var after = NbdSysfs.Read(0);
+    r["size_after"] = after.SizeBytes.ToString(CultureInfo.InvariantCulture);
+    r["pid_after"] = File.Exists("/sys/block/nbd0/pid") ? "present" : "absent";
     socket.Dispose();
 });
 
@@ -140,11 +234,26 @@ await Step("ioctl-multi-conn", async r =>
     s1.Dispose(); s2.Dispose();
 });
 
-await Step("open-unused", r =>
+await Step("open-unused", async r =>
 {
-    using var device = NbdDevice.OpenUnused();
-    r["path"] = device.Path;
-    return Task.CompletedTask;
+    // nbd0 busy (connected, NBD_DO_IT running): the search must skip it.
+    var (socket, size, flags) = Handshake();
+    using var busy = NbdDevice.Open("/dev/nbd0");
+    busy.SetSizeBytes(size);
+    busy.SetFlags(flags);
+    busy.SetSocket(socket);
+    var loop = busy.StartServiceLoop();
+    r["nbd0_connect_ms"] = WaitSysfs(0, connected: true).ToString(CultureInfo.InvariantCulture);
+    using (var device = NbdDevice.OpenUnused())
+    {
+        r["path"] = device.Path;
+        r["picked_size"] = NbdSysfs.Read(device.Index).SizeBytes.ToString(CultureInfo.InvariantCulture);
+    }
+    loop.Stop();
+    await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15));
+    busy.Dispose();
+    r["free_ms"] = WaitSysfs(0, connected: false).ToString(CultureInfo.InvariantCulture);
+    socket.Dispose();
 });
 
 await Step("netlink", async r =>
@@ -197,6 +306,7 @@ await Step("netlink", async r =>
     r["reconfigure"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, Sockets = [socket2], BackendIdentifier = "probe-nl" }));
     r["sysfs_connected_after_reconfigure"] = NbdSysfs.Read(index).IsConnected.ToString();
     r["backing2"] = WriteAndCheck($"/dev/nbd{index}", 3 << 20, 1 << 20);
+    r["readback2"] = ReadBack($"/dev/nbd{index}", 40 << 20, 1 << 20);
     var (socket3, _, _) = Handshake();
     r["reconfigure_no_dead_slot"] = Outcome(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = index, Sockets = [socket3], BackendIdentifier = "probe-nl" }));
     r["backing3"] = WriteAndCheck($"/dev/nbd{index}", 4 << 20, 1 << 20);
@@ -244,6 +354,56 @@ static async Task Step(string name, Func<Dictionary<string, string>, Task> body)
         fields["error"] = ex.GetType().Name + ":" + ex.Message.Replace(' ', '_');
     }
     Console.WriteLine($"RESULT probe-{name} " + string.Join(' ', fields.Select(kv => $"{kv.Key}={kv.Value.Replace(' ', '_')}")));
+}
+
+// Expects the library to refuse before any ioctl: ArgumentException naming the socket kind.
+static string Refusal(Action action)
+{
+    try
+    {
+        action();
+        return "accepted";
+    }
+    catch (ArgumentException ex)
+    {
+        var says = ex.Message.Contains("stream", StringComparison.Ordinal) ? "stream" : ex.Message.Contains("connected", StringComparison.Ordinal) ? "connected" : "other";
+        return $"ArgumentException:{says}";
+    }
+    catch (Exception ex)
+    {
+        return ex.GetType().Name;
+    }
+}
+
+static string ReadSys(string path)
+{
+    try
+    {
+        return File.ReadAllText(path).Trim().Replace(' ', '_');
+    }
+    catch (IOException)
+    {
+        return "absent";
+    }
+}
+
+// Writes random bytes into nbd-server's backing file behind the device's back and reads them through the device:
+// the range was never touched through the device, so no page cache can answer; the server must.
+static string ReadBack(string device, long offset, int length)
+{
+    var data = new byte[length];
+    Random.Shared.NextBytes(data);
+    using (var backing = new FileStream(Backing, FileMode.Open, FileAccess.Write, FileShare.ReadWrite))
+    {
+        backing.Position = offset;
+        backing.Write(data);
+        backing.Flush(flushToDisk: true);
+    }
+    using var stream = new FileStream(device, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+    stream.Position = offset;
+    var back = new byte[length];
+    stream.ReadExactly(back);
+    return back.AsSpan().SequenceEqual(data) ? "match" : "mismatch";
 }
 
 static string Outcome(Action action)
@@ -309,7 +469,7 @@ static string WriteAndCheck(string device, long offset, int length)
 }
 
 // Minimal fixed-newstyle handshake with NBD_OPT_EXPORT_NAME (doc/proto.md "Newstyle negotiation").
-static (Socket Socket, ulong Size, ushort Flags) Handshake()
+static (Socket Socket, ulong Size, ushort Flags) Handshake(string export = "probe")
 {
     var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
     socket.Connect(new IPEndPoint(IPAddress.Loopback, Port));
@@ -321,7 +481,7 @@ static (Socket Socket, ulong Size, ushort Flags) Handshake()
     }
     ushort serverFlags = BinaryPrimitives.ReadUInt16BigEndian(hello[16..]);
     uint clientFlags = serverFlags & 3u; // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-    var name = System.Text.Encoding.ASCII.GetBytes(Export);
+    var name = System.Text.Encoding.ASCII.GetBytes(export);
     var request = new byte[4 + 8 + 4 + 4 + name.Length];
     BinaryPrimitives.WriteUInt32BigEndian(request, clientFlags);
     BinaryPrimitives.WriteUInt64BigEndian(request.AsSpan(4), 0x49484156454F5054);

@@ -93,6 +93,9 @@ public sealed class DaemonDeviceTests(VmFixture vm)
         var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
         var r = run.One("stop", ("mode", mode), ("signal", signal));
         Expect.Equal(run, r, "connected", "yes");
+        // The scenario starts connect as a terminal would (SIGINT at its default); an inherited SIG_IGN would make
+        // the SIGINT case test nothing.
+        Expect.Equal(run, r, "sigint_ignored", "no");
         Expect.Equal(run, r, "freed", "yes");
         Expect.That(run, r, r.Long("free_ms") <= 2000, $"device freed after {r["free_ms"]} ms (limit 2000)");
         Expect.Equal(run, r, "exit_rc", 0);

@@ -2,7 +2,13 @@
 # Boot the fast-tier VM (stock Debian cloud kernel + busybox initramfs) and run one scenario in it.
 #
 #   run-vm.sh --script SCENARIO.sh [--add HOSTPATH[:VMPATH]]... [--bin PROGRAM]...
-#             [--daemon PUBLISH_DIR] [--timeout SECONDS] [--mem MB]
+#             [--daemon PUBLISH_DIR] [--app PUBLISH_DIR[:VMDIR]]... [--timeout SECONDS] [--mem MB]
+#
+# --app copies a published self-contained .NET app folder (default VM path /opt/<folder name>) together with the
+# system libraries its native parts need (glibc, libstdc++, libgcc_s, libz, ...), like --daemon does.
+# Always present in the VM: /usr/local/bin/gnu-env (the host's GNU env). `gnu-env --default-signal=INT PROG ...`
+# starts PROG with SIGINT at its default disposition; a non-interactive shell starts background jobs with SIGINT
+# ignored, and busybox has no tool to undo that.
 #
 # The serial console is copied to stdout. Exit code: the scenario's exit code when the end marker
 # "@@NBDVM-END rc=N" appeared, 125 when it did not (timeout, panic, crash), 2 for usage/setup errors.
@@ -17,6 +23,7 @@ mem=2048
 adds=()
 bins=()
 daemon=""
+apps=()
 
 die() { echo "run-vm: $*" >&2; exit 2; }
 
@@ -26,9 +33,10 @@ while [ $# -gt 0 ]; do
         --add) adds+=("$2"); shift 2 ;;
         --bin) bins+=("$2"); shift 2 ;;
         --daemon) daemon=$2; shift 2 ;;
+        --app) apps+=("$2"); shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -79,6 +87,12 @@ copy_libs() { # ELF... -- copies what ldd lists, keeping the paths ldd names
         done
     done
 }
+is_elf() { [ "$(head -c 4 "$1" 2>/dev/null | od -An -c | tr -d ' ')" = '177ELF' ]; }
+copy_app_libs() { # DIR -- the libraries of every ELF file in a copied app folder
+    find "$1" -type f | while read -r f; do
+        if is_elf "$f"; then copy_libs "$f"; fi
+    done
+}
 copy_bin() {
     local p
     p=$(command -v "$1") || die "program not found on host: $1"
@@ -98,6 +112,12 @@ copy_bin() {
 
 for b in "${bins[@]+"${bins[@]}"}"; do copy_bin "$b"; done
 
+# GNU env for --default-signal (coreutils is Essential on Debian, so it is always on the host).
+genv=$(readlink -f "$(command -v env)")
+"$genv" --default-signal=INT true 2>/dev/null || die "host env lacks --default-signal (needs GNU coreutils >= 8.31)"
+copy_file "$genv" /usr/local/bin/gnu-env
+copy_libs "$genv"
+
 if [ -n "$daemon" ]; then
     [ -x "$daemon/nbd-daemon" ] || die "no executable nbd-daemon in publish folder: $daemon"
     mkdir -p "$o/opt"
@@ -107,6 +127,16 @@ if [ -n "$daemon" ]; then
         copy_libs "$f"
     done
 fi
+
+for a in "${apps[@]+"${apps[@]}"}"; do
+    src=${a%%:*}
+    dst=${a#*:}
+    [ "$dst" = "$a" ] && dst=/opt/$(basename "$src")
+    [ -d "$src" ] || die "--app: not a folder: $src"
+    mkdir -p "$o$(dirname "$dst")"
+    cp -a "$src" "$o$dst"
+    copy_app_libs "$o$dst"
+done
 
 for a in "${adds[@]+"${adds[@]}"}"; do
     src=${a%%:*}
