@@ -30,34 +30,43 @@ cat > "$work/scenario.sh" <<'SCENARIO'
 truncate -s 256M /tmp/bench.img
 start_nbd_server 10809 bench /tmp/bench.img || note "nbd-server did not start"
 # fio terse v3: field 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
-jobs() { # CLIENT MODE
-    local dev=/dev/nbd0 out
-    out=$(fio --name=seqwrite --filename=$dev --rw=write --bs=1M --direct=1 --ioengine=psync --size=128M \
-          --output-format=terse --terse-version=3 2>/dev/null)
-    result bench client=$1 mode=$2 job=seqwrite-1M mibps=$(echo "$out" | awk -F';' '{printf "%.1f", $48/1024}') \
-        iops=$(echo "$out" | awk -F';' '{print $49}')
-    out=$(fio --name=seqread --filename=$dev --rw=read --bs=1M --direct=1 --ioengine=psync --size=128M \
-          --output-format=terse --terse-version=3 2>/dev/null)
-    result bench client=$1 mode=$2 job=seqread-1M mibps=$(echo "$out" | awk -F';' '{printf "%.1f", $7/1024}') \
-        iops=$(echo "$out" | awk -F';' '{print $8}')
-    out=$(fio --name=randread --filename=$dev --rw=randread --bs=4k --direct=1 --ioengine=libaio --iodepth=16 \
-          --size=256M --runtime=10 --time_based --output-format=terse --terse-version=3 2>/dev/null)
-    result bench client=$1 mode=$2 job=randread-4k-qd16 mibps=$(echo "$out" | awk -F';' '{printf "%.1f", $7/1024}') \
-        iops=$(echo "$out" | awk -F';' '{print $8}')
+RUNTIME=8
+# Each job is time-based, so both clients get the same measuring window.
+job() { # CLIENT MODE ROUND NAME fio-args...
+    local client=$1 mode=$2 round=$3 name=$4 out; shift 4
+    out=$(fio --name=$name --filename=/dev/nbd0 --direct=1 --size=128M --runtime=$RUNTIME --time_based \
+          --output-format=terse --terse-version=3 "$@" 2>/dev/null)
+    # terse v3: field 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
+    echo "$out" | awk -F';' -v c=$client -v m=$mode -v r=$round -v j=$name \
+        '{ w = ($48 > 0); printf "RESULT bench client=%s mode=%s round=%s job=%s mibps=%.1f iops=%s\n", c, m, r, j, (w ? $48 : $7) / 1024, (w ? $49 : $8) }'
 }
-for mode in ioctl netlink; do
-    flag=""; [ $mode = ioctl ] && flag=-L
+jobs() { # CLIENT MODE ROUND
+    job "$@" seqwrite-1M --rw=write --bs=1M --ioengine=psync
+    job "$@" seqread-1M --rw=read --bs=1M --ioengine=psync
+    job "$@" randread-4k-qd16 --rw=randread --bs=4k --ioengine=libaio --iodepth=16
+}
+with_client() { # MODE ROUND
+    local flag=""; [ $1 = ioctl ] && flag=-L
     if nbd-client 127.0.0.1 10809 /dev/nbd0 -N bench $flag >/dev/null 2>&1 && wait_connected nbd0 10 >/dev/null; then
-        jobs nbd-client $mode
-    else note "nbd-client $mode did not connect"; fi
+        sleep 3; jobs nbd-client "$@"
+    else note "nbd-client $1 did not connect"; fi
     nbd-client -d /dev/nbd0 >/dev/null 2>&1; wait_free nbd0 10 >/dev/null
-done
-for mode in ioctl netlink; do
-    daemon_connect /tmp/bench-$mode.log nbd://127.0.0.1:10809/bench /dev/nbd0 --interface $mode
+}
+with_daemon() { # MODE ROUND
+    daemon_connect /tmp/bench-$1.log nbd://127.0.0.1:10809/bench /dev/nbd0 --interface $1
     if wait_connected nbd0 60 $DPID >/dev/null; then
-        jobs nbd-daemon $mode
-    else note "nbd-daemon $mode did not connect"; show_log /tmp/bench-$mode.log; fi
+        # The same 3 s settle as nbd-client gets: a cold .NET start finishes its background JIT work meanwhile.
+        sleep 3; jobs nbd-daemon "$@"
+    else note "nbd-daemon $1 did not connect"; show_log /tmp/bench-$1.log; fi
     daemon_kill $DPID TERM; wait_free nbd0 10 >/dev/null
+}
+# Three rounds that alternate which client goes first, so a drift in the host's load does not favour one side;
+# the table shows the median of the rounds.
+for round in 1 2 3; do
+    for mode in ioctl netlink; do
+        if [ $((round % 2)) = 1 ]; then with_client $mode $round; with_daemon $mode $round
+        else with_daemon $mode $round; with_client $mode $round; fi
+    done
 done
 SCENARIO
 
@@ -70,17 +79,24 @@ awk '
     line = substr($0, index($0, "RESULT bench ") + 13)
     n = split(line, kv, " "); delete f
     for (i = 1; i <= n; i++) { split(kv[i], p, "="); f[p[1]] = p[2] }
-    v[f["job"] "|" f["client"] "|" f["mode"]] = f["mibps"] " MiB/s (" f["iops"] " IOPS)"
-    m[f["job"] "|" f["client"] "|" f["mode"]] = f["mibps"]
+    k = f["job"] "|" f["client"] "|" f["mode"]
+    cnt[k]++; mib[k, cnt[k]] = f["mibps"] + 0; iops[k, cnt[k]] = f["iops"] + 0
     if (!(f["job"] in seen)) { seen[f["job"]] = 1; order[++jobs] = f["job"] }
 }
-function cell(j, c, mo) { k = j "|" c "|" mo; return (k in v) ? v[k] : "n/a" }
-function ratio(j, mo) { a = m[j "|nbd-daemon|" mo]; b = m[j "|nbd-client|" mo]
+function median(arr, k, n,    i, j, t, a) {
+    for (i = 1; i <= n; i++) a[i] = arr[k, i]
+    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+function cell(j, c, mo,    k) { k = j "|" c "|" mo; if (!(k in cnt)) return "n/a"
+    m[k] = median(mib, k, cnt[k]); return sprintf("%.1f MiB/s (%d IOPS)", m[k], median(iops, k, cnt[k])) }
+function ratio(j, mo,    a, b) { a = m[j "|nbd-daemon|" mo]; b = m[j "|nbd-client|" mo]
     return (a != "" && b != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }
 END {
-    print "| job | nbd-client ioctl | nbd-daemon ioctl | ratio ioctl | nbd-client netlink | nbd-daemon netlink | ratio netlink |"
+    print "| job (median of 3 rounds) | nbd-client ioctl | nbd-daemon ioctl | ratio ioctl | nbd-client netlink | nbd-daemon netlink | ratio netlink |"
     print "|---|---|---|---|---|---|---|"
     for (i = 1; i <= jobs; i++) { j = order[i]
-        printf "| %s | %s | %s | %s | %s | %s | %s |\n", j, cell(j, "nbd-client", "ioctl"), cell(j, "nbd-daemon", "ioctl"), ratio(j, "ioctl"),
-            cell(j, "nbd-client", "netlink"), cell(j, "nbd-daemon", "netlink"), ratio(j, "netlink") }
+        ci = cell(j, "nbd-client", "ioctl"); di = cell(j, "nbd-daemon", "ioctl")
+        cn = cell(j, "nbd-client", "netlink"); dn = cell(j, "nbd-daemon", "netlink")
+        printf "| %s | %s | %s | %s | %s | %s | %s |\n", j, ci, di, ratio(j, "ioctl"), cn, dn, ratio(j, "netlink") }
 }' "$work/serial.log"
