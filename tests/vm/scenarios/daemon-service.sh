@@ -204,9 +204,12 @@ run_mode() { # MODE KILLED_INDEX
         daemon_alive=$(proc_gone $pid && echo no || echo yes) reconnecting_lines=$reconnects
     # --- stop -----------------------------------------------------------------------------------------------
     local t0 f0 f1 f2
+    # wall-clock markers in the daemon's own log (same clock as its timestamps; busybox date has whole seconds)
+    echo "SCENARIO $(date +%H:%M:%S) SIGTERM sent" >> "$log"
     t0=$(now_ms)
     kill -TERM $pid
     wait_exit $pid 15 || { kill -KILL $pid; wait $pid; }
+    echo "SCENARIO $(date +%H:%M:%S) exited rc=$EXIT_RC after $EXIT_MS ms" >> "$log"
     local exit_rc=$EXIT_RC exit_ms=$EXIT_MS
     f0=$(wait_free nbd0 5 >/dev/null; yesno $?); f1=$(wait_free nbd1 5 >/dev/null; yesno $?); f2=$(wait_free nbd2 5 >/dev/null; yesno $?)
     result stop mode=$mode exit_rc=$exit_rc exit_ms=$exit_ms all_freed_ms=$(( $(now_ms) - t0 )) nbd0_freed=$f0 nbd1_freed=$f1 nbd2_freed=$f2 \
