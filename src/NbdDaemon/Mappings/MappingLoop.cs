@@ -14,7 +14,7 @@ namespace NbdDaemon.Mappings;
 ///   stop request in any state → Stopping → Stopped
 ///   Reconnect disabled / MaxAttempts reached → GaveUp;  permanent failure or bug → Failed
 /// </code>
-/// Ioctl: the device is opened once and the SAME device is configured again after every reconnect.
+/// Ioctl: after a lost connection the device is closed and the SAME path is opened and configured again.
 /// Netlink: CONNECT once; after LINK_DEAD the new sockets go in through RECONFIGURE on the same index.
 /// After the first successful negotiation the export must keep its size and writability
 /// (<see cref="ExportChangedException"/>), otherwise the attempt fails and is retried with backoff.
@@ -292,10 +292,10 @@ internal sealed class MappingLoop
 
     private void ConfigureIoctl(ExportDescription export, uint blockSize, ushort flags)
     {
-        // Opened once: after a reconnect the same /dev/nbdN comes back, which is what mounts rely on.
+        // After a reconnect the same /dev/nbdN comes back (the path chosen first), which is what mounts rely on.
         if (_device is null)
         {
-            _device = _kernel.OpenDevice(_options.Device);
+            _device = _kernel.OpenDevice(Device);
             Volatile.Write(ref _devicePath, _device.Path);
         }
 
@@ -370,13 +370,21 @@ internal sealed class MappingLoop
         return new MappingException("connection lost (LINK_DEAD)");
     }
 
-    /// <summary>After a lost connection: the kernel lets go of the old sockets, the device itself stays ours.</summary>
+    /// <summary>
+    /// After a lost connection (ioctl): clear queue and socket, then close the device; the next attempt opens the same
+    /// path again. Closing is what makes a reconnect possible at all: NBD_CLEAR_SOCK only shuts the dead socket down,
+    /// it stays in the device's configuration (marked disconnected) until the last opener closes the device, and a
+    /// NBD_DO_IT on a configuration that still holds it returns at once (seen on the 6.1 driver: Serving → "service
+    /// loop ended" in a loop, device size 0). nbd-client's persist mode closes and reopens the device the same way.
+    /// </summary>
     private void ReleaseConnection()
     {
         if (_options.Interface == KernelInterface.Ioctl && _device is not null && _serviceLoop is null && _kernelHasSockets)
         {
             TryStep("NBD_CLEAR_QUE", _device.ClearQueue);
             TryStep("NBD_CLEAR_SOCK", _device.ClearSocket);
+            TryStep("close device", _device.Dispose);
+            _device = null;
             _kernelHasSockets = false;
         }
 

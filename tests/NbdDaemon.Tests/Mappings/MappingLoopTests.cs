@@ -31,7 +31,7 @@ public sealed class MappingLoopTests
     }
 
     [Fact]
-    public async Task RunAsync_ServiceLoopEnds_ClearsAndReconfiguresSameDeviceAfterBackoff()
+    public async Task RunAsync_ServiceLoopEnds_ClearsClosesAndReopensSameDeviceAfterBackoff()
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(device: null), connector, _kernel, _time);
@@ -47,15 +47,17 @@ public sealed class MappingLoopTests
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.Equal("connection lost (service loop ended)", loop.LastFailure);
         Assert.True(first.Disposed);
-        Assert.Equal(["clear-que", "clear-sock"], _kernel.Operations.Skip(7));
+        // The driver keeps a dead socket in the configuration until the device is closed: close, then reopen.
+        Assert.Equal(["clear-que", "clear-sock", "close /dev/nbd7"], _kernel.Operations.Skip(7));
         Assert.Equal(1, connector.Calls);
 
         _time.Advance(TimeSpan.FromSeconds(1));
         await states.WaitForAsync(MappingState.Serving, 2);
 
-        Assert.Single(_kernel.Devices);
+        // The unused device chosen first is the one reopened, not a new unused one.
+        Assert.Equal(2, _kernel.Devices.Count);
         Assert.Equal("/dev/nbd7", loop.Device);
-        Assert.Equal(["blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations.Skip(9));
+        Assert.Equal(["open /dev/nbd7", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations.Skip(10));
         Assert.Equal(0, loop.FailedAttempts);
         await cts.CancelAsync();
         await run.WaitAsync(TestTimeout);
@@ -145,8 +147,9 @@ public sealed class MappingLoopTests
 
         _time.Advance(TimeSpan.FromSeconds(2));
         await states.WaitForAsync(MappingState.Serving, 2);
-        Assert.Single(_kernel.Devices);
-        Assert.Equal(1UL << 30, _kernel.Devices[0].Size);
+        // Opened twice (closed after the lost connection), both times the same device, sized as before.
+        Assert.Equal(["/dev/nbd3", "/dev/nbd3"], _kernel.Devices.Select(d => d.Path));
+        Assert.Equal(1UL << 30, _kernel.Devices[^1].Size);
         await cts.CancelAsync();
         await run.WaitAsync(TestTimeout);
     }

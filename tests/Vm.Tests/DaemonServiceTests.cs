@@ -1,0 +1,167 @@
+using Xunit.Abstractions;
+
+namespace Vm.Tests;
+
+/// <summary>The VM run of tests/vm/scenarios/daemon-service.sh: the daemon (no verb) with configured mappings.</summary>
+internal static class DaemonServiceScenario
+{
+    public static readonly ScenarioSpec Spec = new("daemon-service.sh", ["nbd-server", "nbdkit", "qemu-nbd"], true, 900);
+
+    /// <summary>Every mapping runs with Reconnect:InitialDelay=1 s and MaxDelay=2 s.</summary>
+    public const long MaxDelayMs = 2000;
+
+    /// <summary>
+    /// TCG on a shared 2-core host: a connect + handshake + kernel configuration took 0.1–1.5 s in the runs seen,
+    /// and the shell's polling adds up to 50 ms. Bounds below are the configured delay plus this.
+    /// </summary>
+    public const long TcgSlackMs = 4000;
+
+    public const long ExportBytes = 20L << 20;
+}
+
+/// <summary>
+/// The daemon as a service on the real driver: three mappings (nbd-server, nbdkit file, qemu-nbd) on nbd0..2 for
+/// ioctl (command-line configuration) and netlink (/etc/nbd-daemon/appsettings.json); a server down at start;
+/// a server SIGKILLed and restarted; SIGTERM; bad configurations (exit 78).
+/// </summary>
+[Collection(VmCollection.Name)]
+public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
+{
+    [Fact]
+    public async Task Scenario_VmTools_AllPresent()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("tools");
+        foreach (var tool in new[] { "nbd_server", "nbdkit", "qemu_nbd", "daemon" })
+        {
+            Expect.Equal(run, r, tool, "yes");
+        }
+    }
+
+    [Theory]
+    [InlineData("Ioctl")]
+    [InlineData("Netlink")]
+    public async Task Start_OneServerDown_OthersConnectAndItConnectsWithinBackoffOnceUp(string mode)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("late", ("mode", mode));
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "nbd0_connected", "yes");
+        Expect.Equal(run, r, "nbd1_connected", "yes");
+        // 3 s after the others connected, the mapping whose server is down has not taken its device, and the
+        // daemon keeps running (a failing mapping is not a reason to exit).
+        Expect.Equal(run, r, "nbd2_before_server", "free");
+        Expect.Equal(run, r, "daemon_alive", "yes");
+        Expect.Equal(run, r, "nbd2_connected", "yes");
+        long late = r.Long("nbd2_after_server_ms");
+        Expect.That(run, r, late <= DaemonServiceScenario.MaxDelayMs + DaemonServiceScenario.TcgSlackMs,
+            $"connected {late} ms after its server started; the backoff is capped at {DaemonServiceScenario.MaxDelayMs} ms");
+    }
+
+    [Theory]
+    [InlineData("Ioctl", "nbd-server")]
+    [InlineData("Ioctl", "nbdkit")]
+    [InlineData("Ioctl", "qemu-nbd")]
+    [InlineData("Netlink", "nbd-server")]
+    [InlineData("Netlink", "nbdkit")]
+    [InlineData("Netlink", "qemu-nbd")]
+    public async Task Serve_ConfiguredMapping_4MiBDirectRoundTripReachesBackingFile(string mode, string server)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("data", ("mode", mode), ("server", server));
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "size", DaemonServiceScenario.ExportBytes);
+        Expect.Equal(run, r, "pid", "present");
+        Expect.Equal(run, r, "write_rc", 0);
+        Expect.Equal(run, r, "read_rc", 0);
+        Expect.Equal(run, r, "readback", "match");
+        Expect.Equal(run, r, "backing", "match");
+    }
+
+    [Theory]
+    [InlineData("Ioctl")]
+    [InlineData("Netlink")]
+    public async Task Outage_ServerKilledAndRestarted_MappingServesAgainAndOthersNeverFail(string mode)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("outage", ("mode", mode));
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "daemon_alive", "yes");
+        Expect.Equal(run, r, "recovered", "yes");
+        long recover = r.Long("recover_after_restart_ms");
+        Expect.That(run, r, recover <= DaemonServiceScenario.MaxDelayMs + DaemonServiceScenario.TcgSlackMs,
+            $"new I/O succeeded {recover} ms after the server restarted; the backoff is capped at {DaemonServiceScenario.MaxDelayMs} ms");
+        // New I/O after the reconnect: the same size, data round trip and the backing file.
+        Expect.Equal(run, r, "size", DaemonServiceScenario.ExportBytes);
+        Expect.Equal(run, r, "write_rc", 0);
+        Expect.Equal(run, r, "read_rc", 0);
+        Expect.Equal(run, r, "readback", "match");
+        Expect.Equal(run, r, "backing", "match");
+        // The two other mappings served throughout: I/O ran, none failed, their devices never changed hands.
+        Expect.That(run, r, r.Long("others_ops") >= 10, "the other devices' I/O loop hardly ran");
+        Expect.Equal(run, r, "others_fails", 0);
+        Expect.Equal(run, r, "others_pids_kept", "yes");
+        Expect.That(run, r, r.Long("reconnecting_lines") >= 1, "the daemon never logged Reconnecting for the killed server");
+        Expect.That(run, r, r.Long("victim_ops") >= 1, "nothing read the killed server's device during the outage");
+    }
+
+    /// <summary>
+    /// Netlink with DeadConnectionTimeout=30 s: the kernel holds the I/O of a dead link until RECONFIGURE, so an
+    /// application reading through the outage sees no error. (Ioctl has no such hold; what it saw is reported by
+    /// the outage test's output, not asserted.)
+    /// </summary>
+    [Fact]
+    public async Task Outage_NetlinkWithDeadConnectionTimeout_ReaderOnKilledDeviceSeesNoError()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("outage", ("mode", "Netlink"));
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("victim_ops") >= 1, "nothing read the killed server's device during the outage");
+        Expect.Equal(run, r, "victim_fails", 0);
+    }
+
+    [Theory]
+    [InlineData("Ioctl")]
+    [InlineData("Netlink")]
+    public async Task Stop_Sigterm_ExitsZeroWithin5sAndFreesEveryDevice(string mode)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("stop", ("mode", mode));
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.That(run, r, r.Long("exit_ms") <= 5000, $"exit took {r["exit_ms"]} ms after SIGTERM");
+        Expect.Equal(run, r, "nbd0_freed", "yes");
+        Expect.Equal(run, r, "nbd1_freed", "yes");
+        Expect.Equal(run, r, "nbd2_freed", "yes");
+        Expect.Equal(run, r, "sizes", "0,0,0");
+    }
+
+    [Theory]
+    [InlineData("interface")]   // Interface=Bogus next to a valid mapping, on the command line
+    [InlineData("duplicate")]   // the same Device twice, through environment variables
+    [InlineData("busydevice")]  // Interface=Bogus next to a mapping naming the device `connect` already holds
+    public async Task Start_BadConfiguration_Exits78NamingKeyAndTouchesNoDevice(string badCase)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var pre = run.One("pre");
+        Expect.Equal(run, pre, "connected", "yes");
+        var r = run.One("badconfig", ("case", badCase));
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "exit_rc", 78);
+        Expect.Equal(run, r, "key_named", "yes");
+        Expect.Equal(run, r, "touched", "none");
+        // The mapping `nbd-daemon connect` made on nbd5 beforehand: same thread id, same size, still reads.
+        Expect.Equal(run, r, "pre_pid_kept", "yes");
+        Expect.Equal(run, r, "pre_size", DaemonServiceScenario.ExportBytes);
+        Expect.Equal(run, r, "pre_read", "ok");
+    }
+
+    [Fact]
+    public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("pre_stop");
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.Equal(run, r, "freed", "yes");
+    }
+}

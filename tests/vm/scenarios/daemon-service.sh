@@ -1,0 +1,267 @@
+# The daemon (no verb) with configured mappings, on the real driver; one boot, for ioctl and netlink:
+#  late      three mappings (nbd-server, nbdkit file, qemu-nbd) on nbd0..2 while qemu-nbd is still down: the other
+#            two connect; qemu-nbd started later connects within the backoff (InitialDelay 1 s, MaxDelay 2 s).
+#  data      4 MiB O_DIRECT write + read back on each device, and the backing file holds it.
+#  outage    one server SIGKILLed and restarted 2 s later on the same port and file: time until new I/O on its
+#            device succeeds, what a reader saw on that device meanwhile, and I/O on the two others throughout.
+#  stop      SIGTERM: exit code, time to exit, every device freed.
+# Once: badconfig  Interface=Bogus / duplicate Device → exit 78, key named on stderr, no device touched, and a
+#            mapping made beforehand by `nbd-daemon connect` on nbd5 left alone.
+# ioctl is configured on the command line, netlink through /etc/nbd-daemon/appsettings.json (both sources used).
+. /usr/local/lib/nbdvm.sh
+MiB=1048576
+KiB=1024
+truncate -s 20M /tmp/srv.img /tmp/kit.img /tmp/qemu.img
+PORT_SRV=10809 PORT_KIT=10810 PORT_QEMU=10811
+
+start_nbd_server $PORT_SRV srv /tmp/srv.img || note "nbd-server did not start"
+start_kit() { nbdkit -i 127.0.0.1 -p $PORT_KIT -P /run/nbdkit.pid file /tmp/kit.img && wait_port $PORT_KIT 10; }
+start_qemu() {
+    qemu-nbd -f raw -x qexp -b 127.0.0.1 -p $PORT_QEMU -t --fork --pid-file=/run/qemu-nbd.pid /tmp/qemu.img \
+        && wait_port $PORT_QEMU 10
+}
+start_kit || note "nbdkit did not start"
+# which tools exist at all: the host-side test turns a missing one into a failure with this line
+result tools nbd_server=$(command -v nbd-server >/dev/null && echo yes || echo no) \
+    nbdkit=$(command -v nbdkit >/dev/null && echo yes || echo no) qemu_nbd=$(command -v qemu-nbd >/dev/null && echo yes || echo no) \
+    daemon=$(command -v nbd-daemon >/dev/null && echo yes || echo no)
+
+# device index → server name / backing file / port
+srv_of() { case $1 in 0) echo nbd-server ;; 1) echo nbdkit ;; 2) echo qemu-nbd ;; esac; }
+img_of() { case $1 in 0) echo /tmp/srv.img ;; 1) echo /tmp/kit.img ;; 2) echo /tmp/qemu.img ;; esac; }
+
+# rw_check DEV OFFSET_MIB COUNT_MIB TAG: writes fresh random data with O_DIRECT, reads it back, compares with the
+# device and the backing file. Sets RW_W RW_R (rc), RW_WMS RW_RMS, RW_READBACK, RW_BACKING.
+rw_check() {
+    local dev=$1 off=$2 cnt=$3 i=${1#nbd} want t0
+    head -c $((cnt * MiB)) /dev/urandom > /tmp/rw-data
+    want=$(sha_file /tmp/rw-data)
+    t0=$(now_ms); timeout 120 dd if=/tmp/rw-data of=/dev/$dev bs=1M seek=$off oflag=direct 2>/tmp/rw-err; RW_W=$?
+    RW_WMS=$(( $(now_ms) - t0 ))
+    t0=$(now_ms); timeout 120 dd if=/dev/$dev of=/tmp/rw-back bs=1M skip=$off count=$cnt iflag=direct 2>>/tmp/rw-err; RW_R=$?
+    RW_RMS=$(( $(now_ms) - t0 ))
+    RW_READBACK=mismatch; [ "$(sha_file /tmp/rw-back)" = "$want" ] && RW_READBACK=match
+    RW_BACKING=mismatch
+    [ "$(dd if="$(img_of $i)" bs=1M skip=$off count=$cnt 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$want" ] && RW_BACKING=match
+    [ "$RW_W" = 0 ] && [ "$RW_R" = 0 ] || sed "s/^/LOG rw-$dev: /" /tmp/rw-err
+    rm -f /tmp/rw-back /tmp/rw-data /tmp/rw-err
+}
+
+# probe_read DEV: one 64 KiB O_DIRECT read at 1 MiB that really returned 64 KiB (a size-0 device reads 0 bytes, rc 0).
+probe_read() {
+    timeout 60 dd if=/dev/$1 of=/tmp/probe-$1 bs=64k skip=16 count=1 iflag=direct 2>/tmp/probe-err-$1 \
+        && [ "$(stat -c %s /tmp/probe-$1 2>/dev/null)" = 65536 ]
+}
+
+# others_io DEV STOPFILE OUT: 256 KiB write + O_DIRECT read-back compare at 16 MiB, over and over until STOPFILE
+# exists; writes "ops fails" to OUT.
+others_io() {
+    local dev=$1 stop=$2 out=$3 ops=0 fails=0
+    head -c $((256 * KiB)) /dev/urandom > /tmp/oio-$dev
+    while [ ! -e "$stop" ]; do
+        ops=$((ops + 1))
+        if ! timeout 60 dd if=/tmp/oio-$dev of=/dev/$dev bs=256k seek=64 count=1 oflag=direct 2>/dev/null \
+            || ! timeout 60 dd if=/dev/$dev of=/tmp/oio-back-$dev bs=256k skip=64 count=1 iflag=direct 2>/dev/null \
+            || ! cmp -s /tmp/oio-$dev /tmp/oio-back-$dev; then
+            fails=$((fails + 1))
+        fi
+        sleep 0.1
+    done
+    echo "$ops $fails" > "$out"
+}
+
+# victim_io DEV STOPFILE OUT: reads on the killed server's device during the outage; "ops fails first_error" to OUT.
+victim_io() {
+    local dev=$1 stop=$2 out=$3 ops=0 fails=0 err=none
+    while [ ! -e "$stop" ]; do
+        ops=$((ops + 1))
+        if ! probe_read "$dev"; then
+            fails=$((fails + 1))
+            if [ "$err" = none ]; then
+                err=$(grep -v records /tmp/probe-err-$dev | head -n1 | sed 's/.*: //; s/[^A-Za-z0-9]/_/g')
+                [ -n "$err" ] || err=short_read
+            fi
+        fi
+        sleep 0.1
+    done
+    echo "$ops $fails $err" > "$out"
+}
+
+write_json_config() { # MODE
+    mkdir -p /etc/nbd-daemon
+    cat > /etc/nbd-daemon/appsettings.json <<EOF
+{ "Nbd": { "Mappings": [
+  { "Name": "srv", "Uri": "nbd://127.0.0.1:$PORT_SRV/srv", "Device": "/dev/nbd0", "Interface": "$1",
+    "DeadConnectionTimeout": "00:00:30", "Reconnect": { "InitialDelay": "00:00:01", "MaxDelay": "00:00:02" } },
+  { "Name": "kit", "Uri": "nbd://127.0.0.1:$PORT_KIT/kit", "Device": "/dev/nbd1", "Interface": "$1",
+    "DeadConnectionTimeout": "00:00:30", "Reconnect": { "InitialDelay": "00:00:01", "MaxDelay": "00:00:02" } },
+  { "Name": "qemu", "Uri": "nbd://127.0.0.1:$PORT_QEMU/qexp", "Device": "/dev/nbd2", "Interface": "$1",
+    "DeadConnectionTimeout": "00:00:30", "Reconnect": { "InitialDelay": "00:00:01", "MaxDelay": "00:00:02" } }
+] } }
+EOF
+}
+
+cmdline_args() { # MODE
+    local i=0 n u
+    for n in srv kit qemu; do
+        case $n in
+            srv) u=nbd://127.0.0.1:$PORT_SRV/srv ;;
+            kit) u=nbd://127.0.0.1:$PORT_KIT/kit ;;
+            qemu) u=nbd://127.0.0.1:$PORT_QEMU/qexp ;;
+        esac
+        echo "--Nbd:Mappings:$i:Name=$n --Nbd:Mappings:$i:Uri=$u --Nbd:Mappings:$i:Device=/dev/nbd$i"
+        echo "--Nbd:Mappings:$i:Interface=$1 --Nbd:Mappings:$i:Reconnect:InitialDelay=00:00:01"
+        echo "--Nbd:Mappings:$i:Reconnect:MaxDelay=00:00:02"
+        i=$((i + 1))
+    done
+}
+
+run_mode() { # MODE KILLED_INDEX
+    local mode=$1 k=$2 log=/tmp/daemon-$1.log pid i c0 c1 up late_ms before_late
+    local kname kill_pid t_kill t_restart rec_ms rec_after_kill_ms
+    if [ "$mode" = Netlink ]; then
+        write_json_config "$mode"
+        echo "nbd-daemon (config: /etc/nbd-daemon/appsettings.json)" > "$log"
+        nbd-daemon >>"$log" 2>&1 &
+    else
+        rm -f /etc/nbd-daemon/appsettings.json
+        echo "nbd-daemon $(cmdline_args "$mode" | tr '\n' ' ')" > "$log"
+        # shellcheck disable=SC2046
+        nbd-daemon $(cmdline_args "$mode") >>"$log" 2>&1 &
+    fi
+    pid=$!
+    # --- late: qemu-nbd is down now -------------------------------------------------------------------------
+    c0=$(wait_connected nbd0 60 $pid); ok0=$(yesno $?)
+    c1=$(wait_connected nbd1 60 $pid); ok1=$(yesno $?)
+    sleep 3   # several backoff rounds for the down mapping
+    before_late=$([ -e /sys/block/nbd2/pid ] && echo connected || echo free)
+    alive=$(proc_gone $pid && echo no || echo yes)
+    start_qemu || note "qemu-nbd did not start"
+    late_ms=$(wait_connected nbd2 30 $pid); late_ok=$(yesno $?)
+    result late mode=$mode nbd0_connected=$ok0 nbd0_ms=$c0 nbd1_connected=$ok1 nbd1_ms=$c1 \
+        nbd2_before_server=$before_late daemon_alive=$alive nbd2_connected=$late_ok nbd2_after_server_ms=$late_ms
+    # --- data -----------------------------------------------------------------------------------------------
+    local off=0; [ "$mode" = Netlink ] && off=8
+    for i in 0 1 2; do
+        rw_check nbd$i $off 4
+        result data mode=$mode server=$(srv_of $i) dev=nbd$i size=$(nbd_bytes nbd$i) pid=$([ -e /sys/block/nbd$i/pid ] && echo present || echo absent) \
+            write_rc=$RW_W write_ms=$RW_WMS read_rc=$RW_R read_ms=$RW_RMS readback=$RW_READBACK backing=$RW_BACKING
+    done
+    # --- outage ---------------------------------------------------------------------------------------------
+    kname=$(srv_of $k)
+    local o1 o2 others="" j
+    for j in 0 1 2; do [ "$j" != "$k" ] && others="$others $j"; done
+    rm -f /tmp/stop-io /tmp/stop-victim /tmp/io-*
+    local pids_before="" iopids=""
+    for j in $others; do
+        pids_before="$pids_before$(nbd_pid nbd$j),"
+        others_io nbd$j /tmp/stop-io /tmp/io-nbd$j &
+        iopids="$iopids $!"
+    done
+    victim_io nbd$k /tmp/stop-victim /tmp/io-victim &
+    local vpid=$!
+    sleep 1
+    case $kname in
+        nbdkit) kill_pid=$(cat /run/nbdkit.pid) ;;
+        qemu-nbd) kill_pid=$(cat /run/qemu-nbd.pid) ;;
+    esac
+    t_kill=$(now_ms)
+    kill -KILL "$kill_pid"
+    sleep 2
+    case $kname in
+        nbdkit) start_kit || note "nbdkit restart failed" ;;
+        qemu-nbd) start_qemu || note "qemu-nbd restart failed" ;;
+    esac
+    t_restart=$(now_ms)
+    # the first new I/O that succeeds on the victim device after the restart
+    local recovered=no n=0
+    while [ $(( $(now_ms) - t_restart )) -lt 60000 ]; do
+        n=$((n + 1))
+        if probe_read nbd$k; then recovered=yes; break; fi
+        sleep 0.1
+    done
+    rec_ms=$(( $(now_ms) - t_restart )); rec_after_kill_ms=$(( $(now_ms) - t_kill ))
+    touch /tmp/stop-victim
+    wait $vpid
+    # keep the others' I/O going a little past the recovery, then stop it
+    sleep 1
+    touch /tmp/stop-io
+    for j in $iopids; do wait "$j"; done
+    read -r vops vfails verr < /tmp/io-victim
+    local oops=0 ofails=0 a b
+    for j in $others; do
+        read -r a b < /tmp/io-nbd$j; oops=$((oops + a)); ofails=$((ofails + b))
+    done
+    local pids_after=""
+    for j in $others; do pids_after="$pids_after$(nbd_pid nbd$j),"; done
+    rw_check nbd$k $((off + 4)) 4
+    local reconnects
+    reconnects=$(grep -c 'Reconnecting' "$log")
+    result outage mode=$mode killed=$kname dev=nbd$k recovered=$recovered recover_after_restart_ms=$rec_ms \
+        recover_after_kill_ms=$rec_after_kill_ms probes=$n victim_ops=$vops victim_fails=$vfails victim_first_error=$verr \
+        others_ops=$oops others_fails=$ofails others_pids_kept=$([ "$pids_before" = "$pids_after" ] && echo yes || echo no) \
+        size=$(nbd_bytes nbd$k) write_rc=$RW_W read_rc=$RW_R readback=$RW_READBACK backing=$RW_BACKING \
+        daemon_alive=$(proc_gone $pid && echo no || echo yes) reconnecting_lines=$reconnects
+    # --- stop -----------------------------------------------------------------------------------------------
+    local t0 f0 f1 f2
+    # wall-clock markers in the daemon's own log (same clock as its timestamps; busybox date has whole seconds)
+    echo "SCENARIO $(date +%H:%M:%S) SIGTERM sent" >> "$log"
+    t0=$(now_ms)
+    kill -TERM $pid
+    wait_exit $pid 15 || { kill -KILL $pid; wait $pid; }
+    echo "SCENARIO $(date +%H:%M:%S) exited rc=$EXIT_RC after $EXIT_MS ms" >> "$log"
+    local exit_rc=$EXIT_RC exit_ms=$EXIT_MS
+    f0=$(wait_free nbd0 5 >/dev/null; yesno $?); f1=$(wait_free nbd1 5 >/dev/null; yesno $?); f2=$(wait_free nbd2 5 >/dev/null; yesno $?)
+    result stop mode=$mode exit_rc=$exit_rc exit_ms=$exit_ms all_freed_ms=$(( $(now_ms) - t0 )) nbd0_freed=$f0 nbd1_freed=$f1 nbd2_freed=$f2 \
+        sizes=$(nbd_bytes nbd0),$(nbd_bytes nbd1),$(nbd_bytes nbd2)
+    # the daemon's log without stack frames: the start, and the end (outage and stop)
+    grep -v '^   at \|^   --- End\|^ ---> ' "$log" > /tmp/log-short
+    if [ "$(wc -l < /tmp/log-short)" -le 140 ]; then sed "s/^/LOG daemon-$mode: /" /tmp/log-short
+    else head -n 40 /tmp/log-short | sed "s/^/LOG daemon-$mode: /"; echo "LOG daemon-$mode: ..."
+         tail -n 100 /tmp/log-short | sed "s/^/LOG daemon-$mode: /"; fi
+    # qemu-nbd down again for the next mode's "late" step
+    kill -KILL "$(cat /run/qemu-nbd.pid)" 2>/dev/null
+    sleep 0.5
+}
+
+run_mode Ioctl 1      # nbdkit killed
+run_mode Netlink 2    # qemu-nbd killed (it was started late in this run, and restarts again)
+rm -f /etc/nbd-daemon/appsettings.json
+
+# --- bad configuration ----------------------------------------------------------------------------------------
+daemon_connect /tmp/pre.log nbd://127.0.0.1:$PORT_SRV/srv /dev/nbd5
+PRE=$DPID
+wait_connected nbd5 60 $PRE >/dev/null; pre_ok=$(yesno $?)
+pre_pid=$(nbd_pid nbd5)
+
+badconfig() { # CASE KEY ARGS...
+    local case=$1 key=$2 t0 rc ms d touched=""; shift 2
+    t0=$(now_ms)
+    timeout 60 "$@" >/tmp/bad-$case.out 2>/tmp/bad-$case.err; rc=$?
+    ms=$(( $(now_ms) - t0 ))
+    for d in 0 1 2 3 4; do
+        { [ "$(cat /sys/block/nbd$d/size)" != 0 ] || [ -e /sys/block/nbd$d/pid ]; } && touched="${touched}nbd$d,"
+    done
+    result badconfig case=$case exit_rc=$rc exit_ms=$ms key_named=$(grep -qF "$key" /tmp/bad-$case.err && echo yes || echo no) \
+        touched=${touched:-none} pre_pid_kept=$([ "$(nbd_pid nbd5)" = "$pre_pid" ] && echo yes || echo no) \
+        pre_size=$(nbd_bytes nbd5) pre_read=$(probe_read nbd5 && echo ok || echo fail)
+    sed "s/^/LOG bad-$case stderr: /" /tmp/bad-$case.err
+    sed "s/^/LOG bad-$case stdout: /" /tmp/bad-$case.out
+}
+result pre connected=$pre_ok
+# A valid mapping next to the bad one must not be started either.
+badconfig interface Nbd:Mappings:1:Interface nbd-daemon \
+    --Nbd:Mappings:0:Name=good --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_SRV/srv --Nbd:Mappings:0:Device=/dev/nbd3 \
+    --Nbd:Mappings:1:Name=bad --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Device=/dev/nbd4 \
+    --Nbd:Mappings:1:Interface=Bogus
+# through the environment this time
+badconfig duplicate Nbd:Mappings:1:Device env \
+    Nbd__Mappings__0__Name=a Nbd__Mappings__0__Uri=nbd://127.0.0.1:$PORT_SRV/srv Nbd__Mappings__0__Device=/dev/nbd3 \
+    Nbd__Mappings__1__Name=b Nbd__Mappings__1__Uri=nbd://127.0.0.1:$PORT_KIT/kit Nbd__Mappings__1__Device=/dev/nbd3 \
+    nbd-daemon
+# the device of the `connect` mapping itself in the config: still not touched
+badconfig busydevice Nbd:Mappings:1:Interface nbd-daemon \
+    --Nbd:Mappings:0:Name=x --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_SRV/srv --Nbd:Mappings:0:Device=/dev/nbd5 \
+    --Nbd:Mappings:1:Name=y --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Interface=Bogus
+daemon_kill $PRE TERM
+result pre_stop exit_rc=$EXIT_RC freed=$(wait_free nbd5 5 >/dev/null; yesno $?)
