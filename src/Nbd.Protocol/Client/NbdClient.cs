@@ -19,18 +19,21 @@ public static class NbdClient
     {
         ArgumentNullException.ThrowIfNull(uri);
         options ??= NbdClientOptions.Default;
-        var socket = await ConnectSocketAsync(uri, options, ct);
-        try
+        return await OnOwnThread(async () =>
         {
-            using var stream = new NetworkStream(socket, ownsSocket: false);
-            var export = await NegotiateAsync(stream, uri, options, ct);
-            return new NbdConnection(export, socket);
-        }
-        catch
-        {
-            socket.Dispose();
-            throw;
-        }
+            var socket = await ConnectSocketAsync(uri, options, ct);
+            try
+            {
+                using var stream = new BlockingSocketStream(socket);
+                var export = await NegotiateAsync(stream, uri, options, ct);
+                return new NbdConnection(export, socket);
+            }
+            catch
+            {
+                socket.Dispose();
+                throw;
+            }
+        });
     }
 
     /// <summary>NBD_OPT_LIST, then a soft disconnect (NBD_OPT_ABORT).</summary>
@@ -38,9 +41,12 @@ public static class NbdClient
     {
         ArgumentNullException.ThrowIfNull(uri);
         options ??= NbdClientOptions.Default;
-        using var socket = await ConnectSocketAsync(uri, options, ct);
-        using var stream = new NetworkStream(socket, ownsSocket: false);
-        return await NegotiateListAsync(stream, uri, options, ct);
+        return await OnOwnThread(async () =>
+        {
+            using var socket = await ConnectSocketAsync(uri, options, ct);
+            using var stream = new BlockingSocketStream(socket);
+            return await NegotiateListAsync(stream, uri, options, ct);
+        });
     }
 
     /// <summary>NBD_OPT_INFO on the URI's export, then a soft disconnect (NBD_OPT_ABORT).</summary>
@@ -48,10 +54,20 @@ public static class NbdClient
     {
         ArgumentNullException.ThrowIfNull(uri);
         options ??= NbdClientOptions.Default;
-        using var socket = await ConnectSocketAsync(uri, options, ct);
-        using var stream = new NetworkStream(socket, ownsSocket: false);
-        return await NegotiateInfoAsync(stream, uri, options, ct);
+        return await OnOwnThread(async () =>
+        {
+            using var socket = await ConnectSocketAsync(uri, options, ct);
+            using var stream = new BlockingSocketStream(socket);
+            return await NegotiateInfoAsync(stream, uri, options, ct);
+        });
     }
+
+    /// <summary>
+    /// Socket I/O here is blocking (see <see cref="BlockingSocketStream"/>), so a connect and handshake run on a thread of
+    /// their own rather than holding a thread-pool thread for up to the connect and handshake timeouts.
+    /// </summary>
+    private static Task<T> OnOwnThread<T>(Func<Task<T>> work) =>
+        Task.Factory.StartNew(() => work().GetAwaiter().GetResult(), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     // ---- Handshake over a stream (what the tests drive) -----------------------------------------------------------
 
@@ -155,7 +171,7 @@ public static class NbdClient
                 var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
                 try
                 {
-                    await socket.ConnectAsync(new UnixDomainSocketEndPoint(uri.SocketPath!), linked.Token);
+                    Connect(socket, new UnixDomainSocketEndPoint(uri.SocketPath!), options.ConnectTimeout, linked.Token);
                     return socket;
                 }
                 catch
@@ -174,11 +190,11 @@ public static class NbdClient
                 var socket = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
                 try
                 {
-                    await socket.ConnectAsync(new IPEndPoint(address, uri.Port), linked.Token);
+                    Connect(socket, new IPEndPoint(address, uri.Port), options.ConnectTimeout, linked.Token);
                     socket.NoDelay = true;
                     return socket;
                 }
-                catch (SocketException ex)
+                catch (SocketException ex) when (!linked.IsCancellationRequested)
                 {
                     socket.Dispose();
                     last = ex;
@@ -196,9 +212,42 @@ public static class NbdClient
         {
             throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Connect, options.ConnectTimeout, ex), uri);
         }
+        catch (TimeoutException ex)
+        {
+            throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Connect, options.ConnectTimeout, ex), uri);
+        }
         catch (SocketException ex)
         {
             throw AddContext(new NbdConnectException(endPoint, ex), uri);
         }
+    }
+
+    /// <summary>
+    /// A blocking connect(2), bounded by SO_SNDTIMEO (Linux applies it to connect) and by <paramref name="ct"/>, which
+    /// closes the socket to wake it. Blocking, not ConnectAsync: see <see cref="BlockingSocketStream"/> for why this
+    /// socket must never join the runtime's epoll loop.
+    /// </summary>
+    private static void Connect(Socket socket, EndPoint endPoint, TimeSpan timeout, CancellationToken ct)
+    {
+        ct.ThrowIfCancellationRequested();
+        socket.SendTimeout = (int)Math.Clamp(Math.Ceiling(timeout.TotalMilliseconds), 1, int.MaxValue);
+        using (ct.Register(static s => ((Socket)s!).Dispose(), socket))
+        {
+            try
+            {
+                socket.Connect(endPoint);
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException && ct.IsCancellationRequested)
+            {
+                throw new OperationCanceledException(ct);
+            }
+            catch (SocketException e) when (e.SocketErrorCode is SocketError.InProgress or SocketError.WouldBlock or SocketError.TimedOut)
+            {
+                throw new TimeoutException($"connect to {endPoint} took longer than {timeout.TotalMilliseconds} ms", e);
+            }
+        }
+
+        // The kernel's own sends on this socket must not time out.
+        socket.SendTimeout = 0;
     }
 }
