@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using Nbd.Kernel;
 using Nbd.Protocol;
+using NbdDaemon.Mappings;
 
 namespace NbdDaemon.Cli;
 
@@ -127,9 +128,9 @@ internal static class ConnectCommand
     /// </summary>
     internal static bool TryChooseBlockSize(uint? requested, BlockSizeConstraints? server, out uint blockSize, out string? error)
     {
-        blockSize = requested ?? (server is { Preferred: >= 512 and <= 4096 } p && uint.IsPow2(p.Preferred) ? p.Preferred : 4096);
+        blockSize = BlockSizePolicy.Choose(requested, server?.Preferred);
         error = null;
-        if (blockSize is < 512 or > 4096 || !uint.IsPow2(blockSize))
+        if (!BlockSizePolicy.IsValid(blockSize))
         {
             error = $"block size {blockSize} is not a power of two from 512 to 4096";
         }

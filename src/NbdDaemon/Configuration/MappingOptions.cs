@@ -23,7 +23,6 @@ internal sealed record ReconnectOptions(bool Enabled, TimeSpan InitialDelay, Tim
 /// <summary>One validated entry of <c>Nbd:Mappings</c>. Built only by <see cref="NbdConfigurationReader"/>.</summary>
 internal sealed record MappingOptions
 {
-    public const int DefaultBlockSize = 4096;
     public const int MaxConnections = 16;
     public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
 

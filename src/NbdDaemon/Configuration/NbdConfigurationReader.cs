@@ -1,5 +1,4 @@
 using System.Globalization;
-using System.Numerics;
 using System.Text.RegularExpressions;
 using NbdDaemon.Mappings;
 
@@ -116,7 +115,7 @@ internal sealed partial class NbdConfigurationReader
         if (blockSizeText is not null)
         {
             if (uint.TryParse(blockSizeText, NumberStyles.None, CultureInfo.InvariantCulture, out uint bs)
-                && bs is >= 512 and <= 4096 && BitOperations.IsPow2(bs))
+                && BlockSizePolicy.IsValid(bs))
             {
                 blockSize = bs;
             }

@@ -1,6 +1,5 @@
 using System.Globalization;
 using System.Net.Sockets;
-using System.Numerics;
 using NbdDaemon.Configuration;
 
 namespace NbdDaemon.Mappings;
@@ -276,7 +275,7 @@ internal sealed class MappingLoop
             }
         }
 
-        uint blockSize = _options.BlockSize ?? ChooseBlockSize(export.PreferredBlockSize);
+        uint blockSize = BlockSizePolicy.Choose(_options.BlockSize, export.PreferredBlockSize);
         if (export.MinimumBlockSize is uint minimum && minimum > blockSize)
         {
             throw new MappingException($"server minimum block size {minimum} exceeds block size {blockSize}");
@@ -286,9 +285,6 @@ internal sealed class MappingLoop
         ushort flags = (ushort)(export.TransmissionFlags | (_options.ReadOnly ? ExportDescription.FlagReadOnly : 0));
         return (export, blockSize, flags);
     }
-
-    private static uint ChooseBlockSize(uint? preferred) =>
-        preferred is uint p && p is >= 512 and <= 4096 && BitOperations.IsPow2(p) ? p : MappingOptions.DefaultBlockSize;
 
     private void ConfigureIoctl(ExportDescription export, uint blockSize, ushort flags)
     {
