@@ -46,23 +46,7 @@ internal sealed class IoctlDevice : IIoctlDevice
 
     public void SetSocket(Socket socket) => OnThread(() => _device.SetSocket(socket));
 
-    public INbdServiceLoop StartServiceLoop(string name)
-    {
-        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        _work.Add(() =>
-        {
-            try
-            {
-                _device.RunServiceLoop();
-                done.SetResult();
-            }
-            catch (Exception e)
-            {
-                done.SetException(e);
-            }
-        });
-        return new ServiceLoop(this, done.Task);
-    }
+    public INbdServiceLoop StartServiceLoop(string name) => new ServiceLoop(this, Post(() => _device.RunServiceLoop()));
 
     public void ClearQueue() => _device.ClearQueue();
 
@@ -76,7 +60,10 @@ internal sealed class IoctlDevice : IIoctlDevice
         _device?.Dispose();
     }
 
-    private void OnThread(Action action)
+    private void OnThread(Action action) => Post(action).GetAwaiter().GetResult();
+
+    /// <summary>Queues <paramref name="action"/> on the device's thread; the task ends with it.</summary>
+    private Task Post(Action action)
     {
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         _work.Add(() =>
@@ -91,7 +78,7 @@ internal sealed class IoctlDevice : IIoctlDevice
                 done.SetException(e);
             }
         });
-        done.Task.GetAwaiter().GetResult();
+        return done.Task;
     }
 
     private void Run()
