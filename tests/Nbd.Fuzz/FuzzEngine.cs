@@ -8,7 +8,7 @@ internal sealed record FuzzSettings
 {
     public ulong Seed { get; init; } = 1;
 
-    /// <summary>Number of cases; each carries one hostile stream (reconnect cases add two valid ones around it).</summary>
+    /// <summary>Number of cases = number of hostile streams (<see cref="CaseGenerator"/> adds valid ones around some).</summary>
     public long Cases { get; init; } = 10_000;
 
     public long StartIndex { get; init; }
@@ -66,6 +66,7 @@ internal sealed class FuzzReport
     public string MaxDurationCase { get; set; } = "-";
     public long AsyncCompletions { get; set; }
     public long OracleChecks { get; set; }
+    public long Hostile { get; set; }
     public long SocketStreams { get; set; }
     public long PeakGcHeapBytes { get; set; }
     public long PeakWorkingSetBytes { get; set; }
@@ -352,6 +353,10 @@ internal sealed class FuzzEngine
             {
                 _stats.OracleChecks++;
             }
+            else
+            {
+                _stats.Hostile++;
+            }
 
             if (!result.CompletedSynchronously)
             {
@@ -371,6 +376,7 @@ internal sealed class FuzzEngine
             report.Streams += _stats.Streams;
             report.Successes += _stats.Successes;
             report.OracleChecks += _stats.OracleChecks;
+            report.Hostile += _stats.Hostile;
             report.AsyncCompletions += _stats.AsyncCompletions;
             report.SocketStreams += _stats.SocketStreams;
             foreach (var (key, count) in _stats.Failures)

@@ -8,7 +8,7 @@ internal static class Summary
     {
         var c = CultureInfo.InvariantCulture;
         o.WriteLine(string.Create(c, $"cases            {r.Cases}{(r.Aborted ? " (run stopped at a hang)" : "")}"));
-        o.WriteLine(string.Create(c, $"streams served   {r.Streams} ({r.OracleChecks} unmutated with an exact expected outcome; {r.SocketStreams} more over loopback TCP)"));
+        o.WriteLine(string.Create(c, $"streams served   {r.Streams}: {r.Hostile} hostile (mutated, truncated, random), {r.OracleChecks} valid with an exact expected outcome; {r.SocketStreams} more over loopback TCP"));
         o.WriteLine(string.Create(c, $"successes        {r.Successes}"));
         o.WriteLine(string.Create(c, $"failures         {r.Streams - r.Successes}"));
         foreach (var (outcome, count) in r.Failures.OrderByDescending(kv => kv.Value))
