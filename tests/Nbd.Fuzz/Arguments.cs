@@ -1,0 +1,50 @@
+using System.Globalization;
+
+namespace Nbd.Fuzz;
+
+internal static class Arguments
+{
+    public static (FuzzSettings Settings, string? Replay) Parse(string[] args)
+    {
+        var settings = new FuzzSettings();
+        string? replay = null;
+        for (int i = 0; i < args.Length; i++)
+        {
+            string value = i + 1 < args.Length ? args[i + 1] : throw new FormatException($"{args[i]} needs a value.");
+            settings = args[i] switch
+            {
+                "--streams" or "--cases" => settings with { Cases = Long(args[i], value, 1) },
+                "--seed" => settings with { Seed = ulong.Parse(value, CultureInfo.InvariantCulture) },
+                "--start" => settings with { StartIndex = Long(args[i], value, 0) },
+                "--mode" => settings with { Mode = Mode(value) },
+                "--parallel" => settings with { Parallel = (int)Long(args[i], value, 1) },
+                "--deadline-ms" => settings with { Deadline = TimeSpan.FromMilliseconds(Long(args[i], value, 1)) },
+                "--alloc-bound" => settings with { AllocationBound = Long(args[i], value, 1) },
+                "--socket-every" => settings with { SocketEvery = (int)Long(args[i], value, 0) },
+                "--replay" => settings,
+                _ => throw new FormatException($"Unknown argument {args[i]}."),
+            };
+            if (args[i] == "--replay")
+            {
+                replay = value;
+            }
+
+            i++;
+        }
+
+        return (settings, replay);
+    }
+
+    private static long Long(string name, string value, long minimum) =>
+        long.TryParse(value, NumberStyles.Integer, CultureInfo.InvariantCulture, out long n) && n >= minimum
+            ? n
+            : throw new FormatException($"{name} takes an integer >= {minimum}, not '{value}'.");
+
+    private static FuzzMode Mode(string value) => value switch
+    {
+        "handshake" => FuzzMode.Handshake,
+        "reconnect" => FuzzMode.Reconnect,
+        "all" => FuzzMode.All,
+        _ => throw new FormatException($"--mode is handshake, reconnect or all, not '{value}'."),
+    };
+}
