@@ -156,6 +156,13 @@ internal sealed class MappingLoop
 
     private async Task RunAttemptsAsync(CancellationToken stop)
     {
+        // A device left configured by an earlier daemon may have lost its connection while no daemon ran: the
+        // kernel is then holding its I/O already, so the start retries on the fast schedule too.
+        if (_options.Interface == KernelInterface.Netlink && LeftOverDeviceExists())
+        {
+            _heldSince = _time.GetUtcNow();
+        }
+
         while (true)
         {
             stop.ThrowIfCancellationRequested();
@@ -427,6 +434,20 @@ internal sealed class MappingLoop
             throw new MappingException(string.Create(
                 CultureInfo.InvariantCulture,
                 $"kernel took {taken} of {_sessions.Count} sockets on RECONFIGURE: no dead connection slot for the rest after {ReconfigureRetries + 1} tries over {(HeldRetryInterval * ReconfigureRetries).TotalSeconds:0.###} s"));
+        }
+    }
+
+    private bool LeftOverDeviceExists()
+    {
+        try
+        {
+            return FindOwnDevice() is not null;
+        }
+#pragma warning disable CA1031 // Only chooses the retry schedule; the attempt itself reads sysfs again and reports failures.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
+            return false;
         }
     }
 

@@ -181,6 +181,41 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_DeviceLeftAndServerDown_RetriesOnTheHeldScheduleFromTheStart()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
+        var connector = new FakeConnector().ThenRefuse().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        // The kernel may be holding the device's I/O since the connection died with no daemon running.
+        Assert.Equal(MappingLoop.HeldRetryInterval, loop.LastDelay);
+        _time.Advance(MappingLoop.HeldRetryInterval);
+        await states.WaitForAsync(MappingState.Serving);
+        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_NoDeviceLeftAndServerDown_NormalBackoffAtStart()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(TimeSpan.FromMilliseconds(750), loop.LastDelay);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task RunAsync_DeviceLeftStillConnected_ClosesFreshSocketsAndServesUntilLinkDead()
     {
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);

@@ -5,8 +5,9 @@
 #  adopt_alive daemon started again while the kernel's old connection is alive: adopted, 0 of 1 fresh sockets taken.
 #  outage      then the server SIGKILLed and restarted 2 s later: I/O issued during the outage completes, no error,
 #              data read back; RECONFIGURE's SO_SNDTIMEO read back.
-#  adopt_dead  daemon SIGKILLed and server SIGKILLed; I/O issued; server restarted, daemon started: adopted by
-#              RECONFIGURE (1 of 1 taken) and that I/O completes without error.
+#  adopt_dead  daemon SIGKILLed and server SIGKILLed; I/O issued; daemon started while the server is down (it
+#              retries on the 250 ms schedule: the kernel holds I/O), server restarted: adopted by RECONFIGURE
+#              (1 of 1 taken) and that I/O completes without error.
 #  leave       OnStop=Leave: SIGTERM → exit 0, device still configured and serving; next start adopts it.
 #  disconnect  OnStop=Disconnect: SIGTERM → device freed.
 #  mismatch    device left configured at 16 MiB, server back with a 32 MiB export: the daemon refuses naming both
@@ -121,15 +122,17 @@ result outage reconfigured=$reconf reconfigured_after_restart_ms=$rms write_rc=$
     reconnecting_lines=$(grep -c -- '-> Reconnecting' "$LOG")
 show "$LOG"
 
-# --- adopt_dead: daemon and server both gone, I/O waits, server back, then the daemon ----------------------
+# --- adopt_dead: daemon and server both gone, I/O waits; the daemon starts while the server is still down ------
 kill -KILL $DPID; wait $DPID 2>/dev/null
 kill -KILL $KIT; wait $KIT 2>/dev/null
 sleep 0.5
 rm -f /tmp/bg-out; bg_io 4 /tmp/bg-out
-sleep 2
-start_kit || note "nbdkit restart failed"
 start_daemon
-t_start=$(now_ms)
+retrying=$(wait_log "$LOG" "connection refused" 90 >/dev/null; yesno $?)
+first_retry_s=$(grep -o "connection refused; attempt [0-9]* in [0-9.]* s" "$LOG" | head -n 1 | sed 's/.* in \([0-9.]*\) s/\1/')
+sleep 1
+start_kit || note "nbdkit restart failed"
+t_restart=$(now_ms)
 ams=$(wait_log "$LOG" "adopted /dev/nbd0" 60); found=$(yesno $?)
 wait $BGPID
 read -r bw br brb bend < /tmp/bg-out
@@ -137,8 +140,9 @@ read -r bw br brb bend < /tmp/bg-out
 wait_log "$LOG" "NBD_CMD_RECONFIGURE (adopt): kernel took" 20 >/dev/null
 set -- $(took "$LOG" "NBD_CMD_RECONFIGURE (adopt)")
 result sndtimeo phase=adopt taken=${1:-none} total=${2:-none} seconds=${3:-none} timeout=$TIMEOUT_S
-result adopt_dead adopted=$found adopt_ms=$ams write_rc=$bw read_rc=$br readback=$brb \
-    io_done_after_daemon_start_ms=$(( bend - t_start )) connects=$(grep -c "NBD_CMD_CONNECT" "$LOG") $(dev_state)
+result adopt_dead retrying_before_server=$retrying first_retry_s=${first_retry_s:-none} adopted=$found \
+    adopted_after_restart_ms=$ams write_rc=$bw read_rc=$br readback=$brb io_done_after_restart_ms=$(( bend - t_restart )) \
+    connects=$(grep -c "NBD_CMD_CONNECT" "$LOG") $(dev_state)
 show "$LOG"
 
 # --- leave: SIGTERM with OnStop=Leave ---------------------------------------------------------------------
