@@ -158,9 +158,16 @@ internal sealed class MappingLoop
     {
         // A device left configured by an earlier daemon may have lost its connection while no daemon ran: the
         // kernel is then holding its I/O already, so the start retries on the fast schedule too.
-        if (_options.Interface == KernelInterface.Netlink && LeftOverDeviceExists())
+        if (_options.Interface == KernelInterface.Netlink)
         {
-            _heldSince = _time.GetUtcNow();
+            if (LeftOverDeviceExists())
+            {
+                _heldSince = _time.GetUtcNow();
+            }
+
+            // Subscribed before the first connect: opening the family and joining the multicast group is not free
+            // (seconds under emulation), and it would otherwise sit between the server's return and the hand-over.
+            TryOpenNetlink();
         }
 
         while (true)
@@ -434,6 +441,19 @@ internal sealed class MappingLoop
             throw new MappingException(string.Create(
                 CultureInfo.InvariantCulture,
                 $"kernel took {taken} of {_sessions.Count} sockets on RECONFIGURE: no dead connection slot for the rest after {ReconfigureRetries + 1} tries over {(HeldRetryInterval * ReconfigureRetries).TotalSeconds:0.###} s"));
+        }
+    }
+
+    private void TryOpenNetlink()
+    {
+        try
+        {
+            _netlink ??= _kernel.OpenNetlink();
+        }
+#pragma warning disable CA1031 // The first attempt opens it again and reports the failure (e.g. nbd module not loaded).
+        catch (Exception)
+#pragma warning restore CA1031
+        {
         }
     }
 
