@@ -423,6 +423,7 @@ internal sealed class MappingLoop
     /// <summary>
     /// RECONFIGURE succeeds even when the kernel dropped a socket for want of a dead slot, so each one is checked;
     /// those not taken are offered again a few times (the kernel may not have marked the old slot dead yet).
+    /// None taken fails the attempt (transient); some taken serves on those and closes the rest.
     /// </summary>
     private async Task ConfirmReconfigureAsync(int index, CancellationToken stop)
     {
@@ -435,13 +436,22 @@ internal sealed class MappingLoop
         }
 
         int taken = _sessions.Count - pending.Count;
-        MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE", taken, _sessions.Count, ReadBack());
-        if (pending.Count > 0)
+        MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE", taken, _sessions.Count, ReadBack(_sessions.Except(pending).ToList()));
+        if (taken == 0)
         {
             throw new MappingException(string.Create(
                 CultureInfo.InvariantCulture,
-                $"kernel took {taken} of {_sessions.Count} sockets on RECONFIGURE: no dead connection slot for the rest after {ReconfigureRetries + 1} tries over {(HeldRetryInterval * ReconfigureRetries).TotalSeconds:0.###} s"));
+                $"kernel took 0 of {_sessions.Count} sockets on RECONFIGURE: no dead connection slot after {ReconfigureRetries + 1} tries over {(HeldRetryInterval * ReconfigureRetries).TotalSeconds:0.###} s"));
         }
+
+        // Some taken: the device serves on them. Failing here would leave them in the kernel while the next attempt
+        // brought a full set again, one more than there are dead slots, and fail the same way for ever.
+        foreach (INbdSession notTaken in pending)
+        {
+            notTaken.Dispose();
+        }
+
+        _sessions = [.. _sessions.Except(pending)];
     }
 
     private void TryOpenNetlink()

@@ -127,6 +127,34 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_TwoConnectionsOneSlotStaysAlive_ServesOnTheTakenSocketAndClosesTheOther()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead(0);
+        for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
+        {
+            await WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i);
+            _time.Advance(MappingLoop.HeldRetryInterval);
+        }
+
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        FakeSession[] fresh = [.. connector.Sessions.Skip(2)];
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(fresh[0].Socket));
+        Assert.False(fresh[0].Disposed);
+        Assert.True(fresh[1].Disposed);
+        Assert.Equal(["nl-reconfigure 5 socks 2 id nbd-daemon:data", .. Enumerable.Repeat("nl-reconfigure 5 socks 1 id nbd-daemon:data", 4)], _kernel.Operations.Skip(3));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task RunAsync_ReconfigureTakesNoSocket_RetriesFourTimesThenFailsTransient()
     {
         var connector = new FakeConnector().ThenServe();
@@ -147,7 +175,7 @@ public sealed class MappingLoopNetlinkTests
         await states.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal(5, _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)));
-        Assert.Equal("kernel took 0 of 1 sockets on RECONFIGURE: no dead connection slot for the rest after 5 tries over 1 s", loop.LastFailure);
+        Assert.Equal("kernel took 0 of 1 sockets on RECONFIGURE: no dead connection slot after 5 tries over 1 s", loop.LastFailure);
         Assert.Equal(TimeSpan.FromMilliseconds(300), loop.LastDelay);
         await cts.CancelAsync();
         await run.WaitAsync(TestTimeout);
