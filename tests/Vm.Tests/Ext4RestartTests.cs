@@ -133,7 +133,9 @@ public sealed class Ext4RestartTests(VmFixture vm, ITestOutputHelper output)
         // The kills reached the mapping: the daemon went through Reconnecting at least once per kill.
         Expect.That(run, r, r.Long("reconnecting_lines") >= Ext4RestartScenario.Restarts,
             $"the daemon logged '-> Reconnecting' {r["reconnecting_lines"]} times for {Ext4RestartScenario.Restarts} server kills");
-        Expect.That(run, r, r.Long("ops") >= 10 * Ext4RestartScenario.Restarts, "the writer hardly ran");
+        // A floor, not a rate: a loaded host runs the writer at a fraction of its quiet speed (76 operations for
+        // 10 restarts at load 11, 169 when quiet).
+        Expect.That(run, r, r.Long("ops") >= 20, "the writer hardly ran");
         Expect.Equal(run, r, "write_errors", 0);
         Expect.Equal(run, r, "probe_fails", 0);
     }
