@@ -1,0 +1,242 @@
+#!/bin/bash
+# Full-tier scenario: the daemon restarted under a mounted ext4, run inside the VM by vm-scenario.service.
+# Prints "RESULT systemd <key>=<value>" lines (all prefixed rs_); tests/Vm.Tests/Systemd/DaemonRestartTests.cs
+# asserts. Every step is bounded by `timeout`.
+#
+# One netlink mapping "fs" (OnStop=Leave, Timeout 5 s, Reconnect 0.25 s .. 1 s, DeadConnectionTimeout left at the
+# daemon's default) to nbdkit (file plugin, foreground, one process) on 127.0.0.1:10809; ext4 on /dev/nbd0,
+# mounted; a writer creates files of random sizes (4 KiB .. 2 MiB) with their sha256 in a manifest and runs
+# `sync -f` every 4 files. A monitor samples the device's sysfs size / pid / backend (every 0.1 s nominally, ~1 s under a
+# loaded TCG host). Steps:
+#   rs_restart_*  `systemctl restart nbd-daemon`: a new process re-adopts the device it left connected
+#   rs_kill_*     `systemctl kill -s KILL nbd-daemon`: the unit's Restart=on-failure brings it back (RestartSec)
+#   rs_server_*   nbdkit SIGKILLed and restarted 2 s later: the adopted mapping reconnects
+#   rs_writer_*, rs_device_*, rs_fsck_rc, rs_check_*   the writer's errors, the monitor's findings, e2fsck -fn,
+#                 sha256sum -c of the manifest after a read-only remount
+#   rs_stop_*     unmounted, configuration without OnStop (default Disconnect), restart (adopts), `systemctl stop`:
+#                 the device is freed
+set -u
+r() { echo "RESULT systemd rs_$1=$2"; }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+prop() { systemctl show -p "$2" --value "$1" 2>/dev/null; }
+wait_port() { # PORT: until something listens on 127.0.0.1:PORT (10 s)
+    local i
+    for i in $(seq 1 100); do ss -Hltn "sport = :$1" | grep -q . && return 0; sleep 0.1; done
+    return 1
+}
+dev_size() { cat /sys/block/nbd0/size 2>/dev/null || echo missing; }
+dev_pid() { [ -e /sys/block/nbd0/pid ] && echo present || echo absent; }
+dev_backend() { local b; b=$(cat /sys/block/nbd0/backend 2>/dev/null); echo "${b:-none}"; }
+# wait_active TIMEOUT_S OLD_PID: the unit is active with a MainPID other than OLD_PID; prints elapsed ms
+wait_active() {
+    local limit=$(( $1 * 1000 )) old=$2 t0 pid
+    t0=$(now_ms)
+    while :; do
+        pid=$(prop nbd-daemon MainPID)
+        if [ "$(prop nbd-daemon ActiveState)" = active ] && [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$old" ]; then
+            echo $(( $(now_ms) - t0 )); return 0
+        fi
+        [ $(( $(now_ms) - t0 )) -ge "$limit" ] && { echo $(( $(now_ms) - t0 )); return 1; }
+        sleep 0.1
+    done
+}
+# ready_ms: how long the current process took from exec to READY=1 (the unit's own timestamps)
+ready_ms() {
+    local e a
+    e=$(prop nbd-daemon ExecMainStartTimestampMonotonic); a=$(prop nbd-daemon ActiveEnterTimestampMonotonic)
+    if [ "${e:-0}" -gt 0 ] && [ "${a:-0}" -ge "$e" ]; then echo $(( (a - e) / 1000 )); else echo none; fi
+}
+# adopted PID: journal entries of the mapping, logged by process PID, that mention adoption
+adopted() {
+    journalctl --sync 2>/dev/null
+    journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$1" 2>/dev/null | grep -ci 'adopt'
+}
+# O_DIRECT read of the raw device (fine under a mounted filesystem): prints ms until it returned; rc of dd
+probe() {
+    local t0 rc
+    t0=$(now_ms)
+    timeout 150 dd if=/dev/nbd0 of=/dev/null bs=4k count=1 iflag=direct status=none 2>/dev/null; rc=$?
+    echo "$(( $(now_ms) - t0 )) $rc"
+}
+
+IMG=/var/tmp/fs.img MNT=/mnt/fs W=/tmp/writer CONF=/etc/nbd-daemon/appsettings.json
+r boot_uptime_s "$(cut -d' ' -f1 /proc/uptime)"
+r kernel "$(uname -r)"
+for t in nbdkit mkfs.ext4 e2fsck sha256sum; do r "tool_${t//./_}" "$(command -v "$t" >/dev/null && echo yes || echo no)"; done
+if ! systemctl cat nbd-daemon.service >/dev/null 2>&1; then
+    r daemon_installed no
+    exit 0
+fi
+r daemon_installed yes
+r unit_Restart "$(prop nbd-daemon Restart)"
+r unit_RestartUSec "$(prop nbd-daemon RestartUSec)"
+timeout 30 systemctl stop nbd-daemon.service 2>/dev/null
+
+mkdir -p "$MNT" /etc/nbd-daemon
+truncate -s 512M "$IMG"
+start_kit() {
+    nbdkit -f --ipaddr 127.0.0.1 --port 10809 file "$IMG" >>/tmp/nbdkit.log 2>&1 &
+    KIT=$!
+    wait_port 10809
+}
+start_kit && r server up || { r server down; cat /tmp/nbdkit.log; }
+
+write_config() { # ONSTOP (Leave, or "" for the default)
+    local onstop=""
+    [ -n "$1" ] && onstop=", \"OnStop\": \"$1\""
+    cat >"$CONF" <<EOF
+{ "Nbd": { "Mappings": [
+  { "Name": "fs", "Uri": "nbd://127.0.0.1:10809/fs", "Device": "/dev/nbd0", "Interface": "Netlink",
+    "Timeout": "00:00:05", "Reconnect": { "InitialDelay": "00:00:00.250", "MaxDelay": "00:00:01" }$onstop }
+] } }
+EOF
+}
+write_config Leave
+systemctl reset-failed nbd-daemon.service 2>/dev/null
+timeout 60 systemctl start nbd-daemon.service; r start_rc "$?"
+r start_ready_ms "$(ready_ms)"
+PID0=$(prop nbd-daemon MainPID)
+r start_size "$(dev_size)"
+r start_backend "$(dev_backend)"
+SIZE0=$(dev_size) BACKEND0=$(dev_backend)
+dmesg -C
+timeout 120 mkfs.ext4 -F -q /dev/nbd0; r mkfs_rc "$?"
+mount -t ext4 -o errors=remount-ro /dev/nbd0 "$MNT"; MOUNT_RC=$?
+r mount_rc "$MOUNT_RC"
+[ "$MOUNT_RC" = 0 ] || { journalctl --no-pager -u nbd-daemon | tail -n 30; exit 0; }
+
+# op START_MS END_MS RC KIND N BYTES -> one line in $W.ops
+writer() {
+    local n=0 size sum t0 rc old
+    : >$W.ops; : >$W.manifest; : >$W.err
+    while [ ! -e $W.stop ]; do
+        n=$((n + 1))
+        size=$(( 4096 + (RANDOM * 32768 + RANDOM) % (2 * 1048576 - 4096 + 1) ))
+        head -c $size /dev/urandom >$W.dat
+        sum=$(sha256sum $W.dat | cut -d' ' -f1)
+        t0=$(now_ms); cat $W.dat >"$MNT/f$n" 2>>$W.err; rc=$?
+        echo "$t0 $(now_ms) $rc write $n $size" >>$W.ops
+        [ $rc = 0 ] && echo "$sum  f$n" >>$W.manifest
+        if [ $((n % 4)) = 0 ]; then
+            t0=$(now_ms); sync -f "$MNT/f$n" 2>>$W.err; rc=$?
+            echo "$t0 $(now_ms) $rc sync $n 0" >>$W.ops
+        fi
+        old=$((n - 120))
+        if [ $old -ge 1 ]; then
+            t0=$(now_ms); rm "$MNT/f$old" 2>>$W.err; rc=$?
+            echo "$t0 $(now_ms) $rc rm $old 0" >>$W.ops
+            [ $rc = 0 ] && sed -i "/  f$old\$/d" $W.manifest
+        fi
+    done
+    t0=$(now_ms); sync -f "$MNT" 2>>$W.err; rc=$?
+    echo "$t0 $(now_ms) $rc sync final 0" >>$W.ops
+}
+# monitor: one line "size pid backend" per 0.1 s until $W.stopmon exists. A disconnect alone does not show here:
+# while the filesystem holds the device open the kernel keeps size, pid and backend (seen with a daemon that
+# disconnected on stop), so the writer, the probes and e2fsck are what prove the connection was kept; this proves
+# the configuration was never torn down and replaced.
+monitor() {
+    : >/tmp/monitor
+    while [ ! -e $W.stopmon ]; do echo "$(dev_size) $(dev_pid) $(dev_backend)" >>/tmp/monitor; sleep 0.1; done
+}
+# stall FROM_MS TO_MS: the longest writer operation overlapping the window
+stall() { awk -v a="$1" -v b="$2" '$2 >= a && $1 <= b && $2 - $1 > m { m = $2 - $1 } END { print m + 0 }' $W.ops; }
+
+rm -f $W.stop $W.stopmon
+writer &
+WPID=$!
+monitor &
+MPID=$!
+sleep 5
+
+# (1) systemctl restart. Under TCG on a loaded host a .NET start can outlast the image's DefaultTimeoutStartSec
+# (60 s): systemd then stops the half-started daemon (OnStop=Leave: device left) and Restart= tries again, so the
+# step waits for the unit to be active with a new process rather than trusting the first start.
+NR0=$(prop nbd-daemon NRestarts)
+t0=$(now_ms)
+timeout 90 systemctl restart nbd-daemon.service; r restart_rc "$?"
+wait_active 180 "$PID0" >/dev/null; r restart_active "$([ $? = 0 ] && echo yes || echo no)"
+r restart_ms "$(( $(now_ms) - t0 ))"
+r restart_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - NR0 ))"
+r restart_ready_ms "$(ready_ms)"
+PID1=$(prop nbd-daemon MainPID)
+sleep 3
+r restart_adopted "$(adopted "$PID1")"
+read -r ms rc < <(probe); r restart_probe_rc "$rc"; r restart_probe_ms "$ms"
+r restart_stall_ms "$(stall "$t0" "$(now_ms)")"
+sleep 3
+
+# (2) systemctl kill -s KILL: Restart= brings the unit back
+NR0=$(prop nbd-daemon NRestarts)
+t0=$(now_ms)
+timeout 10 systemctl kill -s KILL nbd-daemon.service; r kill_rc "$?"
+back_ms=$(wait_active 180 "$PID1"); r kill_restarted "$([ $? = 0 ] && echo yes || echo no)"
+r kill_back_ms "$back_ms"
+r kill_ready_ms "$(ready_ms)"
+PID2=$(prop nbd-daemon MainPID)
+r kill_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - NR0 ))"
+sleep 3
+r kill_adopted "$(adopted "$PID2")"
+read -r ms rc < <(probe); r kill_probe_rc "$rc"; r kill_probe_ms "$ms"
+r kill_stall_ms "$(stall "$t0" "$(now_ms)")"
+sleep 3
+
+# (3) the adopted mapping reconnects after a server outage
+t0=$(now_ms)
+kill -KILL "$KIT"; wait "$KIT" 2>/dev/null
+sleep 2
+start_kit || r server_restart failed
+t_up=$(now_ms)
+read -r ms rc < <(probe); r server_probe_rc "$rc"; r server_io_after_up_ms "$ms"
+r server_stall_ms "$(stall "$t0" "$(now_ms)")"
+r server_same_pid "$([ "$(prop nbd-daemon MainPID)" = "$PID2" ] && echo yes || echo no)"
+journalctl --sync 2>/dev/null
+r server_reconnecting "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$PID2" | grep -c -- '-> Reconnecting')"
+sleep 3
+
+touch $W.stop; wait "$WPID"
+touch $W.stopmon; wait "$MPID"
+r writer_ops "$(wc -l <$W.ops)"
+r writer_errors "$(awk '$3 != 0' $W.ops | wc -l)"
+r writer_max_stall_ms "$(awk '$2 - $1 > m { m = $2 - $1 } END { print m + 0 }' $W.ops)"
+head -n 20 $W.err | sed 's/^/writer: /'
+r device_samples "$(wc -l </tmp/monitor)"
+r device_size_changed "$(awk -v s="$SIZE0" '$1 != s' /tmp/monitor | wc -l)"
+r device_pid_absent "$(awk '$2 != "present"' /tmp/monitor | wc -l)"
+r device_backend_changed "$(awk -v b="$BACKEND0" '$3 != b' /tmp/monitor | wc -l)"
+
+umount "$MNT"; r umount_rc "$?"
+timeout 300 e2fsck -fn /dev/nbd0 >/tmp/fsck.out 2>&1; r fsck_rc "$?"
+sed 's/^/e2fsck: /' /tmp/fsck.out | tail -n 10
+mount -t ext4 -o ro /dev/nbd0 "$MNT"; r remount_rc "$?"
+r check_files "$(wc -l <$W.manifest)"
+r check_files_on_fs "$(ls "$MNT" | grep -c '^f[0-9]*$')"
+(cd "$MNT" && sha256sum -c $W.manifest) >/tmp/check.out 2>&1
+r check_mismatches "$(grep -vc ': OK$' /tmp/check.out)"
+umount "$MNT"
+dmesg >/tmp/kmsg
+r kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg)"
+r kernel_ext4_errors "$(grep -c 'EXT4-fs error\|EXT4-fs warning\|Aborting journal\|Remounting filesystem read-only\|JBD2: .*[Ee]rror' /tmp/kmsg)"
+grep 'nbd0\|EXT4\|JBD2\|I/O error' /tmp/kmsg | head -n 40 | sed 's/^/kernel: /'
+
+# (4) default OnStop (Disconnect): restart once more to load it (the running process still has Leave), then stop
+write_config ""
+timeout 90 systemctl restart nbd-daemon.service; r stop_restart_rc "$?"
+wait_active 180 "$PID2" >/dev/null; r stop_restart_active "$([ $? = 0 ] && echo yes || echo no)"
+PID4=$(prop nbd-daemon MainPID)
+r stop_adopted "$(adopted "$PID4")"
+r stop_before_size "$(dev_size)"
+t0=$(now_ms)
+timeout 60 systemctl stop nbd-daemon.service; r stop_rc "$?"
+r stop_ms "$(( $(now_ms) - t0 ))"
+r stop_ActiveState "$(prop nbd-daemon ActiveState)"
+r stop_Result "$(prop nbd-daemon Result)"
+sleep 1
+r stop_size "$(dev_size)"
+r stop_pid "$(dev_pid)"
+
+journalctl --sync 2>/dev/null
+journalctl --no-pager -o short-monotonic -u nbd-daemon | tail -n 60 | sed 's/^/journal: /'
+r journal_fs_entries "$(journalctl --no-pager -o json -u nbd-daemon MAPPING=fs | grep -c '"MAPPING":"fs"')"
+kill -KILL "$KIT" 2>/dev/null
+r end_of_scenario 1
