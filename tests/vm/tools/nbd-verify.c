@@ -2,7 +2,7 @@
  * nbd-verify: a write-then-verify load for a block device, built static so it runs in the busybox VM.
  *
  *   nbd-verify run --device PATH --stop-file PATH --events PATH --status PATH [--region-mib N] [--seed N]
- *                  [--reopen-on-error] [--gap-ms N] [--map-out PATH]
+ *                  [--reopen-on-error] [--gap-ms N] [--map-out PATH] [--final-retry-s N (60)]
  *   nbd-verify check --device PATH --map PATH [--events PATH]   verify a device/file against a saved generation map
  *   nbd-verify now                                     CLOCK_REALTIME as seconds.nanoseconds
  *   nbd-verify waitport PORT TIMEOUT_S                 first time a TCP connect to 127.0.0.1:PORT succeeds
@@ -64,7 +64,8 @@ static struct {
     uint64_t seed;
     int reopen;
     long gap_ms;
-} opt = { .blocks = (32u << 20) / BLOCK, .seed = 1, .gap_ms = 50 };
+    double final_retry_s;
+} opt = { .blocks = (32u << 20) / BLOCK, .seed = 1, .gap_ms = 50, .final_retry_s = 60 };
 
 static struct {
     uint64_t writes, reads, write_errors, read_errors, open_errors, reopens;
@@ -265,8 +266,8 @@ static void note_failed_write(struct block_state *bs, uint64_t gen)
 
 static void final_pass(uint8_t *buf)
 {
-    /* the device may still be recovering when the stop arrives: retry for up to 60 s in all */
-    double retry_until = now_real() + 60.0;
+    /* the device may still be recovering when the stop arrives: retry for up to --final-retry-s in all */
+    double retry_until = now_real() + opt.final_retry_s;
     for (uint32_t first = 0; first < opt.blocks; first += FINAL_CHUNK) {
         uint32_t n = opt.blocks - first < FINAL_CHUNK ? opt.blocks - first : FINAL_CHUNK;
         int any = 0;
@@ -448,7 +449,7 @@ static int waitport(int port, double timeout_s)
 static void usage(void)
 {
     fputs("usage: nbd-verify run --device PATH [--region-mib N] [--stop-file PATH] [--events PATH] [--status PATH]\n"
-          "                      [--seed N] [--reopen-on-error] [--gap-ms N] [--map-out PATH]\n"
+          "                      [--seed N] [--reopen-on-error] [--gap-ms N] [--map-out PATH] [--final-retry-s N]\n"
           "       nbd-verify check --device PATH --map PATH [--events PATH]\n"
           "       nbd-verify now\n"
           "       nbd-verify waitport PORT TIMEOUT_S\n", stderr);
@@ -484,6 +485,7 @@ int main(int argc, char **argv)
         else if (strcmp(a, "--map") == 0) opt.map_in = v;
         else if (strcmp(a, "--seed") == 0) opt.seed = strtoull(v, NULL, 10);
         else if (strcmp(a, "--gap-ms") == 0) opt.gap_ms = atol(v);
+        else if (strcmp(a, "--final-retry-s") == 0) opt.final_retry_s = atof(v);
         else usage();
     }
     if (!opt.device) usage();
