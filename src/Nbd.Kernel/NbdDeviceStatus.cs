@@ -10,4 +10,7 @@ namespace Nbd.Kernel;
 public sealed record NbdDeviceStatus(int Index, ulong SizeBytes, int? Pid, string? Backend, uint LogicalBlockSize)
 {
     public bool IsConnected => Pid is not null;
+
+    /// <summary>The block layer's <c>ro</c> attribute (the driver sets it from NBD_FLAG_READ_ONLY).</summary>
+    public bool ReadOnly { get; init; }
 }

@@ -30,7 +30,12 @@ public static class NbdSysfs
         string? blockText = ReadOptional(dir, Path.Combine("queue", "logical_block_size"));
         uint logicalBlockSize = blockText is null ? 0 : checked((uint)ParseUInt64(blockText, dir, "queue/logical_block_size"));
 
-        return new NbdDeviceStatus(index, checked(sectors * SectorSize), pid, string.IsNullOrEmpty(backend) ? null : backend, logicalBlockSize);
+        bool readOnly = ReadOptional(dir, "ro") is "1";
+
+        return new NbdDeviceStatus(index, checked(sectors * SectorSize), pid, string.IsNullOrEmpty(backend) ? null : backend, logicalBlockSize)
+        {
+            ReadOnly = readOnly,
+        };
     }
 
     /// <summary>Indexes of every nbdN under <paramref name="sysBlock"/>, ascending (partitions like nbd0p1 are not listed there).</summary>

@@ -10,6 +10,19 @@ internal enum KernelInterface
     Netlink,
 }
 
+/// <summary>What stopping the daemon does to a mapping's device (<c>Nbd:Mappings:N:OnStop</c>).</summary>
+internal enum StopAction
+{
+    /// <summary>Clear the queue and disconnect the device (ioctl NBD_DISCONNECT, netlink NBD_CMD_DISCONNECT).</summary>
+    Disconnect,
+
+    /// <summary>
+    /// Netlink only: leave the device configured and serving on the kernel's sockets; just close the daemon's
+    /// descriptors. The next start re-adopts it by its backend identifier.
+    /// </summary>
+    Leave,
+}
+
 /// <summary>Reconnect policy of one mapping (section <c>Nbd:Mappings:N:Reconnect</c>).</summary>
 /// <param name="Enabled">When false the first failure ends the mapping (state GaveUp).</param>
 /// <param name="InitialDelay">Base delay before the first retry.</param>
@@ -25,6 +38,9 @@ internal sealed record MappingOptions
 {
     public const int MaxConnections = 16;
     public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
+
+    /// <summary>Netlink default for <see cref="DeadConnectionTimeout"/>: long enough to ride out a server or daemon restart.</summary>
+    public static readonly TimeSpan DefaultDeadConnectionTimeout = TimeSpan.FromSeconds(120);
 
     public required string Name { get; init; }
     public required string Uri { get; init; }
@@ -43,8 +59,10 @@ internal sealed record MappingOptions
     /// <summary>Kernel request timeout; also the deadline of one connect + handshake attempt.</summary>
     public TimeSpan Timeout { get; init; } = DefaultTimeout;
 
-    /// <summary>Netlink only: how long the kernel queues I/O while waiting for a RECONFIGURE.</summary>
+    /// <summary>Netlink only (null for ioctl): how long the kernel queues I/O while waiting for a RECONFIGURE.</summary>
     public TimeSpan? DeadConnectionTimeout { get; init; }
+
+    public StopAction OnStop { get; init; } = StopAction.Disconnect;
 
     public int Connections { get; init; } = 1;
     public bool ReadOnly { get; init; }

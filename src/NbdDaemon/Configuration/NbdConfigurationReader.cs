@@ -15,7 +15,7 @@ internal sealed partial class NbdConfigurationReader
     private static readonly HashSet<string> s_mappingKeys = new(StringComparer.OrdinalIgnoreCase)
     {
         "Name", "Uri", "Device", "Interface", "BlockSize", "Timeout", "DeadConnectionTimeout", "Connections", "ReadOnly",
-        "Reconnect",
+        "Reconnect", "OnStop",
     };
 
     private static readonly HashSet<string> s_reconnectKeys = new(StringComparer.OrdinalIgnoreCase)
@@ -125,14 +125,57 @@ internal sealed partial class NbdConfigurationReader
             }
         }
 
-        TimeSpan timeout = ReadTimeSpan(entry, "Timeout", MappingOptions.DefaultTimeout, errors);
-        TimeSpan? deadTimeout = null;
-        if (Optional(entry, "DeadConnectionTimeout") is not null)
+        bool netlink = kernelInterface == KernelInterface.Netlink;
+        TimeSpan timeout;
+        if (netlink && IsZero(Optional(entry, "Timeout")))
         {
-            deadTimeout = ReadTimeSpan(entry, "DeadConnectionTimeout", TimeSpan.Zero, errors);
-            if (kernelInterface != KernelInterface.Netlink)
+            // In-flight requests on a connection that died are only resent when their request timeout fires;
+            // without one they would wait forever, however quickly the daemon reconnects.
+            errors.Add(new ConfigurationError(Key(entry, "Timeout"), "must be greater than zero with Interface=Netlink: requests in flight when a connection dies are only resent when their timeout fires"));
+            timeout = MappingOptions.DefaultTimeout;
+        }
+        else
+        {
+            timeout = ReadTimeSpan(entry, "Timeout", MappingOptions.DefaultTimeout, errors);
+        }
+
+        TimeSpan? deadTimeout = netlink ? MappingOptions.DefaultDeadConnectionTimeout : null;
+        string? deadText = Optional(entry, "DeadConnectionTimeout");
+        if (deadText is not null)
+        {
+            if (!netlink)
             {
                 errors.Add(new ConfigurationError(Key(entry, "DeadConnectionTimeout"), "only valid with Interface=Netlink"));
+            }
+            else if (IsZero(deadText))
+            {
+                errors.Add(new ConfigurationError(Key(entry, "DeadConnectionTimeout"), "must be greater than zero: with 0 the kernel fails I/O at once when the connection dies instead of holding it for the reconnect"));
+            }
+            else
+            {
+                deadTimeout = ReadTimeSpan(entry, "DeadConnectionTimeout", MappingOptions.DefaultDeadConnectionTimeout, errors);
+            }
+        }
+
+        StopAction onStop = StopAction.Disconnect;
+        string? onStopText = Optional(entry, "OnStop");
+        if (onStopText is not null)
+        {
+            if (string.Equals(onStopText, nameof(StopAction.Disconnect), StringComparison.OrdinalIgnoreCase))
+            {
+                onStop = StopAction.Disconnect;
+            }
+            else if (string.Equals(onStopText, nameof(StopAction.Leave), StringComparison.OrdinalIgnoreCase))
+            {
+                onStop = StopAction.Leave;
+                if (!netlink)
+                {
+                    errors.Add(new ConfigurationError(Key(entry, "OnStop"), "Leave needs Interface=Netlink: an ioctl device lives only as long as the daemon's thread in NBD_DO_IT"));
+                }
+            }
+            else
+            {
+                errors.Add(new ConfigurationError(Key(entry, "OnStop"), $"unknown value '{onStopText}' (Disconnect or Leave)"));
             }
         }
 
@@ -177,6 +220,7 @@ internal sealed partial class NbdConfigurationReader
             Connections = connections,
             ReadOnly = readOnly,
             Reconnect = reconnect,
+            OnStop = onStop,
         };
     }
 
@@ -219,6 +263,9 @@ internal sealed partial class NbdConfigurationReader
         value = default;
         return false;
     }
+
+    private static bool IsZero(string? text) =>
+        text is not null && TimeSpan.TryParse(text, CultureInfo.InvariantCulture, out TimeSpan value) && value == TimeSpan.Zero;
 
     private static string Key(IConfigurationSection section, string key) => section.Path + ":" + key;
 

@@ -22,6 +22,12 @@ internal interface INbdSession : IDisposable
 
     /// <summary>The socket to hand to the kernel. Stays owned by the session: dispose the session after the kernel let go.</summary>
     Socket Socket { get; }
+
+    /// <summary>
+    /// shutdown(SHUT_RDWR): ends the connection for whoever holds the socket, the kernel included (disposing only
+    /// closes our descriptor; the kernel's reference keeps the connection alive). Never throws.
+    /// </summary>
+    void Shutdown();
 }
 
 /// <summary>What the server said about the export (from NbdExportInfo).</summary>

@@ -14,6 +14,33 @@ internal interface INbdKernel
     IIoctlDevice OpenDevice(string? path);
 
     INbdNetlinkControl OpenNetlink();
+
+    /// <summary>Indexes of every /dev/nbdN the driver has (sysfs), ascending.</summary>
+    IReadOnlyList<int> ListDevices();
+
+    /// <summary>What sysfs says about nbd<paramref name="index"/>; null when there is no such device.</summary>
+    KernelDeviceInfo? ReadDevice(int index);
+
+    /// <summary>Sets SO_SNDTIMEO of <paramref name="socket"/> to zero before it is handed to the kernel.</summary>
+    void ClearSendTimeout(Socket socket);
+
+    /// <summary>
+    /// SO_SNDTIMEO as the kernel has it: the driver sets it to the request timeout on every socket it takes
+    /// (CONNECT and RECONFIGURE), so after <see cref="ClearSendTimeout"/> a non-zero value means "taken".
+    /// </summary>
+    TimeSpan ReadSendTimeout(Socket socket);
+}
+
+/// <summary>/sys/block/nbdN as adoption needs it (mirrors <c>Nbd.Kernel.NbdDeviceStatus</c>).</summary>
+/// <param name="Index">N.</param>
+/// <param name="SizeBytes">sysfs <c>size</c> × 512.</param>
+/// <param name="LogicalBlockSize">queue/logical_block_size; 0 when unknown.</param>
+/// <param name="Backend">The backend identifier given at CONNECT, or null.</param>
+/// <param name="Connected">The device has a configuration (sysfs <c>pid</c> present).</param>
+/// <param name="ReadOnly">sysfs <c>ro</c>.</param>
+internal sealed record KernelDeviceInfo(int Index, ulong SizeBytes, uint LogicalBlockSize, string? Backend, bool Connected, bool ReadOnly)
+{
+    public string Path => "/dev/nbd" + Index.ToString(System.Globalization.CultureInfo.InvariantCulture);
 }
 
 /// <summary>One /dev/nbdN driven by ioctls; same names as <c>Nbd.Kernel.NbdDevice</c>.</summary>
@@ -67,8 +94,14 @@ internal interface INbdNetlinkControl : IDisposable
     /// <returns>The device index the kernel used.</returns>
     int Connect(NetlinkConnectParameters parameters);
 
-    /// <summary>NBD_CMD_RECONFIGURE: hands new sockets to a device whose connection died.</summary>
-    void Reconfigure(int index, IReadOnlyList<Socket> sockets);
+    /// <summary>
+    /// NBD_CMD_RECONFIGURE: hands new sockets to a device whose connection died. Each socket fills a dead slot;
+    /// one with no dead slot left is silently dropped by the kernel (check with <see cref="INbdKernel.ReadSendTimeout"/>).
+    /// </summary>
+    /// <param name="index">Device index.</param>
+    /// <param name="sockets">Negotiated sockets.</param>
+    /// <param name="backendIdentifier">Must repeat the one given at CONNECT (also by an earlier process).</param>
+    void Reconfigure(int index, IReadOnlyList<Socket> sockets, string backendIdentifier);
 
     void Disconnect(int index);
 

@@ -43,3 +43,34 @@ internal sealed class ExportChangedException : MappingException
 
     public ExportDescription After { get; }
 }
+
+/// <summary>
+/// Netlink: the kernel reported the connection dead (LINK_DEAD). It holds the device's I/O for
+/// DeadConnectionTimeout, so the loop reconnects at once instead of backing off.
+/// </summary>
+internal sealed class LinkLostException : MappingException
+{
+    public LinkLostException(string reason)
+        : base(reason)
+    {
+    }
+}
+
+/// <summary>
+/// A device left configured by an earlier daemon (same backend identifier) does not match the export the server
+/// offers now. Adopting it would change a disk under whoever uses it, so the device is left untouched (never
+/// resized, never disconnected) and the attempt is retried with backoff, like <see cref="ExportChangedException"/>.
+/// </summary>
+internal sealed class DeviceMismatchException : MappingException
+{
+    public DeviceMismatchException(string reason, KernelDeviceInfo device, ExportDescription export)
+        : base(reason)
+    {
+        Device = device;
+        Export = export;
+    }
+
+    public KernelDeviceInfo Device { get; }
+
+    public ExportDescription Export { get; }
+}

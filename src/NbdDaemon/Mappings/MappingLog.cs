@@ -20,4 +20,16 @@ internal static partial class MappingLog
 
     [LoggerMessage(EventId = 103, Level = LogLevel.Error, Message = "Mapping {Mapping} on {Device}: unexpected error, mapping stopped")]
     public static partial void LoopCrashed(ILogger logger, Exception exception, string mapping, string device);
+
+    [LoggerMessage(EventId = 104, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: {Operation}: kernel took {Taken} of {Total} sockets (SO_SNDTIMEO read back {SendTimeout} s)")]
+    public static partial void SocketsTaken(ILogger logger, string mapping, string device, string operation, int taken, int total, double sendTimeout);
+
+    [LoggerMessage(EventId = 105, Level = LogLevel.Information, Message = "Mapping {Mapping} adopted {Device} (backend {Backend}, {SizeBytes} bytes) left configured by an earlier daemon: kernel took {Taken} of {Total} fresh sockets")]
+    public static partial void Adopted(ILogger logger, string mapping, string device, string backend, ulong sizeBytes, int taken, int total);
+
+    [LoggerMessage(EventId = 106, Level = LogLevel.Information, Message = "Mapping {Mapping} adopted {Device} (backend {Backend}, {SizeBytes} bytes) left configured by an earlier daemon: its previous connection is still alive (kernel took 0 of {Total} fresh sockets); fresh sockets closed, serving until LINK_DEAD")]
+    public static partial void AdoptedStillConnected(ILogger logger, string mapping, string device, string backend, ulong sizeBytes, int total);
+
+    [LoggerMessage(EventId = 107, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: OnStop=Leave, device left configured; the kernel keeps serving on its own sockets until the next start adopts it")]
+    public static partial void LeftConfigured(ILogger logger, string mapping, string device);
 }

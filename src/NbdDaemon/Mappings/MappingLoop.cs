@@ -1,5 +1,5 @@
 using System.Globalization;
-using System.Net.Sockets;
+using System.Numerics;
 using NbdDaemon.Configuration;
 
 namespace NbdDaemon.Mappings;
@@ -14,8 +14,11 @@ namespace NbdDaemon.Mappings;
 ///   Reconnect disabled / MaxAttempts reached → GaveUp;  permanent failure or bug → Failed
 /// </code>
 /// Ioctl: after a lost connection the device is closed and the SAME path is opened and configured again.
-/// Netlink: CONNECT once; after LINK_DEAD the new sockets go in through RECONFIGURE on the same index.
-/// After the first successful negotiation the export must keep its size and writability
+/// Netlink: CONNECT once; after LINK_DEAD the new sockets go in through RECONFIGURE on the same index. While the
+/// kernel holds the device's I/O (DeadConnectionTimeout after the loss) the loop retries at once and then every
+/// <see cref="HeldRetryInterval"/> instead of backing off: every second waited there is a second of stalled I/O.
+/// Before the first CONNECT a device left configured by an earlier daemon (same backend identifier) is adopted.
+/// After the first successful configuration the export must keep its size and writability
 /// (<see cref="ExportChangedException"/>), otherwise the attempt fails and is retried with backoff.
 /// </summary>
 internal sealed class MappingLoop
@@ -26,12 +29,22 @@ internal sealed class MappingLoop
     /// <summary>Slack on top of the mapping's Timeout before an active state counts as stuck (watchdog).</summary>
     public static readonly TimeSpan StuckSlack = TimeSpan.FromSeconds(30);
 
+    /// <summary>Netlink: retry interval (±20 % jitter) while the kernel holds I/O after LINK_DEAD.</summary>
+    public static readonly TimeSpan HeldRetryInterval = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>
+    /// RECONFIGURE only fills slots the kernel already marked dead; a slot whose socket we just shut down may be
+    /// marked a moment later. Sockets not taken are offered again this many times, <see cref="HeldRetryInterval"/> apart.
+    /// </summary>
+    public const int ReconfigureRetries = 4;
+
     private readonly MappingOptions _options;
     private readonly INbdConnector _connector;
     private readonly INbdKernel _kernel;
     private readonly TimeProvider _time;
     private readonly ILogger _logger;
     private readonly ReconnectBackoff _backoff;
+    private readonly Func<double> _unitRandom;
     private readonly TaskCompletionSource _firstAttempt = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly object _stateLock = new();
 
@@ -47,6 +60,10 @@ internal sealed class MappingLoop
     private string? _devicePath;
     private string? _lastFailure;
     private int _failedAttempts;
+    private DateTimeOffset? _heldSince;
+    private int _heldAttempts;
+    private string? _lastLoggedReason;
+    private bool _quietAttempt;
 
     public MappingLoop(MappingOptions options, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILogger logger, Func<double>? unitRandom = null)
     {
@@ -55,7 +72,8 @@ internal sealed class MappingLoop
         _kernel = kernel;
         _time = time;
         _logger = logger;
-        _backoff = new ReconnectBackoff(options.Reconnect, unitRandom);
+        _unitRandom = unitRandom ?? Random.Shared.NextDouble;
+        _backoff = new ReconnectBackoff(options.Reconnect, _unitRandom);
         _devicePath = options.Device;
         _stateEnteredAt = time.GetUtcNow();
     }
@@ -118,7 +136,7 @@ internal sealed class MappingLoop
         catch (OperationCanceledException) when (stop.IsCancellationRequested)
         {
             Transition(MappingState.Stopping);
-            await ReleaseAsync();
+            await ReleaseAsync(stopRequested: true);
             Transition(MappingState.Stopped);
         }
 #pragma warning disable CA1031 // One mapping's bug must not take the others (or the host) down.
@@ -127,7 +145,7 @@ internal sealed class MappingLoop
         {
             MappingLog.LoopCrashed(_logger, ex, Name, DeviceText);
             Volatile.Write(ref _lastFailure, FailureText.Describe(ex));
-            await ReleaseAsync();
+            await ReleaseAsync(stopRequested: false);
             Transition(MappingState.Failed, ex, "; " + _lastFailure);
         }
         finally
@@ -146,62 +164,95 @@ internal sealed class MappingLoop
             Volatile.Write(ref _lastFailure, reason);
             if (FailureText.KindOf(failure) == FailureKind.Permanent)
             {
-                await ReleaseAsync();
+                await ReleaseAsync(stopRequested: false);
                 Transition(MappingState.Failed, failure, $"; {reason} (not retried)");
                 _firstAttempt.TrySetResult();
                 return;
             }
 
             int attempts = Interlocked.Increment(ref _failedAttempts);
-            ReconnectOptions policy = _options.Reconnect;
-            if (!policy.Enabled || (policy.MaxAttempts > 0 && attempts >= policy.MaxAttempts))
+            // While the kernel holds the I/O, retries are fast and do not count towards MaxAttempts: giving up
+            // would fail that I/O, and waiting longer only stalls it longer. A changed export is no connection
+            // problem: it keeps the normal schedule.
+            bool held = IsHeld() && failure is not (ExportChangedException or DeviceMismatchException);
+            if (held)
             {
-                await ReleaseAsync();
+                _heldAttempts++;
+            }
+
+            int counted = Math.Max(1, attempts - _heldAttempts);
+            ReconnectOptions policy = _options.Reconnect;
+            if (!policy.Enabled || (!held && policy.MaxAttempts > 0 && counted >= policy.MaxAttempts))
+            {
+                await ReleaseAsync(stopRequested: false);
                 string why = policy.Enabled ? $"after {attempts} failed attempts" : "reconnect disabled";
                 Transition(MappingState.GaveUp, failure, $"; {reason} ({why})");
                 _firstAttempt.TrySetResult();
                 return;
             }
 
-            TimeSpan delay = _backoff.NextDelay(attempts);
+            TimeSpan delay = !held ? _backoff.NextDelay(counted)
+                : failure is LinkLostException ? TimeSpan.Zero
+                : HeldRetryDelay();
             LastDelay = delay;
             // The timer starts before the transition is announced, so whoever reacts to Reconnecting
             // (a test advancing a fake clock) cannot get ahead of it.
             Task wait = Task.Delay(delay, _time, stop);
-            // The stack trace goes to the journal with the first failure of a series only; a server that stays
-            // down for an hour would otherwise repeat it every MaxDelay.
-            Transition(MappingState.Reconnecting, attempts == 1 ? failure : null, string.Create(CultureInfo.InvariantCulture, $"; {reason}; attempt {attempts + 1} in {delay.TotalSeconds:0.###} s"));
+            // A server that stays down would otherwise fill the journal (4 lines a second while the kernel holds
+            // I/O): the same reason again is logged at attempts 1, 2, 4, 8, …, the others at Debug; a new reason
+            // always. The stack trace goes with the first failure of a series only.
+            bool loud = reason != _lastLoggedReason || BitOperations.IsPow2(attempts);
+            _quietAttempt = !loud;
+            if (loud)
+            {
+                _lastLoggedReason = reason;
+            }
+
+            Transition(MappingState.Reconnecting, attempts == 1 ? failure : null, string.Create(CultureInfo.InvariantCulture, $"; {reason}; attempt {attempts + 1} in {delay.TotalSeconds:0.###} s"), quiet: !loud);
             _firstAttempt.TrySetResult();
             await wait;
         }
     }
+
+    /// <summary>Netlink after LINK_DEAD: true while the kernel still holds the device's I/O for a reconnect.</summary>
+    private bool IsHeld() =>
+        _heldSince is DateTimeOffset since && _options.DeadConnectionTimeout is TimeSpan dead && _time.GetUtcNow() - since < dead;
+
+    private TimeSpan HeldRetryDelay() => TimeSpan.FromTicks((long)(HeldRetryInterval.Ticks * (0.8 + (0.4 * Math.Clamp(_unitRandom(), 0.0, 1.0)))));
 
     /// <summary>One attempt; returns why serving (or the attempt) ended. Throws only for the stop request.</summary>
     private async Task<Exception> AttemptAsync(CancellationToken stop)
     {
         try
         {
-            Transition(MappingState.Connecting);
+            Transition(MappingState.Connecting, quiet: _quietAttempt);
             _sessions = await ConnectAllAsync(stop);
             stop.ThrowIfCancellationRequested();
 
-            Transition(MappingState.Negotiating);
+            Transition(MappingState.Negotiating, quiet: _quietAttempt);
             (ExportDescription export, uint blockSize, ushort flags) = Negotiate();
             stop.ThrowIfCancellationRequested();
 
-            Transition(MappingState.ConfiguringKernel);
+            Transition(MappingState.ConfiguringKernel, quiet: _quietAttempt);
             if (_options.Interface == KernelInterface.Ioctl)
             {
                 ConfigureIoctl(export, blockSize, flags);
             }
             else
             {
-                ConfigureNetlink(export, blockSize, flags);
+                await ConfigureNetlinkAsync(export, blockSize, flags, stop);
             }
 
+            // Only what the kernel actually has becomes the reference for later reconnects: an export refused
+            // on adoption must not become "the" export.
+            _established ??= export;
             stop.ThrowIfCancellationRequested();
             Volatile.Write(ref _failedAttempts, 0);
             Volatile.Write(ref _lastFailure, null);
+            _heldSince = null;
+            _heldAttempts = 0;
+            _lastLoggedReason = null;
+            _quietAttempt = false;
             Transition(MappingState.Serving);
             _firstAttempt.TrySetResult();
             return await ServeAsync(stop);
@@ -281,7 +332,6 @@ internal sealed class MappingLoop
             throw new MappingException($"server minimum block size {minimum} exceeds block size {blockSize}");
         }
 
-        _established ??= export;
         ushort flags = (ushort)(export.TransmissionFlags | (_options.ReadOnly ? ExportDescription.FlagReadOnly : 0));
         return (export, blockSize, flags);
     }
@@ -308,31 +358,141 @@ internal sealed class MappingLoop
         _serviceLoop = _device.StartServiceLoop(Name);
     }
 
-    private void ConfigureNetlink(ExportDescription export, uint blockSize, ushort flags)
+    private async Task ConfigureNetlinkAsync(ExportDescription export, uint blockSize, ushort flags, CancellationToken stop)
     {
         _netlink ??= _kernel.OpenNetlink();
-        Socket[] sockets = [.. _sessions.Select(s => s.Socket)];
+        // SO_SNDTIMEO is how we learn which sockets the kernel took (it sets it to Timeout on each); the
+        // handshake may have used it for its own deadline.
+        foreach (INbdSession session in _sessions)
+        {
+            _kernel.ClearSendTimeout(session.Socket);
+        }
+
+        if (_netlinkIndex is null && FindOwnDevice() is { } leftOver)
+        {
+            Adopt(leftOver, export);
+            return;
+        }
+
         if (_netlinkIndex is int index)
         {
+            bool reconfigured;
             try
             {
-                _netlink.Reconfigure(index, sockets);
-                return;
+                _netlink.Reconfigure(index, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier);
+                reconfigured = true;
             }
 #pragma warning disable CA1031 // The kernel may have dropped the device after DeadConnectionTimeout: connect it again.
             catch (Exception ex)
 #pragma warning restore CA1031
             {
                 MappingLog.ReconfigureFailed(_logger, ex, Name, DeviceText);
+                reconfigured = false;
+            }
+
+            if (reconfigured)
+            {
+                await ConfirmReconfigureAsync(index, stop);
+                return;
             }
         }
 
         int? wanted = _netlinkIndex ?? DeviceIndex(_options.Device);
         int connected = _netlink.Connect(new NetlinkConnectParameters(
-            wanted, export.Size, blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, sockets, _options.BackendIdentifier));
+            wanted, export.Size, blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
         _netlinkIndex = connected;
         Volatile.Write(ref _devicePath, "/dev/nbd" + connected.ToString(CultureInfo.InvariantCulture));
+        int taken = _sessions.Count(IsTaken);
+        MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_CONNECT", taken, _sessions.Count, ReadBack());
     }
+
+    /// <summary>
+    /// RECONFIGURE succeeds even when the kernel dropped a socket for want of a dead slot, so each one is checked;
+    /// those not taken are offered again a few times (the kernel may not have marked the old slot dead yet).
+    /// </summary>
+    private async Task ConfirmReconfigureAsync(int index, CancellationToken stop)
+    {
+        List<INbdSession> pending = [.. _sessions.Where(s => !IsTaken(s))];
+        for (int retry = 0; retry < ReconfigureRetries && pending.Count > 0; retry++)
+        {
+            await Task.Delay(HeldRetryInterval, _time, stop);
+            _netlink!.Reconfigure(index, [.. pending.Select(s => s.Socket)], _options.BackendIdentifier);
+            pending = [.. pending.Where(s => !IsTaken(s))];
+        }
+
+        int taken = _sessions.Count - pending.Count;
+        MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE", taken, _sessions.Count, ReadBack());
+        if (pending.Count > 0)
+        {
+            throw new MappingException(string.Create(
+                CultureInfo.InvariantCulture,
+                $"kernel took {taken} of {_sessions.Count} sockets on RECONFIGURE: no dead connection slot for the rest after {ReconfigureRetries + 1} tries over {(HeldRetryInterval * ReconfigureRetries).TotalSeconds:0.###} s"));
+        }
+    }
+
+    /// <summary>The configured device, or else any nbd device, that an earlier daemon left configured for this mapping.</summary>
+    private KernelDeviceInfo? FindOwnDevice()
+    {
+        IEnumerable<int> candidates = DeviceIndex(_options.Device) is int configured ? [configured] : _kernel.ListDevices();
+        foreach (int candidate in candidates)
+        {
+            if (_kernel.ReadDevice(candidate) is { Connected: true } device && device.Backend == _options.BackendIdentifier)
+            {
+                return device;
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>
+    /// Takes over a device configured by an earlier daemon, after checking it against the export. Fresh sockets go
+    /// in through RECONFIGURE; if the kernel takes none, its previous connection is still alive and keeps serving
+    /// (LINK_DEAD will say when it dies, and the normal reconnect takes over).
+    /// </summary>
+    private void Adopt(KernelDeviceInfo device, ExportDescription export)
+    {
+        uint block = device.LogicalBlockSize is 0 ? BlockSizePolicy.Minimum : device.LogicalBlockSize;
+        // The kernel's capacity is the export size in whole 512-byte sectors; compare at the device's block size.
+        if (export.Size / block != device.SizeBytes / block)
+        {
+            throw new DeviceMismatchException(string.Create(
+                CultureInfo.InvariantCulture,
+                $"export is {export.Size} bytes but {device.Path} (left configured by an earlier daemon) is {device.SizeBytes} bytes; not adopting it, device left untouched"), device, export);
+        }
+
+        if (export.ReadOnly && !device.ReadOnly)
+        {
+            throw new DeviceMismatchException($"export is read-only but {device.Path} (left configured by an earlier daemon) is writable; not adopting it, device left untouched", device, export);
+        }
+
+        _netlink!.Reconfigure(device.Index, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier);
+        _netlinkIndex = device.Index;
+        Volatile.Write(ref _devicePath, device.Path);
+        List<INbdSession> taken = [.. _sessions.Where(IsTaken)];
+        foreach (INbdSession notTaken in _sessions.Except(taken))
+        {
+            notTaken.Dispose();
+        }
+
+        if (taken.Count == 0)
+        {
+            MappingLog.AdoptedStillConnected(_logger, Name, DeviceText, _options.BackendIdentifier, device.SizeBytes, _sessions.Count);
+        }
+        else
+        {
+            MappingLog.Adopted(_logger, Name, DeviceText, _options.BackendIdentifier, device.SizeBytes, taken.Count, _sessions.Count);
+            MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE (adopt)", taken.Count, _sessions.Count, ReadBack(taken));
+        }
+
+        _sessions = taken;
+    }
+
+    private bool IsTaken(INbdSession session) => _kernel.ReadSendTimeout(session.Socket) > TimeSpan.Zero;
+
+    /// <summary>The SO_SNDTIMEO read back from the first session (seconds), for the log.</summary>
+    private double ReadBack(List<INbdSession>? sessions = null) =>
+        (sessions ?? _sessions) is [INbdSession first, ..] ? _kernel.ReadSendTimeout(first.Socket).TotalSeconds : 0;
 
     private async Task<Exception> ServeAsync(CancellationToken stop)
     {
@@ -362,8 +522,17 @@ internal sealed class MappingLoop
         }
 
         await _netlink!.WaitForLinkDeadAsync(_netlinkIndex!.Value, stop);
+        _heldSince = _time.GetUtcNow();
+        // LINK_DEAD names one dead slot. With several connections the others may still be up, and RECONFIGURE only
+        // fills dead slots: end every socket of this generation so the kernel marks them all dead and the new
+        // generation replaces the whole set.
+        foreach (INbdSession session in _sessions)
+        {
+            session.Shutdown();
+        }
+
         ReleaseConnection();
-        return new MappingException("connection lost (LINK_DEAD)");
+        return new LinkLostException("connection lost (LINK_DEAD)");
     }
 
     /// <summary>
@@ -388,8 +557,12 @@ internal sealed class MappingLoop
         _sessions = [];
     }
 
-    /// <summary>Stopping, GaveUp and Failed: clear queue, disconnect, clear socket, release everything. Never throws.</summary>
-    private async Task ReleaseAsync()
+    /// <summary>
+    /// Stopping, GaveUp and Failed: clear queue, disconnect, clear socket, release everything. Never throws.
+    /// A stop request with OnStop=Leave (netlink) only closes our descriptors: the kernel keeps its own references
+    /// to the sockets and goes on serving.
+    /// </summary>
+    private async Task ReleaseAsync(bool stopRequested)
     {
         if (_device is { } device)
         {
@@ -421,7 +594,15 @@ internal sealed class MappingLoop
         {
             if (_netlinkIndex is int index)
             {
-                TryStep("NBD_CMD_DISCONNECT", () => netlink.Disconnect(index));
+                if (stopRequested && _options.OnStop == StopAction.Leave)
+                {
+                    MappingLog.LeftConfigured(_logger, Name, DeviceText);
+                }
+                else
+                {
+                    TryStep("NBD_CMD_DISCONNECT", () => netlink.Disconnect(index));
+                }
+
                 _netlinkIndex = null;
             }
 
@@ -460,7 +641,7 @@ internal sealed class MappingLoop
 
     private string DeviceText => Device ?? "(unassigned)";
 
-    private void Transition(MappingState next, Exception? exception = null, string detail = "")
+    private void Transition(MappingState next, Exception? exception = null, string detail = "", bool quiet = false)
     {
         MappingState previous;
         lock (_stateLock)
@@ -470,7 +651,8 @@ internal sealed class MappingLoop
             _stateEnteredAt = _time.GetUtcNow();
         }
 
-        LogLevel level = next is MappingState.Reconnecting or MappingState.GaveUp or MappingState.Failed ? LogLevel.Warning : LogLevel.Information;
+        LogLevel level = quiet ? LogLevel.Debug
+            : next is MappingState.Reconnecting or MappingState.GaveUp or MappingState.Failed ? LogLevel.Warning : LogLevel.Information;
         MappingLog.Transition(_logger, level, exception, Name, DeviceText, _options.Endpoint.Server, _options.Endpoint.Export, previous, next, detail);
         StateChanged?.Invoke(this, next);
     }

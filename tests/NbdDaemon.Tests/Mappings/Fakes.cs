@@ -10,7 +10,8 @@ internal static class TestMappings
 {
     public static MappingOptions Create(
         string name = "data", KernelInterface kernelInterface = KernelInterface.Ioctl, string? device = "/dev/nbd3",
-        ReconnectOptions? reconnect = null, int connections = 1, bool readOnly = false, TimeSpan? timeout = null) => new()
+        ReconnectOptions? reconnect = null, int connections = 1, bool readOnly = false, TimeSpan? timeout = null,
+        StopAction onStop = StopAction.Disconnect) => new()
         {
             Name = name,
             Uri = "nbd://127.0.0.1:10809/" + name,
@@ -20,6 +21,8 @@ internal static class TestMappings
             Connections = connections,
             ReadOnly = readOnly,
             Timeout = timeout ?? TimeSpan.FromSeconds(30),
+            DeadConnectionTimeout = kernelInterface == KernelInterface.Netlink ? MappingOptions.DefaultDeadConnectionTimeout : null,
+            OnStop = onStop,
             Reconnect = reconnect ?? new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 0),
         };
 
@@ -39,6 +42,10 @@ internal sealed class FakeSession : INbdSession
     public Socket Socket { get; } = new(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
 
     public bool Disposed { get; private set; }
+
+    public bool ShutDown { get; private set; }
+
+    public void Shutdown() => ShutDown = true;
 
     public void Dispose()
     {
@@ -92,9 +99,17 @@ internal sealed class FakeKernel : INbdKernel
 {
     private readonly ConcurrentQueue<string> _operations = new();
 
+    private readonly ConcurrentDictionary<Socket, TimeSpan> _sendTimeouts = new();
+
     public List<FakeDevice> Devices { get; } = [];
 
     public FakeNetlink? Netlink { get; private set; }
+
+    /// <summary>Netlink-configured devices by index: what survives the daemon (sockets held by the kernel).</summary>
+    public ConcurrentDictionary<int, FakeNetlinkDevice> NetlinkDevices { get; } = new();
+
+    /// <summary>Extra /sys/block entries (devices not configured through <see cref="NetlinkDevices"/>).</summary>
+    public ConcurrentDictionary<int, KernelDeviceInfo> SysfsOnly { get; } = new();
 
     public Action<string>? OnOperation { get; set; }
 
@@ -120,6 +135,47 @@ internal sealed class FakeKernel : INbdKernel
         Netlink = new FakeNetlink(this);
         return Netlink;
     }
+
+    public IReadOnlyList<int> ListDevices() => [.. NetlinkDevices.Keys.Concat(SysfsOnly.Keys).Distinct().Order()];
+
+    public KernelDeviceInfo? ReadDevice(int index) =>
+        NetlinkDevices.TryGetValue(index, out FakeNetlinkDevice? device) ? device.Sysfs
+        : SysfsOnly.TryGetValue(index, out KernelDeviceInfo? info) ? info
+        : null;
+
+    public void ClearSendTimeout(Socket socket) => _sendTimeouts[socket] = TimeSpan.Zero;
+
+    public TimeSpan ReadSendTimeout(Socket socket) => _sendTimeouts.TryGetValue(socket, out TimeSpan value) ? value : TimeSpan.Zero;
+
+    /// <summary>What nbd_start_device / nbd_reconnect_socket do to a socket they take.</summary>
+    public void Take(Socket socket, TimeSpan timeout) => _sendTimeouts[socket] = timeout;
+
+    /// <summary>A device an earlier daemon left configured, with <paramref name="slots"/> connections, the first <paramref name="deadSlots"/> dead.</summary>
+    public FakeNetlinkDevice LeaveDevice(int index, ulong size, string backend, int slots = 1, int deadSlots = 0, bool readOnly = false, uint logicalBlockSize = 4096)
+    {
+        var device = new FakeNetlinkDevice(index, size, backend, TimeSpan.FromSeconds(30), slots, readOnly, logicalBlockSize);
+        for (int i = 0; i < deadSlots; i++)
+        {
+            device.Dead[i] = true;
+        }
+
+        NetlinkDevices[index] = device;
+        return device;
+    }
+}
+
+/// <summary>One netlink device as the driver keeps it: a slot per connection, dead or alive.</summary>
+internal sealed class FakeNetlinkDevice(int index, ulong size, string backend, TimeSpan timeout, int slots, bool readOnly = false, uint logicalBlockSize = 4096)
+{
+    public int Index { get; } = index;
+
+    public TimeSpan Timeout { get; } = timeout;
+
+    public bool[] Dead { get; } = new bool[slots];
+
+    public KernelDeviceInfo Sysfs { get; } = new(index, size, logicalBlockSize, backend, Connected: true, readOnly);
+
+    public void MarkDead(int slot) => Dead[slot] = true;
 }
 
 internal sealed class FakeDevice : IIoctlDevice
@@ -215,7 +271,9 @@ internal sealed class FakeServiceLoop : INbdServiceLoop
 internal sealed class FakeNetlink : INbdNetlinkControl
 {
     private readonly FakeKernel _kernel;
+    private readonly Lock _lock = new();
     private TaskCompletionSource _linkDead = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private bool _pending;
 
     public FakeNetlink(FakeKernel kernel)
     {
@@ -228,33 +286,110 @@ internal sealed class FakeNetlink : INbdNetlinkControl
 
     public int Connect(NetlinkConnectParameters parameters)
     {
+        ClearPending();
         LastConnect = parameters;
         int index = parameters.Index ?? 5;
         _kernel.Record($"nl-connect {index} size {parameters.SizeBytes} socks {parameters.Sockets.Count} id {parameters.BackendIdentifier}");
+        _kernel.NetlinkDevices[index] = new FakeNetlinkDevice(index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count);
+        foreach (Socket socket in parameters.Sockets)
+        {
+            _kernel.Take(socket, parameters.Timeout);
+        }
+
         return index;
     }
 
-    public void Reconfigure(int index, IReadOnlyList<Socket> sockets)
+    /// <summary>Like nbd_reconnect_socket: each socket takes the first dead slot; one with no dead slot is dropped, no error.</summary>
+    public void Reconfigure(int index, IReadOnlyList<Socket> sockets, string backendIdentifier)
     {
-        _kernel.Record($"nl-reconfigure {index} socks {sockets.Count}");
+        ClearPending();
+        _kernel.Record($"nl-reconfigure {index} socks {sockets.Count} id {backendIdentifier}");
         if (FailReconfigure)
         {
             throw new IOException("ENOENT");
         }
+
+        FakeNetlinkDevice device = _kernel.NetlinkDevices[index];
+        if (device.Sysfs.Backend != backendIdentifier)
+        {
+            throw new IOException("EINVAL: backend identifier differs");
+        }
+
+        foreach (Socket socket in sockets)
+        {
+            int slot = Array.IndexOf(device.Dead, true);
+            if (slot >= 0)
+            {
+                device.Dead[slot] = false;
+                _kernel.Take(socket, device.Timeout);
+            }
+        }
     }
 
-    public void Disconnect(int index) => _kernel.Record($"nl-disconnect {index}");
+    private void ClearPending()
+    {
+        lock (_lock)
+        {
+            _pending = false;
+        }
+    }
 
+    public void Disconnect(int index)
+    {
+        _kernel.Record($"nl-disconnect {index}");
+        _kernel.NetlinkDevices.TryRemove(index, out _);
+    }
+
+    /// <summary>Like NetlinkControl: an event raised before anyone waits is kept until CONNECT/RECONFIGURE.</summary>
     public async Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken)
     {
-        TaskCompletionSource current = Volatile.Read(ref _linkDead);
+        TaskCompletionSource current;
+        lock (_lock)
+        {
+            current = _pending ? CompletedSource() : _linkDead;
+        }
+
         await current.Task.WaitAsync(cancellationToken);
+        lock (_lock)
+        {
+            _pending = false;
+        }
+
         _kernel.Record($"nl-link-dead {index}");
     }
 
-    public void RaiseLinkDead()
+    private static TaskCompletionSource CompletedSource()
     {
-        TaskCompletionSource old = Interlocked.Exchange(ref _linkDead, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously));
+        var done = new TaskCompletionSource();
+        done.SetResult();
+        return done;
+    }
+
+    /// <summary>LINK_DEAD; <paramref name="slots"/> (default: all) of every device are marked dead first.</summary>
+    public void RaiseLinkDead(params int[] slots)
+    {
+        foreach (FakeNetlinkDevice device in _kernel.NetlinkDevices.Values)
+        {
+            foreach (int slot in slots.Length == 0 ? Enumerable.Range(0, device.Dead.Length) : slots)
+            {
+                device.MarkDead(slot);
+            }
+        }
+
+        RaiseLinkDeadEventOnly();
+    }
+
+    /// <summary>The event alone, no slot marked dead (a stale or spurious LINK_DEAD).</summary>
+    public void RaiseLinkDeadEventOnly()
+    {
+        TaskCompletionSource old;
+        lock (_lock)
+        {
+            _pending = true;
+            old = _linkDead;
+            _linkDead = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        }
+
         old.TrySetResult();
     }
 

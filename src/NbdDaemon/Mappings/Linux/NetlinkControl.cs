@@ -7,14 +7,14 @@ namespace NbdDaemon.Mappings.Linux;
 /// <summary>
 /// <see cref="INbdNetlinkControl"/> over <see cref="NbdNetlink"/>. It joins the multicast group before the first
 /// CONNECT and reads events all the time, so a LINK_DEAD that arrives before anyone waits for it is not lost.
-/// RECONFIGURE repeats the backend identifier given at CONNECT: the driver refuses a RECONFIGURE without it.
+/// RECONFIGURE must repeat the backend identifier given at CONNECT (the driver refuses it otherwise); the caller passes it,
+/// because a device adopted after a restart was connected by an earlier process.
 /// </summary>
 internal sealed class NetlinkControl : INbdNetlinkControl
 {
     private readonly NbdNetlink _netlink;
     private readonly NbdNetlinkEvents _events;
     private readonly CancellationTokenSource _closing = new();
-    private readonly ConcurrentDictionary<int, string> _backends = new();
     private readonly ConcurrentDictionary<int, TaskCompletionSource> _linkDead = new();
     private readonly Task _reader;
     private volatile Exception? _readerFailure;
@@ -53,26 +53,24 @@ internal sealed class NetlinkControl : INbdNetlinkControl
             Sockets = parameters.Sockets,
             BackendIdentifier = parameters.BackendIdentifier,
         });
-        _backends[index] = parameters.BackendIdentifier;
         _linkDead.TryRemove(index, out _);
         return index;
     }
 
-    public void Reconfigure(int index, IReadOnlyList<Socket> sockets)
+    public void Reconfigure(int index, IReadOnlyList<Socket> sockets, string backendIdentifier)
     {
         _linkDead.TryRemove(index, out _);
         _netlink.Reconfigure(new NbdNetlinkReconfigureRequest
         {
             Index = index,
             Sockets = sockets,
-            BackendIdentifier = _backends.TryGetValue(index, out var backend) ? backend : null,
+            BackendIdentifier = backendIdentifier,
         });
     }
 
     public void Disconnect(int index)
     {
         _netlink.Disconnect(index);
-        _backends.TryRemove(index, out _);
     }
 
     public Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken) =>

@@ -51,6 +51,18 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
 
         public Socket Socket => connection.Socket;
 
+        public void Shutdown()
+        {
+            try
+            {
+                connection.Socket.Shutdown(SocketShutdown.Both);
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                // Already shut down by the peer or the kernel (ENOTCONN): the goal is reached either way.
+            }
+        }
+
         public void Dispose() => connection.Dispose();
     }
 }

@@ -1,0 +1,44 @@
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Nbd.Kernel.Interop;
+
+namespace Nbd.Kernel;
+
+/// <summary>
+/// SO_SNDTIMEO of a socket handed to the driver, read and written with raw get/setsockopt. The driver sets
+/// <c>sk_sndtimeo</c> to the device's request timeout when it takes a socket (nbd_start_device for CONNECT,
+/// nbd_reconnect_socket for RECONFIGURE, both only when a timeout is set), and the socket is shared with our
+/// descriptor: cleared before the hand-over and read back afterwards, a non-zero value proves the kernel took it.
+/// RECONFIGURE gives no other signal: a socket with no dead slot to fill is dropped and the request still succeeds.
+/// .NET's <c>Socket.SendTimeout</c> getter cannot be used: it returns the value the process last set, not the kernel's.
+/// </summary>
+public static class NbdSocketTimeout
+{
+    private const int SOL_SOCKET = 1;
+    private const int SO_SNDTIMEO = 21;
+
+    /// <summary>The socket's current SO_SNDTIMEO as the kernel has it; zero means "no timeout".</summary>
+    public static unsafe TimeSpan Read(Socket socket)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
+        var value = default(Libc.TimeVal);
+        uint length = (uint)sizeof(Libc.TimeVal);
+        if (Libc.GetSockOpt(socket.SafeHandle, SOL_SOCKET, SO_SNDTIMEO, &value, &length) < 0)
+        {
+            throw new NbdKernelException("socket", "getsockopt(SO_SNDTIMEO)", Marshal.GetLastPInvokeError());
+        }
+
+        return TimeSpan.FromSeconds(value.Seconds) + TimeSpan.FromMicroseconds(value.Microseconds);
+    }
+
+    /// <summary>Sets SO_SNDTIMEO to zero (no timeout), so that a later non-zero <see cref="Read"/> can only come from the driver.</summary>
+    public static unsafe void Clear(Socket socket)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
+        var value = default(Libc.TimeVal);
+        if (Libc.SetSockOpt(socket.SafeHandle, SOL_SOCKET, SO_SNDTIMEO, &value, (uint)sizeof(Libc.TimeVal)) < 0)
+        {
+            throw new NbdKernelException("socket", "setsockopt(SO_SNDTIMEO)", Marshal.GetLastPInvokeError());
+        }
+    }
+}

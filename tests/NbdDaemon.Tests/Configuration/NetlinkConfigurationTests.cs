@@ -1,0 +1,50 @@
+using Microsoft.Extensions.Configuration;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings.Linux;
+
+namespace NbdDaemon.Tests.Configuration;
+
+/// <summary>Netlink-specific rules: DeadConnectionTimeout default, no zero timeouts, OnStop.</summary>
+public sealed class NetlinkConfigurationTests
+{
+    private static IReadOnlyList<MappingOptions> Read(params (string Key, string Value)[] values) =>
+        new NbdConfigurationReader(new ProtocolUriParser()).Read(
+            new ConfigurationBuilder().AddInMemoryCollection(values.Select(v => new KeyValuePair<string, string?>(v.Key, v.Value))).Build());
+
+    private static ConfigurationError SingleError(params (string Key, string Value)[] values) =>
+        Assert.Single(Assert.Throws<NbdConfigurationException>(() => Read(values)).Errors);
+
+    [Fact]
+    public void Read_NetlinkWithoutDeadConnectionTimeout_Defaults120sAndDisconnectOnStop()
+    {
+        MappingOptions m = Assert.Single(Read(("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", "Netlink")));
+
+        Assert.Equal(TimeSpan.FromSeconds(120), m.DeadConnectionTimeout);
+        Assert.Equal(StopAction.Disconnect, m.OnStop);
+    }
+
+    [Fact]
+    public void Read_NetlinkOnStopLeave_Parsed()
+    {
+        MappingOptions m = Assert.Single(Read(
+            ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", "Netlink"),
+            ("Nbd:Mappings:0:OnStop", "leave")));
+
+        Assert.Equal(StopAction.Leave, m.OnStop);
+    }
+
+    [Theory]
+    [InlineData("Netlink", "Timeout", "00:00:00", "Nbd:Mappings:0:Timeout", "greater than zero with Interface=Netlink: requests in flight")]
+    [InlineData("Netlink", "DeadConnectionTimeout", "0", "Nbd:Mappings:0:DeadConnectionTimeout", "greater than zero: with 0 the kernel fails I/O at once")]
+    [InlineData("Ioctl", "OnStop", "Leave", "Nbd:Mappings:0:OnStop", "Leave needs Interface=Netlink")]
+    [InlineData("Netlink", "OnStop", "Detach", "Nbd:Mappings:0:OnStop", "unknown value 'Detach' (Disconnect or Leave)")]
+    public void Read_NetlinkRules_ErrorNamesKeyAndWhy(string kernelInterface, string key, string value, string expectedKey, string expectedReason)
+    {
+        ConfigurationError error = SingleError(
+            ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", kernelInterface),
+            ("Nbd:Mappings:0:" + key, value));
+
+        Assert.Equal(expectedKey, error.Key);
+        Assert.Contains(expectedReason, error.Reason, StringComparison.Ordinal);
+    }
+}

@@ -1,0 +1,399 @@
+using System.Collections.Concurrent;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Time.Testing;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Mappings;
+
+/// <summary>Netlink reconnect while the kernel holds I/O, socket hand-over confirmation, adoption, OnStop.</summary>
+public sealed class MappingLoopNetlinkTests
+{
+    private static readonly TimeSpan TestTimeout = TimeSpan.FromSeconds(10);
+    private readonly FakeTimeProvider _time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+    private readonly FakeKernel _kernel = new();
+
+    [Fact]
+    public async Task RunAsync_LinkDeadThenServerDown_RetriesEvery250msWhileHeldThenBacksOff()
+    {
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, reconnect: ReconnectOptions.Default with { MaxAttempts = 3 })
+            with { DeadConnectionTimeout = TimeSpan.FromSeconds(2) };
+        // Random 0.5 → no jitter: exactly 250 ms while held, exponential base × 0.75 afterwards.
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time, () => 0.5);
+        var delays = new List<double>();
+        // Read on the loop's flow: a zero delay lets the loop run on before the test could read LastDelay.
+        var states = new StateRecorder(loop, state =>
+        {
+            if (state == MappingState.Reconnecting)
+            {
+                lock (delays)
+                {
+                    delays.Add(loop.LastDelay!.Value.TotalMilliseconds);
+                }
+            }
+        });
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        for (int seen = 1; seen <= 11; seen++)
+        {
+            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            lock (delays)
+            {
+                _time.Advance(TimeSpan.FromMilliseconds(delays[seen - 1]));
+            }
+        }
+
+        await run.WaitAsync(TestTimeout);
+
+        // 0 (LINK_DEAD itself), then 250 ms until 2 s since the loss, then 1 s · 0.75, 2 s · 0.75 as for any other
+        // failure; the fast retries did not count towards MaxAttempts=3 (gave up at the third slow failure).
+        Assert.Equal([0, 250, 250, 250, 250, 250, 250, 250, 250, 750, 1500], delays);
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Equal(12, connector.Calls);
+    }
+
+    [Fact]
+    public async Task RunAsync_HeldRetryDelay_Jitters20Percent()
+    {
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var random = new Queue<double>([0.0, 1.0]);
+        MappingLoop loop = TestMappings.Loop(
+            TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time, () => random.Count > 0 ? random.Dequeue() : 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        Assert.Equal(200, loop.LastDelay!.Value.TotalMilliseconds);
+        _time.Advance(loop.LastDelay.Value);
+        await states.WaitForAsync(MappingState.Reconnecting, 3);
+        Assert.Equal(300, loop.LastDelay!.Value.TotalMilliseconds);
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ExportChangedWhileHeld_KeepsNormalSchedule()
+    {
+        var connector = new FakeConnector().ThenServe().ThenServe(FakeConnector.DefaultExport with { Size = 1UL << 31 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+
+        Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
+        Assert.Equal("export size changed from 1073741824 to 2147483648 bytes", loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_TwoConnectionsOneSlotDies_ShutsDownBothAndRefillsSlotMarkedDeadLater()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        FakeSession[] old = [.. connector.Sessions];
+
+        _kernel.Netlink!.RaiseLinkDead(0);
+        // Slot 1 is still alive at the first RECONFIGURE (the kernel notices the shut-down socket a moment later).
+        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-reconfigure 5 socks 2 id nbd-daemon:data"));
+
+        Assert.All(old, s => Assert.True(s.ShutDown));
+        Assert.All(old, s => Assert.True(s.Disposed));
+        Assert.Equal(MappingState.ConfiguringKernel, loop.State);
+        _kernel.NetlinkDevices[5].MarkDead(1);
+        _time.Advance(MappingLoop.HeldRetryInterval);
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Equal(["nl-reconfigure 5 socks 2 id nbd-daemon:data", "nl-reconfigure 5 socks 1 id nbd-daemon:data"], _kernel.Operations.Skip(3));
+        Assert.All(connector.Sessions.Skip(2), s => Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(s.Socket)));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ReconfigureTakesNoSocket_RetriesFourTimesThenFailsTransient()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        // LINK_DEAD without a dead slot: the kernel keeps dropping the new socket.
+        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
+        {
+            await WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i);
+            _time.Advance(MappingLoop.HeldRetryInterval);
+        }
+
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+
+        Assert.Equal(5, _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)));
+        Assert.Equal("kernel took 0 of 1 sockets on RECONFIGURE: no dead connection slot for the rest after 5 tries over 1 s", loop.LastFailure);
+        Assert.Equal(TimeSpan.FromMilliseconds(300), loop.LastDelay);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_DeviceLeftWithDeadSlot_AdoptsByReconfigureWithoutConnect()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
+        _kernel.SysfsOnly[0] = new KernelDeviceInfo(0, FakeConnector.DefaultExport.Size, 4096, "nbd-daemon:other", true, false);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal("/dev/nbd2", loop.Device);
+        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        FakeSession session = connector.Sessions.Single();
+        Assert.False(session.Disposed);
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(session.Socket));
+
+        // From now on it is our device: a later loss reconfigures the same index.
+        _kernel.Netlink!.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal("nl-reconfigure 2 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+        Assert.Contains("nl-disconnect 2", _kernel.Operations);
+    }
+
+    [Fact]
+    public async Task RunAsync_DeviceLeftStillConnected_ClosesFreshSocketsAndServesUntilLinkDead()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: "/dev/nbd2"), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        FakeSession fresh = connector.Sessions.Single();
+        Assert.True(fresh.Disposed);
+        Assert.False(fresh.ShutDown);
+        Assert.Equal(TimeSpan.Zero, _kernel.ReadSendTimeout(fresh.Socket));
+        Assert.Equal("/dev/nbd2", loop.Device);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(connector.Sessions.Last().Socket));
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-connect", StringComparison.Ordinal));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_DeviceLeftWithOtherSize_RefusesLeavesDeviceUntouchedRetriesWithBackoff()
+    {
+        _kernel.LeaveDevice(2, 1UL << 29, "nbd-daemon:data", deadSlots: 1);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal("export is 1073741824 bytes but /dev/nbd2 (left configured by an earlier daemon) is 536870912 bytes; not adopting it, device left untouched", loop.LastFailure);
+        Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
+        Assert.True(connector.Sessions.Single().Disposed);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        Assert.Equal(TimeSpan.FromSeconds(2), loop.LastDelay);
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+        Assert.Equal(["netlink open", "netlink close"], _kernel.Operations);
+        Assert.True(_kernel.NetlinkDevices[2].Dead[0]);
+        Assert.Equal(1UL << 29, _kernel.NetlinkDevices[2].Sysfs.SizeBytes);
+    }
+
+    [Theory]
+    [InlineData(1073741824UL + 100, 512u, true)]
+    [InlineData(1073741824UL + 100, 4096u, true)]
+    [InlineData(1073741824UL + 4096, 4096u, false)]
+    public async Task RunAsync_AdoptionSizeCheck_ComparesAtLogicalBlockSize(ulong exportSize, uint logicalBlockSize, bool adopted)
+    {
+        // sysfs size is whole 512-byte sectors: an export of 1 GiB + 100 bytes shows as 1 GiB.
+        _kernel.LeaveDevice(2, 1UL << 30, "nbd-daemon:data", deadSlots: 1, logicalBlockSize: logicalBlockSize);
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { Size = exportSize });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(s => s.Contains(MappingState.Serving) || s.Contains(MappingState.Reconnecting), "Serving or Reconnecting");
+
+        Assert.Equal(adopted ? MappingState.Serving : MappingState.Reconnecting, loop.State);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_DeviceLeftWritableButExportReadOnly_Refused()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags | ExportDescription.FlagReadOnly });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal("export is read-only but /dev/nbd2 (left configured by an earlier daemon) is writable; not adopting it, device left untouched", loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_OnlyOtherBackendsPresent_ConnectsNewDeviceAndNeverTouchesThem()
+    {
+        _kernel.LeaveDevice(1, FakeConnector.DefaultExport.Size, "nbd-daemon:other", deadSlots: 1);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+        Assert.True(_kernel.NetlinkDevices[1].Dead[0]);
+        Assert.DoesNotContain("nl-disconnect 1", _kernel.Operations);
+    }
+
+    [Fact]
+    public async Task RunAsync_StopWithOnStopLeave_ClosesDescriptorsWithoutDisconnectOrShutdown()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Stopped, loop.State);
+        Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", "netlink close"], _kernel.Operations);
+        FakeSession session = connector.Sessions.Single();
+        Assert.True(session.Disposed);
+        Assert.False(session.ShutDown);
+        Assert.True(_kernel.NetlinkDevices.ContainsKey(5));
+    }
+
+    [Fact]
+    public async Task RunAsync_GivesUpWithOnStopLeave_StillDisconnects()
+    {
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave, reconnect: ReconnectOptions.Default with { Enabled = false });
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.GaveUp, loop.State);
+        Assert.Contains("nl-disconnect 5", _kernel.Operations);
+    }
+
+    [Fact]
+    public async Task RunAsync_SameFailureRepeated_LoggedAtPowersOfTwoElseDebug()
+    {
+        var connector = new FakeConnector().ThenRefuse();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        for (int seen = 1; seen <= 9; seen++)
+        {
+            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            _time.Advance(loop.LastDelay!.Value);
+        }
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+
+        int[] loud = [.. logger.Entries.Where(e => e.Level == LogLevel.Warning && e.Message.Contains("-> Reconnecting", StringComparison.Ordinal))
+            .Select(e => int.Parse(e.Message[(e.Message.LastIndexOf("attempt ", StringComparison.Ordinal) + 8)..].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture) - 1)];
+        Assert.Equal([1, 2, 4, 8], loud);
+        int all = logger.Entries.Count(e => e.Message.Contains("-> Reconnecting", StringComparison.Ordinal));
+        Assert.True(all >= 9, $"{all} Reconnecting transitions");
+        Assert.Equal(all - 4, logger.Entries.Count(e => e.Level == LogLevel.Debug && e.Message.Contains("-> Reconnecting", StringComparison.Ordinal)));
+        // The attempt after a quiet failure is quiet too.
+        Assert.Contains(logger.Entries, e => e.Level == LogLevel.Debug && e.Message.Contains("Reconnecting -> Connecting", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task RunAsync_FailureReasonChanges_LoggedAlways()
+    {
+        var connector = new FakeConnector().ThenRefuse().ThenRefuse().ThenRefuse()
+            .Then(_ => Task.FromException<INbdSession>(new MappingException("server refused: NBD_REP_ERR_UNKNOWN")));
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        for (int seen = 1; seen <= 4; seen++)
+        {
+            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            _time.Advance(loop.LastDelay!.Value);
+        }
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+
+        Assert.Contains(logger.Entries, e => e.Level == LogLevel.Warning && e.Message.Contains("NBD_REP_ERR_UNKNOWN; attempt 5", StringComparison.Ordinal));
+        Assert.Contains(logger.Entries, e => e.Level == LogLevel.Debug && e.Message.Contains("connection refused; attempt 4", StringComparison.Ordinal));
+    }
+
+    private static async Task WaitUntilAsync(Func<bool> condition)
+    {
+        using var deadline = new CancellationTokenSource(TestTimeout);
+        while (!condition())
+        {
+            await Task.Delay(5, deadline.Token);
+        }
+    }
+
+    private sealed class ListLogger : ILogger
+    {
+        private readonly ConcurrentQueue<(LogLevel Level, string Message)> _entries = new();
+
+        public IReadOnlyList<(LogLevel Level, string Message)> Entries => [.. _entries];
+
+        public IDisposable? BeginScope<TState>(TState state)
+            where TState : notnull => null;
+
+        public bool IsEnabled(LogLevel logLevel) => true;
+
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            _entries.Enqueue((logLevel, formatter(state, exception)));
+    }
+}
