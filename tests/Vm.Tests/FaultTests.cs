@@ -24,15 +24,24 @@ internal static class FaultScenario
     /// </summary>
     public const long NetlinkStallBoundMs = TimeoutMs + 2000;
 
-    public static readonly string[] Scenarios = ["S1", "S2", "S3", "S4"];
+    /// <summary>Faults per round: S3 = cut, reset, stall 2 s, stall 7 s; S5/S6 = the daemon restart, then a server kill.</summary>
+    public static long FaultsPerRound(string scenario) => scenario switch
+    {
+        "S3" => 4,
+        "S5" or "S6" => 2,
+        _ => 1,
+    };
 }
 
 /// <summary>
 /// Fault injection under a write-then-verify load (nbd-verify, O_DIRECT 4 KiB blocks over 32 MiB) on daemon
 /// mappings against nbdkit: S1 server SIGKILLed and restarted after 1..3 s (3 times), S2 SIGSTOP beyond the request
-/// timeout, S3 fault-proxy cut / reset / stall 2 s / stall 7 s, S4 the export back with another size for 4 s.
+/// timeout, S3 fault-proxy cut / reset / stall 2 s / stall 7 s, S4 the export back with another size for 4 s,
+/// S5 the daemon SIGKILLed and started again, S6 (Netlink) the daemon stopped with OnStop=Leave and started again
+/// (S5/S6 then kill the server once more, so the new daemon has to run the mapping).
 /// Netlink (DeadConnectionTimeout 60 s) must hide every fault from the application; Ioctl must serve again after
-/// every round without losing acknowledged data (its application sees EIO, closes, reopens).
+/// every round, and data written after its last I/O error must read back intact (its application sees EIO,
+/// closes, reopens).
 /// </summary>
 [Collection(VmCollection.Name)]
 public sealed class FaultTests(VmFixture vm, ITestOutputHelper output)
@@ -62,12 +71,9 @@ public sealed class FaultTests(VmFixture vm, ITestOutputHelper output)
         Expect.That(run, line, line.Long("final_checked") >= 100, "the final pass checked hardly any block");
         Expect.Equal(run, line, "daemon_alive", "yes");
         Expect.Equal(run, line, "size_after", FaultScenario.ExportBytes);
-        // Served again after every fault (S3: four faults per round).
+        // Served again after every fault.
         Expect.Equal(run, line, "served_again", "yes");
-        Expect.Equal(run, line, "served_rounds", row.Rounds * (scenario == "S3" ? 4 : 1));
-        // Acknowledged writes survive every fault on both interfaces (a write that failed may or may not have landed,
-        // and both outcomes are accepted for that block).
-        Expect.Equal(run, line, "verify_failures", 0);
+        Expect.Equal(run, line, "served_rounds", row.Rounds * FaultScenario.FaultsPerRound(scenario));
         if (scenario == "S4")
         {
             Expect.Equal(run, line, "resized_to_wrong", "no");
@@ -83,17 +89,28 @@ public sealed class FaultTests(VmFixture vm, ITestOutputHelper output)
     [InlineData("S2")]
     [InlineData("S3")]
     [InlineData("S4")]
+    [InlineData("S5")]
+    [InlineData("S6")]
     public async Task Fault_Netlink_ApplicationSeesNoErrorAndIoResumesWithinTimeout(string scenario)
     {
         var (run, row) = await CaseAsync(scenario, "Netlink");
         Expect.Equal(run, row.Line, "app_io_errors", 0);
         Expect.Equal(run, row.Line, "kernel_io_errors", 0);
+        // Every acknowledged write reads back (a write that failed may or may not have landed; both are accepted).
+        Expect.Equal(run, row.Line, "verify_failures", 0);
         Expect.That(run, row.Line, row.MaxStallAfterBackMs <= FaultScenario.NetlinkStallBoundMs,
             $"I/O stalled {row.MaxStallAfterBackMs} ms after the server accepted again (bound: Timeout {FaultScenario.TimeoutMs} ms + 2 s)");
         if (scenario == "S4")
         {
             // The kernel holds I/O on the device while the daemon refuses the wrong export: never resized, not even to 0.
             Expect.Equal(run, row.Line, "sizes_during", FaultScenario.ExportBytes);
+        }
+
+        if (scenario is "S5" or "S6")
+        {
+            // The device kept serving on the kernel's sockets with no daemon, and the new daemon adopted it.
+            Expect.Equal(run, row.Line, "device_while_down", "configured");
+            Expect.Equal(run, row.Line, "adopted", "yes");
         }
     }
 
@@ -102,7 +119,8 @@ public sealed class FaultTests(VmFixture vm, ITestOutputHelper output)
     [InlineData("S2")]
     [InlineData("S3")]
     [InlineData("S4")]
-    public async Task Fault_Ioctl_ServesAgainAfterEveryRoundWithoutLosingAcknowledgedData(string scenario)
+    [InlineData("S5")]
+    public async Task Fault_Ioctl_ServesAgainAfterEveryRoundAndDataWrittenAfterRecoveryVerifies(string scenario)
     {
         var (run, row) = await CaseAsync(scenario, "Ioctl");
         Expect.Equal(run, row.Line, "verify_failures_recent", 0);

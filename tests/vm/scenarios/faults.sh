@@ -3,6 +3,10 @@
 #  S2  nbdkit SIGSTOPped for Timeout + 2 s, then SIGCONT
 #  S3  fault-proxy between daemon and nbdkit: cut, reset, stall 2 s, stall Timeout + 2 s (one round = all four)
 #  S4  nbdkit comes back with a different export size for 4 s (refused, device not resized), then the right one
+#  S5  the daemon SIGKILLed under load and started again 2 s later; then nbdkit SIGKILLed once (1 s) to prove the
+#      new daemon really runs the mapping (Netlink: it adopted the device the dead one left serving)
+#  S6  Netlink only: the daemon stopped (SIGTERM) with OnStop=Leave and started again 2 s later; then the same
+#      nbdkit kill as S5
 # for Interface=Netlink (nbd0 direct, nbd1 through the proxy) and Interface=Ioctl (nbd2 direct, nbd3 proxied),
 # all four mappings in one daemon configured through /etc/nbd-daemon/appsettings.json.
 #
@@ -14,7 +18,8 @@
 # Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, overridden by /etc/nbd-faults.conf (tests/vm/faults.sh --full).
 # Prints per case: RESULT fault scenario=S? interface=... ; per round: NOTE fault-round ...
 . /usr/local/lib/nbdvm.sh
-ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 REGION_MIB=32 SCENARIOS="S1 S2 S3 S4" INTERFACES="Netlink Ioctl"
+ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
+SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
 [ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
 MiB=1048576
 SIZE_MIB=64 WRONG_MIB=48
@@ -57,7 +62,7 @@ write_config() {
         echo '{ "Nbd": { "Mappings": ['
         for i in 0 1 2 3; do
             dead=""
-            [ "$(iface_of $i)" = Netlink ] && dead='"DeadConnectionTimeout": "00:01:00",'
+            [ "$(iface_of $i)" = Netlink ] && dead='"DeadConnectionTimeout": "00:01:00", "OnStop": "Leave",'
             echo "$sep{ \"Name\": \"m$i\", \"Uri\": \"nbd://127.0.0.1:$(uri_port $i)/kit\", \"Device\": \"/dev/nbd$i\","
             echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\", $dead"
             echo "  \"Reconnect\": { \"InitialDelay\": \"00:00:00.250\", \"MaxDelay\": \"00:00:01\" } }"
@@ -187,12 +192,46 @@ fault_S4() {
     round_done "$TAG" "$r" wrong_size=$((WRONG_MIB * MiB)) size_during=$during refusals_logged=$S4_REFUSED
 }
 
+# daemon_restart SIGNAL I ROUND: stops the daemon with SIGNAL, starts it again 2 s later (T = the start), waits
+# until the verifier is served after T; then one nbdkit SIGKILL + restart after 1 s (T = its port back), served
+# again through the new daemon. Sets RESTART_ADOPTED (Netlink: the new daemon logged that it adopted nbdI).
+daemon_restart() {
+    local sig=$1 i=$2 r=$3 a0 left
+    a0=$(grep -c "adopted /dev/nbd$i " $DLOG)
+    T0=$(nbd-verify now)
+    echo "SCENARIO $(date +%H:%M:%S) daemon SIG$sig" >> $DLOG
+    kill -$sig $DAEMON
+    wait_exit $DAEMON 20 || { kill -KILL $DAEMON; wait $DAEMON; }
+    left=$([ -e /sys/block/nbd$i/pid ] && echo configured || echo free)
+    sleep 2
+    start_daemon
+    T=$(nbd-verify now)
+    round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
+    # adoption is logged once the new daemon runs the mapping (Netlink); Ioctl configures the device anew
+    local n=0
+    while [ $n -lt 300 ]; do
+        [ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && break
+        [ "$(iface_of $i)" = Ioctl ] && [ -e /sys/block/nbd$i/pid ] && break
+        sleep 0.1; n=$((n + 1))
+    done
+    RESTART_ADOPTED=$([ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && echo yes || echo no)
+    RESTART_LEFT="$RESTART_LEFT$left,"
+    T0=$(nbd-verify now)
+    kill -KILL "$(kit_pid $i)"; wait "$(kit_pid $i)" 2>/dev/null
+    sleep 1
+    start_kit $i
+    T=$(nbd-verify waitport "$(kit_port $i)" 20) || T=$(nbd-verify now)
+    round_done "$TAG" "$r" step=server-kill-after-restart adopted=$RESTART_ADOPTED
+}
+fault_S5() { daemon_restart KILL "$@"; }
+fault_S6() { daemon_restart TERM "$@"; }
+
 # run_case SCENARIO INTERFACE: the verifier on the mapping's device through all rounds of one scenario.
 run_case() {
     local sc=$1 iface=$2 i rounds reopen="" k0 n0 vpid report
     case $iface in Netlink) i=0 ;; *) i=2; reopen=--reopen-on-error ;; esac
     [ "$sc" = S3 ] && i=$((i + 1))
-    case $sc in S1) rounds=$ROUNDS_S1 ;; S2) rounds=$ROUNDS_S2 ;; S3) rounds=$ROUNDS_S3 ;; S4) rounds=$ROUNDS_S4 ;; esac
+    eval "rounds=\$ROUNDS_$sc"
     TAG="scenario=$sc interface=$iface"
     EV=/tmp/ev-$sc-$iface ST=/tmp/st-$sc-$iface
     local stop=/tmp/stop-$sc-$iface size0
@@ -204,7 +243,7 @@ run_case() {
         --events "$EV" --status "$ST" $reopen > /tmp/report-$sc-$iface 2>/tmp/verr-$sc-$iface &
     vpid=$!
     sleep 2
-    MAX_STALL=0 ALL_SERVED=yes SERVED_ROUNDS=0 S4_DURING="" S4_RESIZED=no S4_REFUSED=0
+    MAX_STALL=0 ALL_SERVED=yes SERVED_ROUNDS=0 S4_DURING="" S4_RESIZED=no S4_REFUSED=0 RESTART_ADOPTED=n/a RESTART_LEFT=
     local r=1
     while [ $r -le "$rounds" ]; do
         "fault_$sc" $i $r
@@ -213,13 +252,14 @@ run_case() {
     touch "$stop"
     wait_exit $vpid 180 || { kill -KILL $vpid; note "verifier $sc $iface did not finish"; }
     report=$(cat /tmp/report-$sc-$iface)
-    local we re fe oe vf vr fc mg wr rd dir
+    local we re fe oe vf vr vff fc mg wr rd dir
     we=$(echo " $report" | sed -n 's/.* write_errors=\([0-9]*\).*/\1/p')
     re=$(echo " $report" | sed -n 's/.* read_errors=\([0-9]*\).*/\1/p')
     fe=$(echo " $report" | sed -n 's/.* final_read_errors=\([0-9]*\).*/\1/p')
     oe=$(echo " $report" | sed -n 's/.* open_errors=\([0-9]*\).*/\1/p')
     vf=$(echo " $report" | sed -n 's/.* verify_failures=\([0-9]*\).*/\1/p')
     vr=$(echo " $report" | sed -n 's/.* verify_failures_recent=\([0-9]*\).*/\1/p')
+    vff=$(echo " $report" | sed -n 's/.* verify_failures_final=\([0-9]*\).*/\1/p')
     fc=$(echo " $report" | sed -n 's/.* final_checked=\([0-9]*\).*/\1/p')
     mg=$(echo " $report" | sed -n 's/.* max_gap_ms=\([0-9]*\).*/\1/p')
     wr=$(echo " $report" | sed -n 's/.* writes=\([0-9]*\).*/\1/p')
@@ -227,21 +267,25 @@ run_case() {
     dir=$(echo " $report" | sed -n 's/.* direct=\([a-z]*\).*/\1/p')
     local extra=""
     [ "$sc" = S4 ] && extra="wrong_size=$((WRONG_MIB * MiB)) sizes_during=${S4_DURING%,} resized_to_wrong=$S4_RESIZED refusals_logged=$S4_REFUSED"
+    case $sc in S5|S6) extra="adopted=$RESTART_ADOPTED device_while_down=${RESTART_LEFT%,}" ;; esac
     result fault scenario=$sc interface=$iface device=nbd$i rounds=$rounds \
         app_io_errors=$(( ${we:-0} + ${re:-0} + ${fe:-0} + ${oe:-0} )) write_errors=${we:--1} read_errors=${re:--1} \
         final_read_errors=${fe:--1} open_errors=${oe:--1} \
         kernel_io_errors=$(( $(kio_count) - k0 )) kernel_nbd_lines=$(( $(knbd_count) - n0 )) \
-        verify_failures=${vf:--1} verify_failures_recent=${vr:--1} final_checked=${fc:--1} \
+        verify_failures=${vf:--1} verify_failures_recent=${vr:--1} verify_failures_final=${vff:--1} final_checked=${fc:--1} \
         max_stall_after_back_ms=$MAX_STALL max_gap_ms=${mg:--1} served_again=$ALL_SERVED served_rounds=$SERVED_ROUNDS \
         writes=${wr:--1} reads=${rd:--1} direct=${dir:-unknown} size_before=$size0 size_after=$(nbd_bytes nbd$i) \
         daemon_alive=$(proc_gone $DAEMON && echo no || echo yes) timeout_s=$TIMEOUT_S $extra
     sed "s/^/LOG verifier-stderr: /" /tmp/verr-$sc-$iface | head -n 5
-    grep -v '^gap' "$EV" | head -n 8 | sed "s/^/LOG events-$sc-$iface: /"
+    grep -v '^gap\|^verify_fail' "$EV" | head -n 8 | sed "s/^/LOG events-$sc-$iface: /"
+    grep '^verify_fail' "$EV" | head -n 12 | sed "s/^/LOG events-$sc-$iface: /"
     grep '^gap' "$EV" | sort -t= -k4 -n -r | head -n 5 | sed "s/^/LOG gaps-$sc-$iface: /"
 }
 
 for sc in $SCENARIOS; do
     for iface in $INTERFACES; do
+        # OnStop=Leave is Netlink only (an ioctl device lives only as long as the daemon's NBD_DO_IT thread)
+        [ "$sc" = S6 ] && [ "$iface" = Ioctl ] && continue
         run_case "$sc" "$iface"
     done
 done

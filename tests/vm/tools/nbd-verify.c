@@ -69,7 +69,7 @@ static struct {
 
 static struct {
     uint64_t writes, reads, write_errors, read_errors, open_errors, reopens;
-    uint64_t verify_failures, verify_failures_recent, final_checked, final_read_errors;
+    uint64_t verify_failures, verify_failures_recent, verify_failures_final, final_checked, final_read_errors;
     uint64_t gaps, seq, last_error_seq;
     double max_gap_ms, last_ok, start;
     int direct;
@@ -192,11 +192,12 @@ static void write_status(FILE *out)
 {
     fprintf(out,
             "writes=%llu reads=%llu write_errors=%llu read_errors=%llu open_errors=%llu reopens=%llu "
-            "verify_failures=%llu verify_failures_recent=%llu final_checked=%llu final_read_errors=%llu "
+            "verify_failures=%llu verify_failures_recent=%llu verify_failures_final=%llu final_checked=%llu final_read_errors=%llu "
             "gaps=%llu max_gap_ms=%.0f last_ok=%.6f direct=%s\n",
             (unsigned long long)st.writes, (unsigned long long)st.reads, (unsigned long long)st.write_errors,
             (unsigned long long)st.read_errors, (unsigned long long)st.open_errors, (unsigned long long)st.reopens,
             (unsigned long long)st.verify_failures, (unsigned long long)st.verify_failures_recent,
+            (unsigned long long)st.verify_failures_final,
             (unsigned long long)st.final_checked, (unsigned long long)st.final_read_errors,
             (unsigned long long)st.gaps, st.max_gap_ms, st.last_ok, st.direct ? "yes" : "no");
 }
@@ -252,6 +253,7 @@ static void verify_failed(const char *phase, uint32_t block, const struct block_
     int recent = bs->written_seq > st.last_error_seq;
     st.verify_failures++;
     if (recent) st.verify_failures_recent++;
+    if (phase[0] == 'f') st.verify_failures_final++;
     event("verify_fail phase=%s block=%u want=%llu got=%llu reason=%s recent=%d t=%.6f", phase, block,
           (unsigned long long)bs->gen, (unsigned long long)got, why, recent, now_real());
 }
