@@ -8,8 +8,9 @@
  *   nbd-verify waitport PORT TIMEOUT_S                 first time a TCP connect to 127.0.0.1:PORT succeeds
  *
  * run: 4 KiB O_DIRECT blocks over the first N MiB. Every block written carries a header (magic, block index,
- * generation, crc32 of the payload) and a payload derived from (index, generation), so a read-back proves both
- * where the data came from and that it is intact. Three writes, then one read-back of an earlier block, in a loop
+ * run id, generation, crc32 of the payload) and a payload derived from (index, run id, generation), so a read-back
+ * proves both where the data came from and that it is intact. The run id (random per run) tells this run's blocks
+ * from an earlier run's: a block this run never wrote successfully may hold anything from before. Three writes, then one read-back of an earlier block, in a loop
  * until the stop file appears or SIGTERM/SIGINT arrives; then every block written is read back and checked against
  * the generation map kept in memory.
  *
@@ -76,6 +77,7 @@ static struct {
 } st;
 
 static FILE *events;
+static uint32_t run_id;
 static struct block_state *map;
 static int fd = -1;
 
@@ -118,7 +120,7 @@ static uint64_t splitmix(uint64_t *s)
 
 static void fill_block(uint8_t *b, uint32_t index, uint64_t gen)
 {
-    uint64_t s = ((uint64_t)index << 32) ^ gen ^ 0x5bd1e995ull;
+    uint64_t s = ((uint64_t)index << 32) ^ gen ^ ((uint64_t)run_id << 17) ^ 0x5bd1e995ull;
     for (uint32_t i = HEADER; i < BLOCK; i += 8) {
         uint64_t v = splitmix(&s);
         memcpy(b + i, &v, 8);
@@ -127,7 +129,7 @@ static void fill_block(uint8_t *b, uint32_t index, uint64_t gen)
     uint32_t zero = 0, crc = crc32_ieee(b + HEADER, BLOCK - HEADER);
     memcpy(b, &magic, 8);
     memcpy(b + 8, &index, 4);
-    memcpy(b + 12, &zero, 4);
+    memcpy(b + 12, &run_id, 4);
     memcpy(b + 16, &gen, 8);
     memcpy(b + 24, &crc, 4);
     memcpy(b + 28, &zero, 4);
@@ -138,24 +140,21 @@ static const char *check_block(const uint8_t *b, uint32_t index, const struct bl
 {
     static uint8_t want[BLOCK] __attribute__((aligned(4096)));
     uint64_t magic, gen;
-    uint32_t idx, crc;
+    uint32_t idx, crc, run;
     memcpy(&magic, b, 8);
     memcpy(&idx, b + 8, 4);
+    memcpy(&run, b + 12, 4);
     memcpy(&gen, b + 16, 8);
     memcpy(&crc, b + 24, 4);
-    *got = magic == MAGIC ? gen : 0;
-    int has_alts = 0;
-    for (int i = 0; i < MAX_ALTS; i++) has_alts |= bs->alts[i] != 0;
-    if (magic != MAGIC)
-        return bs->gen == 0 ? NULL : "magic"; /* never written successfully: old content is fine */
+    *got = magic == MAGIC && run == run_id ? gen : 0;
+    /* never written successfully by this run (at most failed attempts): what was there before is fine too */
+    if (magic != MAGIC || run != run_id)
+        return bs->gen == 0 ? NULL : magic != MAGIC ? "magic" : "run";
     if (idx != index) return "index";
     if (crc32_ieee(b + HEADER, BLOCK - HEADER) != crc) return "crc";
     int known = gen == bs->gen && gen != 0;
     for (int i = 0; i < MAX_ALTS; i++) known |= bs->alts[i] != 0 && gen == bs->alts[i];
-    if (!known) {
-        if (bs->gen == 0 && !has_alts) return NULL;
-        return gen < bs->gen ? "stale" : "generation";
-    }
+    if (!known) return gen < bs->gen ? "stale" : "generation";
     fill_block(want, index, gen);
     if (memcmp(want, b, BLOCK) != 0) return "payload";
     return NULL;
@@ -310,7 +309,7 @@ static int save_map(void)
 {
     FILE *f = fopen(opt.map_out, "w");
     if (!f) { perror(opt.map_out); return -1; }
-    fprintf(f, "blocks %u\n", opt.blocks);
+    fprintf(f, "blocks %u run %u\n", opt.blocks, run_id);
     for (uint32_t i = 0; i < opt.blocks; i++) {
         struct block_state *bs = &map[i];
         if (bs->gen == 0 && bs->alts[0] == 0) continue;
@@ -325,13 +324,14 @@ static int load_map(void)
 {
     FILE *f = fopen(opt.map_in, "r");
     if (!f) { perror(opt.map_in); return -1; }
-    unsigned blocks;
-    if (fscanf(f, "blocks %u", &blocks) != 1 || blocks == 0 || blocks > (1u << 24)) {
+    unsigned blocks, run;
+    if (fscanf(f, "blocks %u run %u", &blocks, &run) != 2 || blocks == 0 || blocks > (1u << 24)) {
         fprintf(stderr, "nbd-verify: %s: bad header\n", opt.map_in);
         fclose(f);
         return -1;
     }
     opt.blocks = blocks;
+    run_id = run;
     map = calloc(opt.blocks, sizeof *map);
     if (!map) { fclose(f); return -1; }
     unsigned idx;
@@ -359,6 +359,9 @@ static int run(void)
     uint32_t *written = calloc(opt.blocks, sizeof *written); /* indexes written so far, for read-back picks */
     if (!written) return 1;
     st.start = st.last_ok = now_real();
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    run_id = (uint32_t)(ts.tv_nsec ^ (getpid() << 12) ^ opt.seed) | 1u;
     double next_status = 0;
     for (uint64_t op = 0; !stop_requested(); op++) {
         st.seq++;
