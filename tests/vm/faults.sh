@@ -3,8 +3,8 @@
 #
 #   tests/vm/faults.sh [--full] [--daemon PUBLISH_DIR] [--keep-log FILE]
 #
-# Default (CI) counts: S1 3 kills, S2/S3/S4 one round each (~5 min of VM time under TCG).
-# --full: S1 20 kills, S2 5, S3 5 (each = cut, reset, stall 2 s, stall 7 s), S4 3.
+# Default (CI) counts: S1 3 kills, S2..S6 one round each (~4 min of VM time under TCG).
+# --full: S1 20 kills, S2 5, S3 5 (each = cut, reset, stall 2 s, stall 7 s), S4 3, S5 3, S6 3 (~20 min).
 # Without --daemon the daemon is published to a temporary folder first. The C tools are built by tools/build.sh.
 # Exit code: run-vm.sh's (0 when the scenario ran to its end); the table is the measurement, the tests
 # (tests/Vm.Tests/FaultTests.cs) decide pass/fail.
@@ -33,7 +33,7 @@ fi
 conf=$work/nbd-faults.conf
 timeout=900
 if [ "$full" = yes ]; then
-    echo "ROUNDS_S1=20 ROUNDS_S2=5 ROUNDS_S3=5 ROUNDS_S4=3" > "$conf"
+    echo "ROUNDS_S1=20 ROUNDS_S2=5 ROUNDS_S3=5 ROUNDS_S4=3 ROUNDS_S5=3 ROUNDS_S6=3" > "$conf"
     timeout=3600
 else
     : > "$conf"
