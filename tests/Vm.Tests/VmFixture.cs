@@ -57,6 +57,11 @@ public sealed class VmFixture : IDisposable
             args.Add(p);
         }
 
+        if (spec.NeedsTools)
+        {
+            args.AddRange(VmTools.AddArguments(await VmTools.BuildAsync(RepoRoot)));
+        }
+
         if (spec.NeedsDaemon)
         {
             args.Add("--daemon");

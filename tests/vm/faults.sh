@@ -1,0 +1,58 @@
+#!/bin/bash
+# The fault-injection suite (scenarios/faults.sh) in one VM boot, with its results as a markdown table.
+#
+#   tests/vm/faults.sh [--full] [--daemon PUBLISH_DIR] [--keep-log FILE]
+#
+# Default (CI) counts: S1 3 kills, S2..S6 one round each (~4 min of VM time under TCG).
+# --full: S1 20 kills, S2 5, S3 5 (each = cut, reset, stall 2 s, stall 7 s), S4 3, S5 3, S6 3 (~20 min).
+# Without --daemon the daemon is published to a temporary folder first. The C tools are built by tools/build.sh.
+# Exit code: run-vm.sh's (0 when the scenario ran to its end); the table is the measurement, the tests
+# (tests/Vm.Tests/FaultTests.cs) decide pass/fail.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+full=no daemon="" keep=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --full) full=yes; shift ;;
+        --daemon) daemon=$2; shift 2 ;;
+        --keep-log) keep=$2; shift 2 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        *) echo "faults.sh: unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+command -v nbdkit >/dev/null || { echo "faults.sh: nbdkit is missing on the host (Debian package nbdkit)" >&2; exit 2; }
+work=$(mktemp -d "${TMPDIR:-/tmp}/nbd-faults.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+tools=$("$here/tools/build.sh" "$work/tools")
+if [ -z "$daemon" ]; then
+    daemon=$work/daemon
+    dotnet publish "$repo/src/NbdDaemon" -c Release -r linux-x64 --self-contained -o "$daemon" -nologo >"$work/publish.log" 2>&1 \
+        || { cat "$work/publish.log" >&2; exit 2; }
+fi
+conf=$work/nbd-faults.conf
+timeout=900
+if [ "$full" = yes ]; then
+    echo "ROUNDS_S1=20 ROUNDS_S2=5 ROUNDS_S3=5 ROUNDS_S4=3 ROUNDS_S5=3 ROUNDS_S6=3" > "$conf"
+    timeout=3600
+else
+    : > "$conf"
+fi
+log=${keep:-$work/console.log}
+rc=0
+"$here/run-vm.sh" --script "$here/scenarios/faults.sh" --daemon "$daemon" --bin nbdkit --timeout $timeout \
+    --add "$tools/nbd-verify:/usr/local/bin/nbd-verify" --add "$tools/fault-proxy:/usr/local/bin/fault-proxy" \
+    --add "$conf:/etc/nbd-faults.conf" > "$log" 2>&1 || rc=$?
+grep -a 'NOTE fault-round' "$log" | sed 's/.*NOTE /NOTE /' || true
+echo
+echo "| scenario | interface | rounds | app I/O errors | kernel I/O errors | verify failures | max stall after back (ms) | longest gap (ms) | served again |"
+echo "|---|---|---|---|---|---|---|---|---|"
+grep -a 'RESULT fault ' "$log" | sed 's/.*RESULT fault //' | awk '{
+    delete v
+    for (i = 1; i <= NF; i++) { p = index($i, "="); v[substr($i, 1, p - 1)] = substr($i, p + 1) }
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", v["scenario"], v["interface"], v["rounds"],
+        v["app_io_errors"], v["kernel_io_errors"], v["verify_failures"], v["max_stall_after_back_ms"], v["max_gap_ms"],
+        v["served_again"]
+}'
+[ "$rc" = 0 ] || echo "faults.sh: run-vm.sh exited $rc (console: ${keep:-kept only with --keep-log})" >&2
+exit $rc

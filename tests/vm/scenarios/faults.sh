@@ -1,0 +1,297 @@
+# Fault injection under a continuous write-then-verify load (nbd-verify), on daemon mappings, one boot:
+#  S1  nbdkit SIGKILLed, restarted after 1..5 s (varies per round), ROUNDS_S1 times in a row
+#  S2  nbdkit SIGSTOPped for Timeout + 2 s, then SIGCONT
+#  S3  fault-proxy between daemon and nbdkit: cut, reset, stall 2 s, stall Timeout + 2 s (one round = all four)
+#  S4  nbdkit comes back with a different export size for 4 s (refused, device not resized), then the right one
+#  S5  the daemon SIGKILLed under load and started again 2 s later; then nbdkit SIGKILLed once (1 s) to prove the
+#      new daemon really runs the mapping (Netlink: it adopted the device the dead one left serving)
+#  S6  Netlink only: the daemon stopped (SIGTERM) with OnStop=Leave and started again 2 s later; then the same
+#      nbdkit kill as S5
+# for Interface=Netlink (nbd0 direct, nbd1 through the proxy) and Interface=Ioctl (nbd2 direct, nbd3 proxied),
+# all four mappings in one daemon configured through /etc/nbd-daemon/appsettings.json.
+#
+# Each nbdkit is one process (-f), so SIGKILL really drops the connection (nbd-server forks per client).
+# Server-back time T (CLOCK_REALTIME, `nbd-verify now` / `waitport`): S1/S4 the restarted port accepts, S2 SIGCONT,
+# S3 the cut/reset command or the stall's resume. Stall after back = the longest completion gap of the verifier
+# that ends after T and starts before the round's end, counted from max(start, T).
+#
+# Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, overridden by /etc/nbd-faults.conf (tests/vm/faults.sh --full).
+# Prints per case: RESULT fault scenario=S? interface=... ; per round: NOTE fault-round ...
+. /usr/local/lib/nbdvm.sh
+ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
+SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
+[ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
+MiB=1048576
+SIZE_MIB=64 WRONG_MIB=48
+TIMEOUT_S=5
+PROXY_BIN=fault-proxy
+
+have() { command -v "$1" >/dev/null && echo yes || echo no; }
+result faults-tools nbdkit=$(have nbdkit) daemon=$(have nbd-daemon) nbd_verify=$(have nbd-verify) \
+    fault_proxy=$(have fault-proxy)
+
+# mapping index i (0..3): device nbd$i; kit port 10800+i; the proxied ones (1, 3) listen on 10900+i.
+iface_of() { case $1 in 0|1) echo Netlink ;; *) echo Ioctl ;; esac; }
+kit_port() { echo $((10800 + $1)); }
+uri_port() { case $1 in 1|3) echo $((10900 + $1)) ;; *) kit_port "$1" ;; esac; }
+
+# start_kit I [FILE]: nbdkit in the foreground (one process), backgrounded here; pid in /run/kit-I.pid.
+start_kit() {
+    local i=$1 f=${2:-/tmp/exp-$1.img}
+    nbdkit -f -i 127.0.0.1 -p "$(kit_port "$i")" file "$f" >>/tmp/kit-$i.log 2>&1 &
+    echo $! > /run/kit-$i.pid
+}
+kit_pid() { cat /run/kit-$1.pid; }
+
+for i in 0 1 2 3; do
+    truncate -s ${SIZE_MIB}M /tmp/exp-$i.img
+    start_kit $i
+done
+truncate -s ${WRONG_MIB}M /tmp/wrong.img
+for i in 0 1 2 3; do wait_port "$(kit_port $i)" 20 || note "nbdkit $i did not start"; done
+for i in 1 3; do
+    fault-proxy $((10900 + i)) "$(kit_port $i)" /run/proxy-$i.ctl >>/tmp/proxy-$i.log 2>&1 &
+    echo $! > /run/proxy-$i.pid
+    wait_port $((10900 + i)) 10 || note "fault-proxy $i did not start"
+done
+
+write_config() {
+    local i sep="" dead
+    mkdir -p /etc/nbd-daemon
+    {
+        echo '{ "Nbd": { "Mappings": ['
+        for i in 0 1 2 3; do
+            dead=""
+            [ "$(iface_of $i)" = Netlink ] && dead='"DeadConnectionTimeout": "00:01:00", "OnStop": "Leave",'
+            echo "$sep{ \"Name\": \"m$i\", \"Uri\": \"nbd://127.0.0.1:$(uri_port $i)/kit\", \"Device\": \"/dev/nbd$i\","
+            echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\", $dead"
+            echo "  \"Reconnect\": { \"InitialDelay\": \"00:00:00.250\", \"MaxDelay\": \"00:00:01\" } }"
+            sep=","
+        done
+        echo '] } }'
+    } > /etc/nbd-daemon/appsettings.json
+}
+DLOG=/tmp/daemon.log
+start_daemon() {
+    echo "SCENARIO $(date +%H:%M:%S) daemon start" >> $DLOG
+    nbd-daemon >>$DLOG 2>&1 &
+    DAEMON=$!
+}
+write_config
+start_daemon
+for i in 0 1 2 3; do
+    ms=$(wait_connected nbd$i 90 $DAEMON) || note "nbd$i not connected after ${ms} ms"
+done
+result faults-start daemon_alive=$(proc_gone $DAEMON && echo no || echo yes) \
+    sizes=$(nbd_bytes nbd0),$(nbd_bytes nbd1),$(nbd_bytes nbd2),$(nbd_bytes nbd3)
+
+kio_count() { dmesg | grep -c 'I/O error'; }
+knbd_count() { dmesg | grep -c 'nbd[0-9]'; }
+status_val() { sed 's/^/ /' "$1" 2>/dev/null | sed -n "s/.* $2=\([^ ]*\).*/\1/p" | head -n1; }
+
+# wait_served STATUS T TIMEOUT_S: the verifier completed an I/O after T. Sets SERVED (yes/no), SERVED_MS.
+wait_served() {
+    local st=$1 t=$2 limit=$3 now lo
+    SERVED=no
+    while :; do
+        now=$(nbd-verify now)
+        lo=$(status_val "$st" last_ok)
+        if [ -n "$lo" ] && awk -v a="$lo" -v b="$t" 'BEGIN { exit !(a > b) }'; then
+            SERVED=yes; SERVED_MS=$(awk -v a="$lo" -v b="$t" 'BEGIN { printf "%d", (a - b) * 1000 }'); return 0
+        fi
+        if awk -v a="$now" -v b="$t" -v l="$limit" 'BEGIN { exit !(a - b > l) }'; then
+            SERVED_MS=-1; return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# stall_after EVENTS T END: ms of the longest gap ending after T and starting before END, from max(start, T).
+stall_after() {
+    awk -v T="$2" -v E="$3" '$1 == "gap" {
+        s = substr($2, 7); e = substr($3, 5)
+        if (e + 0 > T + 0 && s + 0 < E + 0) { v = (e - (s > T ? s : T)) * 1000; if (v > m) m = v }
+    } END { printf "%d\n", m }' "$1"
+}
+
+# errors_between EVENTS T0 T1: app I/O errors logged in [T0, T1)
+errors_between() {
+    awk -v a="$2" -v b="$3" '$1 == "error" { for (i = 2; i <= NF; i++) if (substr($i, 1, 2) == "t=") { t = substr($i, 3) }
+        if (t + 0 >= a + 0 && t + 0 < b + 0) n++ } END { printf "%d\n", n }' "$1"
+}
+
+# --- one fault round: sets T (server back) after injecting; the caller's case function does the fault -----
+round_done() { # CASE_TAG ROUND EXTRA...: waits for service after T, settles 1 s, prints the round's NOTE
+    local tag=$1 r=$2 end; shift 2
+    wait_served "$ST" "$T" 60
+    [ "$SERVED" = yes ] || ALL_SERVED=no
+    [ "$SERVED" = yes ] && SERVED_ROUNDS=$((SERVED_ROUNDS + 1))
+    sleep 1
+    end=$(nbd-verify now)
+    local stall errs
+    stall=$(stall_after "$EV" "$T" "$end")
+    errs=$(errors_between "$EV" "$T0" "$end")
+    [ "$stall" -gt "$MAX_STALL" ] && MAX_STALL=$stall
+    note fault-round $tag round=$r "$@" served_again=$SERVED first_ok_after_back_ms=$SERVED_MS \
+        stall_after_back_ms=$stall app_io_errors=$errs
+}
+
+# fault_S1 I ROUND: SIGKILL nbdkit, restart after 1..5 s
+fault_S1() {
+    local i=$1 r=$2 down=$(( ($2 - 1) % 5 + 1 ))
+    T0=$(nbd-verify now)
+    kill -KILL "$(kit_pid $i)"; wait "$(kit_pid $i)" 2>/dev/null
+    sleep $down
+    start_kit $i
+    T=$(nbd-verify waitport "$(kit_port $i)" 20) || T=$(nbd-verify now)
+    round_done "$TAG" "$r" down_s=$down
+}
+
+# fault_S2 I ROUND: SIGSTOP for Timeout + 2 s, SIGCONT
+fault_S2() {
+    local i=$1 r=$2 down=$((TIMEOUT_S + 2))
+    T0=$(nbd-verify now)
+    kill -STOP "$(kit_pid $i)"
+    sleep $down
+    kill -CONT "$(kit_pid $i)"
+    T=$(nbd-verify now)
+    round_done "$TAG" "$r" stopped_s=$down
+}
+
+# fault_S3 I ROUND: cut, reset, stall 2 s, stall Timeout + 2 s through the proxy of mapping I
+proxy_cmd() { echo "$2" > /run/proxy-$1.ctl; }
+fault_S3() {
+    local i=$1 r=$2 mode s
+    for mode in cut reset stall2 stall$((TIMEOUT_S + 2)); do
+        T0=$(nbd-verify now)
+        case $mode in
+            cut|reset) proxy_cmd $i $mode; T=$(nbd-verify now) ;;
+            stall*) s=${mode#stall}; proxy_cmd $i stall; sleep "$s"; proxy_cmd $i resume; T=$(nbd-verify now) ;;
+        esac
+        round_done "$TAG" "$r" fault=$mode
+        sleep 1
+    done
+}
+
+# fault_S4 I ROUND: nbdkit back with a 48 MiB export for 4 s, then the right one
+fault_S4() {
+    local i=$1 r=$2 lines0 during
+    lines0=$(grep -c "export size changed from $((SIZE_MIB * MiB)) to $((WRONG_MIB * MiB))" $DLOG)
+    T0=$(nbd-verify now)
+    kill -KILL "$(kit_pid $i)"; wait "$(kit_pid $i)" 2>/dev/null
+    start_kit $i /tmp/wrong.img
+    nbd-verify waitport "$(kit_port $i)" 20 >/dev/null
+    sleep 4
+    during=$(nbd_bytes nbd$i)
+    S4_REFUSED=$(( $(grep -c "export size changed from $((SIZE_MIB * MiB)) to $((WRONG_MIB * MiB))" $DLOG) - lines0 ))
+    [ "$during" = "$((WRONG_MIB * MiB))" ] && S4_RESIZED=yes
+    S4_DURING="$S4_DURING$during,"
+    kill -KILL "$(kit_pid $i)"; wait "$(kit_pid $i)" 2>/dev/null
+    start_kit $i
+    T=$(nbd-verify waitport "$(kit_port $i)" 20) || T=$(nbd-verify now)
+    round_done "$TAG" "$r" wrong_size=$((WRONG_MIB * MiB)) size_during=$during refusals_logged=$S4_REFUSED
+}
+
+# daemon_restart SIGNAL I ROUND: stops the daemon with SIGNAL, starts it again 2 s later (T = the start), waits
+# until the verifier is served after T; then one nbdkit SIGKILL + restart after 1 s (T = its port back), served
+# again through the new daemon. Sets RESTART_ADOPTED (Netlink: the new daemon logged that it adopted nbdI).
+daemon_restart() {
+    local sig=$1 i=$2 r=$3 a0 left
+    a0=$(grep -c "adopted /dev/nbd$i " $DLOG)
+    T0=$(nbd-verify now)
+    echo "SCENARIO $(date +%H:%M:%S) daemon SIG$sig" >> $DLOG
+    kill -$sig $DAEMON
+    wait_exit $DAEMON 20 || { kill -KILL $DAEMON; wait $DAEMON; }
+    left=$([ -e /sys/block/nbd$i/pid ] && echo configured || echo free)
+    sleep 2
+    start_daemon
+    T=$(nbd-verify now)
+    round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
+    # adoption is logged once the new daemon runs the mapping (Netlink); Ioctl configures the device anew
+    local n=0
+    while [ $n -lt 300 ]; do
+        [ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && break
+        [ "$(iface_of $i)" = Ioctl ] && [ -e /sys/block/nbd$i/pid ] && break
+        sleep 0.1; n=$((n + 1))
+    done
+    RESTART_ADOPTED=$([ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && echo yes || echo no)
+    RESTART_LEFT="$RESTART_LEFT$left,"
+    T0=$(nbd-verify now)
+    kill -KILL "$(kit_pid $i)"; wait "$(kit_pid $i)" 2>/dev/null
+    sleep 1
+    start_kit $i
+    T=$(nbd-verify waitport "$(kit_port $i)" 20) || T=$(nbd-verify now)
+    round_done "$TAG" "$r" step=server-kill-after-restart adopted=$RESTART_ADOPTED
+}
+fault_S5() { daemon_restart KILL "$@"; }
+fault_S6() { daemon_restart TERM "$@"; }
+
+# run_case SCENARIO INTERFACE: the verifier on the mapping's device through all rounds of one scenario.
+run_case() {
+    local sc=$1 iface=$2 i rounds reopen="" k0 n0 vpid report
+    case $iface in Netlink) i=0 ;; *) i=2; reopen=--reopen-on-error ;; esac
+    [ "$sc" = S3 ] && i=$((i + 1))
+    eval "rounds=\$ROUNDS_$sc"
+    TAG="scenario=$sc interface=$iface"
+    EV=/tmp/ev-$sc-$iface ST=/tmp/st-$sc-$iface
+    local stop=/tmp/stop-$sc-$iface size0
+    rm -f "$EV" "$ST" "$stop"
+    size0=$(nbd_bytes nbd$i)
+    k0=$(kio_count); n0=$(knbd_count)
+    echo "SCENARIO $(date +%H:%M:%S) case $sc $iface on nbd$i" >> $DLOG
+    nbd-verify run --device /dev/nbd$i --region-mib $REGION_MIB --seed $((i + 7)) --stop-file "$stop" \
+        --events "$EV" --status "$ST" $reopen > /tmp/report-$sc-$iface 2>/tmp/verr-$sc-$iface &
+    vpid=$!
+    sleep 2
+    MAX_STALL=0 ALL_SERVED=yes SERVED_ROUNDS=0 S4_DURING="" S4_RESIZED=no S4_REFUSED=0 RESTART_ADOPTED=n/a RESTART_LEFT=
+    local r=1
+    while [ $r -le "$rounds" ]; do
+        "fault_$sc" $i $r
+        r=$((r + 1))
+    done
+    touch "$stop"
+    wait_exit $vpid 180 || { kill -KILL $vpid; note "verifier $sc $iface did not finish"; }
+    report=$(cat /tmp/report-$sc-$iface)
+    local we re fe oe vf vr vff fc mg wr rd dir
+    we=$(echo " $report" | sed -n 's/.* write_errors=\([0-9]*\).*/\1/p')
+    re=$(echo " $report" | sed -n 's/.* read_errors=\([0-9]*\).*/\1/p')
+    fe=$(echo " $report" | sed -n 's/.* final_read_errors=\([0-9]*\).*/\1/p')
+    oe=$(echo " $report" | sed -n 's/.* open_errors=\([0-9]*\).*/\1/p')
+    vf=$(echo " $report" | sed -n 's/.* verify_failures=\([0-9]*\).*/\1/p')
+    vr=$(echo " $report" | sed -n 's/.* verify_failures_recent=\([0-9]*\).*/\1/p')
+    vff=$(echo " $report" | sed -n 's/.* verify_failures_final=\([0-9]*\).*/\1/p')
+    fc=$(echo " $report" | sed -n 's/.* final_checked=\([0-9]*\).*/\1/p')
+    mg=$(echo " $report" | sed -n 's/.* max_gap_ms=\([0-9]*\).*/\1/p')
+    wr=$(echo " $report" | sed -n 's/.* writes=\([0-9]*\).*/\1/p')
+    rd=$(echo " $report" | sed -n 's/.* reads=\([0-9]*\).*/\1/p')
+    dir=$(echo " $report" | sed -n 's/.* direct=\([a-z]*\).*/\1/p')
+    local extra=""
+    [ "$sc" = S4 ] && extra="wrong_size=$((WRONG_MIB * MiB)) sizes_during=${S4_DURING%,} resized_to_wrong=$S4_RESIZED refusals_logged=$S4_REFUSED"
+    case $sc in S5|S6) extra="adopted=$RESTART_ADOPTED device_while_down=${RESTART_LEFT%,}" ;; esac
+    result fault scenario=$sc interface=$iface device=nbd$i rounds=$rounds \
+        app_io_errors=$(( ${we:-0} + ${re:-0} + ${fe:-0} + ${oe:-0} )) write_errors=${we:--1} read_errors=${re:--1} \
+        final_read_errors=${fe:--1} open_errors=${oe:--1} \
+        kernel_io_errors=$(( $(kio_count) - k0 )) kernel_nbd_lines=$(( $(knbd_count) - n0 )) \
+        verify_failures=${vf:--1} verify_failures_recent=${vr:--1} verify_failures_final=${vff:--1} final_checked=${fc:--1} \
+        max_stall_after_back_ms=$MAX_STALL max_gap_ms=${mg:--1} served_again=$ALL_SERVED served_rounds=$SERVED_ROUNDS \
+        writes=${wr:--1} reads=${rd:--1} direct=${dir:-unknown} size_before=$size0 size_after=$(nbd_bytes nbd$i) \
+        daemon_alive=$(proc_gone $DAEMON && echo no || echo yes) timeout_s=$TIMEOUT_S $extra
+    sed "s/^/LOG verifier-stderr: /" /tmp/verr-$sc-$iface | head -n 5
+    grep -v '^gap\|^verify_fail' "$EV" | head -n 8 | sed "s/^/LOG events-$sc-$iface: /"
+    grep '^verify_fail' "$EV" | head -n 12 | sed "s/^/LOG events-$sc-$iface: /"
+    grep '^gap' "$EV" | sort -t= -k4 -n -r | head -n 5 | sed "s/^/LOG gaps-$sc-$iface: /"
+}
+
+for sc in $SCENARIOS; do
+    for iface in $INTERFACES; do
+        # OnStop=Leave is Netlink only (an ioctl device lives only as long as the daemon's NBD_DO_IT thread)
+        [ "$sc" = S6 ] && [ "$iface" = Ioctl ] && continue
+        run_case "$sc" "$iface"
+    done
+done
+
+dmesg | grep 'nbd[0-9]' | tail -n 30 | sed 's/^/LOG dmesg: /'
+grep -v '^   at \|^   --- End\|^ ---> ' $DLOG | tail -n 120 | sed 's/^/LOG daemon: /'
+for i in 1 3; do tail -n 20 /tmp/proxy-$i.log | sed "s/^/LOG proxy-$i: /"; done
+daemon_kill $DAEMON TERM
+result faults-stop exit_rc=$EXIT_RC
