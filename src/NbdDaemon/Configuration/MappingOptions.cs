@@ -39,6 +39,15 @@ internal sealed record MappingOptions
     public const int MaxConnections = 16;
     public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// Netlink default for <see cref="Timeout"/>. With a dead-connection timeout a request timeout is never an error
+    /// there: the kernel marks the connection dead, the daemon reconnects and the request is resent. What it does
+    /// bound is the stall of a request that was in flight when the connection died, which is resent only when its
+    /// timeout fires (measured: stall after the server is back ≈ Timeout − outage). 10 s keeps that short and still
+    /// leaves a slow server ten seconds per request before it costs a reconnect.
+    /// </summary>
+    public static readonly TimeSpan DefaultNetlinkTimeout = TimeSpan.FromSeconds(10);
+
     /// <summary>Netlink default for <see cref="DeadConnectionTimeout"/>: long enough to ride out a server or daemon restart.</summary>
     public static readonly TimeSpan DefaultDeadConnectionTimeout = TimeSpan.FromSeconds(120);
 

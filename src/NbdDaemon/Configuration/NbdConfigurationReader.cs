@@ -126,17 +126,18 @@ internal sealed partial class NbdConfigurationReader
         }
 
         bool netlink = kernelInterface == KernelInterface.Netlink;
+        TimeSpan defaultTimeout = netlink ? MappingOptions.DefaultNetlinkTimeout : MappingOptions.DefaultTimeout;
         TimeSpan timeout;
         if (netlink && IsZero(Optional(entry, "Timeout")))
         {
             // In-flight requests on a connection that died are only resent when their request timeout fires;
             // without one they would wait forever, however quickly the daemon reconnects.
             errors.Add(new ConfigurationError(Key(entry, "Timeout"), "must be greater than zero with Interface=Netlink: requests in flight when a connection dies are only resent when their timeout fires"));
-            timeout = MappingOptions.DefaultTimeout;
+            timeout = defaultTimeout;
         }
         else
         {
-            timeout = ReadTimeSpan(entry, "Timeout", MappingOptions.DefaultTimeout, errors);
+            timeout = ReadTimeSpan(entry, "Timeout", defaultTimeout, errors);
         }
 
         TimeSpan? deadTimeout = netlink ? MappingOptions.DefaultDeadConnectionTimeout : null;

@@ -15,12 +15,23 @@ public sealed class NetlinkConfigurationTests
         Assert.Single(Assert.Throws<NbdConfigurationException>(() => Read(values)).Errors);
 
     [Fact]
-    public void Read_NetlinkWithoutDeadConnectionTimeout_Defaults120sAndDisconnectOnStop()
+    public void Read_NetlinkWithoutTimeouts_Defaults10sRequest120sDeadConnectionAndDisconnectOnStop()
     {
         MappingOptions m = Assert.Single(Read(("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", "Netlink")));
 
+        Assert.Equal(TimeSpan.FromSeconds(10), m.Timeout);
         Assert.Equal(TimeSpan.FromSeconds(120), m.DeadConnectionTimeout);
         Assert.Equal(StopAction.Disconnect, m.OnStop);
+    }
+
+    [Fact]
+    public void Read_NetlinkWithTimeout_KeepsIt()
+    {
+        MappingOptions m = Assert.Single(Read(
+            ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", "Netlink"),
+            ("Nbd:Mappings:0:Timeout", "00:00:45")));
+
+        Assert.Equal(TimeSpan.FromSeconds(45), m.Timeout);
     }
 
     [Fact]
