@@ -71,6 +71,7 @@ public sealed class VmFixture : IDisposable
         var sw = Stopwatch.StartNew();
         var (code, output) = await ExecAsync("bash", args, TimeSpan.FromSeconds(spec.TimeoutSeconds + 300));
         var run = new VmRun(spec.Script, code, output, sw.Elapsed);
+        SaveConsole(RepoRoot, spec.Script, output);
         if (code == 2 || (!run.Completed && run.Results.Count == 0))
         {
             throw new XunitException($"VM scenario {spec.Script} did not run (run-vm.sh exit {code}).\n{run.Tail()}");
@@ -137,6 +138,17 @@ public sealed class VmFixture : IDisposable
         }
 
         throw new InvalidOperationException($"NbdDaemon.sln not found above {start}");
+    }
+
+    /// <summary>
+    /// Keeps the VM's whole console under artifacts/vm-runs/: an assertion names one RESULT line, and the LOG/NOTE
+    /// lines around it (the daemon's own messages) are what explains a failure seen only in CI.
+    /// </summary>
+    internal static void SaveConsole(string repoRoot, string script, string output)
+    {
+        var dir = Path.Combine(repoRoot, "artifacts", "vm-runs");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, Path.GetFileNameWithoutExtension(script) + ".log"), output);
     }
 
     internal static async Task<(int Code, string Output)> ExecAsync(string file, IEnumerable<string> args, TimeSpan timeout)

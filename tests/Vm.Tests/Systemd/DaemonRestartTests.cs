@@ -80,6 +80,7 @@ public sealed class SystemdRestartFixture : IAsyncLifetime
                 VmTimeout).ConfigureAwait(false);
             _log.Append("== run.sh (exit ").Append(vm.Code).Append(")\n").Append(vm.Output);
             _results = SystemdVmResults.Parse(vm.Output);
+            VmFixture.SaveConsole(repo, "systemd-restart.sh", vm.Output);
             return _results.Values.ContainsKey("end")
                 ? null
                 : $"the VM scenario did not run to its end (run.sh exit {vm.Code}); last output:\n{Tail(vm.Output, 40)}";

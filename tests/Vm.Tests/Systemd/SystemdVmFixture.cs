@@ -111,6 +111,7 @@ public sealed class SystemdVmFixture : IAsyncLifetime
             var vm = await RunProcessAsync("bash", args, repo, VmTimeout).ConfigureAwait(false);
             _log.Append("== run.sh (exit ").Append(vm.ExitCode).Append(")\n").Append(vm.Output);
             _results = SystemdVmResults.Parse(vm.Output);
+            VmFixture.SaveConsole(repo, "systemd-daemon.sh", vm.Output);
             _sink.OnMessage(new DiagnosticMessage($"systemd VM: exit {vm.ExitCode}, {_results.Values.Count} results, log {LogPath}"));
             if (!_results.Values.ContainsKey("end"))
             {
