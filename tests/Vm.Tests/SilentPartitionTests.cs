@@ -88,7 +88,12 @@ public sealed class SilentPartitionTests(VmFixture vm, ITestOutputHelper output)
         long bound = SilentPartitionScenario.KeepAliveMs + SilentPartitionScenario.DetectSlackMs;
         Expect.That(run, r, left <= bound, $"probe left Serving {left} ms after the partition started; KeepAlive + slack is {bound} ms");
         // A lost connection, whichever path saw it first (the kernel's LINK_DEAD or the daemon's own socket watch).
-        Expect.That(run, r, r["detected_by"] is "LINK_DEAD" or "socket_ended", $"transition detail: {r["detail"]}");
+        Expect.That(run, r, r["detected_by"] is "LINK_DEAD" or "socket_watch", $"transition detail: {r["detail"]}");
+        // The driver's receive loop failed with ETIMEDOUT: the keepalive ended the socket (a request timeout would
+        // show EPIPE after the driver's shutdown, a server's close would show no error at all).
+        Expect.Equal(run, r, "kernel_errno", "-110");
+        long kernel = r.Long("kernel_dead_ms");
+        Expect.That(run, r, kernel <= bound, $"the kernel's receive loop failed {kernel} ms after the partition started; bound {bound} ms");
     }
 
     [Fact]

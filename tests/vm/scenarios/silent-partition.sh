@@ -6,8 +6,8 @@
 # (tc netem loss 100% on lo, lib.sh lo_partition) and is healed. Measured:
 #   partition_tool  the partition itself: a TCP connect to nbdkit answers before, not during, again after
 #   detect          ms from partition start until probe left Serving (daemon log), what the transition said, when
-#                   the kernel's receive loop failed (dmesg "Receive control failed", uptime clock), whether
-#                   control left Serving during the partition
+#                   and with which errno the kernel's receive loop failed (dmesg "Receive control failed", uptime
+#                   clock; -110 ETIMEDOUT is the keepalive), whether control left Serving during the partition
 #   heal            ms from heal until probe was Serving again (RECONFIGURE hand-over "kernel took N of M sockets")
 #   held_read       a 1 MiB O_DIRECT read on probe issued after its death, during the partition: held by the kernel,
 #                   completes after heal with the right data
@@ -93,11 +93,13 @@ t_part=$(now_ms)
 lo_partition
 left_ms=$(wait_re $LOG "$PROBE_LEFT" $((probe_left_before + 1)) $PARTITION_S); detected=$(yesno $?)
 t_detect=$(now_ms)
-# what the Serving -> Reconnecting transition gave as its reason
-detail=$(grep -E "$PROBE_LEFT" $LOG | tail -n 1 | sed -n 's/.*Serving -> [A-Za-z]*; \([^;]*\).*/\1/p')
+# what the Serving -> Reconnecting transition gave as its reason: "connection lost (LINK_DEAD[; socket ...])" when
+# the kernel's event came first, "connection lost (socket 1 of 1: connection error)" when the daemon's own watch
+# of its duplicate of the socket did (POLLERR: the keepalive timeout)
+detail=$(grep -E "$PROBE_LEFT" $LOG | tail -n 1 | sed -n 's/.*Serving -> [A-Za-z]*; \(.*\); attempt .*/\1/p')
 case "$detail" in
-    "connection lost (LINK_DEAD)") by=LINK_DEAD ;;
-    "connection lost (socket ended"*) by=socket_ended ;;
+    "connection lost (LINK_DEAD"*) by=LINK_DEAD ;;
+    "connection lost (socket "*) by=socket_watch ;;
     "") by=none ;;
     *) by=other ;;
 esac
