@@ -51,6 +51,12 @@ internal sealed record MappingOptions
     /// <summary>Netlink default for <see cref="DeadConnectionTimeout"/>: long enough to ride out a server or daemon restart.</summary>
     public static readonly TimeSpan DefaultDeadConnectionTimeout = TimeSpan.FromSeconds(120);
 
+    /// <summary>Default for <see cref="KeepAlive"/>.</summary>
+    public static readonly TimeSpan DefaultKeepAlive = TimeSpan.FromSeconds(30);
+
+    /// <summary>Smallest non-zero <see cref="KeepAlive"/>: the probes are counted in whole seconds.</summary>
+    public static readonly TimeSpan MinimumKeepAlive = TimeSpan.FromSeconds(3);
+
     public required string Name { get; init; }
     public required string Uri { get; init; }
 
@@ -72,6 +78,12 @@ internal sealed record MappingOptions
     public TimeSpan? DeadConnectionTimeout { get; init; }
 
     public StopAction OnStop { get; init; } = StopAction.Disconnect;
+
+    /// <summary>
+    /// TCP only: how long a silent connection (server host gone, network partitioned: no FIN, no RST) may stay
+    /// unnoticed; zero turns keepalive off. See <c>Mappings.Linux.TcpKeepAlive</c>.
+    /// </summary>
+    public TimeSpan KeepAlive { get; init; } = DefaultKeepAlive;
 
     public int Connections { get; init; } = 1;
     public bool ReadOnly { get; init; }

@@ -15,7 +15,7 @@ internal sealed partial class NbdConfigurationReader
     private static readonly HashSet<string> s_mappingKeys = new(StringComparer.OrdinalIgnoreCase)
     {
         "Name", "Uri", "Device", "Interface", "BlockSize", "Timeout", "DeadConnectionTimeout", "Connections", "ReadOnly",
-        "Reconnect", "OnStop",
+        "Reconnect", "OnStop", "KeepAlive",
     };
 
     private static readonly HashSet<string> s_reconnectKeys = new(StringComparer.OrdinalIgnoreCase)
@@ -180,6 +180,21 @@ internal sealed partial class NbdConfigurationReader
             }
         }
 
+        TimeSpan keepAlive = MappingOptions.DefaultKeepAlive;
+        string? keepAliveText = Optional(entry, "KeepAlive");
+        if (IsZero(keepAliveText))
+        {
+            keepAlive = TimeSpan.Zero;
+        }
+        else if (keepAliveText is not null)
+        {
+            keepAlive = ReadTimeSpan(entry, "KeepAlive", MappingOptions.DefaultKeepAlive, errors);
+            if (keepAlive < MappingOptions.MinimumKeepAlive)
+            {
+                errors.Add(new ConfigurationError(Key(entry, "KeepAlive"), $"'{keepAliveText}' must be 0 (off) or at least 00:00:03: keepalive probes are counted in whole seconds"));
+            }
+        }
+
         int connections = ReadInt(entry, "Connections", 1, 1, MappingOptions.MaxConnections, errors);
         bool readOnly = ReadBool(entry, "ReadOnly", false, errors);
 
@@ -222,6 +237,7 @@ internal sealed partial class NbdConfigurationReader
             ReadOnly = readOnly,
             Reconnect = reconnect,
             OnStop = onStop,
+            KeepAlive = keepAlive,
         };
     }
 

@@ -29,6 +29,19 @@ internal interface INbdKernel
     /// (CONNECT and RECONFIGURE), so after <see cref="ClearSendTimeout"/> a non-zero value means "taken".
     /// </summary>
     TimeSpan ReadSendTimeout(Socket socket);
+
+    /// <summary>
+    /// Watches sockets the kernel took for the end of their connection (peer close, error, or the driver shutting
+    /// it down as it marks it dead), through duplicates of the descriptors: <c>Nbd.Kernel.NbdSocketWatch</c>.
+    /// </summary>
+    ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets);
+}
+
+/// <summary>A running <see cref="INbdKernel.WatchSockets"/>; disposing it stops watching (the sockets stay open).</summary>
+internal interface ISocketWatch : IDisposable
+{
+    /// <summary>Completes with e.g. "socket 1 of 2: the server closed the connection" when the first socket ends.</summary>
+    Task<string> Ended { get; }
 }
 
 /// <summary>/sys/block/nbdN as adoption needs it (mirrors <c>Nbd.Kernel.NbdDeviceStatus</c>).</summary>
@@ -105,6 +118,9 @@ internal interface INbdNetlinkControl : IDisposable
 
     void Disconnect(int index);
 
-    /// <summary>Completes when NBD_CMD_LINK_DEAD arrives for <paramref name="index"/>.</summary>
+    /// <summary>
+    /// Completes when NBD_CMD_LINK_DEAD arrives for <paramref name="index"/>. An event that arrived before the wait
+    /// counts (until CONNECT/RECONFIGURE); the wait that sees an event consumes it.
+    /// </summary>
     Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken);
 }

@@ -32,4 +32,10 @@ internal static partial class MappingLog
 
     [LoggerMessage(EventId = 107, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: OnStop=Leave, device left configured; the kernel keeps serving on its own sockets until the next start adopts it")]
     public static partial void LeftConfigured(ILogger logger, string mapping, string device);
+
+    [LoggerMessage(EventId = 108, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: LINK_DEAD for an earlier connection ignored: every current socket is healthy")]
+    public static partial void StaleLinkDeadIgnored(ILogger logger, string mapping, string device);
+
+    [LoggerMessage(EventId = 109, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: watching the connection's sockets failed; relying on LINK_DEAD alone")]
+    public static partial void SocketWatchFailed(ILogger logger, Exception? exception, string mapping, string device);
 }

@@ -38,6 +38,9 @@ internal sealed class MappingLoop
     /// </summary>
     public const int ReconfigureRetries = 4;
 
+    /// <summary>How long after a LINK_DEAD one of the current sockets must show its end for the event to count.</summary>
+    public static readonly TimeSpan LinkDeadGrace = TimeSpan.FromMilliseconds(500);
+
     private readonly MappingOptions _options;
     private readonly INbdConnector _connector;
     private readonly INbdKernel _kernel;
@@ -572,7 +575,7 @@ internal sealed class MappingLoop
             return new MappingException("connection lost (service loop ended)");
         }
 
-        await _netlink!.WaitForLinkDeadAsync(_netlinkIndex!.Value, stop);
+        string how = await WaitForNetlinkConnectionEndAsync(stop);
         _heldSince = _time.GetUtcNow();
         // LINK_DEAD names one dead slot. With several connections the others may still be up, and RECONFIGURE only
         // fills dead slots: end every socket of this generation so the kernel marks them all dead and the new
@@ -583,7 +586,58 @@ internal sealed class MappingLoop
         }
 
         ReleaseConnection();
-        return new LinkLostException("connection lost (LINK_DEAD)");
+        return new LinkLostException($"connection lost ({how})");
+    }
+
+    /// <summary>
+    /// Netlink while serving: returns how the connection ended, from whichever says so first: LINK_DEAD, or the
+    /// sockets themselves (peer closed, error such as a keepalive timeout, or shut down by the driver). A LINK_DEAD
+    /// while every current socket stays healthy is about an earlier generation's socket (with several connections
+    /// the kernel reports each old slot as it dies, possibly after our RECONFIGURE) and is ignored: acting on it would
+    /// tear down a healthy connection for nothing.
+    /// </summary>
+    private async Task<string> WaitForNetlinkConnectionEndAsync(CancellationToken stop)
+    {
+        int index = _netlinkIndex!.Value;
+        // Adopted with the previous daemon's connection still alive: no socket of ours to watch, LINK_DEAD decides.
+        if (_sessions.Count == 0)
+        {
+            await _netlink!.WaitForLinkDeadAsync(index, stop);
+            return "LINK_DEAD";
+        }
+
+        using ISocketWatch watch = _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
+        Task<string> ended = watch.Ended;
+        while (true)
+        {
+            using var iteration = CancellationTokenSource.CreateLinkedTokenSource(stop);
+            Task linkDead = _netlink!.WaitForLinkDeadAsync(index, iteration.Token);
+            Task first = await Task.WhenAny(linkDead, ended);
+            if (first == ended)
+            {
+                await iteration.CancelAsync();
+                if (ended.IsCompletedSuccessfully)
+                {
+                    return await ended;
+                }
+
+                MappingLog.SocketWatchFailed(_logger, ended.Exception?.GetBaseException(), Name, DeviceText);
+                ended = new TaskCompletionSource<string>().Task;
+                continue;
+            }
+
+            await linkDead; // the stop request, or a lost event subscription, ends serving here
+            // The driver shuts a connection down as it reports it dead, so a LINK_DEAD for ours shows on its socket
+            // at once; the grace only covers the event overtaking the shutdown.
+            await Task.WhenAny(ended, Task.Delay(LinkDeadGrace, _time, stop));
+            stop.ThrowIfCancellationRequested();
+            if (ended.IsCompleted)
+            {
+                return ended.IsCompletedSuccessfully ? $"LINK_DEAD; {await ended}" : "LINK_DEAD";
+            }
+
+            MappingLog.StaleLinkDeadIgnored(_logger, Name, DeviceText);
+        }
     }
 
     /// <summary>

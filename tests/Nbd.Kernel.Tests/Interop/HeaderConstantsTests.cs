@@ -13,7 +13,7 @@ public sealed class HeaderConstantsTests
 {
     private static readonly string[] Headers =
     [
-        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h",
+        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h",
     ];
 
     // Names whose C spelling differs from a field name, or that are not #defines/enums in a header we include.
@@ -27,7 +27,7 @@ public sealed class HeaderConstantsTests
     public void AllConstants_MatchInstalledKernelHeaders()
     {
         var ours = new SortedDictionary<string, ulong>(StringComparer.Ordinal);
-        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants) })
+        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants), typeof(PollConstants) })
         {
             foreach (var field in type.GetFields(BindingFlags.Public | BindingFlags.Static | BindingFlags.NonPublic))
             {
@@ -43,6 +43,7 @@ public sealed class HeaderConstantsTests
             ours[name] = (ulong)value;
         }
         var source = new System.Text.StringBuilder();
+        source.AppendLine("#define _GNU_SOURCE"); // POLLRDHUP
         foreach (var header in Headers)
         {
             source.Append("#include <").Append(header).AppendLine(">");

@@ -4,7 +4,7 @@ using NbdDaemon.Mappings.Linux;
 
 namespace NbdDaemon.Tests.Configuration;
 
-/// <summary>Netlink-specific rules: DeadConnectionTimeout default, no zero timeouts, OnStop.</summary>
+/// <summary>Netlink-specific rules: DeadConnectionTimeout default, no zero timeouts, OnStop; and KeepAlive (both interfaces).</summary>
 public sealed class NetlinkConfigurationTests
 {
     private static IReadOnlyList<MappingOptions> Read(params (string Key, string Value)[] values) =>
@@ -45,6 +45,26 @@ public sealed class NetlinkConfigurationTests
     }
 
     [Theory]
+    [InlineData("Ioctl", null, 30)]
+    [InlineData("Netlink", null, 30)]
+    [InlineData("Netlink", "0", 0)]
+    [InlineData("Ioctl", "00:00:00", 0)]
+    [InlineData("Netlink", "00:00:03", 3)]
+    [InlineData("Ioctl", "00:10:00", 600)]
+    public void Read_KeepAlive_DefaultZeroOrValue(string kernelInterface, string? value, int expectedSeconds)
+    {
+        var values = new List<(string, string)> { ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", kernelInterface) };
+        if (value is not null)
+        {
+            values.Add(("Nbd:Mappings:0:KeepAlive", value));
+        }
+
+        Assert.Equal(TimeSpan.FromSeconds(expectedSeconds), Assert.Single(Read([.. values])).KeepAlive);
+    }
+
+    [Theory]
+    [InlineData("Netlink", "KeepAlive", "00:00:02", "Nbd:Mappings:0:KeepAlive", "'00:00:02' must be 0 (off) or at least 00:00:03")]
+    [InlineData("Ioctl", "KeepAlive", "often", "Nbd:Mappings:0:KeepAlive", "'often' must be a positive TimeSpan")]
     [InlineData("Netlink", "Timeout", "00:00:00", "Nbd:Mappings:0:Timeout", "greater than zero with Interface=Netlink: requests in flight")]
     [InlineData("Netlink", "DeadConnectionTimeout", "0", "Nbd:Mappings:0:DeadConnectionTimeout", "greater than zero: with 0 the kernel fails I/O at once")]
     [InlineData("Ioctl", "OnStop", "Leave", "Nbd:Mappings:0:OnStop", "Leave needs Interface=Netlink")]

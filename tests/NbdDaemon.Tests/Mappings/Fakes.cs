@@ -150,6 +150,68 @@ internal sealed class FakeKernel : INbdKernel
     /// <summary>What nbd_start_device / nbd_reconnect_socket do to a socket they take.</summary>
     public void Take(Socket socket, TimeSpan timeout) => _sendTimeouts[socket] = timeout;
 
+    private readonly ConcurrentDictionary<Socket, string> _ended = new();
+    private readonly List<FakeSocketWatch> _watches = [];
+
+    /// <summary>Watches started so far (not part of <see cref="Operations"/>).</summary>
+    public int WatchesStarted { get; private set; }
+
+    /// <summary>Watches not yet disposed.</summary>
+    public int WatchesActive
+    {
+        get
+        {
+            lock (_watches)
+            {
+                return _watches.Count;
+            }
+        }
+    }
+
+    public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets)
+    {
+        var watch = new FakeSocketWatch(this, sockets);
+        lock (_watches)
+        {
+            WatchesStarted++;
+            _watches.Add(watch);
+        }
+
+        foreach (Socket socket in sockets)
+        {
+            if (_ended.TryGetValue(socket, out string? how))
+            {
+                watch.Notify(socket, how);
+            }
+        }
+
+        return watch;
+    }
+
+    /// <summary>The connection of <paramref name="socket"/> ends (peer close, error, or the driver's shutdown).</summary>
+    public void EndSocket(Socket socket, string how = "connection closed or shut down")
+    {
+        _ended[socket] = how;
+        FakeSocketWatch[] watches;
+        lock (_watches)
+        {
+            watches = [.. _watches];
+        }
+
+        foreach (FakeSocketWatch watch in watches)
+        {
+            watch.Notify(socket, how);
+        }
+    }
+
+    internal void Forget(FakeSocketWatch watch)
+    {
+        lock (_watches)
+        {
+            _watches.Remove(watch);
+        }
+    }
+
     /// <summary>A device an earlier daemon left configured, with <paramref name="slots"/> connections, the first <paramref name="deadSlots"/> dead.</summary>
     public FakeNetlinkDevice LeaveDevice(int index, ulong size, string backend, int slots = 1, int deadSlots = 0, bool readOnly = false, uint logicalBlockSize = 4096)
     {
@@ -172,6 +234,9 @@ internal sealed class FakeNetlinkDevice(int index, ulong size, string backend, T
     public TimeSpan Timeout { get; } = timeout;
 
     public bool[] Dead { get; } = new bool[slots];
+
+    /// <summary>The socket in each slot, when known (null for a device left by an earlier daemon).</summary>
+    public Socket?[] Sockets { get; } = new Socket?[slots];
 
     public KernelDeviceInfo Sysfs { get; } = new(index, size, logicalBlockSize, backend, Connected: true, readOnly);
 
@@ -274,6 +339,7 @@ internal sealed class FakeNetlink : INbdNetlinkControl
     private readonly Lock _lock = new();
     private TaskCompletionSource _linkDead = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _pending;
+    private readonly List<Socket> _shutDownOnEvent = [];
 
     public FakeNetlink(FakeKernel kernel)
     {
@@ -290,10 +356,12 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         LastConnect = parameters;
         int index = parameters.Index ?? 5;
         _kernel.Record($"nl-connect {index} size {parameters.SizeBytes} socks {parameters.Sockets.Count} id {parameters.BackendIdentifier}");
-        _kernel.NetlinkDevices[index] = new FakeNetlinkDevice(index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count);
-        foreach (Socket socket in parameters.Sockets)
+        var device = new FakeNetlinkDevice(index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count);
+        _kernel.NetlinkDevices[index] = device;
+        for (int slot = 0; slot < parameters.Sockets.Count; slot++)
         {
-            _kernel.Take(socket, parameters.Timeout);
+            device.Sockets[slot] = parameters.Sockets[slot];
+            _kernel.Take(parameters.Sockets[slot], parameters.Timeout);
         }
 
         return index;
@@ -321,6 +389,7 @@ internal sealed class FakeNetlink : INbdNetlinkControl
             if (slot >= 0)
             {
                 device.Dead[slot] = false;
+                device.Sockets[slot] = socket;
                 _kernel.Take(socket, device.Timeout);
             }
         }
@@ -350,12 +419,19 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         }
 
         await current.Task.WaitAsync(cancellationToken);
+        Socket[] shutDown;
         lock (_lock)
         {
             _pending = false;
+            shutDown = [.. _shutDownOnEvent];
+            _shutDownOnEvent.Clear();
         }
 
         _kernel.Record($"nl-link-dead {index}");
+        foreach (Socket socket in shutDown)
+        {
+            _kernel.EndSocket(socket);
+        }
     }
 
     private static TaskCompletionSource CompletedSource()
@@ -365,7 +441,10 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         return done;
     }
 
-    /// <summary>LINK_DEAD; <paramref name="slots"/> (default: all) of every device are marked dead first.</summary>
+    /// <summary>
+    /// LINK_DEAD; <paramref name="slots"/> (default: all) of every device are marked dead first, and their sockets
+    /// are shut down (as nbd_mark_nsock_dead does) once the event was seen, so the loop learns of it by the event.
+    /// </summary>
     public void RaiseLinkDead(params int[] slots)
     {
         foreach (FakeNetlinkDevice device in _kernel.NetlinkDevices.Values)
@@ -373,6 +452,13 @@ internal sealed class FakeNetlink : INbdNetlinkControl
             foreach (int slot in slots.Length == 0 ? Enumerable.Range(0, device.Dead.Length) : slots)
             {
                 device.MarkDead(slot);
+                if (device.Sockets[slot] is { } socket)
+                {
+                    lock (_lock)
+                    {
+                        _shutDownOnEvent.Add(socket);
+                    }
+                }
             }
         }
 
@@ -394,6 +480,31 @@ internal sealed class FakeNetlink : INbdNetlinkControl
     }
 
     public void Dispose() => _kernel.Record("netlink close");
+}
+
+/// <summary>Like NbdSocketWatch: completes with the first watched socket whose connection ended.</summary>
+internal sealed class FakeSocketWatch(FakeKernel kernel, IReadOnlyList<Socket> sockets) : ISocketWatch
+{
+    private readonly TaskCompletionSource<string> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public Task<string> Ended => _ended.Task;
+
+    public IReadOnlyList<Socket> Sockets { get; } = sockets;
+
+    public void Notify(Socket socket, string how)
+    {
+        int index = Sockets.ToList().IndexOf(socket);
+        if (index >= 0)
+        {
+            _ended.TrySetResult($"socket {index + 1} of {Sockets.Count}: {how}");
+        }
+    }
+
+    public void Dispose()
+    {
+        kernel.Forget(this);
+        _ended.TrySetCanceled();
+    }
 }
 
 /// <summary>Collects a loop's state changes and lets a test wait for one, always with a deadline.</summary>

@@ -164,8 +164,8 @@ public sealed class MappingLoopNetlinkTests
         Task run = Task.Run(() => loop.RunAsync(cts.Token));
         await states.WaitForAsync(MappingState.Serving);
 
-        // LINK_DEAD without a dead slot: the kernel keeps dropping the new socket.
-        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        // The connection ends, but the kernel never marks its slot dead: it keeps dropping the new socket.
+        _kernel.EndSocket(connector.Sessions.Single().Socket);
         for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
         {
             await WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i);
@@ -434,6 +434,89 @@ public sealed class MappingLoopNetlinkTests
 
         Assert.Contains(logger.Entries, e => e.Level == LogLevel.Warning && e.Message.Contains("NBD_REP_ERR_UNKNOWN; attempt 5", StringComparison.Ordinal));
         Assert.Contains(logger.Entries, e => e.Level == LogLevel.Debug && e.Message.Contains("connection refused; attempt 4", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task RunAsync_SocketEndsWithoutLinkDead_ReconnectsAtOnceNamingTheSocket()
+    {
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        FakeSession first = connector.Sessions.Single();
+
+        // The server closed; the kernel marked the slot dead, but no LINK_DEAD reached us (e.g. a lost event).
+        _kernel.NetlinkDevices[5].MarkDead(0);
+        _kernel.EndSocket(first.Socket, "the server closed the connection");
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.True(first.ShutDown);
+        Assert.True(first.Disposed);
+        Assert.Equal(TimeSpan.Zero, loop.LastDelay);
+        Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", "nl-reconfigure 5 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        Assert.Contains(logger.Entries, e => e.Message.Contains("Serving -> Reconnecting; connection lost (socket 1 of 1: the server closed the connection)", StringComparison.Ordinal));
+        Assert.Equal(2, _kernel.WatchesStarted);
+        Assert.Equal(1, _kernel.WatchesActive); // the first generation's watch was disposed
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+        Assert.Equal(0, _kernel.WatchesActive);
+    }
+
+    [Fact]
+    public async Task RunAsync_LinkDeadWhileEverySocketHealthy_IgnoredAfterGraceThenARealOneReconnects()
+    {
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        // A LINK_DEAD for a slot of an earlier generation, arriving after our RECONFIGURE.
+        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
+        _time.Advance(MappingLoop.LinkDeadGrace - TimeSpan.FromMilliseconds(1));
+        await Task.Delay(50);
+        Assert.DoesNotContain(logger.Entries, e => e.Message.Contains("LINK_DEAD for an earlier connection ignored", StringComparison.Ordinal));
+        _time.Advance(TimeSpan.FromMilliseconds(1));
+        await WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("LINK_DEAD for an earlier connection ignored: every current socket is healthy", StringComparison.Ordinal)));
+
+        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.All(connector.Sessions, s => Assert.False(s.ShutDown));
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal));
+
+        // The wait was re-armed: a LINK_DEAD whose slot is ours ends the connection.
+        _kernel.Netlink.RaiseLinkDead(1);
+        await states.WaitForAsync(MappingState.Reconnecting);
+        Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (LINK_DEAD; socket 2 of 2: connection closed or shut down)", StringComparison.Ordinal));
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_LinkDeadAndSocketEndWithinGrace_CountsAsLost()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
+        _time.Advance(TimeSpan.FromMilliseconds(100));
+        _kernel.NetlinkDevices[5].MarkDead(0);
+        _kernel.EndSocket(connector.Sessions.Single().Socket);
+
+        await states.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
     }
 
     private static async Task WaitUntilAsync(Func<bool> condition)

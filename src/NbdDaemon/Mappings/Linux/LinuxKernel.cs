@@ -31,4 +31,19 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
     public void ClearSendTimeout(Socket socket) => NbdSocketTimeout.Clear(socket);
 
     public TimeSpan ReadSendTimeout(Socket socket) => NbdSocketTimeout.Read(socket);
+
+    public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets) => new SocketWatch(NbdSocketWatch.Start(sockets), sockets.Count);
+
+    private sealed class SocketWatch(NbdSocketWatch watch, int count) : ISocketWatch
+    {
+        public Task<string> Ended { get; } = Describe(watch.Ended, count);
+
+        public void Dispose() => watch.Dispose();
+
+        private static async Task<string> Describe(Task<NbdSocketEnd> ended, int count)
+        {
+            NbdSocketEnd end = await ended.ConfigureAwait(false);
+            return string.Create(System.Globalization.CultureInfo.InvariantCulture, $"socket {end.Index + 1} of {count}: {end.Describe()}");
+        }
+    }
 }

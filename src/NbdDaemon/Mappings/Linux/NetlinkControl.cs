@@ -73,8 +73,13 @@ internal sealed class NetlinkControl : INbdNetlinkControl
         _netlink.Disconnect(index);
     }
 
-    public Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken) =>
-        LinkDead(index).Task.WaitAsync(cancellationToken);
+    /// <summary>Each event is seen by one wait: once observed it is consumed, so the next wait is for a new LINK_DEAD.</summary>
+    public async Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken)
+    {
+        var waiter = LinkDead(index);
+        await waiter.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+        _linkDead.TryRemove(new KeyValuePair<int, TaskCompletionSource>(index, waiter));
+    }
 
     public void Dispose()
     {

@@ -17,7 +17,18 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
         var options = new NbdClientOptions { ConnectTimeout = mapping.Timeout, HandshakeTimeout = mapping.Timeout, TimeProvider = time };
         try
         {
-            return new Session(await NbdClient.ConnectAsync(uri, options, cancellationToken));
+            NbdConnection connection = await NbdClient.ConnectAsync(uri, options, cancellationToken);
+            try
+            {
+                TcpKeepAlive.Apply(connection.Socket, mapping.KeepAlive);
+            }
+            catch (SocketException e)
+            {
+                connection.Dispose();
+                throw new MappingException($"could not turn on TCP keepalive: {e.Message}", FailureKind.Transient, e);
+            }
+
+            return new Session(connection);
         }
         catch (NbdException e)
         {
