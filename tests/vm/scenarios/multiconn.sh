@@ -15,8 +15,10 @@
 #                      needless cycle a LINK_DEAD for an already-replaced connection would cause)
 #   cycles_after_handover  of those, the ones after the round's first successful hand-over
 #   handovers / took   "kernel took N of M sockets" lines and their N/M (comma-separated, in order)
-#   link_dead          transitions whose reason is "connection lost (LINK_DEAD)"
-#   socket_ended       transitions whose reason is "connection lost (socket ended: ...)"
+#   link_dead          transitions whose reason starts "connection lost (LINK_DEAD" (the event came first)
+#   socket_ended       transitions whose reason names a socket's end, "connection lost ([LINK_DEAD; ]socket N of M:
+#                      the server closed the connection|connection closed or shut down|connection error)" (the
+#                      daemon's own watch of the handed-over sockets, since the KeepAlive change)
 #   stale_ignored      event 108 lines "LINK_DEAD for an earlier connection ignored"
 #   kernel_dead_slots  the driver's "Receive control failed" (etc.) lines for nbd0: one per slot it marked dead,
 #                      each of which sends a LINK_DEAD
@@ -150,13 +152,13 @@ while [ $r -le "$R" ]; do
         kernel_nbd_lines=$(( $(knbd_count) - kn0 )) \
         reconnect_cycles=$cycles cycles_after_handover=$after handovers=$(echo "$s" | grep -c 'kernel took') \
         took=${took:-none} last_took=${last:-none} established=$est \
-        link_dead=$(echo "$s" | grep -c -- '-> Reconnecting; connection lost (LINK_DEAD)') \
-        socket_ended=$(echo "$s" | grep -c -- '-> Reconnecting; connection lost (socket ended') \
+        link_dead=$(echo "$s" | grep -c -- '-> Reconnecting; connection lost (LINK_DEAD') \
+        socket_ended=$(echo "$s" | grep -- '-> Reconnecting; connection lost (' | grep -c 'socket [0-9]* of [0-9]*:') \
         kernel_dead_slots=$(dmesg | grep 'nbd0' | tail -n +$(( kn0 + 1 )) | grep -c "$SLOT_DEATH") \
         stale_ignored=$(echo "$s" | grep -c 'LINK_DEAD for an earlier connection ignored') \
         size=$(nbd_bytes nbd0) daemon_alive=$(proc_gone $DAEMON && echo no || echo yes)
     # the log around every transition of the round, for a needless cycle to be read in the console
-    echo "$s" | grep -v '^   at \|^   --- End\|^ ---> ' | grep -i 'Serving\|kernel took\|LINK_DEAD\|socket ended\|SCENARIO\|-> Reconnecting' \
+    echo "$s" | grep -v '^   at \|^   --- End\|^ ---> ' | grep -i 'Serving\|kernel took\|LINK_DEAD\|socket [0-9]* of\|SCENARIO\|-> Reconnecting' \
         | head -n 40 | sed "s/^/LOG round-$r: /"
     dmesg | grep 'nbd0' | tail -n +$(( kn0 + 1 )) | head -n 20 | sed "s/^/LOG dmesg-$r: /"
     r=$((r + 1))
