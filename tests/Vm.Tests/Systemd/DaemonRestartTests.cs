@@ -57,41 +57,27 @@ public sealed class SystemdRestartFixture : IAsyncLifetime
             return $"tests/vm/systemd/build-rootfs.sh failed (exit {rootfs.Code}):\n{Tail(rootfs.Output, 30)}";
         }
 
-        var publishDir = Path.Combine(Path.GetTempPath(), "nbd-daemon-restart-publish-" + Guid.NewGuid().ToString("N"));
-        try
+        var (publishDir, publishError) = await DaemonPublish.GetAsync().ConfigureAwait(false);
+        if (publishError is not null)
         {
-            var publish = await VmFixture.ExecAsync(
-                "dotnet",
-                ["publish", Path.Combine(repo, "src", "NbdDaemon"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-o", publishDir, "-nologo"],
-                TimeSpan.FromMinutes(8)).ConfigureAwait(false);
-            if (publish.Code != 0)
-            {
-                return $"dotnet publish src/NbdDaemon failed (exit {publish.Code}):\n{Tail(publish.Output, 20)}";
-            }
+            return publishError;
+        }
 
-            var vm = await VmFixture.ExecAsync(
-                "bash",
-                [
-                    Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
-                    "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "restart.sh"),
-                    "--publish", publishDir,
-                    "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
-                ],
-                VmTimeout).ConfigureAwait(false);
-            _log.Append("== run.sh (exit ").Append(vm.Code).Append(")\n").Append(vm.Output);
-            _results = SystemdVmResults.Parse(vm.Output);
-            VmFixture.SaveConsole(repo, "systemd-restart.sh", vm.Output);
-            return _results.Values.ContainsKey("end")
-                ? null
-                : $"the VM scenario did not run to its end (run.sh exit {vm.Code}); last output:\n{Tail(vm.Output, 40)}";
-        }
-        finally
-        {
-            if (Directory.Exists(publishDir))
-            {
-                Directory.Delete(publishDir, recursive: true);
-            }
-        }
+        var vm = await VmFixture.ExecAsync(
+            "bash",
+            [
+                Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
+                "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "restart.sh"),
+                "--publish", publishDir!,
+                "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
+            ],
+            VmTimeout).ConfigureAwait(false);
+        _log.Append("== run.sh (exit ").Append(vm.Code).Append(")\n").Append(vm.Output);
+        _results = SystemdVmResults.Parse(vm.Output);
+        VmFixture.SaveConsole(repo, "systemd-restart.sh", vm.Output);
+        return _results.Values.ContainsKey("end")
+            ? null
+            : $"the VM scenario did not run to its end (run.sh exit {vm.Code}); last output:\n{Tail(vm.Output, 40)}";
     }
 
     /// <summary>The value printed as <c>RESULT systemd rs_KEY=</c>; fails the calling test when absent.</summary>

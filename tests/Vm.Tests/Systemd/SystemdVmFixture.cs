@@ -83,47 +83,28 @@ public sealed class SystemdVmFixture : IAsyncLifetime
             return;
         }
 
-        var publishDir = Path.Combine(Path.GetTempPath(), "nbd-daemon-publish-" + Guid.NewGuid().ToString("N"));
-        try
+        var (publishDir, publishError) = await DaemonPublish.GetAsync().ConfigureAwait(false);
+        PublishError = publishError;
+        _log.Append("== dotnet publish: ").Append(publishError ?? "ok, " + publishDir).Append('\n');
+        var args = new List<string>
         {
-            var publish = await RunProcessAsync(
-                "dotnet",
-                ["publish", Path.Combine(repo, "src", "NbdDaemon"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-o", publishDir, "-nologo"],
-                repo,
-                PublishTimeout).ConfigureAwait(false);
-            _log.Append("== dotnet publish (exit ").Append(publish.ExitCode).Append(")\n").Append(Tail(publish.Output, 40)).Append('\n');
-            if (publish.ExitCode != 0)
-            {
-                PublishError = $"dotnet publish src/NbdDaemon failed (exit {publish.ExitCode}):\n{Tail(publish.Output, 20)}";
-            }
-
-            var args = new List<string>
-            {
-                Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
-                "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "daemon.sh"),
-                "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
-            };
-            if (PublishError is null)
-            {
-                args.AddRange(["--publish", publishDir]);
-            }
-
-            var vm = await RunProcessAsync("bash", args, repo, VmTimeout).ConfigureAwait(false);
-            _log.Append("== run.sh (exit ").Append(vm.ExitCode).Append(")\n").Append(vm.Output);
-            _results = SystemdVmResults.Parse(vm.Output);
-            VmFixture.SaveConsole(repo, "systemd-daemon.sh", vm.Output);
-            _sink.OnMessage(new DiagnosticMessage($"systemd VM: exit {vm.ExitCode}, {_results.Values.Count} results, log {LogPath}"));
-            if (!_results.Values.ContainsKey("end"))
-            {
-                SetupError = $"the VM scenario did not run to its end (run.sh exit {vm.ExitCode}); last output:\n{Tail(vm.Output, 40)}";
-            }
+            Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
+            "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "daemon.sh"),
+            "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
+        };
+        if (PublishError is null)
+        {
+            args.AddRange(["--publish", publishDir!]);
         }
-        finally
+
+        var vm = await RunProcessAsync("bash", args, repo, VmTimeout).ConfigureAwait(false);
+        _log.Append("== run.sh (exit ").Append(vm.ExitCode).Append(")\n").Append(vm.Output);
+        _results = SystemdVmResults.Parse(vm.Output);
+        VmFixture.SaveConsole(repo, "systemd-daemon.sh", vm.Output);
+        _sink.OnMessage(new DiagnosticMessage($"systemd VM: exit {vm.ExitCode}, {_results.Values.Count} results, log {LogPath}"));
+        if (!_results.Values.ContainsKey("end"))
         {
-            if (Directory.Exists(publishDir))
-            {
-                Directory.Delete(publishDir, recursive: true);
-            }
+            SetupError = $"the VM scenario did not run to its end (run.sh exit {vm.ExitCode}); last output:\n{Tail(vm.Output, 40)}";
         }
     }
 
