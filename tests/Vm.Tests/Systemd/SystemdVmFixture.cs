@@ -59,16 +59,9 @@ public sealed class SystemdVmFixture : IAsyncLifetime
     private async Task RunAsync()
     {
         var repo = FindRepoRoot();
-        var missing = RequiredTools.Where(t => FindOnPath(t) is null).ToList();
-        if (missing.Count > 0)
+        SetupError = HostError();
+        if (SetupError is not null)
         {
-            SetupError = $"missing tools on this machine: {string.Join(", ", missing)} (apt-get install qemu-system-x86 debootstrap cpio zstd)";
-            return;
-        }
-
-        if (!string.Equals(Environment.UserName, "root", StringComparison.Ordinal))
-        {
-            SetupError = "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
             return;
         }
 
@@ -174,6 +167,20 @@ public sealed class SystemdVmFixture : IAsyncLifetime
         throw new InvalidOperationException($"NbdDaemon.sln not found above {AppContext.BaseDirectory}");
     }
 
+    /// <summary>Why this host cannot run the full tier (a missing tool, not root), or null.</summary>
+    internal static string? HostError()
+    {
+        var missing = RequiredTools.Where(t => FindOnPath(t) is null).ToList();
+        if (missing.Count > 0)
+        {
+            return $"missing tools on this machine: {string.Join(", ", missing)} (apt-get install qemu-system-x86 debootstrap cpio zstd)";
+        }
+
+        return string.Equals(Environment.UserName, "root", StringComparison.Ordinal)
+            ? null
+            : "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
+    }
+
     private static string? FindOnPath(string tool)
     {
         var path = Environment.GetEnvironmentVariable("PATH") ?? string.Empty;
@@ -181,7 +188,7 @@ public sealed class SystemdVmFixture : IAsyncLifetime
         return dirs.Select(d => Path.Combine(d, tool)).FirstOrDefault(File.Exists);
     }
 
-    private static string Tail(string text, int lines)
+    internal static string Tail(string text, int lines)
     {
         var all = text.Split('\n');
         return string.Join('\n', all.Skip(Math.Max(0, all.Length - lines)));
