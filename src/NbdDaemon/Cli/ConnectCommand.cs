@@ -201,7 +201,15 @@ internal static class ConnectCommand
         using var watch = NbdSocketWatch.Start([socket]);
         try
         {
-            await watch.Ended.WaitAsync(ct);
+            try
+            {
+                await watch.Ended.WaitAsync(ct);
+            }
+            catch (NbdKernelException)
+            {
+                // poll(2) failed: fall back to reading sysfs from now on.
+            }
+
             while (NbdSysfs.Read(index).IsConnected)
             {
                 await Task.Delay(TimeSpan.FromMilliseconds(250), ct);
