@@ -19,8 +19,6 @@ public sealed class VmFixture : IDisposable
 {
     private readonly Lock _gate = new();
     private readonly Dictionary<string, Task<VmRun>> _runs = new(StringComparer.Ordinal);
-    private Task<string>? _publish;
-    private string? _publishDir;
 
     public VmFixture()
     {
@@ -86,26 +84,10 @@ public sealed class VmFixture : IDisposable
         return run;
     }
 
-    private Task<string> PublishDaemonAsync()
+    private static async Task<string> PublishDaemonAsync()
     {
-        lock (_gate)
-        {
-            return _publish ??= Task.Run(async () =>
-            {
-                var dir = Path.Combine(Path.GetTempPath(), "nbd-daemon-vm-publish-" + Guid.NewGuid().ToString("N"));
-                _publishDir = dir;
-                var (code, output) = await ExecAsync(
-                    "dotnet",
-                    ["publish", Path.Combine(RepoRoot, "src", "NbdDaemon"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-o", dir, "-nologo"],
-                    TimeSpan.FromMinutes(10));
-                if (code != 0 || !File.Exists(Path.Combine(dir, "nbd-daemon")))
-                {
-                    throw new XunitException($"dotnet publish of src/NbdDaemon failed (exit {code}):\n{output}");
-                }
-
-                return dir;
-            });
-        }
+        var (dir, error) = await DaemonPublish.GetAsync();
+        return dir ?? throw new XunitException(error);
     }
 
     private static void RequireHostTools(IEnumerable<string> programs)
@@ -133,7 +115,7 @@ public sealed class VmFixture : IDisposable
             .Select(d => Path.Combine(d, program))
             .FirstOrDefault(File.Exists);
 
-    private static string FindRepoRoot(string start)
+    internal static string FindRepoRoot(string start)
     {
         for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
         {
@@ -213,9 +195,6 @@ public sealed class VmFixture : IDisposable
 
     public void Dispose()
     {
-        if (_publishDir is not null && Directory.Exists(_publishDir))
-        {
-            Directory.Delete(_publishDir, recursive: true);
-        }
+        // The published daemon is shared by every fixture of the process (DaemonPublish) and removed at exit.
     }
 }

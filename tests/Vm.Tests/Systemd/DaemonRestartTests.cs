@@ -15,7 +15,6 @@ public sealed class SystemdRestartFixture : IAsyncLifetime
     // A quiet host runs the scenario in ~4 min; a start that outlasts the image's 60 s start timeout under load
     // costs a retry (each wait in the scenario allows 180 s).
     private static readonly TimeSpan VmTimeout = TimeSpan.FromSeconds(900);
-    private static readonly string[] RequiredTools = ["qemu-system-x86_64", "debootstrap", "cpio", "zstd", "chroot", "tar", "bash", "timeout"];
 
     private readonly StringBuilder _log = new();
     private SystemdVmResults _results = SystemdVmResults.Parse(string.Empty);
@@ -39,59 +38,39 @@ public sealed class SystemdRestartFixture : IAsyncLifetime
 
     private async Task<string?> RunAsync()
     {
-        var missing = RequiredTools.Where(t => FindOnPath(t) is null).ToList();
-        if (missing.Count > 0)
+        if (SystemdVmFixture.HostError() is { } hostError)
         {
-            return $"missing tools on this machine: {string.Join(", ", missing)} (apt-get install qemu-system-x86 debootstrap cpio zstd)";
-        }
-
-        if (!string.Equals(Environment.UserName, "root", StringComparison.Ordinal))
-        {
-            return "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
+            return hostError;
         }
 
         var repo = SystemdVmFixture.FindRepoRoot();
         var rootfs = await VmFixture.ExecAsync("bash", [Path.Combine(repo, "tests", "vm", "systemd", "build-rootfs.sh")], TimeSpan.FromMinutes(15)).ConfigureAwait(false);
         if (rootfs.Code != 0)
         {
-            return $"tests/vm/systemd/build-rootfs.sh failed (exit {rootfs.Code}):\n{Tail(rootfs.Output, 30)}";
+            return $"tests/vm/systemd/build-rootfs.sh failed (exit {rootfs.Code}):\n{SystemdVmFixture.Tail(rootfs.Output, 30)}";
         }
 
-        var publishDir = Path.Combine(Path.GetTempPath(), "nbd-daemon-restart-publish-" + Guid.NewGuid().ToString("N"));
-        try
+        var (publishDir, publishError) = await DaemonPublish.GetAsync().ConfigureAwait(false);
+        if (publishError is not null)
         {
-            var publish = await VmFixture.ExecAsync(
-                "dotnet",
-                ["publish", Path.Combine(repo, "src", "NbdDaemon"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-o", publishDir, "-nologo"],
-                TimeSpan.FromMinutes(8)).ConfigureAwait(false);
-            if (publish.Code != 0)
-            {
-                return $"dotnet publish src/NbdDaemon failed (exit {publish.Code}):\n{Tail(publish.Output, 20)}";
-            }
+            return publishError;
+        }
 
-            var vm = await VmFixture.ExecAsync(
-                "bash",
-                [
-                    Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
-                    "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "restart.sh"),
-                    "--publish", publishDir,
-                    "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
-                ],
-                VmTimeout).ConfigureAwait(false);
-            _log.Append("== run.sh (exit ").Append(vm.Code).Append(")\n").Append(vm.Output);
-            _results = SystemdVmResults.Parse(vm.Output);
-            VmFixture.SaveConsole(repo, "systemd-restart.sh", vm.Output);
-            return _results.Values.ContainsKey("end")
-                ? null
-                : $"the VM scenario did not run to its end (run.sh exit {vm.Code}); last output:\n{Tail(vm.Output, 40)}";
-        }
-        finally
-        {
-            if (Directory.Exists(publishDir))
-            {
-                Directory.Delete(publishDir, recursive: true);
-            }
-        }
+        var vm = await VmFixture.ExecAsync(
+            "bash",
+            [
+                Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
+                "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "restart.sh"),
+                "--publish", publishDir!,
+                "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
+            ],
+            VmTimeout).ConfigureAwait(false);
+        _log.Append("== run.sh (exit ").Append(vm.Code).Append(")\n").Append(vm.Output);
+        _results = SystemdVmResults.Parse(vm.Output);
+        VmFixture.SaveConsole(repo, "systemd-restart.sh", vm.Output);
+        return _results.Values.ContainsKey("end")
+            ? null
+            : $"the VM scenario did not run to its end (run.sh exit {vm.Code}); last output:\n{SystemdVmFixture.Tail(vm.Output, 40)}";
     }
 
     /// <summary>The value printed as <c>RESULT systemd rs_KEY=</c>; fails the calling test when absent.</summary>
@@ -113,18 +92,6 @@ public sealed class SystemdRestartFixture : IAsyncLifetime
             : throw new XunitException($"RESULT systemd rs_{key}='{text}' is not an integer (log: {LogPath})");
     }
 
-    private static string? FindOnPath(string tool) =>
-        (Environment.GetEnvironmentVariable("PATH") ?? string.Empty)
-            .Split(':', StringSplitOptions.RemoveEmptyEntries)
-            .Concat(["/usr/sbin", "/sbin"])
-            .Select(d => Path.Combine(d, tool))
-            .FirstOrDefault(File.Exists);
-
-    private static string Tail(string text, int lines)
-    {
-        var all = text.Split('\n');
-        return string.Join('\n', all.Skip(Math.Max(0, all.Length - lines)));
-    }
 }
 
 [CollectionDefinition(Name)]

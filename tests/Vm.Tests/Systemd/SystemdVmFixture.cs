@@ -59,16 +59,9 @@ public sealed class SystemdVmFixture : IAsyncLifetime
     private async Task RunAsync()
     {
         var repo = FindRepoRoot();
-        var missing = RequiredTools.Where(t => FindOnPath(t) is null).ToList();
-        if (missing.Count > 0)
+        SetupError = HostError();
+        if (SetupError is not null)
         {
-            SetupError = $"missing tools on this machine: {string.Join(", ", missing)} (apt-get install qemu-system-x86 debootstrap cpio zstd)";
-            return;
-        }
-
-        if (!string.Equals(Environment.UserName, "root", StringComparison.Ordinal))
-        {
-            SetupError = "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
             return;
         }
 
@@ -83,47 +76,28 @@ public sealed class SystemdVmFixture : IAsyncLifetime
             return;
         }
 
-        var publishDir = Path.Combine(Path.GetTempPath(), "nbd-daemon-publish-" + Guid.NewGuid().ToString("N"));
-        try
+        var (publishDir, publishError) = await DaemonPublish.GetAsync().ConfigureAwait(false);
+        PublishError = publishError;
+        _log.Append("== dotnet publish: ").Append(publishError ?? "ok, " + publishDir).Append('\n');
+        var args = new List<string>
         {
-            var publish = await RunProcessAsync(
-                "dotnet",
-                ["publish", Path.Combine(repo, "src", "NbdDaemon"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-o", publishDir, "-nologo"],
-                repo,
-                PublishTimeout).ConfigureAwait(false);
-            _log.Append("== dotnet publish (exit ").Append(publish.ExitCode).Append(")\n").Append(Tail(publish.Output, 40)).Append('\n');
-            if (publish.ExitCode != 0)
-            {
-                PublishError = $"dotnet publish src/NbdDaemon failed (exit {publish.ExitCode}):\n{Tail(publish.Output, 20)}";
-            }
-
-            var args = new List<string>
-            {
-                Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
-                "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "daemon.sh"),
-                "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
-            };
-            if (PublishError is null)
-            {
-                args.AddRange(["--publish", publishDir]);
-            }
-
-            var vm = await RunProcessAsync("bash", args, repo, VmTimeout).ConfigureAwait(false);
-            _log.Append("== run.sh (exit ").Append(vm.ExitCode).Append(")\n").Append(vm.Output);
-            _results = SystemdVmResults.Parse(vm.Output);
-            VmFixture.SaveConsole(repo, "systemd-daemon.sh", vm.Output);
-            _sink.OnMessage(new DiagnosticMessage($"systemd VM: exit {vm.ExitCode}, {_results.Values.Count} results, log {LogPath}"));
-            if (!_results.Values.ContainsKey("end"))
-            {
-                SetupError = $"the VM scenario did not run to its end (run.sh exit {vm.ExitCode}); last output:\n{Tail(vm.Output, 40)}";
-            }
+            Path.Combine(repo, "tests", "vm", "systemd", "run.sh"),
+            "--scenario", Path.Combine(repo, "tests", "vm", "systemd", "scenarios", "daemon.sh"),
+            "--timeout", ((int)VmTimeout.TotalSeconds - 30).ToString(CultureInfo.InvariantCulture),
+        };
+        if (PublishError is null)
+        {
+            args.AddRange(["--publish", publishDir!]);
         }
-        finally
+
+        var vm = await RunProcessAsync("bash", args, repo, VmTimeout).ConfigureAwait(false);
+        _log.Append("== run.sh (exit ").Append(vm.ExitCode).Append(")\n").Append(vm.Output);
+        _results = SystemdVmResults.Parse(vm.Output);
+        VmFixture.SaveConsole(repo, "systemd-daemon.sh", vm.Output);
+        _sink.OnMessage(new DiagnosticMessage($"systemd VM: exit {vm.ExitCode}, {_results.Values.Count} results, log {LogPath}"));
+        if (!_results.Values.ContainsKey("end"))
         {
-            if (Directory.Exists(publishDir))
-            {
-                Directory.Delete(publishDir, recursive: true);
-            }
+            SetupError = $"the VM scenario did not run to its end (run.sh exit {vm.ExitCode}); last output:\n{Tail(vm.Output, 40)}";
         }
     }
 
@@ -193,6 +167,20 @@ public sealed class SystemdVmFixture : IAsyncLifetime
         throw new InvalidOperationException($"NbdDaemon.sln not found above {AppContext.BaseDirectory}");
     }
 
+    /// <summary>Why this host cannot run the full tier (a missing tool, not root), or null.</summary>
+    internal static string? HostError()
+    {
+        var missing = RequiredTools.Where(t => FindOnPath(t) is null).ToList();
+        if (missing.Count > 0)
+        {
+            return $"missing tools on this machine: {string.Join(", ", missing)} (apt-get install qemu-system-x86 debootstrap cpio zstd)";
+        }
+
+        return string.Equals(Environment.UserName, "root", StringComparison.Ordinal)
+            ? null
+            : "the full tier needs root (debootstrap, chroot, mknod); run the tests as root";
+    }
+
     private static string? FindOnPath(string tool)
     {
         var path = Environment.GetEnvironmentVariable("PATH") ?? string.Empty;
@@ -200,7 +188,7 @@ public sealed class SystemdVmFixture : IAsyncLifetime
         return dirs.Select(d => Path.Combine(d, tool)).FirstOrDefault(File.Exists);
     }
 
-    private static string Tail(string text, int lines)
+    internal static string Tail(string text, int lines)
     {
         var all = text.Split('\n');
         return string.Join('\n', all.Skip(Math.Max(0, all.Length - lines)));

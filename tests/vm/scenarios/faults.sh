@@ -15,15 +15,16 @@
 # S3 the cut/reset command or the stall's resume. Stall after back = the longest completion gap of the verifier
 # that ends after T and starts before the round's end, counted from max(start, T).
 #
-# Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, overridden by /etc/nbd-faults.conf (tests/vm/faults.sh --full).
+# Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, and the mappings' request Timeout TIMEOUT_S (1..9 s), overridden by
+# /etc/nbd-faults.conf (tests/vm/faults.sh --full / --timeout S).
 # Prints per case: RESULT fault scenario=S? interface=... ; per round: NOTE fault-round ...
 . /usr/local/lib/nbdvm.sh
 ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
 SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
+TIMEOUT_S=5
 [ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
 MiB=1048576
 SIZE_MIB=64 WRONG_MIB=48
-TIMEOUT_S=5
 PROXY_BIN=fault-proxy
 
 have() { command -v "$1" >/dev/null && echo yes || echo no; }
