@@ -47,12 +47,18 @@ public sealed class VmFixture : IDisposable
 
     private async Task<VmRun> BootAsync(ScenarioSpec spec)
     {
-        RequireHostTools(spec.Programs);
+        RequireHostTools(spec.Modules.Count > 0 ? spec.Programs.Append("modinfo") : spec.Programs);
         var args = new List<string> { Path.Combine(VmDir, "run-vm.sh"), "--script", Path.Combine(VmDir, "scenarios", spec.Script), "--timeout", spec.TimeoutSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture) };
         foreach (var p in spec.Programs)
         {
             args.Add("--bin");
             args.Add(p);
+        }
+
+        foreach (var m in spec.Modules)
+        {
+            args.Add("--module");
+            args.Add(m);
         }
 
         if (spec.NeedsTools)

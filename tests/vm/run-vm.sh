@@ -2,8 +2,10 @@
 # Boot the fast-tier VM (stock Debian cloud kernel + busybox initramfs) and run one scenario in it.
 #
 #   run-vm.sh --script SCENARIO.sh [--add HOSTPATH[:VMPATH]]... [--bin PROGRAM]...
-#             [--daemon PUBLISH_DIR] [--app PUBLISH_DIR[:VMDIR]]... [--timeout SECONDS] [--mem MB]
+#             [--daemon PUBLISH_DIR] [--app PUBLISH_DIR[:VMDIR]]... [--module NAME]... [--timeout SECONDS] [--mem MB]
 #
+# --module copies a kernel module of the VM's kernel (e.g. sch_netem) and the modules it depends on to
+# /lib/modules/extra/ (NAME.ko, NAME.dep = its direct dependencies); the scenario loads it with lib.sh's load_module.
 # --app copies a published self-contained .NET app folder (default VM path /opt/<folder name>) together with the
 # system libraries its native parts need (glibc, libstdc++, libgcc_s, libz, ...), like --daemon does.
 # Always present in the VM: /usr/local/bin/gnu-env (the host's GNU env). `gnu-env --default-signal=INT PROG ...`
@@ -24,6 +26,7 @@ adds=()
 bins=()
 daemon=""
 apps=()
+modules=()
 
 die() { echo "run-vm: $*" >&2; exit 2; }
 
@@ -34,9 +37,10 @@ while [ $# -gt 0 ]; do
         --bin) bins+=("$2"); shift 2 ;;
         --daemon) daemon=$2; shift 2 ;;
         --app) apps+=("$2"); shift 2 ;;
+        --module) modules+=("$2"); shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -146,6 +150,19 @@ for a in "${adds[@]+"${adds[@]}"}"; do
     mkdir -p "$o$(dirname "$dst")"
     cp -a "$src" "$o$dst"
 done
+
+copy_module() { # NAME -- NAME.ko of the VM's kernel, its dependencies first (modinfo names them)
+    local name=$1 ko dep
+    [ -e "$o/lib/modules/extra/$name.ko" ] && return 0
+    command -v modinfo >/dev/null || die "missing host tool: modinfo (Debian package kmod)"
+    ko=$(find "$KERNEL_ROOT/lib/modules/$KERNEL_VERSION/kernel" -name "$name.ko" | head -n1)
+    [ -n "$ko" ] || die "--module: $name.ko not found under $KERNEL_ROOT/lib/modules/$KERNEL_VERSION/kernel"
+    mkdir -p "$o/lib/modules/extra"
+    cp "$ko" "$o/lib/modules/extra/$name.ko"
+    modinfo -F depends "$ko" | tr ',' ' ' > "$o/lib/modules/extra/$name.dep"
+    for dep in $(cat "$o/lib/modules/extra/$name.dep"); do copy_module "$dep"; done
+}
+for m in "${modules[@]+"${modules[@]}"}"; do copy_module "$m"; done
 
 mkdir -p "$o/usr/local/lib"
 cp "$here/scenarios/lib.sh" "$o/usr/local/lib/nbdvm.sh"

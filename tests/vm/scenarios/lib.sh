@@ -134,3 +134,30 @@ wait_device_of_pid() {
 }
 
 yesno() { if [ "$1" = 0 ]; then echo yes; else echo no; fi; }
+
+# --- kernel modules and the silent loopback partition --------------------------------------------------------
+# load_module NAME: insmod a module run-vm.sh copied with --module NAME, its dependencies first.
+load_module() {
+    local name=$1 dep
+    [ -d "/sys/module/$name" ] && return 0
+    [ -f "/lib/modules/extra/$name.ko" ] || { echo "load_module: $name.ko missing (run-vm.sh --module $name)" >&2; return 1; }
+    for dep in $(cat "/lib/modules/extra/$name.dep"); do load_module "$dep" || return 1; done
+    insmod "/lib/modules/extra/$name.ko"
+}
+
+# lo_partition / lo_heal: every packet leaving lo (so every loopback packet) is dropped in silence, and back.
+# netem drops at enqueue and reports success, so TCP sees neither an error nor a RST: a peer that went away
+# without a word. Needs `--module sch_netem --bin tc` (iproute2's tc: busybox's applet has no netem).
+LO_TC=/usr/sbin/tc
+lo_partition() { "$LO_TC" qdisc replace dev lo root netem loss 100%; }
+lo_heal() { "$LO_TC" qdisc del dev lo root; }
+lo_qdisc() { "$LO_TC" qdisc show dev lo | head -n 1; }
+
+# tcp_answers PORT SECONDS: yes when a TCP server on 127.0.0.1:PORT sends its first bytes within SECONDS
+# (an NBD server greets at once with NBDMAGIC), no otherwise.
+tcp_answers() {
+    local f=/tmp/tcp-answers.$$
+    timeout "$2" nc 127.0.0.1 "$1" </dev/null >"$f" 2>/dev/null
+    if [ -s "$f" ]; then echo yes; else echo no; fi
+    rm -f "$f"
+}
