@@ -1,10 +1,12 @@
 # Scenarios 2-4 in one boot, for --interface ioctl and netlink:
 #  geometry  sysfs size and logical_block_size for block sizes 512/1024/4096, on a 64 MiB export and on one of
 #            10 MiB + 1000 bytes (the host-side test computes what is expected from export_bytes and bs);
-#  readonly  --read-only refuses writes; check/disconnect exit codes; the device is free after disconnect;
+#  readonly  --read-only refuses writes; check/disconnect exit codes; the device is free after disconnect, and the
+#            `connect` process notices (exit code, time from `disconnect`, "disconnected elsewhere");
 #  autodev   connect without DEVICE picks an unused device while nbd0 is busy;
 #  stop      SIGTERM / SIGINT to `connect` (started with SIGINT at its default disposition, as from a terminal)
-#            frees the device; exit code and timings.
+#            frees the device; exit code and timings;
+#  idle      CPU ticks of a mapped, idle `connect` over 10 s (and its busiest thread).
 . /usr/local/lib/nbdvm.sh
 MiB=1048576
 truncate -s 64M /tmp/even.img
@@ -58,18 +60,23 @@ readonly_and_check() { # MODE
     timeout 30 dd if=/dev/nbd0 of=/dev/null bs=1M count=1 iflag=direct 2>/dev/null; rrc=$?
     nbd-daemon check /dev/nbd0 >/tmp/check.out 2>&1; crc_on=$?
     sed 's/^/LOG check: /' /tmp/check.out
-    t0=$(now_ms)
     timeout 30 nbd-daemon disconnect /dev/nbd0 >/tmp/disc.out 2>&1; drc=$?
+    t1=$(now_ms)
     sed 's/^/LOG disconnect: /' /tmp/disc.out
     fms=$(wait_free nbd0 5); freed=$(yesno $?)
     wait_exit "$rpid" 10 || { kill -KILL "$rpid" 2>/dev/null; wait "$rpid"; }
+    # From the end of `disconnect` (its own .NET start-up is not `connect`'s to answer for) to the end of `connect`:
+    # the netlink `connect` waits on its socket's end, then reads sysfs until the configuration is gone.
+    xms=$(( $(now_ms) - t1 ))
+    said=$(grep -q 'disconnected elsewhere' "$log" && echo yes || echo no)
     nbd-daemon check /dev/nbd0 >/dev/null 2>&1; crc_off=$?
     nbd-daemon check /dev/nbd9 >/dev/null 2>&1; crc_unused=$?
     result readonly mode=$mode connected=$ok sysfs_ro=$ro write_rc=$wrc write_error=$err read_rc=$rrc \
         check_connected_rc=$crc_on disconnect_rc=$drc freed=$freed free_ms=$fms connect_exit_rc=$EXIT_RC \
+        connect_exit_ms=$xms said_elsewhere=$said \
         check_after_rc=$crc_off check_unused_rc=$crc_unused size_after=$(nbd_bytes nbd0) \
         pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
-    [ "$ok" = yes ] || show_log "$log"
+    [ "$ok" = yes ] && [ "$said" = yes ] || show_log "$log"
 }
 
 autodevice() { # MODE: nbd0 held by a first mapping, a second connect without DEVICE must pick another one
@@ -126,10 +133,47 @@ stop() { # MODE SIGNAL
     [ "$ok" = yes ] && [ "$EXIT_RC" = 0 ] || show_log "$log"
 }
 
+# cpu_ticks PID: user + system clock ticks (USER_HZ, 100/s) of all PID's threads so far. The comm field is cut off
+# first: .NET names threads with spaces (".NET TP Worker"), which would shift the fields.
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }'; }
+
+# busiest_thread PID BEFORE_FILE: "name:ticks" of the thread that used most CPU since BEFORE_FILE was written by
+# thread_ticks (names with spaces get underscores so the RESULT line stays one key=value per word).
+thread_ticks() {
+    local t
+    for t in /proc/$1/task/*; do
+        echo "${t##*/} $(sed 's/^.*) //' "$t/stat" 2>/dev/null | awk '{ print $12 + $13 }') $(tr ' ' _ < "$t/comm" 2>/dev/null)"
+    done
+}
+busiest_thread() {
+    thread_ticks "$1" | awk -v before="$2" '
+        BEGIN { while ((getline l < before) > 0) { split(l, f, " "); b[f[1]] = f[2] } }
+        { d = $2 - b[$1]; if (d > best) { best = d; name = $3 } }
+        END { printf "%s:%d\n", (name == "" ? "none" : name), best }'
+}
+
+idle_cpu() { # MODE: CPU used by a mapped, idle `connect` over 10 s, after the same 3 s settle bench.sh gives
+    local mode=$1 log=/tmp/idle-$1.log
+    daemon_connect "$log" "$URI/even" /dev/nbd0 --interface "$mode"
+    local ipid=$DPID
+    wait_connected nbd0 30 "$ipid" >/dev/null; ok=$(yesno $?)
+    sleep 3
+    a=$(cpu_ticks "$ipid"); thread_ticks "$ipid" > /tmp/idle-threads-$mode
+    sleep 10
+    b=$(cpu_ticks "$ipid"); busiest=$(busiest_thread "$ipid" /tmp/idle-threads-$mode)
+    still=$( [ "$(cat /sys/block/nbd0/size)" != 0 ] && echo yes || echo no)
+    daemon_kill "$ipid" TERM
+    wait_free nbd0 5 >/dev/null; freed=$(yesno $?)
+    result idle mode=$mode connected=$ok still_connected=$still ticks_before=${a:-none} ticks_after=${b:-none} \
+        idle_cpu_ms=$(( (${b:-0} - ${a:-0}) * 10 )) busiest_thread=$busiest exit_rc=$EXIT_RC freed=$freed
+    [ "$ok" = yes ] || show_log "$log"
+}
+
 for mode in ioctl netlink; do
     geometry $mode
     readonly_and_check $mode
     autodevice $mode
     stop $mode TERM
     stop $mode INT
+    idle_cpu $mode
 done
