@@ -170,7 +170,7 @@ internal static class ConnectCommand
 
             device.ClearQueue();
             device.ClearSocket();
-            stdout.WriteLine($"{device.Path}: the service loop ended ({result.ErrnoName ?? "server closed the connection"}); device released");
+            stdout.WriteLine($"{device.Path}: the service loop ended ({result.ErrnoName ?? "the connection was closed: by the server, or NBD_DISCONNECT from elsewhere"}); device released");
             return result.Errno == 0 ? CliExit.Ok : CliExit.Failed;
         }
     }
