@@ -100,6 +100,25 @@ public sealed class InstallScriptTests
     }
 
     [Fact]
+    public void ExampleConfiguration_CommentedOutMappingsAreValidWhenUncommented()
+    {
+        // What an admin does with the example: remove the comment markers of the mapping lines.
+        IEnumerable<string> lines = File.ReadAllLines(Path.Combine(RepoRoot(), "deploy/appsettings.example.json"))
+            .Select(l => l.TrimStart())
+            .Select(l => l.StartsWith("//", StringComparison.Ordinal) ? l[2..].TrimStart() is [('{' or '}' or '"'), ..] json ? json : null : l)
+            .OfType<string>();
+        using var json = new MemoryStream(System.Text.Encoding.UTF8.GetBytes(string.Join('\n', lines)));
+        IConfigurationRoot config = new ConfigurationBuilder().AddJsonStream(json).Build();
+
+        IReadOnlyList<MappingOptions> mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(config);
+
+        Assert.Equal(["data", "root"], mappings.Select(m => m.Name));
+        Assert.Equal(KernelInterface.Netlink, mappings[1].Interface);
+        Assert.Equal(StopAction.Leave, mappings[1].OnStop);
+        Assert.Equal(TimeSpan.FromSeconds(30), mappings[1].KeepAlive);
+    }
+
+    [Fact]
     public void ExampleConfiguration_ParsesWithNoMappings()
     {
         IConfigurationRoot config = new ConfigurationBuilder().AddJsonFile(Path.Combine(RepoRoot(), "deploy/appsettings.example.json")).Build();
