@@ -606,8 +606,20 @@ internal sealed class MappingLoop
             return "LINK_DEAD";
         }
 
-        using ISocketWatch watch = _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
-        Task<string> ended = watch.Ended;
+        ISocketWatch? watch = null;
+        try
+        {
+            watch = _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
+        }
+#pragma warning disable CA1031 // Out of descriptors, say: the connection is fine, LINK_DEAD alone still reports its end.
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            MappingLog.SocketWatchFailed(_logger, ex, Name, DeviceText);
+        }
+
+        using ISocketWatch? disposeWatch = watch;
+        Task<string> ended = watch?.Ended ?? new TaskCompletionSource<string>().Task;
         while (true)
         {
             using var iteration = CancellationTokenSource.CreateLinkedTokenSource(stop);
@@ -622,11 +634,17 @@ internal sealed class MappingLoop
                 }
 
                 MappingLog.SocketWatchFailed(_logger, ended.Exception?.GetBaseException(), Name, DeviceText);
+                watch = null;
                 ended = new TaskCompletionSource<string>().Task;
                 continue;
             }
 
             await linkDead; // the stop request, or a lost event subscription, ends serving here
+            if (watch is null)
+            {
+                return "LINK_DEAD"; // nothing to check it against
+            }
+
             // The driver shuts a connection down as it reports it dead, so a LINK_DEAD for ours shows on its socket
             // at once; the grace only covers the event overtaking the shutdown.
             await Task.WhenAny(ended, Task.Delay(LinkDeadGrace, _time, stop));

@@ -168,8 +168,16 @@ internal sealed class FakeKernel : INbdKernel
         }
     }
 
+    /// <summary>When set, <see cref="WatchSockets"/> throws it (e.g. EMFILE).</summary>
+    public Exception? WatchFailure { get; set; }
+
     public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets)
     {
+        if (WatchFailure is { } failure)
+        {
+            throw failure;
+        }
+
         var watch = new FakeSocketWatch(this, sockets);
         lock (_watches)
         {

@@ -498,6 +498,29 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_SocketWatchCannotStart_ServesOnAndLinkDeadStillReconnects()
+    {
+        _kernel.WatchFailure = new IOException("EMFILE");
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        await WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("watching the connection's sockets failed; relying on LINK_DEAD alone", StringComparison.Ordinal)));
+        Assert.False(connector.Sessions.Single().ShutDown);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        // Without a watch the event cannot be checked against the sockets: it counts at once (no grace).
+        await states.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task RunAsync_LinkDeadAndSocketEndWithinGrace_CountsAsLost()
     {
         var connector = new FakeConnector().ThenServe();
