@@ -599,19 +599,14 @@ internal sealed class MappingLoop
     private async Task<string> WaitForNetlinkConnectionEndAsync(CancellationToken stop)
     {
         int index = _netlinkIndex!.Value;
-        // Adopted with the previous daemon's connection still alive: no socket of ours to watch, LINK_DEAD decides.
-        if (_sessions.Count == 0)
-        {
-            await _netlink!.WaitForLinkDeadAsync(index, stop);
-            return "LINK_DEAD";
-        }
-
+        // No watch (and LINK_DEAD alone decides) when adopted with the previous daemon's connection still alive: no
+        // socket of ours; or when the watch cannot start (out of descriptors, say): the connection itself is fine.
         ISocketWatch? watch = null;
         try
         {
-            watch = _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
+            watch = _sessions.Count == 0 ? null : _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
         }
-#pragma warning disable CA1031 // Out of descriptors, say: the connection is fine, LINK_DEAD alone still reports its end.
+#pragma warning disable CA1031 // Logged; serving goes on with LINK_DEAD alone.
         catch (Exception ex)
 #pragma warning restore CA1031
         {

@@ -62,8 +62,9 @@ public sealed class MappingSupervisorTests
             [TestMappings.Create("fast", device: "/dev/nbd0"), TestMappings.Create("slow", device: "/dev/nbd1")],
             connector, kernel, time, NullLoggerFactory.Instance);
 
-        Task start = supervisor.StartAsync(CancellationToken.None);
+        // Subscribed before the start: the fast mapping may reach Serving before StartAsync returns.
         var serving = new StateRecorder(supervisor.Loops[0]);
+        Task start = supervisor.StartAsync(CancellationToken.None);
         await serving.WaitForAsync(MappingState.Serving);
         await Task.Delay(100);
         Assert.False(start.IsCompleted);
