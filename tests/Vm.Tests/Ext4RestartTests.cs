@@ -1,4 +1,3 @@
-using System.Globalization;
 using Xunit.Abstractions;
 
 namespace Vm.Tests;
@@ -22,52 +21,10 @@ internal static class Ext4RestartScenario
 
     public const long ExportBytes = 512L << 20;
 
-    public static int Restarts { get; } = ReadRestarts();
+    public static int Restarts { get; } = ScenarioCount.Read(RestartsVariable, DefaultRestarts, 100);
 
     public static ScenarioSpec Spec { get; } = new(
-        ScriptFor(Restarts), ["nbdkit", "mkfs.ext4", "e2fsck"], true, 300 + (60 * Restarts));
-
-    private static int ReadRestarts()
-    {
-        var text = Environment.GetEnvironmentVariable(RestartsVariable);
-        if (string.IsNullOrEmpty(text))
-        {
-            return DefaultRestarts;
-        }
-
-        return int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var n) && n is >= 1 and <= 100
-            ? n
-            : throw new InvalidOperationException($"{RestartsVariable}={text}: expected a whole number from 1 to 100");
-    }
-
-    /// <summary>The script's name for the default count; otherwise an absolute path to a copy setting EXT4_RESTARTS
-    /// (VmFixture combines the name with tests/vm/scenarios, which keeps an absolute path as it is).</summary>
-    private static string ScriptFor(int restarts)
-    {
-        const string name = "ext4-restarts.sh";
-        if (restarts == DefaultRestarts)
-        {
-            return name;
-        }
-
-        var source = Path.Combine(RepoRoot(), "tests", "vm", "scenarios", name);
-        var copy = Path.Combine(Path.GetTempPath(), $"nbdvm-ext4-restarts-{restarts}.sh");
-        File.WriteAllText(copy, $"EXT4_RESTARTS={restarts}\n" + File.ReadAllText(source));
-        return copy;
-    }
-
-    private static string RepoRoot()
-    {
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "NbdDaemon.sln")))
-            {
-                return dir.FullName;
-            }
-        }
-
-        throw new InvalidOperationException($"NbdDaemon.sln not found above {AppContext.BaseDirectory}");
-    }
+        ScenarioCount.Script("ext4-restarts.sh", "EXT4_RESTARTS", Restarts, DefaultRestarts), ["nbdkit", "mkfs.ext4", "e2fsck"], true, 300 + (60 * Restarts));
 }
 
 /// <summary>

@@ -1,4 +1,3 @@
-using System.Globalization;
 using Xunit.Abstractions;
 
 namespace Vm.Tests;
@@ -29,51 +28,9 @@ internal static class MultiConnScenario
     /// </summary>
     public const long StallBoundMs = TimeoutMs + 2000;
 
-    public static int Rounds { get; } = ReadRounds();
+    public static int Rounds { get; } = ScenarioCount.Read(RoundsVariable, DefaultRounds, 200);
 
-    public static ScenarioSpec Spec { get; } = new(ScriptFor(Rounds), ["nbdkit"], true, 300 + (40 * Rounds)) { NeedsTools = true };
-
-    private static int ReadRounds()
-    {
-        var text = Environment.GetEnvironmentVariable(RoundsVariable);
-        if (string.IsNullOrEmpty(text))
-        {
-            return DefaultRounds;
-        }
-
-        return int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out var n) && n is >= 1 and <= 200
-            ? n
-            : throw new InvalidOperationException($"{RoundsVariable}={text}: expected a whole number from 1 to 200");
-    }
-
-    /// <summary>The script's name for the default count; otherwise an absolute path to a copy setting MULTICONN_ROUNDS
-    /// (VmFixture combines the name with tests/vm/scenarios, which keeps an absolute path as it is).</summary>
-    private static string ScriptFor(int rounds)
-    {
-        const string name = "multiconn.sh";
-        if (rounds == DefaultRounds)
-        {
-            return name;
-        }
-
-        var source = Path.Combine(RepoRoot(), "tests", "vm", "scenarios", name);
-        var copy = Path.Combine(Path.GetTempPath(), $"nbdvm-multiconn-{rounds}.sh");
-        File.WriteAllText(copy, $"MULTICONN_ROUNDS={rounds}\n" + File.ReadAllText(source));
-        return copy;
-    }
-
-    private static string RepoRoot()
-    {
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "NbdDaemon.sln")))
-            {
-                return dir.FullName;
-            }
-        }
-
-        throw new InvalidOperationException($"NbdDaemon.sln not found above {AppContext.BaseDirectory}");
-    }
+    public static ScenarioSpec Spec { get; } = new(ScenarioCount.Script("multiconn.sh", "MULTICONN_ROUNDS", Rounds, DefaultRounds), ["nbdkit"], true, 300 + (40 * Rounds)) { NeedsTools = true };
 }
 
 /// <summary>
