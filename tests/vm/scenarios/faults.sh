@@ -88,38 +88,7 @@ result faults-start daemon_alive=$(proc_gone $DAEMON && echo no || echo yes) \
 
 kio_count() { dmesg | grep -c 'I/O error'; }
 knbd_count() { dmesg | grep -c 'nbd[0-9]'; }
-status_val() { sed 's/^/ /' "$1" 2>/dev/null | sed -n "s/.* $2=\([^ ]*\).*/\1/p" | head -n1; }
 
-# wait_served STATUS T TIMEOUT_S: the verifier completed an I/O after T. Sets SERVED (yes/no), SERVED_MS.
-wait_served() {
-    local st=$1 t=$2 limit=$3 now lo
-    SERVED=no
-    while :; do
-        now=$(nbd-verify now)
-        lo=$(status_val "$st" last_ok)
-        if [ -n "$lo" ] && awk -v a="$lo" -v b="$t" 'BEGIN { exit !(a > b) }'; then
-            SERVED=yes; SERVED_MS=$(awk -v a="$lo" -v b="$t" 'BEGIN { printf "%d", (a - b) * 1000 }'); return 0
-        fi
-        if awk -v a="$now" -v b="$t" -v l="$limit" 'BEGIN { exit !(a - b > l) }'; then
-            SERVED_MS=-1; return 1
-        fi
-        sleep 0.1
-    done
-}
-
-# stall_after EVENTS T END: ms of the longest gap ending after T and starting before END, from max(start, T).
-stall_after() {
-    awk -v T="$2" -v E="$3" '$1 == "gap" {
-        s = substr($2, 7); e = substr($3, 5)
-        if (e + 0 > T + 0 && s + 0 < E + 0) { v = (e - (s > T ? s : T)) * 1000; if (v > m) m = v }
-    } END { printf "%d\n", m }' "$1"
-}
-
-# errors_between EVENTS T0 T1: app I/O errors logged in [T0, T1)
-errors_between() {
-    awk -v a="$2" -v b="$3" '$1 == "error" { for (i = 2; i <= NF; i++) if (substr($i, 1, 2) == "t=") { t = substr($i, 3) }
-        if (t + 0 >= a + 0 && t + 0 < b + 0) n++ } END { printf "%d\n", n }' "$1"
-}
 
 # --- one fault round: sets T (server back) after injecting; the caller's case function does the fault -----
 round_done() { # CASE_TAG ROUND EXTRA...: waits for service after T, settles 1 s, prints the round's NOTE
@@ -131,7 +100,7 @@ round_done() { # CASE_TAG ROUND EXTRA...: waits for service after T, settles 1 s
     end=$(nbd-verify now)
     local stall errs
     stall=$(stall_after "$EV" "$T" "$end")
-    errs=$(errors_between "$EV" "$T0" "$end")
+    errs=$(count_between "$EV" error "$T0" "$end")
     [ "$stall" -gt "$MAX_STALL" ] && MAX_STALL=$stall
     note fault-round $tag round=$r "$@" served_again=$SERVED first_ok_after_back_ms=$SERVED_MS \
         stall_after_back_ms=$stall app_io_errors=$errs

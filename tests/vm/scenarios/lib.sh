@@ -161,3 +161,38 @@ tcp_answers() {
     if [ -s "$f" ]; then echo yes; else echo no; fi
     rm -f "$f"
 }
+
+# --- reading nbd-verify's --status and --events files (tests/vm/tools/nbd-verify.c) ------------------------------
+# status_val STATUS KEY: KEY's value in the status file
+status_val() { sed 's/^/ /' "$1" 2>/dev/null | sed -n "s/.* $2=\([^ ]*\).*/\1/p" | head -n1; }
+
+# wait_served STATUS T TIMEOUT_S: the verifier completed an I/O after T. Sets SERVED (yes/no), SERVED_MS.
+wait_served() {
+    local st=$1 t=$2 limit=$3 now lo
+    SERVED=no
+    while :; do
+        now=$(nbd-verify now)
+        lo=$(status_val "$st" last_ok)
+        if [ -n "$lo" ] && awk -v a="$lo" -v b="$t" 'BEGIN { exit !(a > b) }'; then
+            SERVED=yes; SERVED_MS=$(awk -v a="$lo" -v b="$t" 'BEGIN { printf "%d", (a - b) * 1000 }'); return 0
+        fi
+        if awk -v a="$now" -v b="$t" -v l="$limit" 'BEGIN { exit !(a - b > l) }'; then
+            SERVED_MS=-1; return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# stall_after EVENTS T END: ms of the longest gap ending after T and starting before END, from max(start, T).
+stall_after() {
+    awk -v T="$2" -v E="$3" '$1 == "gap" {
+        s = substr($2, 7); e = substr($3, 5)
+        if (e + 0 > T + 0 && s + 0 < E + 0) { v = (e - (s > T ? s : T)) * 1000; if (v > m) m = v }
+    } END { printf "%d\n", m }' "$1"
+}
+
+# count_between EVENTS KIND T0 T1: events of KIND (error, verify_fail) whose t= lies in [T0, T1)
+count_between() {
+    awk -v k="$2" -v a="$3" -v b="$4" '$1 == k { t = ""; for (i = 2; i <= NF; i++) if (substr($i, 1, 2) == "t=") { t = substr($i, 3) }
+        if (t != "" && t + 0 >= a + 0 && t + 0 < b + 0) n++ } END { printf "%d\n", n }' "$1"
+}

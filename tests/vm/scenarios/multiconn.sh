@@ -62,7 +62,6 @@ knbd_count() { dmesg | grep -c 'nbd0'; }
 # the driver's messages when it marks one socket (slot) dead, each followed by one LINK_DEAD
 SLOT_DEATH='Receive control failed\|Send control failed\|Request send failed\|Send data failed'
 established() { netstat -tn 2>/dev/null | grep -c "127\.0\.0\.1:$PORT[[:space:]]*ESTABLISHED"; }
-status_val() { sed 's/^/ /' "$1" 2>/dev/null | sed -n "s/.* $2=\([^ ]*\).*/\1/p" | head -n1; }
 # slice FROM_LINE: the daemon log after line FROM_LINE (1-based count of lines already seen)
 slice() { tail -n +$(( $1 + 1 )) $DLOG; }
 # took_list TEXT: "N/M" of every hand-over line in TEXT, comma-separated
@@ -81,36 +80,6 @@ result multiconn-start connected=$ok connect_ms=$ms size=$(nbd_bytes nbd0) took=
     established=$(established) backend=$(cat /sys/block/nbd0/backend 2>/dev/null || echo none) \
     debugfs=$dbg debugfs_flags=${dflags:-none} daemon_alive=$(proc_gone $DAEMON && echo no || echo yes)
 
-# wait_served T TIMEOUT_S: the verifier completed an I/O after T. Sets SERVED (yes/no), SERVED_MS.
-wait_served() {
-    local t=$1 limit=$2 now lo
-    SERVED=no
-    while :; do
-        now=$(nbd-verify now)
-        lo=$(status_val "$ST" last_ok)
-        if [ -n "$lo" ] && awk -v a="$lo" -v b="$t" 'BEGIN { exit !(a > b) }'; then
-            SERVED=yes; SERVED_MS=$(awk -v a="$lo" -v b="$t" 'BEGIN { printf "%d", (a - b) * 1000 }'); return 0
-        fi
-        if awk -v a="$now" -v b="$t" -v l="$limit" 'BEGIN { exit !(a - b > l) }'; then
-            SERVED_MS=-1; return 1
-        fi
-        sleep 0.1
-    done
-}
-
-# stall_after T END: ms of the longest verifier gap ending after T and starting before END, from max(start, T).
-stall_after() {
-    awk -v T="$1" -v E="$2" '$1 == "gap" {
-        s = substr($2, 7); e = substr($3, 5)
-        if (e + 0 > T + 0 && s + 0 < E + 0) { v = (e - (s > T ? s : T)) * 1000; if (v > m) m = v }
-    } END { printf "%d\n", m }' "$EV"
-}
-
-# count_between KIND T0 T1: events of KIND (error, verify_fail) whose t= lies in [T0, T1)
-count_between() {
-    awk -v k="$1" -v a="$2" -v b="$3" '$1 == k { t = ""; for (i = 2; i <= NF; i++) if (substr($i, 1, 2) == "t=") { t = substr($i, 3) }
-        if (t != "" && t + 0 >= a + 0 && t + 0 < b + 0) n++ } END { printf "%d\n", n }' "$EV"
-}
 
 k0=$(kio_count); n0=$(knbd_count)
 rm -f $EV $ST $STOP
@@ -130,7 +99,7 @@ while [ $r -le "$R" ]; do
     sleep $down
     start_kit
     T=$(nbd-verify waitport $PORT 20) || T=$(nbd-verify now)
-    wait_served "$T" 60
+    wait_served "$ST" "$T" 60
     [ "$SERVED" = yes ] && SERVED_ROUNDS=$((SERVED_ROUNDS + 1))
     sleep $SETTLE_S
     END=$(nbd-verify now)
@@ -141,14 +110,14 @@ while [ $r -le "$R" ]; do
     took=$(took_list "$s")
     last=${took##*,}
     est=$(established)
-    stall=$(stall_after "$T" "$END")
+    stall=$(stall_after "$EV" "$T" "$END")
     [ "$stall" -gt "$MAX_STALL" ] && MAX_STALL=$stall
     [ "$last" = "$CONNECTIONS/$CONNECTIONS" ] && [ "$est" = "$CONNECTIONS" ] && TWO_OF_TWO_ROUNDS=$((TWO_OF_TWO_ROUNDS + 1))
     [ "$cycles" = 1 ] && ONE_CYCLE_ROUNDS=$((ONE_CYCLE_ROUNDS + 1))
     TOTAL_CYCLES=$((TOTAL_CYCLES + cycles))
     result multiconn-round round=$r down_s=$down served_again=$SERVED first_ok_after_back_ms=$SERVED_MS \
-        stall_after_back_ms=$stall app_io_errors=$(count_between error "$T0" "$END") \
-        verify_failures=$(count_between verify_fail "$T0" "$END") kernel_io_errors=$(( $(kio_count) - kr0 )) \
+        stall_after_back_ms=$stall app_io_errors=$(count_between "$EV" error "$T0" "$END") \
+        verify_failures=$(count_between "$EV" verify_fail "$T0" "$END") kernel_io_errors=$(( $(kio_count) - kr0 )) \
         kernel_nbd_lines=$(( $(knbd_count) - kn0 )) \
         reconnect_cycles=$cycles cycles_after_handover=$after handovers=$(echo "$s" | grep -c 'kernel took') \
         took=${took:-none} last_took=${last:-none} established=$est \
