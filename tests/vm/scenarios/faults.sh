@@ -17,12 +17,17 @@
 #
 # Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, and the mappings' request Timeout TIMEOUT_S (1..9 s), overridden by
 # /etc/nbd-faults.conf (tests/vm/faults.sh --full / --timeout S).
-# Prints per case: RESULT fault scenario=S? interface=... ; per round: NOTE fault-round ...
+# RELAY=1 (/etc/nbd-faults.conf, tests/vm/faults.sh --relay; or the first line of a copy) sets "Relay": true on every
+# mapping: the kernel gets one end of a socketpair and the daemon relays to the server, resending what was in flight
+# when it reconnects by itself.
+# Prints per case: RESULT fault scenario=S? interface=... relay=0|1 ...; per round: NOTE fault-round ...
 . /usr/local/lib/nbdvm.sh
 ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
 SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
 TIMEOUT_S=5
 [ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
+# not in the defaults line above: a copy of this script may set it on its first line (tests/Vm.Tests FaultRelayTests)
+[ "${RELAY:-0}" = 1 ] && RELAY=1 || RELAY=0
 MiB=1048576
 SIZE_MIB=64 WRONG_MIB=48
 PROXY_BIN=fault-proxy
@@ -57,7 +62,9 @@ for i in 1 3; do
 done
 
 write_config() {
-    local i sep="" dead
+    local i sep="" dead relay=""
+    # absent rather than false without RELAY: the configuration a daemon without the key accepts
+    [ "$RELAY" = 1 ] && relay=' "Relay": true,'
     mkdir -p /etc/nbd-daemon
     {
         echo '{ "Nbd": { "Mappings": ['
@@ -65,7 +72,7 @@ write_config() {
             dead=""
             [ "$(iface_of $i)" = Netlink ] && dead='"DeadConnectionTimeout": "00:01:00", "OnStop": "Leave",'
             echo "$sep{ \"Name\": \"m$i\", \"Uri\": \"nbd://127.0.0.1:$(uri_port $i)/kit\", \"Device\": \"/dev/nbd$i\","
-            echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\", $dead"
+            echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\",$relay $dead"
             echo "  \"Reconnect\": { \"InitialDelay\": \"00:00:00.250\", \"MaxDelay\": \"00:00:01\" } }"
             sep=","
         done
@@ -238,7 +245,7 @@ run_case() {
     local extra=""
     [ "$sc" = S4 ] && extra="wrong_size=$((WRONG_MIB * MiB)) sizes_during=${S4_DURING%,} resized_to_wrong=$S4_RESIZED refusals_logged=$S4_REFUSED"
     case $sc in S5|S6) extra="adopted=$RESTART_ADOPTED device_while_down=${RESTART_LEFT%,}" ;; esac
-    result fault scenario=$sc interface=$iface device=nbd$i rounds=$rounds \
+    result fault scenario=$sc interface=$iface relay=$RELAY device=nbd$i rounds=$rounds \
         app_io_errors=$(( ${we:-0} + ${re:-0} + ${fe:-0} + ${oe:-0} )) write_errors=${we:--1} read_errors=${re:--1} \
         final_read_errors=${fe:--1} open_errors=${oe:--1} \
         kernel_io_errors=$(( $(kio_count) - k0 )) kernel_nbd_lines=$(( $(knbd_count) - n0 )) \
