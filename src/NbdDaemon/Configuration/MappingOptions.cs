@@ -85,6 +85,12 @@ internal sealed record MappingOptions
     /// </summary>
     public TimeSpan KeepAlive { get; init; } = DefaultKeepAlive;
 
+    /// <summary>
+    /// The kernel gets one end of a socket pair and the daemon relays to the server, hiding a lost server connection
+    /// from the driver (reconnect + resend within <see cref="Timeout"/>). See <c>Mappings.Linux.RelayingConnector</c>.
+    /// </summary>
+    public bool Relay { get; init; }
+
     public int Connections { get; init; } = 1;
     public bool ReadOnly { get; init; }
     public ReconnectOptions Reconnect { get; init; } = ReconnectOptions.Default;

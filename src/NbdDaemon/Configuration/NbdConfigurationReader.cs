@@ -15,7 +15,7 @@ internal sealed partial class NbdConfigurationReader
     private static readonly HashSet<string> s_mappingKeys = new(StringComparer.OrdinalIgnoreCase)
     {
         "Name", "Uri", "Device", "Interface", "BlockSize", "Timeout", "DeadConnectionTimeout", "Connections", "ReadOnly",
-        "Reconnect", "OnStop", "KeepAlive",
+        "Reconnect", "OnStop", "KeepAlive", "Relay",
     };
 
     private static readonly HashSet<string> s_reconnectKeys = new(StringComparer.OrdinalIgnoreCase)
@@ -197,6 +197,7 @@ internal sealed partial class NbdConfigurationReader
 
         int connections = ReadInt(entry, "Connections", 1, 1, MappingOptions.MaxConnections, errors);
         bool readOnly = ReadBool(entry, "ReadOnly", false, errors);
+        bool relay = ReadBool(entry, "Relay", false, errors);
 
         IConfigurationSection reconnectSection = entry.GetSection("Reconnect");
         foreach (IConfigurationSection child in reconnectSection.GetChildren())
@@ -238,6 +239,7 @@ internal sealed partial class NbdConfigurationReader
             Reconnect = reconnect,
             OnStop = onStop,
             KeepAlive = keepAlive,
+            Relay = relay,
         };
     }
 

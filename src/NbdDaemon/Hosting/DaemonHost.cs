@@ -75,7 +75,8 @@ internal static class DaemonHost
         services.AddSingleton(TimeProvider.System);
         services.AddSingleton(mappings);
 
-        services.TryAddSingleton<INbdConnector>(sp => new ProtocolConnector(sp.GetRequiredService<TimeProvider>()));
+        services.TryAddSingleton<INbdConnector>(sp => new RelayingConnector(
+            new ProtocolConnector(sp.GetRequiredService<TimeProvider>()), sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<TimeProvider>()));
         services.TryAddSingleton<INbdKernel, LinuxKernel>();
 
         services.AddSingleton(sp => new MappingSupervisor(

@@ -39,3 +39,19 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 109, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: watching the connection's sockets failed; relying on LINK_DEAD alone")]
     public static partial void SocketWatchFailed(ILogger logger, Exception? exception, string mapping, string device);
 }
+
+/// <summary>Log events of mappings with <c>Relay: true</c> (the relay between the kernel's socket pair and the server).</summary>
+internal static partial class RelayLog
+{
+    [LoggerMessage(EventId = 110, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay lost the server connection ({Reason}); reconnecting, {InFlight} requests held")]
+    public static partial void ServerLost(ILogger logger, string mapping, string device, string reason, int inFlight);
+
+    [LoggerMessage(EventId = 111, Message = "Mapping {Mapping} on {Device}: relay reconnect attempt {Attempt} failed: {Reason}")]
+    public static partial void ReconnectFailed(ILogger logger, LogLevel level, string mapping, string device, int attempt, string reason);
+
+    [LoggerMessage(EventId = 112, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay reconnected after {OutageMs:0} ms ({Attempts} attempts), {Resent} requests resent")]
+    public static partial void Reconnected(ILogger logger, string mapping, string device, double outageMs, int attempts, int resent);
+
+    [LoggerMessage(EventId = 113, Message = "Mapping {Mapping} on {Device}: relay ended ({Reason}: {Detail})")]
+    public static partial void Ended(ILogger logger, LogLevel level, Exception? exception, string mapping, string device, Nbd.Protocol.Transmission.NbdRelayEndReason reason, string detail);
+}

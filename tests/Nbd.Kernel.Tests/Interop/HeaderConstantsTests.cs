@@ -27,7 +27,7 @@ public sealed class HeaderConstantsTests
     public void AllConstants_MatchInstalledKernelHeaders()
     {
         var ours = new SortedDictionary<string, ulong>(StringComparer.Ordinal);
-        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants), typeof(PollConstants) })
+        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants), typeof(PollConstants), typeof(SocketConstants) })
         {
             foreach (var field in type.GetFields(BindingFlags.Public | BindingFlags.Static | BindingFlags.NonPublic))
             {

@@ -4,7 +4,7 @@ using NbdDaemon.Mappings.Linux;
 
 namespace NbdDaemon.Tests.Configuration;
 
-/// <summary>Netlink-specific rules: DeadConnectionTimeout default, no zero timeouts, OnStop; and KeepAlive (both interfaces).</summary>
+/// <summary>Netlink-specific rules: DeadConnectionTimeout default, no zero timeouts, OnStop; KeepAlive and Relay (both interfaces).</summary>
 public sealed class NetlinkConfigurationTests
 {
     private static IReadOnlyList<MappingOptions> Read(params (string Key, string Value)[] values) =>
@@ -63,6 +63,24 @@ public sealed class NetlinkConfigurationTests
     }
 
     [Theory]
+    [InlineData("Ioctl", null, false)]
+    [InlineData("Netlink", null, false)]
+    [InlineData("Netlink", "true", true)]
+    [InlineData("Ioctl", "True", true)]
+    [InlineData("Netlink", "false", false)]
+    public void Read_Relay_OffByDefaultOrAsGiven(string kernelInterface, string? value, bool expected)
+    {
+        var values = new List<(string, string)> { ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", kernelInterface) };
+        if (value is not null)
+        {
+            values.Add(("Nbd:Mappings:0:Relay", value));
+        }
+
+        Assert.Equal(expected, Assert.Single(Read([.. values])).Relay);
+    }
+
+    [Theory]
+    [InlineData("Netlink", "Relay", "yes", "Nbd:Mappings:0:Relay", "'yes' must be true or false")]
     [InlineData("Netlink", "KeepAlive", "00:00:02", "Nbd:Mappings:0:KeepAlive", "'00:00:02' must be 0 (off) or at least 00:00:03")]
     [InlineData("Ioctl", "KeepAlive", "often", "Nbd:Mappings:0:KeepAlive", "'often' must be a positive TimeSpan")]
     [InlineData("Netlink", "Timeout", "00:00:00", "Nbd:Mappings:0:Timeout", "greater than zero with Interface=Netlink: requests in flight")]

@@ -1,0 +1,623 @@
+using System.Buffers;
+using System.Globalization;
+using System.Net.Sockets;
+
+namespace Nbd.Protocol.Transmission;
+
+/// <summary>
+/// Carries the driver's transmission phase between the kernel's end of a socket pair and a server connection, and
+/// hides a lost server connection from the kernel: every request stays remembered (write data included) until its
+/// reply went back to the kernel; when the server connection ends, the relay opens a new one
+/// (<see cref="NbdRelayOptions.Reconnect"/>) and sends the unanswered requests again, in their order, on it.
+/// </summary>
+/// <remarks>
+/// Why: the driver resends a request that was in flight on a dead connection only when that request's own timeout
+/// fires, so without the relay a connection cut costs every in-flight request up to the request timeout even when
+/// the server accepts again at once. Resending is what the driver itself does on a timeout (NBD requests are
+/// idempotent at the block level); the cost is one copy of each payload through user space.
+/// Two dedicated threads with blocking socket calls (never .NET's epoll loop, see BlockingSocketStream): one reads
+/// requests from the kernel and sends them to the server, one reads replies from the server, sends them to the kernel
+/// and, when the server connection ends, reconnects. Each reply is read completely before a byte of it goes to the
+/// kernel, so a connection that dies inside a reply never leaves the kernel's stream half-written. Only the server
+/// thread reconnects; a failed send merely shuts the connection down so that its reader notices.
+/// </remarks>
+public sealed class NbdRelay : IDisposable
+{
+    private readonly Socket _kernel;
+    private readonly NbdRelayOptions _options;
+    private readonly Lock _lock = new();
+    private readonly Lock _sendLock = new();
+    private readonly Dictionary<ulong, Pending> _pending = [];
+    private readonly CancellationTokenSource _stop = new();
+    private readonly TaskCompletionSource<NbdRelayEnd> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly Thread _kernelThread;
+    private readonly Thread _serverThread;
+    private Socket? _server;
+    private Socket? _lastServer;
+    private int _generation;
+    private long _sequence;
+    private long _reconnects;
+    private int _started;
+    private int _disposed;
+
+    /// <param name="kernelSide">Our end of the pair whose other end was handed to the driver; the relay owns it.</param>
+    /// <param name="server">A connection in transmission phase; the relay owns it.</param>
+    /// <param name="options">How to reconnect.</param>
+    public NbdRelay(Socket kernelSide, Socket server, NbdRelayOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(kernelSide);
+        ArgumentNullException.ThrowIfNull(server);
+        ArgumentNullException.ThrowIfNull(options);
+        _kernel = kernelSide;
+        _options = options;
+        _server = server;
+        _lastServer = server;
+        _kernelThread = new Thread(KernelLoop) { IsBackground = true, Name = options.Name + " k" };
+        _serverThread = new Thread(ServerLoop) { IsBackground = true, Name = options.Name + " s" };
+    }
+
+    /// <summary>Completes once, with the reason the relay ended; never faults.</summary>
+    public Task<NbdRelayEnd> Completion => _ended.Task;
+
+    /// <summary>Requests sent by the kernel and not yet answered.</summary>
+    public int InFlight
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _pending.Count;
+            }
+        }
+    }
+
+    /// <summary>Server connections that took over after the first one.</summary>
+    public long Reconnects => Interlocked.Read(ref _reconnects);
+
+    public void Start()
+    {
+        if (Interlocked.Exchange(ref _started, 1) != 0)
+        {
+            throw new InvalidOperationException("The relay was started already.");
+        }
+
+        _kernelThread.Start();
+        _serverThread.Start();
+    }
+
+    /// <summary>Stops both directions, closes our end and the server connection, and waits for the threads.</summary>
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+
+        End(new NbdRelayEnd(NbdRelayEndReason.Stopped, "stopped"));
+        if (Volatile.Read(ref _started) != 0)
+        {
+            _kernelThread.Join();
+            _serverThread.Join();
+        }
+
+        _kernel.Dispose();
+        lock (_lock)
+        {
+            _server?.Dispose();
+            _lastServer?.Dispose();
+            foreach (Pending pending in _pending.Values)
+            {
+                pending.Return();
+            }
+
+            _pending.Clear();
+        }
+
+        _stop.Dispose();
+    }
+
+    private void KernelLoop()
+    {
+        var reader = new BlockingSocketReader(_kernel);
+        var header = new byte[NbdTransmission.RequestLength];
+        try
+        {
+            while (!_stop.IsCancellationRequested)
+            {
+                if (!reader.TryReadExactly(header))
+                {
+                    End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end"));
+                    return;
+                }
+
+                NbdRequestHeader request = NbdTransmission.ReadRequest(header);
+                if (Refuse(request) is string why)
+                {
+                    End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, why));
+                    return;
+                }
+
+                if (request.Type == NbdCommand.Disconnect)
+                {
+                    PassOnDisconnect(header);
+                    End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+                    return;
+                }
+
+                var pending = new Pending(request, (byte[])header.Clone(), Interlocked.Increment(ref _sequence));
+                if (request.Type == NbdCommand.Write)
+                {
+                    pending.Data = ArrayPool<byte>.Shared.Rent((int)request.Length);
+                    reader.ReadExactly(pending.Data.AsSpan(0, (int)request.Length));
+                }
+
+                lock (_lock)
+                {
+                    if (!_pending.TryAdd(request.Cookie, pending))
+                    {
+                        pending.Return();
+                        End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, string.Create(CultureInfo.InvariantCulture, $"the kernel reused cookie 0x{request.Cookie:x16} of a request still in flight")));
+                        return;
+                    }
+                }
+
+                Send(pending);
+            }
+        }
+        catch (Exception e) when (e is SocketException or EndOfStreamException or ObjectDisposedException)
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.Message, e));
+        }
+    }
+
+    /// <summary>Everything the relay cannot carry faithfully, checked before any buffer is allocated.</summary>
+    private static string? Refuse(NbdRequestHeader request)
+    {
+        if (request.Magic != NbdTransmission.RequestMagic)
+        {
+            return string.Create(CultureInfo.InvariantCulture, $"request magic 0x{request.Magic:x8} is not 0x{NbdTransmission.RequestMagic:x8}");
+        }
+
+        if (request.Type is not (NbdCommand.Read or NbdCommand.Write or NbdCommand.Disconnect or NbdCommand.Flush or NbdCommand.Trim or NbdCommand.Cache or NbdCommand.WriteZeroes))
+        {
+            // BLOCK_STATUS needs structured replies, RESIZE is an extension: the driver sends neither.
+            return string.Create(CultureInfo.InvariantCulture, $"request type {(ushort)request.Type} is not one the relay carries");
+        }
+
+        if (request.Type is NbdCommand.Read or NbdCommand.Write && request.Length > NbdTransmission.MaxDataLength)
+        {
+            return string.Create(CultureInfo.InvariantCulture, $"request length {request.Length} exceeds the driver's largest ({NbdTransmission.MaxDataLength})");
+        }
+
+        return null;
+    }
+
+    /// <summary>Sends a request on the current connection unless it went out there already (a resend beat us to it).</summary>
+    private void Send(Pending pending)
+    {
+        lock (_sendLock)
+        {
+            Socket? server;
+            int generation;
+            bool answered;
+            lock (_lock)
+            {
+                server = _server;
+                generation = _generation;
+                answered = pending.Answered;
+            }
+
+            // No connection: the reconnect sends every pending request once it has one. Answered: a resend on an
+            // earlier connection got its reply while this thread waited for the lock (its data is gone).
+            if (server is null || answered || pending.SentGeneration == generation)
+            {
+                return;
+            }
+
+            try
+            {
+                SendAll(server, pending.Header, pending.DataSpan);
+                pending.SentGeneration = generation;
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                // The server thread owns reconnecting; waking its blocked recv is enough.
+                TryShutdown(server);
+            }
+        }
+    }
+
+    private void PassOnDisconnect(byte[] header)
+    {
+        lock (_sendLock)
+        {
+            Socket? server;
+            lock (_lock)
+            {
+                server = _server;
+            }
+
+            if (server is null)
+            {
+                return;
+            }
+
+            try
+            {
+                SendAll(server, header, default);
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                // The server is gone: it needs no goodbye.
+            }
+        }
+    }
+
+    private void ServerLoop()
+    {
+        var header = new byte[NbdTransmission.SimpleReplyLength];
+        Socket? server;
+        lock (_lock)
+        {
+            server = _server;
+        }
+
+        while (server is not null && !_stop.IsCancellationRequested)
+        {
+            string reason;
+            Exception? failure = null;
+            try
+            {
+                var reader = new BlockingSocketReader(server);
+                while (ForwardReply(reader, header))
+                {
+                }
+
+                reason = "the server closed the connection";
+            }
+            catch (RelayServerException e)
+            {
+                reason = e.Message;
+                failure = e;
+            }
+            catch (Exception e) when (e is SocketException or EndOfStreamException or ObjectDisposedException)
+            {
+                reason = e is EndOfStreamException ? "the server connection ended inside a reply" : "server connection failed: " + e.Message;
+                failure = e;
+            }
+            catch (KernelSideException e)
+            {
+                End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.InnerException?.Message, e.InnerException));
+                return;
+            }
+
+            if (_stop.IsCancellationRequested)
+            {
+                return;
+            }
+
+            int inFlight;
+            lock (_lock)
+            {
+                _server = null;
+                inFlight = _pending.Count;
+            }
+
+            TryShutdown(server);
+            lock (_sendLock)
+            {
+                // No send can be inside this socket now: closing it is safe.
+                server.Dispose();
+            }
+
+            Raise(new NbdRelayServerLost(reason, inFlight, failure));
+            server = ReconnectAndResend();
+        }
+    }
+
+    /// <summary>One reply from the server to the kernel; false on an orderly end of the server connection.</summary>
+    private bool ForwardReply(BlockingSocketReader reader, byte[] header)
+    {
+        if (!reader.TryReadExactly(header))
+        {
+            return false;
+        }
+
+        NbdSimpleReplyHeader reply = NbdTransmission.ReadReply(header);
+        if (reply.Magic != NbdTransmission.SimpleReplyMagic)
+        {
+            throw new RelayServerException(string.Create(
+                CultureInfo.InvariantCulture,
+                $"server sent reply magic 0x{reply.Magic:x8}{(reply.Magic == NbdTransmission.StructuredReplyMagic ? " (a structured reply, never negotiated)" : "")}, not 0x{NbdTransmission.SimpleReplyMagic:x8}"));
+        }
+
+        Pending? pending;
+        lock (_lock)
+        {
+            _pending.TryGetValue(reply.Cookie, out pending);
+        }
+
+        if (pending is null)
+        {
+            throw new RelayServerException(string.Create(CultureInfo.InvariantCulture, $"server replied to cookie 0x{reply.Cookie:x16}, which no request in flight has"));
+        }
+
+        // The length of a read reply's data is the request's, never the server's word: nothing to bound here.
+        byte[]? data = null;
+        int length = 0;
+        if (pending.Request.Type == NbdCommand.Read && reply.Error == 0)
+        {
+            length = (int)pending.Request.Length;
+            data = ArrayPool<byte>.Shared.Rent(length);
+            try
+            {
+                reader.ReadExactly(data.AsSpan(0, length));
+            }
+            catch
+            {
+                ArrayPool<byte>.Shared.Return(data);
+                throw;
+            }
+        }
+
+        lock (_lock)
+        {
+            _pending.Remove(reply.Cookie);
+            pending.Answered = true;
+        }
+
+        try
+        {
+            SendAll(_kernel, header, data.AsSpan(0, length));
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            throw new KernelSideException(e);
+        }
+        finally
+        {
+            if (data is not null)
+            {
+                ArrayPool<byte>.Shared.Return(data);
+            }
+
+            pending.Return();
+        }
+
+        return true;
+    }
+
+    /// <summary>
+    /// Opens a new server connection (at once, then every RetryInterval), makes it current and sends every unanswered
+    /// request on it in the kernel's order. Null when the relay ended meanwhile or gave up.
+    /// </summary>
+    private Socket? ReconnectAndResend()
+    {
+        TimeProvider time = _options.TimeProvider;
+        long downSince = time.GetTimestamp();
+        int attempt = 0;
+        while (!_stop.IsCancellationRequested)
+        {
+            TimeSpan left = _options.GiveUpAfter - time.GetElapsedTime(downSince);
+            if (left <= TimeSpan.Zero)
+            {
+                End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no new server connection after {attempt} attempts in {_options.GiveUpAfter.TotalSeconds:0.###} s")));
+                return null;
+            }
+
+            if (attempt > 0 && !Pause(_options.RetryInterval < left ? _options.RetryInterval : left))
+            {
+                return null;
+            }
+
+            attempt++;
+            Socket server;
+            try
+            {
+                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
+                deadline.CancelAfter(left);
+                server = _options.Reconnect(deadline.Token).GetAwaiter().GetResult();
+            }
+            catch (Exception e) when (!_stop.IsCancellationRequested)
+            {
+                if (_options.IsPermanent?.Invoke(e) == true)
+                {
+                    End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, "reconnect refused: " + e.Message, e));
+                    return null;
+                }
+
+                Raise(new NbdRelayReconnectFailed(attempt, e));
+                continue;
+            }
+            catch (Exception)
+            {
+                return null;
+            }
+
+            if (Resend(server) is int resent)
+            {
+                Interlocked.Increment(ref _reconnects);
+                Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
+                return server;
+            }
+        }
+
+        return null;
+    }
+
+    private int? Resend(Socket server)
+    {
+        lock (_sendLock)
+        {
+            List<Pending> unanswered;
+            int generation;
+            lock (_lock)
+            {
+                if (_stop.IsCancellationRequested)
+                {
+                    server.Dispose();
+                    return null;
+                }
+
+                generation = ++_generation;
+                _server = server;
+                _lastServer = server;
+                unanswered = [.. _pending.Values.OrderBy(p => p.Sequence)];
+            }
+
+            try
+            {
+                foreach (Pending pending in unanswered)
+                {
+                    SendAll(server, pending.Header, pending.DataSpan);
+                    pending.SentGeneration = generation;
+                }
+
+                return unanswered.Count;
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                lock (_lock)
+                {
+                    _server = null;
+                }
+
+                server.Dispose();
+                Raise(new NbdRelayReconnectFailed(0, e));
+                return null;
+            }
+        }
+    }
+
+    /// <summary>Waits <paramref name="delay"/>; false when the relay ended meanwhile.</summary>
+    private bool Pause(TimeSpan delay)
+    {
+        try
+        {
+            Task.Delay(delay, _options.TimeProvider, _stop.Token).GetAwaiter().GetResult();
+            return true;
+        }
+        catch (OperationCanceledException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>First end wins: record it, then wake both threads by shutting both connections down.</summary>
+    private void End(NbdRelayEnd end)
+    {
+        if (!_ended.TrySetResult(end))
+        {
+            return;
+        }
+
+        Socket? server;
+        lock (_lock)
+        {
+            server = _server;
+        }
+
+        try
+        {
+            _stop.Cancel();
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+
+        TryShutdown(_kernel);
+        if (server is not null)
+        {
+            TryShutdown(server);
+        }
+    }
+
+    private void Raise(NbdRelayEvent relayEvent)
+    {
+        try
+        {
+            _options.Events?.Invoke(relayEvent);
+        }
+#pragma warning disable CA1031 // A faulty log callback must not end the data path.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
+        }
+    }
+
+    private static void SendAll(Socket socket, ReadOnlySpan<byte> header, ReadOnlySpan<byte> data)
+    {
+        if (data.IsEmpty || data.Length > 64 * 1024)
+        {
+            SendAll(socket, header);
+            SendAll(socket, data);
+            return;
+        }
+
+        // Small payloads go out with their header in one send: one segment for the peer to wake up for.
+        byte[] joined = ArrayPool<byte>.Shared.Rent(header.Length + data.Length);
+        try
+        {
+            header.CopyTo(joined);
+            data.CopyTo(joined.AsSpan(header.Length));
+            SendAll(socket, joined.AsSpan(0, header.Length + data.Length));
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(joined);
+        }
+    }
+
+    private static void SendAll(Socket socket, ReadOnlySpan<byte> bytes)
+    {
+        while (!bytes.IsEmpty)
+        {
+            bytes = bytes[socket.Send(bytes)..];
+        }
+    }
+
+    private static void TryShutdown(Socket socket)
+    {
+        try
+        {
+            socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            // Not connected any more: whoever was blocked on it has been woken already.
+        }
+    }
+
+    /// <summary>One request from the kernel, kept until its reply went back.</summary>
+    private sealed class Pending(NbdRequestHeader request, byte[] header, long sequence)
+    {
+        public NbdRequestHeader Request { get; } = request;
+
+        public byte[] Header { get; } = header;
+
+        public long Sequence { get; } = sequence;
+
+        public byte[]? Data { get; set; }
+
+        /// <summary>Its reply went to the kernel (set under the relay's lock).</summary>
+        public bool Answered { get; set; }
+
+        /// <summary>The connection generation it was last sent on; -1 = never sent.</summary>
+        public int SentGeneration { get; set; } = -1;
+
+        public ReadOnlySpan<byte> DataSpan => Data is null ? default : Data.AsSpan(0, (int)Request.Length);
+
+        public void Return()
+        {
+            if (Data is { } data)
+            {
+                Data = null;
+                ArrayPool<byte>.Shared.Return(data);
+            }
+        }
+    }
+
+    private sealed class RelayServerException(string message) : Exception(message);
+
+    private sealed class KernelSideException(Exception inner) : Exception(inner.Message, inner);
+}

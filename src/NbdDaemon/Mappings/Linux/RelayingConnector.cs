@@ -1,0 +1,178 @@
+using System.Globalization;
+using System.Net.Sockets;
+using Nbd.Kernel;
+using Nbd.Protocol;
+using Nbd.Protocol.Transmission;
+using NbdDaemon.Configuration;
+
+namespace NbdDaemon.Mappings.Linux;
+
+/// <summary>
+/// <see cref="INbdConnector"/> for mappings with <c>Relay: true</c>: the kernel gets one end of a socket pair instead of
+/// the server connection, and an <see cref="NbdRelay"/> carries the traffic. When the server connection ends, the relay
+/// connects again through the inner connector, checks that the export is the same disk, and resends the requests in
+/// flight, so the driver sees a slow reply instead of a dead connection. Only when no new connection comes within the
+/// mapping's Timeout does the relay give up and shut the kernel's end down: the driver then sees a dead connection and
+/// the mapping's own reconnect takes over, as without the relay. Mappings without the key go straight to the inner
+/// connector.
+/// </summary>
+internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory loggers, TimeProvider time) : INbdConnector
+{
+    /// <summary>Pause between the relay's reconnect attempts; the first one is immediate.</summary>
+    public static readonly TimeSpan RetryInterval = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>Transmission flags the driver acts on: a reconnect that loses one would turn its requests into errors.</summary>
+    private const ushort FlagsTheKernelRelies = (ushort)(TransmissionFlags.SendFlush | TransmissionFlags.SendFua | TransmissionFlags.SendTrim | TransmissionFlags.SendWriteZeroes);
+
+    private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
+
+    public async Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken)
+    {
+        INbdSession first = await inner.ConnectAsync(mapping, cancellationToken);
+        if (!mapping.Relay)
+        {
+            return first;
+        }
+
+        Socket kernelEnd;
+        Socket relayEnd;
+        try
+        {
+            (kernelEnd, relayEnd) = NbdSocketPair.Create();
+        }
+        catch (NbdKernelException e)
+        {
+            first.Dispose();
+            throw new MappingException("could not create the relay's socket pair: " + e.Message, FailureKind.Transient, e);
+        }
+
+        var session = new RelaySession(first, kernelEnd);
+        var relay = new NbdRelay(relayEnd, first.Socket, new NbdRelayOptions
+        {
+            Reconnect = ct => ReconnectAsync(mapping, first.Export, session, ct),
+            // Ioctl allows Timeout 0 (the driver never times a request out): the relay still stops trying at some point.
+            GiveUpAfter = mapping.Timeout > TimeSpan.Zero ? mapping.Timeout : MappingOptions.DefaultTimeout,
+            RetryInterval = RetryInterval,
+            IsPermanent = e => e is ExportChangedException,
+            Events = e => Log(mapping, e),
+            Name = "nbd-relay " + mapping.Name,
+            TimeProvider = time,
+        });
+        session.Attach(relay);
+        _ = relay.Completion.ContinueWith(t => Log(mapping, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        relay.Start();
+        return session;
+    }
+
+    /// <summary>
+    /// A new connection for the relay, refused (permanently: the relay gives up at once) when the export is no longer
+    /// the disk the kernel has been writing to: another size, newly read-only, or without a flag the driver uses.
+    /// </summary>
+    private async Task<Socket> ReconnectAsync(MappingOptions mapping, ExportDescription before, RelaySession owner, CancellationToken cancellationToken)
+    {
+        INbdSession next = await inner.ConnectAsync(mapping, cancellationToken);
+        ExportDescription now = next.Export;
+        string? changed = now.Size != before.Size ? $"export size changed from {before.Size} to {now.Size} bytes"
+            : now.ReadOnly && !before.ReadOnly && !mapping.ReadOnly ? "export became read-only"
+            : (before.TransmissionFlags & ~now.TransmissionFlags & FlagsTheKernelRelies) is int lost and not 0
+                ? string.Create(CultureInfo.InvariantCulture, $"export lost transmission flags 0x{lost:x4} the kernel uses")
+            : null;
+        if (changed is not null)
+        {
+            next.Dispose();
+            throw new ExportChangedException(changed, before, now);
+        }
+
+        owner.Adopt(next);
+        return next.Socket;
+    }
+
+    private void Log(MappingOptions mapping, NbdRelayEvent relayEvent)
+    {
+        string device = mapping.Device ?? "(unassigned)";
+        switch (relayEvent)
+        {
+            case NbdRelayServerLost lost:
+                RelayLog.ServerLost(_logger, mapping.Name, device, lost.Reason, lost.InFlight);
+                break;
+            case NbdRelayReconnectFailed failed:
+                RelayLog.ReconnectFailed(_logger, failed.Attempt is 1 or 0 || int.IsPow2(failed.Attempt) ? LogLevel.Information : LogLevel.Debug, mapping.Name, device, failed.Attempt, FailureText.Describe(failed.Exception));
+                break;
+            case NbdRelayReconnected back:
+                RelayLog.Reconnected(_logger, mapping.Name, device, back.Outage.TotalMilliseconds, back.Attempts, back.Resent);
+                break;
+        }
+    }
+
+    private void Log(MappingOptions mapping, NbdRelayEnd end)
+    {
+        string device = mapping.Device ?? "(unassigned)";
+        LogLevel level = end.Reason is NbdRelayEndReason.GaveUp or NbdRelayEndReason.KernelProtocolError ? LogLevel.Warning : LogLevel.Debug;
+        RelayLog.Ended(_logger, level, end.Exception, mapping.Name, device, end.Reason, end.Detail);
+    }
+
+    /// <summary>
+    /// The session MappingLoop sees: its socket is the kernel's end of the pair; disposing it stops the relay and closes
+    /// every server connection the relay used.
+    /// </summary>
+    private sealed class RelaySession(INbdSession first, Socket kernelEnd) : INbdSession
+    {
+        private readonly Lock _lock = new();
+        private readonly List<INbdSession> _connections = [first];
+        private NbdRelay? _relay;
+        private bool _disposed;
+
+        public ExportDescription Export => first.Export;
+
+        public Socket Socket => kernelEnd;
+
+        public void Attach(NbdRelay relay) => _relay = relay;
+
+        /// <summary>Keeps a reconnect's session for disposal; one arriving after Dispose is closed at once.</summary>
+        public void Adopt(INbdSession next)
+        {
+            lock (_lock)
+            {
+                if (!_disposed)
+                {
+                    _connections.Add(next);
+                    return;
+                }
+            }
+
+            next.Dispose();
+            throw new ObjectDisposedException(nameof(RelaySession));
+        }
+
+        /// <summary>Ends the kernel's connection (the relay then sees its end close and stops).</summary>
+        public void Shutdown()
+        {
+            try
+            {
+                kernelEnd.Shutdown(SocketShutdown.Both);
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+                // Already shut down by the kernel or the relay.
+            }
+        }
+
+        public void Dispose()
+        {
+            _relay?.Dispose();
+            kernelEnd.Dispose();
+            List<INbdSession> connections;
+            lock (_lock)
+            {
+                _disposed = true;
+                connections = [.. _connections];
+                _connections.Clear();
+            }
+
+            foreach (INbdSession connection in connections)
+            {
+                connection.Dispose();
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging.Abstractions;
+using NbdDaemon.Configuration;
+using NbdDaemon.Mappings;
+using NbdDaemon.Mappings.Linux;
+
+namespace NbdDaemon.Tests.Mappings.Linux;
+
+/// <summary>
+/// The relay as the daemon wires it, against a real nbdkit (file plugin) that is killed and started again on the same
+/// port; the test plays the driver on the session's socket (raw requests, replies checked byte by byte).
+/// </summary>
+public sealed class RelayingConnectorTests : IDisposable
+{
+    private const int DiskSize = 1 << 20;
+    private const uint RequestMagic = 0x25609513;
+    private const uint ReplyMagic = 0x67446698;
+    private readonly TempDirectory _dir = new();
+    private readonly int _port = FreePort();
+    private Process? _server;
+
+    public void Dispose()
+    {
+        Kill();
+        _dir.Dispose();
+    }
+
+    [Fact]
+    public async Task ConnectAsync_RelayOff_ReturnsTheServerConnectionItself()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: false), CancellationToken.None);
+
+        Assert.Equal(AddressFamily.InterNetwork, session.Socket.AddressFamily);
+        Assert.Equal(_port, ((IPEndPoint)session.Socket.RemoteEndPoint!).Port);
+    }
+
+    [Fact]
+    public async Task ConnectAsync_RelayOn_KernelGetsAUnixSocketAndDataRoundTrips()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
+        byte[] data = Pattern(4096, 7);
+        Write(session.Socket, 1, 8192, data);
+
+        Assert.Equal(AddressFamily.Unix, session.Socket.AddressFamily);
+        Assert.Equal((ulong)DiskSize, session.Export.Size);
+        Assert.Equal(data, Read(session.Socket, 2, 8192, 4096));
+        Assert.Equal(data, File.ReadAllBytes(_dir.File("disk.img")).AsSpan(8192, 4096).ToArray());
+    }
+
+    [Fact]
+    public async Task ServerKilledWithARequestInFlight_RestartedOneSecondLater_RequestAnsweredRightAfterTheRestart()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
+        byte[] data = Pattern(65536, 3);
+        Write(session.Socket, 1, 0, data);
+
+        Kill();
+        // The read goes out while no server runs: the relay holds it and sends it on the next connection.
+        Send(session.Socket, Request(0, 2, 0, (uint)data.Length));
+        await Task.Delay(1000);
+        await StartServerAsync(DiskSize);
+        var back = Stopwatch.StartNew();
+        byte[] read = ReceiveReply(session.Socket, 2, data.Length);
+        back.Stop();
+
+        Assert.Equal(data, read);
+        Assert.True(back.Elapsed < TimeSpan.FromSeconds(1), $"reply came {back.ElapsedMilliseconds} ms after the server accepted again");
+    }
+
+    [Fact]
+    public async Task ServerComesBackWithAnotherSize_RelayGivesUpAtOnceAndClosesTheKernelsEnd()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: true, timeout: TimeSpan.FromSeconds(20)), CancellationToken.None);
+
+        Kill();
+        Send(session.Socket, Request(0, 5, 0, 512));
+        await StartServerAsync(DiskSize * 2);
+        var back = Stopwatch.StartNew();
+        session.Socket.ReceiveTimeout = 10_000;
+        int received = session.Socket.Receive(new byte[16]);
+
+        Assert.Equal(0, received); // no reply invented: the kernel's end is closed, the driver sees a dead connection
+        Assert.True(back.Elapsed < TimeSpan.FromSeconds(5), $"gave up after {back.ElapsedMilliseconds} ms, not at once");
+    }
+
+    [Fact]
+    public async Task ServerStaysDown_RelayGivesUpAfterTimeout()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: true, timeout: TimeSpan.FromSeconds(2)), CancellationToken.None);
+
+        var down = Stopwatch.StartNew();
+        Kill();
+        session.Socket.ReceiveTimeout = 10_000;
+        int received = session.Socket.Receive(new byte[16]);
+
+        Assert.Equal(0, received);
+        Assert.InRange(down.Elapsed, TimeSpan.FromSeconds(1.8), TimeSpan.FromSeconds(5));
+    }
+
+    [Fact]
+    public async Task Dispose_StopsTheRelayAndClosesTheServerConnection()
+    {
+        await StartServerAsync(DiskSize);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
+        int before = ServerConnections();
+
+        session.Dispose();
+
+        Assert.Equal(1, before);
+        await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
+    }
+
+    private MappingOptions Mapping(bool relay, TimeSpan? timeout = null) => TestMappings.Create(timeout: timeout ?? TimeSpan.FromSeconds(10)) with
+    {
+        Uri = $"nbd://127.0.0.1:{_port}/",
+        Relay = relay,
+    };
+
+    private async Task StartServerAsync(int size)
+    {
+        string image = _dir.File("disk.img");
+        if (!File.Exists(image) || new FileInfo(image).Length != size)
+        {
+            await using var file = File.Create(image);
+            file.SetLength(size);
+        }
+
+        var start = new ProcessStartInfo("nbdkit") { RedirectStandardError = true, RedirectStandardOutput = true };
+        foreach (string arg in (string[])["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", _port.ToString(CultureInfo.InvariantCulture), "file", "file=" + image])
+        {
+            start.ArgumentList.Add(arg);
+        }
+
+        _server = Process.Start(start) ?? throw new InvalidOperationException("nbdkit did not start (Debian package nbdkit)");
+        await WaitUntilAsync(Accepting, TimeSpan.FromSeconds(15));
+    }
+
+    private bool Accepting()
+    {
+        using var probe = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        try
+        {
+            probe.Connect(IPAddress.Loopback, _port);
+            return true;
+        }
+        catch (SocketException)
+        {
+            return false;
+        }
+    }
+
+    private void Kill()
+    {
+        if (_server is { } server)
+        {
+            server.Kill();
+            server.WaitForExit();
+            server.Dispose();
+            _server = null;
+        }
+    }
+
+    /// <summary>Established TCP connections to the server's port, from /proc/net/tcp.</summary>
+    private int ServerConnections()
+    {
+        string port = _port.ToString("X4", CultureInfo.InvariantCulture);
+        return File.ReadLines("/proc/net/tcp").Skip(1)
+            .Select(line => line.Split(' ', StringSplitOptions.RemoveEmptyEntries))
+            .Count(f => f[1].EndsWith(":" + port, StringComparison.Ordinal) && f[3] == "01");
+    }
+
+    private static async Task WaitUntilAsync(Func<bool> condition, TimeSpan limit)
+    {
+        var watch = Stopwatch.StartNew();
+        while (!condition())
+        {
+            Assert.True(watch.Elapsed < limit, $"condition not met within {limit.TotalSeconds} s");
+            await Task.Delay(20);
+        }
+    }
+
+    private static int FreePort()
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    private static byte[] Pattern(int length, int seed)
+    {
+        var data = new byte[length];
+        new Random(seed).NextBytes(data);
+        return data;
+    }
+
+    private static byte[] Request(ushort type, ulong cookie, ulong offset, uint length)
+    {
+        var request = new byte[28];
+        BinaryPrimitives.WriteUInt32BigEndian(request, RequestMagic);
+        BinaryPrimitives.WriteUInt16BigEndian(request.AsSpan(6), type);
+        BinaryPrimitives.WriteUInt64BigEndian(request.AsSpan(8), cookie);
+        BinaryPrimitives.WriteUInt64BigEndian(request.AsSpan(16), offset);
+        BinaryPrimitives.WriteUInt32BigEndian(request.AsSpan(24), length);
+        return request;
+    }
+
+    private static void Write(Socket kernel, ulong cookie, ulong offset, byte[] data)
+    {
+        Send(kernel, [.. Request(1, cookie, offset, (uint)data.Length), .. data]);
+        ReceiveReply(kernel, cookie, 0);
+    }
+
+    private static byte[] Read(Socket kernel, ulong cookie, ulong offset, int length)
+    {
+        Send(kernel, Request(0, cookie, offset, (uint)length));
+        return ReceiveReply(kernel, cookie, length);
+    }
+
+    private static void Send(Socket socket, byte[] bytes)
+    {
+        int sent = 0;
+        while (sent < bytes.Length)
+        {
+            sent += socket.Send(bytes.AsSpan(sent));
+        }
+    }
+
+    private static byte[] ReceiveReply(Socket kernel, ulong cookie, int dataLength)
+    {
+        kernel.ReceiveTimeout = 15_000;
+        byte[] reply = ReceiveExactly(kernel, 16 + dataLength);
+        Assert.Equal(ReplyMagic, BinaryPrimitives.ReadUInt32BigEndian(reply));
+        Assert.Equal(0u, BinaryPrimitives.ReadUInt32BigEndian(reply.AsSpan(4)));
+        Assert.Equal(cookie, BinaryPrimitives.ReadUInt64BigEndian(reply.AsSpan(8)));
+        return reply[16..];
+    }
+
+    private static byte[] ReceiveExactly(Socket socket, int count)
+    {
+        var buffer = new byte[count];
+        int filled = 0;
+        while (filled < count)
+        {
+            int n = socket.Receive(buffer.AsSpan(filled));
+            Assert.True(n > 0, $"the kernel's end was closed after {filled} of {count} bytes");
+            filled += n;
+        }
+
+        return buffer;
+    }
+}
