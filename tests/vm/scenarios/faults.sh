@@ -203,6 +203,19 @@ daemon_restart() {
 fault_S5() { daemon_restart KILL "$@"; }
 fault_S6() { daemon_restart TERM "$@"; }
 
+# relay_figures MAPPING LINE0: what the relay of MAPPING logged after line LINE0 of the daemon log (events 110-113):
+# connections lost, reconnects, requests resent in all, the longest outage it hid, and give-ups.
+relay_figures() {
+    tail -n +$(($2 + 1)) $DLOG | grep "Mapping $1 on " | awk '
+        /relay lost the server connection/ { lost++ }
+        /relay reconnected after/ { back++; for (i = 1; i < NF; i++) {
+            if ($i == "after" && $(i + 1) + 0 > out) out = $(i + 1) + 0
+            if ($(i + 1) == "requests" && $(i + 2) == "resent") resent += $i } }
+        /relay ended \(GaveUp/ { gave++ }
+        END { printf "relay_lost=%d relay_reconnected=%d relay_resent=%d relay_max_outage_ms=%d relay_gave_up=%d\n",
+            lost, back, resent, out, gave }'
+}
+
 # run_case SCENARIO INTERFACE: the verifier on the mapping's device through all rounds of one scenario.
 run_case() {
     local sc=$1 iface=$2 i rounds reopen="" k0 n0 vpid report
@@ -216,6 +229,7 @@ run_case() {
     size0=$(nbd_bytes nbd$i)
     k0=$(kio_count); n0=$(knbd_count)
     echo "SCENARIO $(date +%H:%M:%S) case $sc $iface on nbd$i" >> $DLOG
+    local dl0; dl0=$(wc -l < $DLOG)
     nbd-verify run --device /dev/nbd$i --region-mib $REGION_MIB --seed $((i + 7)) --stop-file "$stop" \
         --events "$EV" --status "$ST" $reopen > /tmp/report-$sc-$iface 2>/tmp/verr-$sc-$iface &
     vpid=$!
@@ -245,6 +259,7 @@ run_case() {
     local extra=""
     [ "$sc" = S4 ] && extra="wrong_size=$((WRONG_MIB * MiB)) sizes_during=${S4_DURING%,} resized_to_wrong=$S4_RESIZED refusals_logged=$S4_REFUSED"
     case $sc in S5|S6) extra="adopted=$RESTART_ADOPTED device_while_down=${RESTART_LEFT%,}" ;; esac
+    [ "$RELAY" = 1 ] && extra="$extra $(relay_figures m$i $dl0)"
     result fault scenario=$sc interface=$iface relay=$RELAY device=nbd$i rounds=$rounds \
         app_io_errors=$(( ${we:-0} + ${re:-0} + ${fe:-0} + ${oe:-0} )) write_errors=${we:--1} read_errors=${re:--1} \
         final_read_errors=${fe:--1} open_errors=${oe:--1} \
