@@ -181,9 +181,12 @@ daemon_restart() {
     wait_exit $DAEMON 20 || { kill -KILL $DAEMON; wait $DAEMON; }
     left=$([ -e /sys/block/nbd$i/pid ] && echo configured || echo free)
     sleep 2
+    local dl0; dl0=$(wc -l < $DLOG)
     start_daemon
     T=$(nbd-verify now)
     round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
+    # With the relay the driver has no server socket while no daemon runs: where the new daemon's start spends its time
+    [ "$RELAY" = 1 ] && note fault-restart $TAG round=$r $(restart_timeline m$i "$dl0" "$T")
     # adoption is logged once the new daemon runs the mapping (Netlink); Ioctl configures the device anew
     local n=0
     while [ $n -lt 300 ]; do
@@ -214,6 +217,21 @@ relay_figures() {
         /relay ended \(GaveUp/ { gave++ }
         END { printf "relay_lost=%d relay_reconnected=%d relay_resent=%d relay_max_outage_ms=%d relay_gave_up=%d\n",
             lost, back, resent, out, gave }'
+}
+
+# restart_timeline MAPPING LINE0 T: ms from the daemon's start T (nbd-verify now) to its first log line, to MAPPING
+# leaving Idle, and to MAPPING Serving, from the daemon log after line LINE0 (its HH:MM:SS.mmm stamps, same clock).
+restart_timeline() {
+    tail -n +$(($2 + 1)) $DLOG | awk -v m="Mapping $1 " -v T="$3" '
+        function ms(stamp,    p) { split(stamp, p, ":"); return (p[1] * 3600 + p[2] * 60 + p[3]) * 1000 }
+        BEGIN { t0 = (T % 86400) * 1000; first = conn = serv = -1 }
+        $1 ~ /^[0-9][0-9]:[0-9][0-9]:[0-9][0-9]\.[0-9]+$/ {
+            t = ms($1) - t0
+            if (first < 0 || t < first) first = t
+            if (conn < 0 && index($0, m) && index($0, "Idle -> Connecting")) conn = t
+            if (serv < 0 && index($0, m) && index($0, "-> Serving")) serv = t
+        }
+        END { printf "first_log_ms=%d idle_to_connecting_ms=%d serving_ms=%d\n", first, conn, serv }'
 }
 
 # run_case SCENARIO INTERFACE: the verifier on the mapping's device through all rounds of one scenario.
