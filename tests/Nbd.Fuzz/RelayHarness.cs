@@ -23,7 +23,10 @@ internal sealed class RelayCaseResult
     public List<(FindingKind Kind, string Detail)> Problems { get; } = [];
 
     /// <summary>Why the relay dropped the hostile connection, as a category (<see cref="RelayHarness.Category"/>).</summary>
-    public string Lost { get; set; } = "not dropped before the case ended";
+    public string Lost { get; set; } = NotDropped;
+
+    /// <summary>The first server answered everything and the case ended before the relay saw its EOF.</summary>
+    public const string NotDropped = "not dropped before the case ended";
 
     public string? LostDetail { get; set; }
 
