@@ -201,6 +201,20 @@ public sealed class RelayFuzzTests
     }
 
     [Fact]
+    public void Findings_ProblemOfACase_ReplayHintCarriesModeAndOracle()
+    {
+        var c = RelayCaseGenerator.Build(5, 2788);
+        var result = new RelayCaseResult();
+        result.Problems.Add((FindingKind.Hang, "no reply"));
+
+        var pipelined = Assert.Single(RelayEngine.Findings(c, result, RelayOracle.Pipelined));
+        var sequential = Assert.Single(RelayEngine.Findings(c, result, RelayOracle.Sequential));
+
+        Assert.EndsWith("(replay: --replay 5:2788 --mode relay)", pipelined.ToString(), StringComparison.Ordinal);
+        Assert.EndsWith("(replay: --replay 5:2788 --mode relay --oracle sequential)", sequential.ToString(), StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void AllMode_StillAlternatesHandshakeAndReconnect_RelayNotMixedIn()
     {
         Assert.False(CaseGenerator.IsReconnect(FuzzMode.All, 10));

@@ -70,9 +70,10 @@ internal enum FindingKind
     ResourceGrowth,
 }
 
-internal sealed record Finding(FindingKind Kind, string CaseId, int Stream, string Detail)
+/// <summary>A check a case failed; ReplayOptions is what --replay needs besides the id (" --mode relay").</summary>
+internal sealed record Finding(FindingKind Kind, string CaseId, int Stream, string Detail, string ReplayOptions = "")
 {
-    public override string ToString() => $"{Kind} case {CaseId} stream {Stream}: {Detail} (replay: --replay {CaseId})";
+    public override string ToString() => $"{Kind} case {CaseId} stream {Stream}: {Detail} (replay: --replay {CaseId}{ReplayOptions})";
 }
 
 /// <summary>The measured result of one handshake over one in-memory stream.</summary>

@@ -57,7 +57,7 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
                 : Array.Find(workers, w => w?.Thread == Thread.CurrentThread) is { } worker
                     ? string.Create(CultureInfo.InvariantCulture, $"{_settings.Seed}:{Volatile.Read(ref worker.CaseIndex)}")
                     : name;
-            var finding = new Finding(FindingKind.Crash, id, -1, $"on thread '{name}': {e.ExceptionObject}");
+            var finding = new Finding(FindingKind.Crash, id, -1, $"on thread '{name}': {e.ExceptionObject}", ReplayOptions(_settings.Oracle));
             Report(finding);
             if (progress is null)
             {
@@ -150,8 +150,11 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
     }
 
     /// <summary>The findings of one finished case, each with its replay id.</summary>
-    public static IEnumerable<Finding> Findings(RelayCase c, RelayCaseResult result) =>
-        result.Problems.Select(p => new Finding(p.Kind, c.Id, 0, p.Detail));
+    public static IEnumerable<Finding> Findings(RelayCase c, RelayCaseResult result, RelayOracle oracle) =>
+        result.Problems.Select(p => new Finding(p.Kind, c.Id, 0, p.Detail, ReplayOptions(oracle)));
+
+    public static string ReplayOptions(RelayOracle oracle) =>
+        oracle == RelayOracle.Pipelined ? " --mode relay" : " --mode relay --oracle " + oracle.ToString().ToLowerInvariant();
 
     private void Report(Finding finding)
     {
@@ -180,7 +183,7 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
                 if (started != 0 && now - started > deadlineTicks && !_stop)
                 {
                     Report(new Finding(FindingKind.Hang, $"{_settings.Seed}:{index}", -1,
-                        $"case still running after {deadlineTicks / Stopwatch.Frequency} s on worker {w.Id}"));
+                        $"case still running after {deadlineTicks / Stopwatch.Frequency} s on worker {w.Id}", ReplayOptions(_settings.Oracle)));
                     _stop = true;
                     _done.Set();
                 }
@@ -220,7 +223,7 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
                 var result = RelayHarness.Run(c, settings.Deadline, settings.Oracle);
                 Volatile.Write(ref CaseStarted, 0);
                 Count(c, result);
-                foreach (var finding in Findings(c, result))
+                foreach (var finding in Findings(c, result, settings.Oracle))
                 {
                     engine.Report(finding);
                 }

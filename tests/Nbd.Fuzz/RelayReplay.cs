@@ -37,7 +37,7 @@ internal static class RelayReplay
             $"  replies: {result.FromHostile} from the first server ({result.HostileErrors} errors), {result.FromValid} from the valid server; {result.Reconnects} reconnects"));
         o.WriteLine(string.Create(inv,
             $"  relay server thread allocated {result.HostileAllocated} B on the first connection (bound {result.AllocationBound} B); {result.Duration.TotalMilliseconds:0.###} ms"));
-        foreach (var f in RelayEngine.Findings(c, result))
+        foreach (var f in RelayEngine.Findings(c, result, settings.Oracle))
         {
             o.WriteLine($"  FINDING {f}");
         }
