@@ -17,9 +17,10 @@ namespace Nbd.Protocol.Transmission;
 /// idempotent at the block level); the cost is one copy of each payload through user space.
 /// Two dedicated threads with blocking socket calls (never .NET's epoll loop, see BlockingSocketStream): one reads
 /// requests from the kernel and sends them to the server, one reads replies from the server, sends them to the kernel
-/// and, when the server connection ends, reconnects. Each reply is read completely before a byte of it goes to the
-/// kernel, so a connection that dies inside a reply never leaves the kernel's stream half-written. Only the server
-/// thread reconnects; a failed send merely shuts the connection down so that its reader notices.
+/// and, when the server connection ends, reconnects; a short-lived third one resends the unanswered requests on a new
+/// connection while the server thread already reads its replies. Each reply is read completely before a byte of it
+/// goes to the kernel, so a connection that dies inside a reply never leaves the kernel's stream half-written. Only the
+/// server thread reconnects; a failed send merely shuts the connection down so that its reader notices.
 /// </remarks>
 public sealed class NbdRelay : IDisposable
 {
@@ -32,6 +33,7 @@ public sealed class NbdRelay : IDisposable
     private readonly TaskCompletionSource<NbdRelayEnd> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Thread _kernelThread;
     private readonly Thread _serverThread;
+    private Thread? _resender;
     private Socket? _server;
     private Socket? _lastServer;
     private int _generation;
@@ -98,6 +100,9 @@ public sealed class NbdRelay : IDisposable
         {
             _kernelThread.Join();
             _serverThread.Join();
+
+            // Only the server thread starts resenders: after its end this field is final.
+            _resender?.Join();
         }
 
         _kernel.Dispose();
@@ -396,17 +401,32 @@ public sealed class NbdRelay : IDisposable
         TimeProvider time = _options.TimeProvider;
         long downSince = time.GetTimestamp();
         int attempt = 0;
+        bool pause = false;
         while (!_stop.IsCancellationRequested)
         {
+            // Checked again after every pause: no attempt starts once GiveUpAfter has passed, and none may run past it.
             TimeSpan left = _options.GiveUpAfter - time.GetElapsedTime(downSince);
+            if (left > TimeSpan.Zero && pause)
+            {
+                pause = false;
+                bool toTheEnd = _options.RetryInterval >= left;
+                if (!Pause(toTheEnd ? left : _options.RetryInterval))
+                {
+                    return null;
+                }
+
+                // A pause that ran to the deadline ends the trying, even if the timer fired a tick before the clock.
+                if (!toTheEnd)
+                {
+                    continue;
+                }
+
+                left = TimeSpan.Zero;
+            }
+
             if (left <= TimeSpan.Zero)
             {
                 End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no new server connection after {attempt} attempts in {_options.GiveUpAfter.TotalSeconds:0.###} s")));
-                return null;
-            }
-
-            if (attempt > 0 && !Pause(_options.RetryInterval < left ? _options.RetryInterval : left))
-            {
                 return null;
             }
 
@@ -414,8 +434,9 @@ public sealed class NbdRelay : IDisposable
             Socket server;
             try
             {
-                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
-                deadline.CancelAfter(left);
+                // The attempt's deadline runs on the injected clock like everything else here.
+                using var giveUp = new CancellationTokenSource(left, time);
+                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token, giveUp.Token);
                 server = _options.Reconnect(deadline.Token).GetAwaiter().GetResult();
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
@@ -427,6 +448,7 @@ public sealed class NbdRelay : IDisposable
                 }
 
                 Raise(new NbdRelayReconnectFailed(attempt, e));
+                pause = true;
                 continue;
             }
             catch (Exception)
@@ -434,19 +456,38 @@ public sealed class NbdRelay : IDisposable
                 return null;
             }
 
-            if (Resend(server) is int resent)
+            if (Resend(server) is not int resent)
             {
-                Interlocked.Increment(ref _reconnects);
-                Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
-                return server;
+                return null;
             }
+
+            Interlocked.Increment(ref _reconnects);
+            Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
+            return server;
         }
 
         return null;
     }
 
+    /// <summary>
+    /// Makes <paramref name="server"/> current and has the unanswered requests sent on it by a thread of their own;
+    /// returns how many once they are fixed (null: the relay ended). Only this thread reads replies, and it must be
+    /// reading while the resend goes on: a server that answers in order stops reading requests while its replies are
+    /// not read, so a backlog of reads ahead of write data would otherwise stall both sides for good.
+    /// </summary>
     private int? Resend(Socket server)
     {
+        // The previous resend ended with its connection (its lock was taken before this connection was dropped).
+        _resender?.Join();
+        var fixedCount = new TaskCompletionSource<int?>(TaskCreationOptions.RunContinuationsAsynchronously);
+        _resender = new Thread(() => ResendLoop(server, fixedCount)) { IsBackground = true, Name = _options.Name + " r" };
+        _resender.Start();
+        return fixedCount.Task.GetAwaiter().GetResult();
+    }
+
+    private void ResendLoop(Socket server, TaskCompletionSource<int?> fixedCount)
+    {
+        // Holding the send lock throughout keeps the kernel thread's new requests behind the resent ones.
         lock (_sendLock)
         {
             List<Pending> unanswered;
@@ -456,7 +497,8 @@ public sealed class NbdRelay : IDisposable
                 if (_stop.IsCancellationRequested)
                 {
                     server.Dispose();
-                    return null;
+                    fixedCount.SetResult(null);
+                    return;
                 }
 
                 generation = ++_generation;
@@ -465,6 +507,7 @@ public sealed class NbdRelay : IDisposable
                 unanswered = [.. _pending.Values.OrderBy(p => p.Sequence)];
             }
 
+            fixedCount.SetResult(unanswered.Count);
             try
             {
                 foreach (Pending pending in unanswered)
@@ -472,19 +515,11 @@ public sealed class NbdRelay : IDisposable
                     SendAll(server, pending.Header, pending.DataSpan);
                     pending.SentGeneration = generation;
                 }
-
-                return unanswered.Count;
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
             {
-                lock (_lock)
-                {
-                    _server = null;
-                }
-
-                server.Dispose();
-                Raise(new NbdRelayReconnectFailed(0, e));
-                return null;
+                // As for any failed send: the server thread notices the dead connection and reconnects.
+                TryShutdown(server);
             }
         }
     }
@@ -511,18 +546,20 @@ public sealed class NbdRelay : IDisposable
             return;
         }
 
-        Socket? server;
-        lock (_lock)
-        {
-            server = _server;
-        }
-
         try
         {
             _stop.Cancel();
         }
         catch (ObjectDisposedException)
         {
+        }
+
+        // Read after the cancel: a resend that makes a connection current checks the cancel under the same lock, so
+        // either it sees the cancel or this sees its connection.
+        Socket? server;
+        lock (_lock)
+        {
+            server = _server;
         }
 
         TryShutdown(_kernel);
