@@ -267,15 +267,19 @@ public sealed class NbdRelay : IDisposable
             server = _server;
         }
 
+        // Start of the outage the current connection ended, if it came from a reconnect.
+        long? outageSince = null;
         while (server is not null && !_stop.IsCancellationRequested)
         {
             string reason;
             Exception? failure = null;
+            int answered = 0;
             try
             {
                 var reader = new BlockingSocketReader(server);
                 while (ForwardReply(reader, header))
                 {
+                    answered++;
                 }
 
                 reason = "the server closed the connection";
@@ -316,7 +320,12 @@ public sealed class NbdRelay : IDisposable
             }
 
             Raise(new NbdRelayServerLost(reason, inFlight, failure));
-            server = ReconnectAndResend();
+
+            // A connection that took over and died with requests waiting, none answered, ended no outage (a request
+            // that kills the server, a server that drops every connection): the give-up clock runs on, and the next
+            // attempt waits RetryInterval instead of spinning.
+            bool stillDown = outageSince is not null && answered == 0 && inFlight > 0;
+            (server, outageSince) = ReconnectAndResend(stillDown ? outageSince : null);
         }
     }
 
@@ -394,14 +403,15 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>
     /// Opens a new server connection (at once, then every RetryInterval), makes it current and sends every unanswered
-    /// request on it in the kernel's order. Null when the relay ended meanwhile or gave up.
+    /// request on it in the kernel's order. Null when the relay ended meanwhile or gave up; with the connection, the
+    /// start of the outage (<paramref name="outageSince"/>: an outage that goes on, first attempt after a pause).
     /// </summary>
-    private Socket? ReconnectAndResend()
+    private (Socket? Server, long? OutageSince) ReconnectAndResend(long? outageSince)
     {
         TimeProvider time = _options.TimeProvider;
-        long downSince = time.GetTimestamp();
+        long downSince = outageSince ?? time.GetTimestamp();
         int attempt = 0;
-        bool pause = false;
+        bool pause = outageSince is not null;
         while (!_stop.IsCancellationRequested)
         {
             // Checked again after every pause: no attempt starts once GiveUpAfter has passed, and none may run past it.
@@ -412,7 +422,7 @@ public sealed class NbdRelay : IDisposable
                 bool toTheEnd = _options.RetryInterval >= left;
                 if (!Pause(toTheEnd ? left : _options.RetryInterval))
                 {
-                    return null;
+                    return (null, null);
                 }
 
                 // A pause that ran to the deadline ends the trying, even if the timer fired a tick before the clock.
@@ -426,8 +436,8 @@ public sealed class NbdRelay : IDisposable
 
             if (left <= TimeSpan.Zero)
             {
-                End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no new server connection after {attempt} attempts in {_options.GiveUpAfter.TotalSeconds:0.###} s")));
-                return null;
+                End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no server connection that answered within {_options.GiveUpAfter.TotalSeconds:0.###} s ({attempt} attempts since the last loss)")));
+                return (null, null);
             }
 
             attempt++;
@@ -444,7 +454,7 @@ public sealed class NbdRelay : IDisposable
                 if (_options.IsPermanent?.Invoke(e) == true)
                 {
                     End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, "reconnect refused: " + e.Message, e));
-                    return null;
+                    return (null, null);
                 }
 
                 Raise(new NbdRelayReconnectFailed(attempt, e));
@@ -453,20 +463,20 @@ public sealed class NbdRelay : IDisposable
             }
             catch (Exception)
             {
-                return null;
+                return (null, null);
             }
 
             if (Resend(server) is not int resent)
             {
-                return null;
+                return (null, null);
             }
 
             Interlocked.Increment(ref _reconnects);
             Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
-            return server;
+            return (server, downSince);
         }
 
-        return null;
+        return (null, null);
     }
 
     /// <summary>

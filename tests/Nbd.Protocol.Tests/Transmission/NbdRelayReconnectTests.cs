@@ -128,6 +128,28 @@ public sealed class NbdRelayReconnectTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task Relay_EveryNewConnectionDiesBeforeAnswering_OneOutageThatPacesAttemptsAndGivesUp()
+    {
+        // Each new connection takes the resent request and closes (a request that crashes the server, a server that
+        // drops every connection): that is no recovery, so the outage and its give-up clock go on, and attempts keep
+        // to RetryInterval instead of spinning.
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(FaultAt: 1, Fault: ServerFault.CloseWithoutReply));
+        TimeSpan giveUpAfter = TimeSpan.FromSeconds(1);
+        await using var harness = RelayHarness.Start(server, giveUpAfter: giveUpAfter, retryInterval: TimeSpan.FromMilliseconds(100));
+        var clock = Stopwatch.StartNew();
+
+        await harness.SendRequestAsync(CmdRead, 0x64, 0, 512, deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+
+        Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
+        Assert.True(clock.Elapsed >= giveUpAfter, $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms.");
+        Assert.InRange(harness.ReconnectCalls, 3, 12);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        Assert.All(server.Connections, c => Assert.Equal([0x64UL], c.Cookies));
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task Relay_ReconnectFailsPermanently_GivesUpAtOnce()
     {
         using var deadline = Deadline();
