@@ -34,7 +34,8 @@ internal sealed class RelayHarness : IAsyncDisposable
 
     /// <summary>
     /// Starts a relay on a first connection to <paramref name="server"/>. <paramref name="reconnect"/> replaces the plain
-    /// reconnect (connect to the same server) and gets the 1-based call number; the other arguments are the relay's options.
+    /// reconnect (connect to the same server) and gets the 1-based call number; <paramref name="eventsThrow"/> makes the
+    /// event callback throw after recording; the other arguments are the relay's options.
     /// </summary>
     public static RelayHarness Start(
         InMemoryNbdServer server,
@@ -42,7 +43,8 @@ internal sealed class RelayHarness : IAsyncDisposable
         TimeSpan? giveUpAfter = null,
         TimeSpan? retryInterval = null,
         Func<Exception, bool>? isPermanent = null,
-        TimeProvider? timeProvider = null)
+        TimeProvider? timeProvider = null,
+        bool eventsThrow = false)
     {
         (Socket relayEnd, Socket kernelEnd) = UnixPair();
         RelayHarness? harness = null;
@@ -56,7 +58,14 @@ internal sealed class RelayHarness : IAsyncDisposable
             GiveUpAfter = giveUpAfter ?? TimeSpan.FromSeconds(10),
             RetryInterval = retryInterval ?? TimeSpan.FromMilliseconds(20),
             IsPermanent = isPermanent,
-            Events = e => harness!._events.Enqueue(e),
+            Events = e =>
+            {
+                harness!._events.Enqueue(e);
+                if (eventsThrow)
+                {
+                    throw new InvalidOperationException("a faulty event callback");
+                }
+            },
             Name = "relay-test",
             TimeProvider = timeProvider ?? TimeProvider.System,
         };

@@ -144,9 +144,90 @@ public sealed class NbdRelayReconnectTests
 
         Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
         Assert.True(clock.Elapsed >= giveUpAfter, $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms.");
-        Assert.InRange(harness.ReconnectCalls, 3, 12);
+        Assert.InRange(harness.ReconnectCalls, 3, 15);
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
         Assert.All(server.Connections, c => Assert.Equal([0x64UL], c.Cookies));
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_RequestsArriveWhileReconnecting_SentOnceAfterTheResentOnesInKernelOrder()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, i => i == 0 ? new ConnectionScript(AnswerFirst: 0, FaultAt: 2, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal);
+        server.Fill(seed: 60);
+        byte[] disk = server.Disk;
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        await using var harness = RelayHarness.Start(
+            server,
+            reconnect: async (_, ct) =>
+            {
+                await gate.Task.WaitAsync(ct);
+                return server.Connect();
+            });
+        byte[] written = Bytes(8192, seed: 61);
+        var expectedReads = new Dictionary<ulong, byte[]>
+        {
+            [0xB1] = disk.AsSpan(0, 512).ToArray(),
+            [0xB2] = disk.AsSpan(4096, 1024).ToArray(),
+            [0xB4] = written,
+        };
+        Task<List<(RawReply, byte[])>> replies = ReceiveRepliesAsync(harness, 4, expectedReads, new HashSet<ulong> { 0xB1, 0xB2, 0xB3, 0xB4 }, deadline.Token);
+
+        await harness.SendAsync([.. Request(CmdRead, 0xB1, 0, 512), .. Request(CmdRead, 0xB2, 4096, 1024)], deadline.Token);
+        await Wait.UntilAsync(() => harness.ReconnectCalls == 1, "the reconnect attempt", deadline.Token);
+        byte[] write = [.. Request(CmdWrite, 0xB3, 65536, 8192), .. written];
+        await harness.SendAsync([.. write, .. Request(CmdRead, 0xB4, 65536, 8192)], deadline.Token);
+        await Wait.UntilAsync(() => harness.Relay.InFlight == 4, "four requests waiting", deadline.Token);
+        gate.SetResult();
+        await replies;
+
+        ServerConnection second = await server.ConnectionAsync(1, deadline.Token);
+        Assert.Equal([0xB1UL, 0xB2, 0xB3, 0xB4], second.Cookies);
+        Assert.Equal(written, second.Requests[2].Data);
+        Assert.Collection(
+            harness.Events,
+            e => Assert.Equal(2, Assert.IsType<NbdRelayServerLost>(e).InFlight),
+            e => Assert.Equal(4, Assert.IsType<NbdRelayReconnected>(e).Resent));
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_KernelClosesWhileReconnecting_EndsKernelClosedAndCancelsTheAttempt()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
+        var attemptCancelled = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        await using var harness = RelayHarness.Start(
+            server,
+            reconnect: async (_, ct) =>
+            {
+                using CancellationTokenRegistration registration = ct.Register(attemptCancelled.SetResult);
+                await Task.Delay(Timeout.Infinite, ct);
+                throw new InvalidOperationException("unreachable");
+            },
+            giveUpAfter: TimeSpan.FromMinutes(5));
+        await harness.SendRequestAsync(CmdRead, 0x91, 0, 512, deadline.Token);
+        await Wait.UntilAsync(() => harness.ReconnectCalls == 1, "the reconnect attempt", deadline.Token);
+
+        harness.Kernel.Shutdown(SocketShutdown.Both);
+
+        Assert.Equal(NbdRelayEndReason.KernelClosed, (await harness.CompletionAsync(deadline.Token)).Reason);
+        await attemptCancelled.Task.WaitAsync(deadline.Token);
+        Assert.Equal(0, harness.Relay.Reconnects);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_EventCallbackThrows_DataPathUnaffected()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
+        server.Fill(seed: 70);
+        await using var harness = RelayHarness.Start(server, eventsThrow: true);
+
+        byte[] data = await ReadAsync(harness.Kernel, 512, 512, 0x77, deadline.Token);
+
+        Assert.Equal(server.Disk.AsSpan(512, 512).ToArray(), data);
+        Assert.Equal(1, harness.Relay.Reconnects);
+        Assert.Equal(2, harness.Events.Count);
     }
 
     [Fact(Timeout = 30_000)]
