@@ -24,6 +24,9 @@ namespace Nbd.Protocol.Transmission;
 /// </remarks>
 public sealed class NbdRelay : IDisposable
 {
+    /// <summary>The longest a .NET timer runs (2^32 - 2 ms, about 49.7 days); GiveUpAfter may be longer ("never").</summary>
+    private static readonly TimeSpan LongestTimer = TimeSpan.FromMilliseconds(uint.MaxValue - 1);
+
     private readonly Socket _kernel;
     private readonly NbdRelayOptions _options;
     private readonly Lock _lock = new();
@@ -50,6 +53,11 @@ public sealed class NbdRelay : IDisposable
         ArgumentNullException.ThrowIfNull(kernelSide);
         ArgumentNullException.ThrowIfNull(server);
         ArgumentNullException.ThrowIfNull(options);
+
+        // Timeout.InfiniteTimeSpan is -1 ms: as GiveUpAfter it would give up at once, as RetryInterval pause forever.
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.GiveUpAfter, TimeSpan.Zero, "options.GiveUpAfter");
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.RetryInterval, TimeSpan.Zero, "options.RetryInterval");
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(options.RetryInterval, LongestTimer, "options.RetryInterval");
         _kernel = kernelSide;
         _options = options;
         _server = server;
@@ -444,8 +452,9 @@ public sealed class NbdRelay : IDisposable
             Socket server;
             try
             {
-                // The attempt's deadline runs on the injected clock like everything else here.
-                using var giveUp = new CancellationTokenSource(left, time);
+                // The attempt's deadline runs on the injected clock like everything else here; beyond a timer's range
+                // there is none (the loop checks the clock again after the attempt).
+                using var giveUp = new CancellationTokenSource(left <= LongestTimer ? left : Timeout.InfiniteTimeSpan, time);
                 using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token, giveUp.Token);
                 server = _options.Reconnect(deadline.Token).GetAwaiter().GetResult();
             }

@@ -111,7 +111,7 @@ internal sealed class RelayHarness : IAsyncDisposable
     }
 
     /// <summary>A connected AF_UNIX stream pair through a listener in a private temp directory.</summary>
-    private static (Socket First, Socket Second) UnixPair()
+    public static (Socket First, Socket Second) UnixPair()
     {
         string directory = Directory.CreateTempSubdirectory("nbd-pair-").FullName;
         try

@@ -230,6 +230,48 @@ public sealed class NbdRelayReconnectTests
         Assert.Equal(2, harness.Events.Count);
     }
 
+    [Theory(Timeout = 30_000)]
+    [InlineData(100.0)]
+    [InlineData(double.PositiveInfinity)]
+    public async Task Relay_GiveUpAfterBeyondTimerRange_ReconnectsAsUsual(double days)
+    {
+        // 100 days, or TimeSpan.MaxValue for "never": longer than any timer can run, and no reason to fail an attempt.
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
+        server.Fill(seed: 80);
+        await using var harness = RelayHarness.Start(server, giveUpAfter: double.IsInfinity(days) ? TimeSpan.MaxValue : TimeSpan.FromDays(days));
+
+        byte[] data = await ReadAsync(harness.Kernel, 0, 512, 0x85, deadline.Token);
+
+        Assert.Equal(server.Disk.AsSpan(0, 512).ToArray(), data);
+        Assert.Equal(1, harness.ReconnectCalls);
+        Assert.Equal(1, harness.Relay.Reconnects);
+    }
+
+    [Theory]
+    [InlineData(-1, 20)]
+    [InlineData(-1000, 20)]
+    [InlineData(10_000, -1)]
+    [InlineData(10_000, 50L * 24 * 3600 * 1000)]
+    public async Task Constructor_TimesOutOfRange_ThrowsArgumentOutOfRange(long giveUpAfterMs, long retryIntervalMs)
+    {
+        await using var server = new InMemoryNbdServer(DiskSize);
+        (Socket relayEnd, Socket kernel) = RelayHarness.UnixPair();
+        using Socket serverSocket = server.Connect();
+        using (relayEnd)
+        using (kernel)
+        {
+            var options = new NbdRelayOptions
+            {
+                Reconnect = _ => Task.FromResult(server.Connect()),
+                GiveUpAfter = TimeSpan.FromMilliseconds(giveUpAfterMs),
+                RetryInterval = TimeSpan.FromMilliseconds(retryIntervalMs),
+            };
+
+            Assert.Throws<ArgumentOutOfRangeException>(() => new NbdRelay(relayEnd, serverSocket, options));
+        }
+    }
+
     [Fact(Timeout = 30_000)]
     public async Task Relay_ReconnectFailsPermanently_GivesUpAtOnce()
     {
