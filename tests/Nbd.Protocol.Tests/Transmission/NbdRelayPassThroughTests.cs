@@ -118,6 +118,23 @@ public sealed class NbdRelayPassThroughTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task Relay_ServerSlowToReply_KernelWaitsAndNoReconnect()
+    {
+        // The relay has no timeout of its own: slowness is the kernel's to judge (its request timeout).
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(ReplyDelay: TimeSpan.FromMilliseconds(300)));
+        server.Fill(seed: 5);
+        await using var harness = RelayHarness.Start(server);
+        var expectedReads = new Dictionary<ulong, byte[]> { [0x11] = server.Disk.AsSpan(0, 512).ToArray(), [0x12] = server.Disk.AsSpan(512, 512).ToArray() };
+
+        await harness.SendAsync([.. Request(CmdRead, 0x11, 0, 512), .. Request(CmdRead, 0x12, 512, 512), .. Request(CmdFlush, 0x13, 0, 0)], deadline.Token);
+        await ReceiveRepliesAsync(harness, 3, expectedReads, new HashSet<ulong> { 0x11, 0x12, 0x13 }, deadline.Token);
+
+        Assert.Empty(harness.Events);
+        Assert.Single(server.Connections);
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task Relay_ServerErrorReplyToRead_PassedOnWithoutData()
     {
         using var deadline = Deadline();

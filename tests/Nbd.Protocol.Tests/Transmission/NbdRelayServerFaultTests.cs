@@ -106,12 +106,12 @@ public sealed class NbdRelayServerFaultTests
     [Fact(Timeout = 60_000)]
     public async Task Relay_ResendOfLargeReadsAheadOfWrites_KeepsForwardingRepliesWhileResending()
     {
-        // The resend puts 48 MiB of read requests ahead of 8 MiB of write data on the new connection. A server that
+        // The resend puts 16 MiB of read requests ahead of 4 MiB of write data on the new connection. A server that
         // answers in order stops reading requests while its replies are not being read: if the relay sends the whole
         // backlog before it reads a reply, neither side moves again.
         using var deadline = Deadline(45);
         const int Mib = 1 << 20;
-        await using var server = new InMemoryNbdServer(64 * Mib, i => i == 0 ? new ConnectionScript(AnswerFirst: 0, FaultAt: 56, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal);
+        await using var server = new InMemoryNbdServer(32 * Mib, i => i == 0 ? new ConnectionScript(AnswerFirst: 0, FaultAt: 20, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal);
         server.Fill(seed: 30);
         byte[] disk = server.Disk;
         await using var harness = RelayHarness.Start(server);
@@ -119,16 +119,16 @@ public sealed class NbdRelayServerFaultTests
         var expectedReads = new Dictionary<ulong, byte[]>();
         var cookies = new HashSet<ulong>();
         var stream = new List<byte>();
-        for (int i = 0; i < 48; i++)
+        for (int i = 0; i < 16; i++)
         {
             stream.AddRange(Request(CmdRead, 0xD000 + (ulong)i, (ulong)i * Mib, Mib));
             expectedReads[0xD000 + (ulong)i] = disk.AsSpan(i * Mib, Mib).ToArray();
             cookies.Add(0xD000 + (ulong)i);
         }
 
-        for (int i = 0; i < 8; i++)
+        for (int i = 0; i < 4; i++)
         {
-            stream.AddRange([.. Request(CmdWrite, 0xE000 + (ulong)i, (ulong)(48 + i) * Mib, Mib), .. Bytes(Mib, seed: 40 + i)]);
+            stream.AddRange([.. Request(CmdWrite, 0xE000 + (ulong)i, (ulong)(16 + i) * Mib, Mib), .. Bytes(Mib, seed: 40 + i)]);
             cookies.Add(0xE000 + (ulong)i);
         }
 
@@ -136,6 +136,6 @@ public sealed class NbdRelayServerFaultTests
         await harness.SendAsync([.. stream], deadline.Token);
         await replies;
 
-        AssertOneReconnect(harness, inFlight: 56, resent: 56);
+        AssertOneReconnect(harness, inFlight: 20, resent: 20);
     }
 }

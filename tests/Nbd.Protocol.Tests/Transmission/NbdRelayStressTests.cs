@@ -22,10 +22,11 @@ public sealed class NbdRelayStressTests
     {
         using var deadline = Deadline(100);
 
-        // Connection i fails in the i-th way after 35..65 requests; late connections stay healthy so the run ends.
+        // Connection i fails in the i-th way after 35..65 requests (every fourth one also slow to reply); late connections
+        // stay healthy so the run ends.
         await using var server = new InMemoryNbdServer(
             Blocks * BlockSize,
-            i => i >= 30 ? ConnectionScript.Normal : new ConnectionScript(FaultAt: 35 + new Random(i).Next(31), Fault: Faults[i % Faults.Length]),
+            i => i >= 30 ? ConnectionScript.Normal : new ConnectionScript(FaultAt: 35 + new Random(i).Next(31), Fault: Faults[i % Faults.Length], ReplyDelay: i % 4 == 3 ? TimeSpan.FromMilliseconds(1) : TimeSpan.Zero),
             tcp: true);
         server.Fill(seed: 200);
         byte[] reference = server.Disk;
