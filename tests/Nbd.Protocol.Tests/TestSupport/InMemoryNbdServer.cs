@@ -29,12 +29,14 @@ internal enum ServerFault
 /// <param name="Fault">What goes wrong there; after it the connection is gone.</param>
 /// <param name="ReplyDelay">Waited before each reply.</param>
 /// <param name="ReorderBatch">Replies are held until this many are ready, then sent last first.</param>
+/// <param name="HangUpAtOnce">The connection is closed as soon as it is accepted (an idle drop).</param>
 internal sealed record ConnectionScript(
     int AnswerFirst = int.MaxValue,
     int FaultAt = 0,
     ServerFault Fault = ServerFault.None,
     TimeSpan ReplyDelay = default,
-    int ReorderBatch = 0)
+    int ReorderBatch = 0,
+    bool HangUpAtOnce = false)
 {
     public static readonly ConnectionScript Normal = new();
 }
@@ -241,7 +243,7 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
         var held = new List<byte[]>();
         try
         {
-            for (int index = 1; ; index++)
+            for (int index = 1; !script.HangUpAtOnce; index++)
             {
                 byte[]? header = await RawTransmission.TryReceiveExactlyAsync(socket, RawTransmission.RequestLength, ct);
                 if (header is null)

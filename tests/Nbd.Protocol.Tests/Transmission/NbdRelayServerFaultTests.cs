@@ -1,4 +1,5 @@
 using Nbd.Protocol.Tests.TestSupport;
+using Nbd.Protocol.Transmission;
 using static Nbd.Protocol.Tests.Transmission.RelayTest;
 using static Nbd.Protocol.Tests.TestSupport.RawTransmission;
 
@@ -73,6 +74,22 @@ public sealed class NbdRelayServerFaultTests
         byte[] back = await ReadAsync(harness.Kernel, 262144, (uint)large.Length, 0xA5, deadline.Token);
         Assert.Equal(large, back);
         Assert.False(harness.Relay.Completion.IsCompleted);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_ServerDropsIdleConnection_ReconnectsWithNothingToResend()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, i => i == 0 ? new ConnectionScript(HangUpAtOnce: true) : ConnectionScript.Normal);
+        server.Fill(seed: 13);
+        await using var harness = RelayHarness.Start(server);
+        await harness.WaitForEventsAsync(e => e.OfType<NbdRelayReconnected>().Any(), "the reconnect", deadline.Token);
+
+        byte[] data = await ReadAsync(harness.Kernel, 1024, 512, 0xF1, deadline.Token);
+
+        Assert.Equal(server.Disk.AsSpan(1024, 512).ToArray(), data);
+        AssertOneReconnect(harness, inFlight: 0, resent: 0);
+        Assert.Equal([0xF1UL], server.Connections[1].Cookies);
     }
 
     [Fact(Timeout = 30_000)]

@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Net.Sockets;
 using Nbd.Protocol.Tests.TestSupport;
 using Nbd.Protocol.Transmission;
 using static Nbd.Protocol.Tests.Transmission.RelayTest;
@@ -144,5 +145,67 @@ public sealed class NbdRelayStressTests
         Assert.Equal(server.Connections.Count - 1, harness.Relay.Reconnects);
         Assert.Equal(lost, harness.Relay.Reconnects);
         Assert.Equal(lost, harness.Events.Count(e => e is NbdRelayReconnected));
+    }
+
+    [Fact(Timeout = 120_000)]
+    public async Task Dispose_DuringPipelinedTrafficAndReconnects_ReturnsPromptlyEveryTime()
+    {
+        // Dispose lands anywhere: inside a request, a reply, a resend, a reconnect. An exception escaping a relay
+        // thread would take the test host down; a thread that never ends would show as a slow Dispose.
+        using var deadline = Deadline(100);
+        var random = new Random(400);
+        for (int round = 0; round < 20; round++)
+        {
+            await using var server = new InMemoryNbdServer(
+                DiskSize,
+                i => new ConnectionScript(FaultAt: 5 + ((round + i) % 15), Fault: Faults[(round + i) % Faults.Length]));
+            await using var harness = RelayHarness.Start(server, retryInterval: TimeSpan.FromMilliseconds(1));
+            var stream = new List<byte>();
+            for (int n = 0; n < 200; n++)
+            {
+                ulong offset = (ulong)random.Next(DiskSize / 4096) * 4096;
+                stream.AddRange(n % 2 == 0 ? [.. Request(CmdWrite, (ulong)n, offset, 4096), .. Bytes(4096, n)] : Request(CmdRead, (ulong)n, offset, 4096));
+            }
+
+            Task sending = Task.Run(async () =>
+            {
+                try
+                {
+                    await harness.SendAsync([.. stream], deadline.Token);
+                }
+                catch (Exception e) when (e is SocketException or ObjectDisposedException)
+                {
+                    // The relay went away underneath: that is the point.
+                }
+            });
+            Task draining = Task.Run(async () =>
+            {
+                var sink = new byte[65536];
+                try
+                {
+                    while (await harness.Kernel.ReceiveAsync(sink, SocketFlags.None, deadline.Token) > 0)
+                    {
+                    }
+                }
+                catch (Exception e) when (e is SocketException or ObjectDisposedException)
+                {
+                }
+            });
+            await Task.Delay(random.Next(30), deadline.Token);
+
+            TimeSpan took = TimeSpan.Zero;
+            var disposer = new Thread(() =>
+            {
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                harness.Relay.Dispose();
+                took = clock.Elapsed;
+            });
+            disposer.Start();
+            await Wait.UntilAsync(() => !disposer.IsAlive, $"Dispose in round {round}", deadline.Token);
+            Assert.True(took < TimeSpan.FromSeconds(2), $"Round {round}: Dispose took {took.TotalMilliseconds:0} ms.");
+            Assert.True(harness.Relay.Completion.IsCompleted, $"Round {round}: Completion still open after Dispose.");
+            harness.Kernel.Dispose();
+            await Task.WhenAll(sending, draining).WaitAsync(deadline.Token);
+        }
     }
 }
