@@ -25,7 +25,10 @@ public sealed class NbdRelayOptions
     /// <summary>True for a reconnect failure that no retry can fix (a changed export): the relay gives up at once.</summary>
     public Func<Exception, bool>? IsPermanent { get; init; }
 
-    /// <summary>Called on the relay's threads for each event; keep it short (logging).</summary>
+    /// <summary>
+    /// Called on the relay's threads for each event; keep it short (logging), and never dispose the relay from it
+    /// (Dispose waits for those threads).
+    /// </summary>
     public Action<NbdRelayEvent>? Events { get; init; }
 
     /// <summary>Name of the relay's threads, for debuggers and /proc.</summary>

@@ -273,6 +273,20 @@ public sealed class NbdRelayReconnectTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task Relay_GiveUpAfterZero_GivesUpWithoutAnAttempt()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
+        await using var harness = RelayHarness.Start(server, giveUpAfter: TimeSpan.Zero);
+
+        await harness.SendRequestAsync(CmdRead, 0x86, 0, 512, deadline.Token);
+
+        Assert.Equal(NbdRelayEndReason.GaveUp, (await harness.CompletionAsync(deadline.Token)).Reason);
+        Assert.Equal(0, harness.ReconnectCalls);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task Relay_ReconnectFailsPermanently_GivesUpAtOnce()
     {
         using var deadline = Deadline();
