@@ -62,8 +62,8 @@ public sealed class NbdRelay : IDisposable
         _options = options;
         _server = server;
         _lastServer = server;
-        _kernelThread = new Thread(KernelLoop) { IsBackground = true, Name = options.Name + " k" };
-        _serverThread = new Thread(ServerLoop) { IsBackground = true, Name = options.Name + " s" };
+        _kernelThread = new Thread(() => Guarded(KernelLoop)) { IsBackground = true, Name = options.Name + " k" };
+        _serverThread = new Thread(() => Guarded(ServerLoop)) { IsBackground = true, Name = options.Name + " s" };
     }
 
     /// <summary>Completes once, with the reason the relay ended; never faults.</summary>
@@ -127,6 +127,24 @@ public sealed class NbdRelay : IDisposable
         }
 
         _stop.Dispose();
+    }
+
+    /// <summary>
+    /// A relay thread's body: an exception nobody expected (a bug, a throwing <see cref="NbdRelayOptions.IsPermanent"/>)
+    /// ends this relay, and the driver sees a dead connection, instead of taking the whole daemon down.
+    /// </summary>
+    private void Guarded(Action body)
+    {
+        try
+        {
+            body();
+        }
+#pragma warning disable CA1031 // One relay's failure must not end the process (and every other mapping with it).
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.Failed, "relay failed: " + e.Message, e));
+        }
     }
 
     private void KernelLoop()
@@ -499,7 +517,7 @@ public sealed class NbdRelay : IDisposable
         // The previous resend ended with its connection (its lock was taken before this connection was dropped).
         _resender?.Join();
         var fixedCount = new TaskCompletionSource<int?>(TaskCreationOptions.RunContinuationsAsynchronously);
-        _resender = new Thread(() => ResendLoop(server, fixedCount)) { IsBackground = true, Name = _options.Name + " r" };
+        _resender = new Thread(() => Guarded(() => ResendLoop(server, fixedCount))) { IsBackground = true, Name = _options.Name + " r" };
         _resender.Start();
         return fixedCount.Task.GetAwaiter().GetResult();
     }

@@ -66,6 +66,9 @@ public enum NbdRelayEndReason
 
     /// <summary>Disposed by its owner.</summary>
     Stopped,
+
+    /// <summary>An unexpected exception on a relay thread (a bug); the kernel's end was shut down.</summary>
+    Failed,
 }
 
 /// <summary>How a relay ended, in words for the journal.</summary>

@@ -307,6 +307,25 @@ public sealed class NbdRelayReconnectTests
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
     }
 
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_IsPermanentThrows_EndsFailedAndClosesTheKernelsEndInsteadOfCrashing()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
+        await using var harness = RelayHarness.Start(
+            server,
+            reconnect: (_, _) => throw new IOException("refused"),
+            giveUpAfter: TimeSpan.FromMinutes(5),
+            isPermanent: _ => throw new InvalidOperationException("classifier bug"));
+
+        await harness.SendRequestAsync(CmdRead, 0x72, 0, 512, deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+
+        Assert.Equal(NbdRelayEndReason.Failed, end.Reason);
+        Assert.IsType<InvalidOperationException>(end.Exception);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+    }
+
     [Theory(Timeout = 30_000)]
     [InlineData(false)]
     [InlineData(true)]
