@@ -157,6 +157,26 @@ public sealed class RelayFuzzTests
         Assert.Equal((1, 2), (result.FromHostile, result.FromValid));
     }
 
+    [Theory]
+    [InlineData(256 * 1024)]
+    [InlineData(1024 * 1024)]
+    public void Resend_ReadAheadOfWrite_OneRequestAtATimeServerAnswersBoth(int length)
+    {
+        // The first server closes at once with both in flight. The valid server writes the read's reply before it
+        // reads the write; once the socket buffers (about 208 KiB each) are full it waits for the relay to read,
+        // while the relay is still resending the write (found as case 5:2788; fixed in b9873fb: resend on its own thread).
+        RelayRequest[] requests =
+        [
+            new(0, NbdCommand.Read, 0, 1, 0, (uint)length, null),
+            new(1, NbdCommand.Write, 0, 2, RelayDisk.WriteRegion, (uint)length, new byte[length]),
+        ];
+
+        var result = RelayHarness.Run(new RelayCase(0, 0, requests, [], int.MaxValue, "EOF at once"), TimeSpan.FromSeconds(5), RelayOracle.Sequential);
+
+        Assert.True(result.Problems.Count == 0, string.Join("\n", result.Problems));
+        Assert.Equal((0, 2, 1L), (result.FromHostile, result.FromValid, result.Reconnects));
+    }
+
     // ---- Generator, replay, arguments -----------------------------------------------------------------------------
 
     [Fact]
@@ -192,10 +212,11 @@ public sealed class RelayFuzzTests
     [Fact]
     public void Arguments_RelayModeAndOracle_Parsed()
     {
-        var (settings, replay) = Arguments.Parse(["--mode", "relay", "--oracle", "sequential", "--replay", "3:4"]);
+        var (settings, replay) = Arguments.Parse(["--mode", "relay", "--oracle", "pipelined", "--replay", "3:4"]);
 
         Assert.Equal(FuzzMode.Relay, settings.Mode);
-        Assert.Equal(RelayOracle.Sequential, settings.Oracle);
+        Assert.Equal(RelayOracle.Pipelined, settings.Oracle);
+        Assert.Equal(RelayOracle.Sequential, new FuzzSettings().Oracle);
         Assert.Equal("3:4", replay);
         Assert.Throws<FormatException>(() => Arguments.Parse(["--oracle", "lazy"]));
     }
@@ -210,8 +231,8 @@ public sealed class RelayFuzzTests
         var pipelined = Assert.Single(RelayEngine.Findings(c, result, RelayOracle.Pipelined));
         var sequential = Assert.Single(RelayEngine.Findings(c, result, RelayOracle.Sequential));
 
-        Assert.EndsWith("(replay: --replay 5:2788 --mode relay)", pipelined.ToString(), StringComparison.Ordinal);
-        Assert.EndsWith("(replay: --replay 5:2788 --mode relay --oracle sequential)", sequential.ToString(), StringComparison.Ordinal);
+        Assert.EndsWith("(replay: --replay 5:2788 --mode relay)", sequential.ToString(), StringComparison.Ordinal);
+        Assert.EndsWith("(replay: --replay 5:2788 --mode relay --oracle pipelined)", pipelined.ToString(), StringComparison.Ordinal);
     }
 
     [Fact]

@@ -31,8 +31,8 @@ internal sealed record FuzzSettings
     /// <summary>Relay mode: most live heap the process may keep after a run (pools keep some buffers by design).</summary>
     public long HeapGrowthBound { get; init; } = 64L * 1024 * 1024;
 
-    /// <summary>Relay mode: how the valid server answers the resent requests.</summary>
-    public RelayOracle Oracle { get; init; } = RelayOracle.Pipelined;
+    /// <summary>Relay mode: how the valid server answers the resent requests (sequential is the stricter one).</summary>
+    public RelayOracle Oracle { get; init; } = RelayOracle.Sequential;
 
     /// <summary>The client's handshake timeout, on the fake clock a stalled server advances.</summary>
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);

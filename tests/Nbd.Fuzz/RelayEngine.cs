@@ -154,7 +154,7 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
         result.Problems.Select(p => new Finding(p.Kind, c.Id, 0, p.Detail, ReplayOptions(oracle)));
 
     public static string ReplayOptions(RelayOracle oracle) =>
-        oracle == RelayOracle.Pipelined ? " --mode relay" : " --mode relay --oracle " + oracle.ToString().ToLowerInvariant();
+        oracle == RelayOracle.Sequential ? " --mode relay" : " --mode relay --oracle " + oracle.ToString().ToLowerInvariant();
 
     private void Report(Finding finding)
     {

@@ -10,11 +10,14 @@ namespace Nbd.Fuzz;
 /// <summary>How the valid server the relay reconnects to handles the resent requests.</summary>
 internal enum RelayOracle
 {
+    /// <summary>
+    /// Answers each request before reading the next (a one-request-at-a-time server): blocks in send while its
+    /// replies are not read, so a relay that resends without reading replies deadlocks against it.
+    /// </summary>
+    Sequential,
+
     /// <summary>Reads every resent request, then answers them all: never blocks the relay's resend.</summary>
     Pipelined,
-
-    /// <summary>Answers each request before reading the next (a one-request-at-a-time server).</summary>
-    Sequential,
 }
 
 /// <summary>What one relay case did, and what was wrong with it.</summary>
@@ -57,7 +60,7 @@ internal static class RelayHarness
     /// <summary>Fixed part of what the server thread may allocate: its 64 KiB receive buffer, a joined send, a failure.</summary>
     public const long FixedAllocation = 256 * 1024;
 
-    public static RelayCaseResult Run(RelayCase c, TimeSpan deadline, RelayOracle oracle = RelayOracle.Pipelined)
+    public static RelayCaseResult Run(RelayCase c, TimeSpan deadline, RelayOracle oracle = RelayOracle.Sequential)
     {
         long started = Stopwatch.GetTimestamp();
         var result = new RelayCaseResult { AllocationBound = FixedAllocation + (2 * c.ReadBytes) };
