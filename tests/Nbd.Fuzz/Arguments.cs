@@ -21,6 +21,7 @@ internal static class Arguments
                 "--deadline-ms" => settings with { Deadline = TimeSpan.FromMilliseconds(Long(args[i], value, 1)) },
                 "--alloc-bound" => settings with { AllocationBound = Long(args[i], value, 1) },
                 "--socket-every" => settings with { SocketEvery = (int)Long(args[i], value, 0) },
+                "--oracle" => settings with { Oracle = Oracle(value) },
                 "--replay" => settings,
                 _ => throw new FormatException($"Unknown argument {args[i]}."),
             };
@@ -40,11 +41,19 @@ internal static class Arguments
             ? n
             : throw new FormatException($"{name} takes an integer >= {minimum}, not '{value}'.");
 
+    private static RelayOracle Oracle(string value) => value switch
+    {
+        "pipelined" => RelayOracle.Pipelined,
+        "sequential" => RelayOracle.Sequential,
+        _ => throw new FormatException($"--oracle is pipelined or sequential, not '{value}'."),
+    };
+
     private static FuzzMode Mode(string value) => value switch
     {
         "handshake" => FuzzMode.Handshake,
         "reconnect" => FuzzMode.Reconnect,
         "all" => FuzzMode.All,
-        _ => throw new FormatException($"--mode is handshake, reconnect or all, not '{value}'."),
+        "relay" => FuzzMode.Relay,
+        _ => throw new FormatException($"--mode is handshake, reconnect, all or relay, not '{value}'."),
     };
 }

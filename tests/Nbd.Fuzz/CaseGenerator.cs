@@ -7,6 +7,9 @@ internal enum FuzzMode
     Handshake,
     Reconnect,
     All,
+
+    /// <summary>The transmission relay (RelayEngine); not part of All, whose seeds keep their meaning.</summary>
+    Relay,
 }
 
 /// <summary>One connection's worth of server bytes.</summary>
@@ -35,7 +38,8 @@ internal static class CaseGenerator
     {
         FuzzMode.Handshake => false,
         FuzzMode.Reconnect => true,
-        _ => (index & 1) == 1,
+        FuzzMode.All => (index & 1) == 1,
+        _ => throw new ArgumentOutOfRangeException(nameof(mode), mode, "relay cases are RelayCaseGenerator's"),
     };
 
     public static FuzzCase Build(ulong seed, long index, FuzzMode mode, bool describe = false)

@@ -28,6 +28,12 @@ internal sealed record FuzzSettings
 
     public int MaxFindings { get; init; } = 50;
 
+    /// <summary>Relay mode: most live heap the process may keep after a run (pools keep some buffers by design).</summary>
+    public long HeapGrowthBound { get; init; } = 64L * 1024 * 1024;
+
+    /// <summary>Relay mode: how the valid server answers the resent requests (sequential is the stricter one).</summary>
+    public RelayOracle Oracle { get; init; } = RelayOracle.Sequential;
+
     /// <summary>The client's handshake timeout, on the fake clock a stalled server advances.</summary>
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
 }
@@ -44,11 +50,30 @@ internal enum FindingKind
     OracleMismatch,
     /// <summary>The same stream gave another outcome over a real loopback socket than in memory.</summary>
     SocketMismatch,
+    /// <summary>Relay: the kernel received a reply that is not a simple reply to a cookie in flight, or bytes after the last one.</summary>
+    MalformedReply,
+    /// <summary>Relay: the kernel's end closed before every request had its reply.</summary>
+    MissingReply,
+    /// <summary>Relay: a second reply for one request reached the kernel.</summary>
+    DuplicateReply,
+    /// <summary>Relay: a reply from the valid server reached the kernel with other data or an error.</summary>
+    WrongData,
+    /// <summary>Relay: a server received a request (or write data) other than the kernel's, twice, or out of order.</summary>
+    BadForward,
+    /// <summary>Relay: the relay ended (Completion) before its owner disposed it.</summary>
+    RelayEnded,
+    /// <summary>Relay: the relay dropped the valid server's connection.</summary>
+    ValidServerDropped,
+    /// <summary>An exception no one caught on any thread (the process ends after reporting it).</summary>
+    Crash,
+    /// <summary>Relay: the process kept file descriptors or heap after the run.</summary>
+    ResourceGrowth,
 }
 
-internal sealed record Finding(FindingKind Kind, string CaseId, int Stream, string Detail)
+/// <summary>A check a case failed; ReplayOptions is what --replay needs besides the id (" --mode relay").</summary>
+internal sealed record Finding(FindingKind Kind, string CaseId, int Stream, string Detail, string ReplayOptions = "")
 {
-    public override string ToString() => $"{Kind} case {CaseId} stream {Stream}: {Detail} (replay: --replay {CaseId})";
+    public override string ToString() => $"{Kind} case {CaseId} stream {Stream}: {Detail} (replay: --replay {CaseId}{ReplayOptions})";
 }
 
 /// <summary>The measured result of one handshake over one in-memory stream.</summary>

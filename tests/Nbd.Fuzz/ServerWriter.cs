@@ -128,6 +128,27 @@ internal sealed class ServerWriter
         return End(start);
     }
 
+    // ---- Transmission (the relay mode): simple replies, proto.md "Simple reply message" ---------------------------
+
+    /// <summary>
+    /// A simple reply: u32 magic 0x67446698, u32 error, u64 cookie, then <paramref name="data"/> (a successful read's).
+    /// The error field and both cookie halves are recorded as 32-bit fields and the cookie as a 64-bit one, so the
+    /// mutator's "length" and "size" mutations become error and cookie mutations here.
+    /// </summary>
+    public ServerWriter SimpleReply(uint error, ulong cookie, ReadOnlySpan<byte> data)
+    {
+        int start = Length;
+        MagicFields.Add(Length);
+        U32(0x67446698);
+        LengthFields.Add(Length);
+        U32(error);
+        LengthFields.Add(Length);
+        LengthFields.Add(Length + 4);
+        SizeFields.Add(Length);
+        U64(cookie).Raw(data);
+        return End(start);
+    }
+
     /// <summary>Bytes outside any message (noise after a valid greeting).</summary>
     public ServerWriter Garbage(ReadOnlySpan<byte> bytes)
     {
@@ -189,11 +210,7 @@ internal sealed class ServerWriter
 
     private ServerWriter Raw(ReadOnlySpan<byte> bytes)
     {
-        foreach (byte b in bytes)
-        {
-            _bytes.Add(b);
-        }
-
+        _bytes.AddRange(bytes);
         return this;
     }
 }

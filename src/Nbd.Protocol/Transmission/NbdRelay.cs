@@ -17,12 +17,16 @@ namespace Nbd.Protocol.Transmission;
 /// idempotent at the block level); the cost is one copy of each payload through user space.
 /// Two dedicated threads with blocking socket calls (never .NET's epoll loop, see BlockingSocketStream): one reads
 /// requests from the kernel and sends them to the server, one reads replies from the server, sends them to the kernel
-/// and, when the server connection ends, reconnects. Each reply is read completely before a byte of it goes to the
-/// kernel, so a connection that dies inside a reply never leaves the kernel's stream half-written. Only the server
-/// thread reconnects; a failed send merely shuts the connection down so that its reader notices.
+/// and, when the server connection ends, reconnects; a short-lived third one resends the unanswered requests on a new
+/// connection while the server thread already reads its replies. Each reply is read completely before a byte of it
+/// goes to the kernel, so a connection that dies inside a reply never leaves the kernel's stream half-written. Only the
+/// server thread reconnects; a failed send merely shuts the connection down so that its reader notices.
 /// </remarks>
 public sealed class NbdRelay : IDisposable
 {
+    /// <summary>The longest a .NET timer runs (2^32 - 2 ms, about 49.7 days); GiveUpAfter may be longer ("never").</summary>
+    private static readonly TimeSpan LongestTimer = TimeSpan.FromMilliseconds(uint.MaxValue - 1);
+
     private readonly Socket _kernel;
     private readonly NbdRelayOptions _options;
     private readonly Lock _lock = new();
@@ -32,6 +36,7 @@ public sealed class NbdRelay : IDisposable
     private readonly TaskCompletionSource<NbdRelayEnd> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Thread _kernelThread;
     private readonly Thread _serverThread;
+    private Thread? _resender;
     private Socket? _server;
     private Socket? _lastServer;
     private int _generation;
@@ -48,12 +53,17 @@ public sealed class NbdRelay : IDisposable
         ArgumentNullException.ThrowIfNull(kernelSide);
         ArgumentNullException.ThrowIfNull(server);
         ArgumentNullException.ThrowIfNull(options);
+
+        // Timeout.InfiniteTimeSpan is -1 ms: as GiveUpAfter it would give up at once, as RetryInterval pause forever.
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.GiveUpAfter, TimeSpan.Zero, "options.GiveUpAfter");
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.RetryInterval, TimeSpan.Zero, "options.RetryInterval");
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(options.RetryInterval, LongestTimer, "options.RetryInterval");
         _kernel = kernelSide;
         _options = options;
         _server = server;
         _lastServer = server;
-        _kernelThread = new Thread(KernelLoop) { IsBackground = true, Name = options.Name + " k" };
-        _serverThread = new Thread(ServerLoop) { IsBackground = true, Name = options.Name + " s" };
+        _kernelThread = new Thread(() => Guarded(KernelLoop)) { IsBackground = true, Name = options.Name + " k" };
+        _serverThread = new Thread(() => Guarded(ServerLoop)) { IsBackground = true, Name = options.Name + " s" };
     }
 
     /// <summary>Completes once, with the reason the relay ended; never faults.</summary>
@@ -98,6 +108,9 @@ public sealed class NbdRelay : IDisposable
         {
             _kernelThread.Join();
             _serverThread.Join();
+
+            // Only the server thread starts resenders: after its end this field is final.
+            _resender?.Join();
         }
 
         _kernel.Dispose();
@@ -114,6 +127,24 @@ public sealed class NbdRelay : IDisposable
         }
 
         _stop.Dispose();
+    }
+
+    /// <summary>
+    /// A relay thread's body: an exception nobody expected (a bug, a throwing <see cref="NbdRelayOptions.IsPermanent"/>)
+    /// ends this relay, and the driver sees a dead connection, instead of taking the whole daemon down.
+    /// </summary>
+    private void Guarded(Action body)
+    {
+        try
+        {
+            body();
+        }
+#pragma warning disable CA1031 // One relay's failure must not end the process (and every other mapping with it).
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.Failed, "relay failed: " + e.Message, e));
+        }
     }
 
     private void KernelLoop()
@@ -262,15 +293,19 @@ public sealed class NbdRelay : IDisposable
             server = _server;
         }
 
+        // Start of the outage the current connection ended, if it came from a reconnect.
+        long? outageSince = null;
         while (server is not null && !_stop.IsCancellationRequested)
         {
             string reason;
             Exception? failure = null;
+            int answered = 0;
             try
             {
                 var reader = new BlockingSocketReader(server);
                 while (ForwardReply(reader, header))
                 {
+                    answered++;
                 }
 
                 reason = "the server closed the connection";
@@ -311,7 +346,12 @@ public sealed class NbdRelay : IDisposable
             }
 
             Raise(new NbdRelayServerLost(reason, inFlight, failure));
-            server = ReconnectAndResend();
+
+            // A connection that took over and died with requests waiting, none answered, ended no outage (a request
+            // that kills the server, a server that drops every connection): the give-up clock runs on, and the next
+            // attempt waits RetryInterval instead of spinning.
+            bool stillDown = outageSince is not null && answered == 0 && inFlight > 0;
+            (server, outageSince) = ReconnectAndResend(stillDown ? outageSince : null);
         }
     }
 
@@ -389,33 +429,51 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>
     /// Opens a new server connection (at once, then every RetryInterval), makes it current and sends every unanswered
-    /// request on it in the kernel's order. Null when the relay ended meanwhile or gave up.
+    /// request on it in the kernel's order. Null when the relay ended meanwhile or gave up; with the connection, the
+    /// start of the outage (<paramref name="outageSince"/>: an outage that goes on, first attempt after a pause).
     /// </summary>
-    private Socket? ReconnectAndResend()
+    private (Socket? Server, long? OutageSince) ReconnectAndResend(long? outageSince)
     {
         TimeProvider time = _options.TimeProvider;
-        long downSince = time.GetTimestamp();
+        long downSince = outageSince ?? time.GetTimestamp();
         int attempt = 0;
+        bool pause = outageSince is not null;
         while (!_stop.IsCancellationRequested)
         {
+            // Checked again after every pause: no attempt starts once GiveUpAfter has passed, and none may run past it.
             TimeSpan left = _options.GiveUpAfter - time.GetElapsedTime(downSince);
-            if (left <= TimeSpan.Zero)
+            if (left > TimeSpan.Zero && pause)
             {
-                End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no new server connection after {attempt} attempts in {_options.GiveUpAfter.TotalSeconds:0.###} s")));
-                return null;
+                pause = false;
+                bool toTheEnd = _options.RetryInterval >= left;
+                if (!Pause(toTheEnd ? left : _options.RetryInterval))
+                {
+                    return (null, null);
+                }
+
+                // A pause that ran to the deadline ends the trying, even if the timer fired a tick before the clock.
+                if (!toTheEnd)
+                {
+                    continue;
+                }
+
+                left = TimeSpan.Zero;
             }
 
-            if (attempt > 0 && !Pause(_options.RetryInterval < left ? _options.RetryInterval : left))
+            if (left <= TimeSpan.Zero)
             {
-                return null;
+                End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, string.Create(CultureInfo.InvariantCulture, $"no server connection that answered within {_options.GiveUpAfter.TotalSeconds:0.###} s ({attempt} attempts since the last loss)")));
+                return (null, null);
             }
 
             attempt++;
             Socket server;
             try
             {
-                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
-                deadline.CancelAfter(left);
+                // The attempt's deadline runs on the injected clock like everything else here; beyond a timer's range
+                // there is none (the loop checks the clock again after the attempt).
+                using var giveUp = new CancellationTokenSource(left <= LongestTimer ? left : Timeout.InfiniteTimeSpan, time);
+                using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token, giveUp.Token);
                 server = _options.Reconnect(deadline.Token).GetAwaiter().GetResult();
             }
             catch (Exception e) when (!_stop.IsCancellationRequested)
@@ -423,30 +481,50 @@ public sealed class NbdRelay : IDisposable
                 if (_options.IsPermanent?.Invoke(e) == true)
                 {
                     End(new NbdRelayEnd(NbdRelayEndReason.GaveUp, "reconnect refused: " + e.Message, e));
-                    return null;
+                    return (null, null);
                 }
 
                 Raise(new NbdRelayReconnectFailed(attempt, e));
+                pause = true;
                 continue;
             }
             catch (Exception)
             {
-                return null;
+                return (null, null);
             }
 
-            if (Resend(server) is int resent)
+            if (Resend(server) is not int resent)
             {
-                Interlocked.Increment(ref _reconnects);
-                Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
-                return server;
+                return (null, null);
             }
+
+            Interlocked.Increment(ref _reconnects);
+            Raise(new NbdRelayReconnected(time.GetElapsedTime(downSince), attempt, resent));
+            return (server, downSince);
         }
 
-        return null;
+        return (null, null);
     }
 
+    /// <summary>
+    /// Makes <paramref name="server"/> current and has the unanswered requests sent on it by a thread of their own;
+    /// returns how many once they are fixed (null: the relay ended). Only this thread reads replies, and it must be
+    /// reading while the resend goes on: a server that answers in order stops reading requests while its replies are
+    /// not read, so a backlog of reads ahead of write data would otherwise stall both sides for good.
+    /// </summary>
     private int? Resend(Socket server)
     {
+        // The previous resend ended with its connection (its lock was taken before this connection was dropped).
+        _resender?.Join();
+        var fixedCount = new TaskCompletionSource<int?>(TaskCreationOptions.RunContinuationsAsynchronously);
+        _resender = new Thread(() => Guarded(() => ResendLoop(server, fixedCount))) { IsBackground = true, Name = _options.Name + " r" };
+        _resender.Start();
+        return fixedCount.Task.GetAwaiter().GetResult();
+    }
+
+    private void ResendLoop(Socket server, TaskCompletionSource<int?> fixedCount)
+    {
+        // Holding the send lock throughout keeps the kernel thread's new requests behind the resent ones.
         lock (_sendLock)
         {
             List<Pending> unanswered;
@@ -456,7 +534,8 @@ public sealed class NbdRelay : IDisposable
                 if (_stop.IsCancellationRequested)
                 {
                     server.Dispose();
-                    return null;
+                    fixedCount.SetResult(null);
+                    return;
                 }
 
                 generation = ++_generation;
@@ -465,6 +544,7 @@ public sealed class NbdRelay : IDisposable
                 unanswered = [.. _pending.Values.OrderBy(p => p.Sequence)];
             }
 
+            fixedCount.SetResult(unanswered.Count);
             try
             {
                 foreach (Pending pending in unanswered)
@@ -472,19 +552,11 @@ public sealed class NbdRelay : IDisposable
                     SendAll(server, pending.Header, pending.DataSpan);
                     pending.SentGeneration = generation;
                 }
-
-                return unanswered.Count;
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
             {
-                lock (_lock)
-                {
-                    _server = null;
-                }
-
-                server.Dispose();
-                Raise(new NbdRelayReconnectFailed(0, e));
-                return null;
+                // As for any failed send: the server thread notices the dead connection and reconnects.
+                TryShutdown(server);
             }
         }
     }
@@ -511,18 +583,20 @@ public sealed class NbdRelay : IDisposable
             return;
         }
 
-        Socket? server;
-        lock (_lock)
-        {
-            server = _server;
-        }
-
         try
         {
             _stop.Cancel();
         }
         catch (ObjectDisposedException)
         {
+        }
+
+        // Read after the cancel: a resend that makes a connection current checks the cancel under the same lock, so
+        // either it sees the cancel or this sees its connection.
+        Socket? server;
+        lock (_lock)
+        {
+            server = _server;
         }
 
         TryShutdown(_kernel);

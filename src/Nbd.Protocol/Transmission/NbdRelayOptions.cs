@@ -14,17 +14,21 @@ public sealed class NbdRelayOptions
 
     /// <summary>
     /// How long the relay keeps reconnecting before it gives up and shuts the kernel's end down (the driver then sees a
-    /// dead connection, as it would have without the relay).
+    /// dead connection, as it would have without the relay). Zero: no reconnect at all; <see cref="TimeSpan.MaxValue"/>:
+    /// never give up. Negative values (<see cref="Timeout.InfiniteTimeSpan"/> too) are refused.
     /// </summary>
     public TimeSpan GiveUpAfter { get; init; } = TimeSpan.FromSeconds(30);
 
-    /// <summary>Pause between reconnect attempts. The first attempt is immediate.</summary>
+    /// <summary>Pause between reconnect attempts (0 to about 49.7 days, a timer's range). The first attempt is immediate.</summary>
     public TimeSpan RetryInterval { get; init; } = TimeSpan.FromMilliseconds(250);
 
     /// <summary>True for a reconnect failure that no retry can fix (a changed export): the relay gives up at once.</summary>
     public Func<Exception, bool>? IsPermanent { get; init; }
 
-    /// <summary>Called on the relay's threads for each event; keep it short (logging).</summary>
+    /// <summary>
+    /// Called on the relay's threads for each event; keep it short (logging), and never dispose the relay from it
+    /// (Dispose waits for those threads).
+    /// </summary>
     public Action<NbdRelayEvent>? Events { get; init; }
 
     /// <summary>Name of the relay's threads, for debuggers and /proc.</summary>
@@ -62,6 +66,9 @@ public enum NbdRelayEndReason
 
     /// <summary>Disposed by its owner.</summary>
     Stopped,
+
+    /// <summary>An unexpected exception on a relay thread (a bug); the kernel's end was shut down.</summary>
+    Failed,
 }
 
 /// <summary>How a relay ended, in words for the journal.</summary>

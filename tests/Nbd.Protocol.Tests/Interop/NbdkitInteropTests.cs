@@ -1,4 +1,5 @@
 using Nbd.Protocol.Tests.Interop.Support;
+using Nbd.Protocol.Tests.TestSupport;
 
 namespace Nbd.Protocol.Tests.Interop;
 

@@ -107,7 +107,8 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     private void Log(MappingOptions mapping, NbdRelayEnd end)
     {
         string device = mapping.Device ?? "(unassigned)";
-        LogLevel level = end.Reason is NbdRelayEndReason.GaveUp or NbdRelayEndReason.KernelProtocolError ? LogLevel.Warning : LogLevel.Debug;
+        LogLevel level = end.Reason is NbdRelayEndReason.Failed ? LogLevel.Error
+            : end.Reason is NbdRelayEndReason.GaveUp or NbdRelayEndReason.KernelProtocolError ? LogLevel.Warning : LogLevel.Debug;
         RelayLog.Ended(_logger, level, end.Exception, mapping.Name, device, end.Reason, end.Detail);
     }
 

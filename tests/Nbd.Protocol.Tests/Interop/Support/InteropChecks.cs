@@ -1,3 +1,5 @@
+using Nbd.Protocol.Tests.TestSupport;
+
 namespace Nbd.Protocol.Tests.Interop.Support;
 
 /// <summary>
