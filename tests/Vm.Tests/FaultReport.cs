@@ -7,6 +7,7 @@ namespace Vm.Tests;
 public sealed record FaultRow(
     string Scenario,
     string Interface,
+    string Relay,
     long Rounds,
     long AppIoErrors,
     long KernelIoErrors,
@@ -26,7 +27,7 @@ public sealed record FaultRow(
         }
 
         return new FaultRow(
-            line["scenario"], line["interface"], line.Long("rounds"), line.Long("app_io_errors"),
+            line["scenario"], line["interface"], line["relay"], line.Long("rounds"), line.Long("app_io_errors"),
             line.Long("kernel_io_errors"), line.Long("verify_failures"), line.Long("max_stall_after_back_ms"),
             line.Long("max_gap_ms"), line["served_again"], line);
     }
@@ -36,6 +37,11 @@ public sealed record FaultRow(
 public sealed class FaultReport
 {
     public const string ResultName = "fault";
+
+    /// <summary>The per-fault note: <c>NOTE fault-round ...</c>.</summary>
+    public const string RoundName = "fault-round";
+
+    private const string RoundMarker = "NOTE ";
 
     private FaultReport(IReadOnlyList<FaultRow> rows) => Rows = rows;
 
@@ -56,6 +62,25 @@ public sealed class FaultReport
         return new FaultReport(rows);
     }
 
+    /// <summary>The <c>NOTE fault-round scenario=S? interface=I ...</c> lines of one case, one per fault, in order:
+    /// the per-fault figures (<c>fault=</c> or <c>step=</c>, <c>stall_after_back_ms</c>, <c>app_io_errors</c>,
+    /// <c>served_again</c>).</summary>
+    public static IReadOnlyList<ResultLine> Rounds(string console, string scenario, string iface)
+    {
+        ArgumentNullException.ThrowIfNull(console);
+        var rounds = new List<ResultLine>();
+        foreach (var text in console.Split('\n'))
+        {
+            if (ResultLine.TryParse(text, RoundMarker, out var line) && line!.Scenario == RoundName &&
+                line.Matches(("scenario", scenario), ("interface", iface)))
+            {
+                rounds.Add(line);
+            }
+        }
+
+        return rounds;
+    }
+
     public FaultRow Row(string scenario, string iface) =>
         Rows.SingleOrDefault(r => r.Scenario == scenario && r.Interface == iface)
         ?? throw new KeyNotFoundException($"no 'RESULT fault scenario={scenario} interface={iface}' line");
@@ -64,12 +89,12 @@ public sealed class FaultReport
     public string ToMarkdown()
     {
         var sb = new StringBuilder()
-            .Append("| scenario | interface | rounds | app I/O errors | kernel I/O errors | verify failures | max stall after back (ms) | longest gap (ms) | served again |\n")
-            .Append("|---|---|---|---|---|---|---|---|---|\n");
+            .Append("| scenario | interface | relay | rounds | app I/O errors | kernel I/O errors | verify failures | max stall after back (ms) | longest gap (ms) | served again |\n")
+            .Append("|---|---|---|---|---|---|---|---|---|---|\n");
         foreach (var r in Rows)
         {
             sb.Append(CultureInfo.InvariantCulture,
-                $"| {r.Scenario} | {r.Interface} | {r.Rounds} | {r.AppIoErrors} | {r.KernelIoErrors} | {r.VerifyFailures} | {r.MaxStallAfterBackMs} | {r.MaxGapMs} | {r.ServedAgain} |\n");
+                $"| {r.Scenario} | {r.Interface} | {r.Relay} | {r.Rounds} | {r.AppIoErrors} | {r.KernelIoErrors} | {r.VerifyFailures} | {r.MaxStallAfterBackMs} | {r.MaxGapMs} | {r.ServedAgain} |\n");
         }
 
         return sb.ToString();

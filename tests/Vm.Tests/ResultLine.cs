@@ -14,17 +14,22 @@ public sealed record ResultLine(string Scenario, IReadOnlyDictionary<string, str
     /// Parses a console line. The marker may be preceded by terminal noise (SeaBIOS clears the screen on the same
     /// line), so it is searched for rather than required at column 0.
     /// </summary>
-    public static bool TryParse(string line, out ResultLine? result)
+    public static bool TryParse(string line, out ResultLine? result) => TryParse(line, Marker, out result);
+
+    /// <summary>The same for a line with another marker (<c>"NOTE "</c>: a scenario's per-round notes in the same
+    /// <c>name key=value ...</c> form).</summary>
+    public static bool TryParse(string line, string marker, out ResultLine? result)
     {
         ArgumentNullException.ThrowIfNull(line);
+        ArgumentException.ThrowIfNullOrEmpty(marker);
         result = null;
-        var at = line.IndexOf(Marker, StringComparison.Ordinal);
+        var at = line.IndexOf(marker, StringComparison.Ordinal);
         if (at < 0)
         {
             return false;
         }
 
-        var text = line[(at + Marker.Length)..].Trim();
+        var text = line[(at + marker.Length)..].Trim();
         var tokens = text.Split(' ', StringSplitOptions.RemoveEmptyEntries);
         if (tokens.Length == 0 || tokens[0].Contains('=', StringComparison.Ordinal))
         {

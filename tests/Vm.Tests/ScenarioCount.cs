@@ -27,16 +27,20 @@ internal static class ScenarioCount
     /// <summary>The script's name for the default count; otherwise an absolute path to a copy that sets
     /// <paramref name="scriptVariable"/> (VmFixture combines the name with tests/vm/scenarios, which keeps an absolute
     /// path as it is).</summary>
-    public static string Script(string name, string scriptVariable, int count, int defaultCount)
-    {
-        if (count == defaultCount)
-        {
-            return name;
-        }
+    public static string Script(string name, string scriptVariable, int count, int defaultCount) =>
+        count == defaultCount
+            ? name
+            : Copy(name, $"{scriptVariable}={count}", count.ToString(CultureInfo.InvariantCulture));
 
+    /// <summary>An absolute path to a copy of scenario <paramref name="name"/> with <paramref name="firstLine"/> (a
+    /// variable assignment the script leaves alone when it is already set) put before it. The copy's name ends in
+    /// <paramref name="suffix"/>, so each variant is its own VM run in VmFixture and its own console under
+    /// artifacts/vm-runs.</summary>
+    public static string Copy(string name, string firstLine, string suffix)
+    {
         var source = Path.Combine(VmFixture.FindRepoRoot(AppContext.BaseDirectory), "tests", "vm", "scenarios", name);
-        var copy = Path.Combine(Path.GetTempPath(), $"nbdvm-{Path.GetFileNameWithoutExtension(name)}-{count}.sh");
-        File.WriteAllText(copy, $"{scriptVariable}={count}\n" + File.ReadAllText(source));
+        var copy = Path.Combine(Path.GetTempPath(), $"nbdvm-{Path.GetFileNameWithoutExtension(name)}-{suffix}.sh");
+        File.WriteAllText(copy, firstLine + "\n" + File.ReadAllText(source));
         return copy;
     }
 }

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Side-by-side fio figures (not a test): in ONE VM boot, the same nbd-server export mapped by nbd-client (ioctl,
-# netlink) and by nbd-daemon (ioctl, netlink). Prints a markdown table with the ratio nbd-daemon / nbd-client.
+# netlink), by nbd-daemon (ioctl, netlink: `connect`, the kernel on the server's TCP socket) and by nbd-daemon with
+# the relay (ioctl, netlink: the host with one mapping, "Relay": true, every byte through the daemon). Prints a
+# markdown table with the ratios nbd-daemon / nbd-client and relay / nbd-daemon (the relay's cost).
 #
 #   bench.sh [--daemon PUBLISH_DIR] [--timeout SECONDS]
 # Without --daemon, src/NbdDaemon is published (self-contained) into a temporary folder first.
@@ -9,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 daemon=""
-timeout=900
+timeout=1800
 while [ $# -gt 0 ]; do
     case "$1" in
         --daemon) daemon=$2; shift 2 ;;
@@ -60,12 +62,24 @@ with_daemon() { # MODE ROUND
     else note "nbd-daemon $1 did not connect"; show_log /tmp/bench-$1.log; fi
     daemon_kill $DPID TERM; wait_free nbd0 10 >/dev/null
 }
-# Three rounds that alternate which client goes first, so a drift in the host's load does not favour one side;
-# the table shows the median of the rounds.
+with_relay() { # MODE ROUND: the daemon's host, one mapping with Relay on (the connect verb has no relay)
+    local iface=Ioctl; [ $1 = netlink ] && iface=Netlink
+    mkdir -p /etc/nbd-daemon
+    echo "{ \"Nbd\": { \"Mappings\": [ { \"Name\": \"bench\", \"Uri\": \"nbd://127.0.0.1:10809/bench\", \"Device\": \"/dev/nbd0\", \"Interface\": \"$iface\", \"Relay\": true } ] } }" \
+        > /etc/nbd-daemon/appsettings.json
+    nbd-daemon > /tmp/bench-relay-$1.log 2>&1 &
+    DPID=$!
+    if wait_connected nbd0 90 $DPID >/dev/null; then
+        sleep 3; jobs nbd-daemon-relay "$@"
+    else note "nbd-daemon relay $1 did not connect"; show_log /tmp/bench-relay-$1.log; fi
+    daemon_kill $DPID TERM; wait_free nbd0 10 >/dev/null
+}
+# Three rounds that alternate the order (client, daemon, relay; then backwards), so a drift in the host's load does
+# not favour one side; the table shows the median of the rounds.
 for round in 1 2 3; do
     for mode in ioctl netlink; do
-        if [ $((round % 2)) = 1 ]; then with_client $mode $round; with_daemon $mode $round
-        else with_daemon $mode $round; with_client $mode $round; fi
+        if [ $((round % 2)) = 1 ]; then with_client $mode $round; with_daemon $mode $round; with_relay $mode $round
+        else with_relay $mode $round; with_daemon $mode $round; with_client $mode $round; fi
     done
 done
 SCENARIO
@@ -90,13 +104,14 @@ function median(arr, k, n,    i, j, t, a) {
 }
 function cell(j, c, mo,    k) { k = j "|" c "|" mo; if (!(k in cnt)) return "n/a"
     m[k] = median(mib, k, cnt[k]); return sprintf("%.1f MiB/s (%d IOPS)", m[k], median(iops, k, cnt[k])) }
-function ratio(j, mo,    a, b) { a = m[j "|nbd-daemon|" mo]; b = m[j "|nbd-client|" mo]
+function ratio(j, over, under, mo,    a, b) { a = m[j "|" over "|" mo]; b = m[j "|" under "|" mo]
     return (a != "" && b != "" && b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }
 END {
-    print "| job (median of 3 rounds) | nbd-client ioctl | nbd-daemon ioctl | ratio ioctl | nbd-client netlink | nbd-daemon netlink | ratio netlink |"
-    print "|---|---|---|---|---|---|---|"
-    for (i = 1; i <= jobs; i++) { j = order[i]
-        ci = cell(j, "nbd-client", "ioctl"); di = cell(j, "nbd-daemon", "ioctl")
-        cn = cell(j, "nbd-client", "netlink"); dn = cell(j, "nbd-daemon", "netlink")
-        printf "| %s | %s | %s | %s | %s | %s | %s |\n", j, ci, di, ratio(j, "ioctl"), cn, dn, ratio(j, "netlink") }
+    print "| job (median of 3 rounds) | nbd-client ioctl | nbd-daemon ioctl | nbd-daemon+relay ioctl | daemon/client ioctl | relay/daemon ioctl | nbd-client netlink | nbd-daemon netlink | nbd-daemon+relay netlink | daemon/client netlink | relay/daemon netlink |"
+    print "|---|---|---|---|---|---|---|---|---|---|---|"
+    for (i = 1; i <= jobs; i++) { j = order[i]; line = "| " j
+        for (k = 1; k <= 2; k++) { mo = (k == 1) ? "ioctl" : "netlink"
+            line = line " | " cell(j, "nbd-client", mo) " | " cell(j, "nbd-daemon", mo) " | " cell(j, "nbd-daemon-relay", mo)
+            line = line " | " ratio(j, "nbd-daemon", "nbd-client", mo) " | " ratio(j, "nbd-daemon-relay", "nbd-daemon", mo) }
+        print line " |" }
 }' "$work/serial.log"

@@ -17,12 +17,17 @@
 #
 # Counts: ROUNDS_S1 ROUNDS_S2 ROUNDS_S3 ROUNDS_S4, and the mappings' request Timeout TIMEOUT_S (1..9 s), overridden by
 # /etc/nbd-faults.conf (tests/vm/faults.sh --full / --timeout S).
-# Prints per case: RESULT fault scenario=S? interface=... ; per round: NOTE fault-round ...
+# RELAY=1 (/etc/nbd-faults.conf, tests/vm/faults.sh --relay; or the first line of a copy) sets "Relay": true on every
+# mapping: the kernel gets one end of a socketpair and the daemon relays to the server, resending what was in flight
+# when it reconnects by itself.
+# Prints per case: RESULT fault scenario=S? interface=... relay=0|1 ...; per round: NOTE fault-round ...
 . /usr/local/lib/nbdvm.sh
 ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
 SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
 TIMEOUT_S=5
 [ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
+# not in the defaults line above: a copy of this script may set it on its first line (tests/Vm.Tests FaultRelayTests)
+[ "${RELAY:-0}" = 1 ] && RELAY=1 || RELAY=0
 MiB=1048576
 SIZE_MIB=64 WRONG_MIB=48
 PROXY_BIN=fault-proxy
@@ -57,7 +62,9 @@ for i in 1 3; do
 done
 
 write_config() {
-    local i sep="" dead
+    local i sep="" dead relay=""
+    # absent rather than false without RELAY: the configuration a daemon without the key accepts
+    [ "$RELAY" = 1 ] && relay=' "Relay": true,'
     mkdir -p /etc/nbd-daemon
     {
         echo '{ "Nbd": { "Mappings": ['
@@ -65,7 +72,7 @@ write_config() {
             dead=""
             [ "$(iface_of $i)" = Netlink ] && dead='"DeadConnectionTimeout": "00:01:00", "OnStop": "Leave",'
             echo "$sep{ \"Name\": \"m$i\", \"Uri\": \"nbd://127.0.0.1:$(uri_port $i)/kit\", \"Device\": \"/dev/nbd$i\","
-            echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\", $dead"
+            echo "  \"Interface\": \"$(iface_of $i)\", \"Timeout\": \"00:00:0$TIMEOUT_S\",$relay $dead"
             echo "  \"Reconnect\": { \"InitialDelay\": \"00:00:00.250\", \"MaxDelay\": \"00:00:01\" } }"
             sep=","
         done
@@ -174,9 +181,12 @@ daemon_restart() {
     wait_exit $DAEMON 20 || { kill -KILL $DAEMON; wait $DAEMON; }
     left=$([ -e /sys/block/nbd$i/pid ] && echo configured || echo free)
     sleep 2
+    local dl0; dl0=$(wc -l < $DLOG)
     start_daemon
     T=$(nbd-verify now)
     round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
+    # With the relay the driver has no server socket while no daemon runs: where the new daemon's start spends its time
+    [ "$RELAY" = 1 ] && note fault-restart $TAG round=$r $(restart_timeline m$i "$dl0" "$T")
     # adoption is logged once the new daemon runs the mapping (Netlink); Ioctl configures the device anew
     local n=0
     while [ $n -lt 300 ]; do
@@ -196,6 +206,34 @@ daemon_restart() {
 fault_S5() { daemon_restart KILL "$@"; }
 fault_S6() { daemon_restart TERM "$@"; }
 
+# relay_figures MAPPING LINE0: what the relay of MAPPING logged after line LINE0 of the daemon log (events 110-113):
+# connections lost, reconnects, requests resent in all, the longest outage it hid, and give-ups.
+relay_figures() {
+    tail -n +$(($2 + 1)) $DLOG | grep "Mapping $1 on " | awk '
+        /relay lost the server connection/ { lost++ }
+        /relay reconnected after/ { back++; for (i = 1; i < NF; i++) {
+            if ($i == "after" && $(i + 1) + 0 > out) out = $(i + 1) + 0
+            if ($(i + 1) == "requests" && $(i + 2) == "resent") resent += $i } }
+        /relay ended \(GaveUp/ { gave++ }
+        END { printf "relay_lost=%d relay_reconnected=%d relay_resent=%d relay_max_outage_ms=%d relay_gave_up=%d\n",
+            lost, back, resent, out, gave }'
+}
+
+# restart_timeline MAPPING LINE0 T: ms from the daemon's start T (nbd-verify now) to its first log line, to MAPPING
+# leaving Idle, and to MAPPING Serving, from the daemon log after line LINE0 (its HH:MM:SS.mmm stamps, same clock).
+restart_timeline() {
+    tail -n +$(($2 + 1)) $DLOG | awk -v m="Mapping $1 " -v T="$3" '
+        function ms(stamp,    p) { split(stamp, p, ":"); return (p[1] * 3600 + p[2] * 60 + p[3]) * 1000 }
+        BEGIN { t0 = (T % 86400) * 1000; first = conn = serv = -1 }
+        $1 ~ /^[0-9][0-9]:[0-9][0-9]:[0-9][0-9]\.[0-9]+$/ {
+            t = ms($1) - t0
+            if (first < 0 || t < first) first = t
+            if (conn < 0 && index($0, m) && index($0, "Idle -> Connecting")) conn = t
+            if (serv < 0 && index($0, m) && index($0, "-> Serving")) serv = t
+        }
+        END { printf "first_log_ms=%d idle_to_connecting_ms=%d serving_ms=%d\n", first, conn, serv }'
+}
+
 # run_case SCENARIO INTERFACE: the verifier on the mapping's device through all rounds of one scenario.
 run_case() {
     local sc=$1 iface=$2 i rounds reopen="" k0 n0 vpid report
@@ -209,6 +247,7 @@ run_case() {
     size0=$(nbd_bytes nbd$i)
     k0=$(kio_count); n0=$(knbd_count)
     echo "SCENARIO $(date +%H:%M:%S) case $sc $iface on nbd$i" >> $DLOG
+    local dl0; dl0=$(wc -l < $DLOG)
     nbd-verify run --device /dev/nbd$i --region-mib $REGION_MIB --seed $((i + 7)) --stop-file "$stop" \
         --events "$EV" --status "$ST" $reopen > /tmp/report-$sc-$iface 2>/tmp/verr-$sc-$iface &
     vpid=$!
@@ -238,7 +277,8 @@ run_case() {
     local extra=""
     [ "$sc" = S4 ] && extra="wrong_size=$((WRONG_MIB * MiB)) sizes_during=${S4_DURING%,} resized_to_wrong=$S4_RESIZED refusals_logged=$S4_REFUSED"
     case $sc in S5|S6) extra="adopted=$RESTART_ADOPTED device_while_down=${RESTART_LEFT%,}" ;; esac
-    result fault scenario=$sc interface=$iface device=nbd$i rounds=$rounds \
+    [ "$RELAY" = 1 ] && extra="$extra $(relay_figures m$i $dl0)"
+    result fault scenario=$sc interface=$iface relay=$RELAY device=nbd$i rounds=$rounds \
         app_io_errors=$(( ${we:-0} + ${re:-0} + ${fe:-0} + ${oe:-0} )) write_errors=${we:--1} read_errors=${re:--1} \
         final_read_errors=${fe:--1} open_errors=${oe:--1} \
         kernel_io_errors=$(( $(kio_count) - k0 )) kernel_nbd_lines=$(( $(knbd_count) - n0 )) \
