@@ -33,7 +33,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task ConnectAsync_RelayOff_ReturnsTheServerConnectionItself()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
 
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: false), CancellationToken.None);
 
@@ -45,7 +45,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task ConnectAsync_RelayOn_KernelGetsAUnixSocketAndDataRoundTrips()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
 
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
         byte[] data = Pattern(4096, 7);
@@ -61,7 +61,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task ServerKilledWithARequestInFlight_RestartedOneSecondLater_RequestAnsweredRightAfterTheRestart()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
         byte[] data = Pattern(65536, 3);
         Write(session.Socket, 1, 0, data);
@@ -83,7 +83,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task ServerComesBackWithAnotherSize_RelayGivesUpAtOnceAndClosesTheKernelsEnd()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true, timeout: TimeSpan.FromSeconds(20)), CancellationToken.None);
 
         Kill();
@@ -101,7 +101,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task ServerStaysDown_RelayGivesUpAfterTimeout()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true, timeout: TimeSpan.FromSeconds(2)), CancellationToken.None);
 
         var down = Stopwatch.StartNew();
@@ -117,7 +117,7 @@ public sealed class RelayingConnectorTests : IDisposable
     public async Task Dispose_StopsTheRelayAndClosesTheServerConnection()
     {
         await StartServerAsync(DiskSize);
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+        RelayingConnector connector = Connector();
         INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
         int before = ServerConnections();
 
@@ -126,6 +126,10 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Equal(1, before);
         await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
     }
+
+    /// <summary>As the host wires it (DaemonHost): the relay around the real protocol connector.</summary>
+    private static RelayingConnector Connector() =>
+        new(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
 
     private MappingOptions Mapping(bool relay, TimeSpan? timeout = null) => TestMappings.Create(timeout: timeout ?? TimeSpan.FromSeconds(10)) with
     {
