@@ -42,6 +42,12 @@ public sealed class NbdRelay : IDisposable
     private int _generation;
     private long _sequence;
     private long _reconnects;
+
+    /// <summary>Replies taken out of <see cref="_pending"/> and not yet written to the kernel (under the lock).</summary>
+    private int _delivering;
+
+    /// <summary>The kernel sent NBD_CMD_DISC: no request follows, and the relay ends once every reply went back.</summary>
+    private bool _disconnecting;
     private int _started;
     private int _disposed;
 
@@ -170,8 +176,7 @@ public sealed class NbdRelay : IDisposable
 
                 if (request.Type == NbdCommand.Disconnect)
                 {
-                    PassOnDisconnect(header);
-                    End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+                    Disconnect(header);
                     return;
                 }
 
@@ -258,31 +263,59 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
-    private void PassOnDisconnect(byte[] header)
+    /// <summary>
+    /// NBD_CMD_DISC from the kernel. The spec has the server answer every outstanding request before it closes, and the
+    /// driver goes on reading replies after it sent DISC: so the relay passes DISC on, reads no further request, and
+    /// ends once the replies still owed went back to the kernel (or the server closed). During an outage there is no
+    /// server to tell and nothing will answer: it ends at once.
+    /// </summary>
+    private void Disconnect(byte[] header)
     {
+        bool passedOn = false;
+        int owed;
         lock (_sendLock)
         {
             Socket? server;
             lock (_lock)
             {
+                _disconnecting = true;
                 server = _server;
             }
 
-            if (server is null)
+            if (server is not null)
             {
-                return;
+                try
+                {
+                    SendAll(server, header, default);
+                    passedOn = true;
+                }
+                catch (Exception e) when (e is SocketException or ObjectDisposedException)
+                {
+                    // The server is gone: it needs no goodbye, and will answer nothing more.
+                }
             }
 
-            try
+            lock (_lock)
             {
-                SendAll(server, header, default);
-            }
-            catch (Exception e) when (e is SocketException or ObjectDisposedException)
-            {
-                // The server is gone: it needs no goodbye.
+                owed = _pending.Count + _delivering;
             }
         }
+
+        if (owed == 0)
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+        }
+        else if (!passedOn)
+        {
+            EndDisconnected(owed);
+        }
+
+        // Otherwise the server thread ends the relay with the last reply it delivers, or when the server closes.
     }
+
+    private void EndDisconnected(int unanswered) => End(new NbdRelayEnd(
+        NbdRelayEndReason.Disconnected,
+        string.Create(CultureInfo.InvariantCulture, $"the kernel sent NBD_CMD_DISC; {unanswered} requests in flight then got no reply")));
 
     private void ServerLoop()
     {
@@ -332,10 +365,19 @@ public sealed class NbdRelay : IDisposable
             }
 
             int inFlight;
+            bool disconnecting;
             lock (_lock)
             {
                 _server = null;
                 inFlight = _pending.Count;
+                disconnecting = _disconnecting;
+            }
+
+            if (disconnecting)
+            {
+                // After DISC the server closing is the orderly end, not a loss to hide.
+                EndDisconnected(inFlight);
+                return;
             }
 
             TryShutdown(server);
@@ -404,8 +446,10 @@ public sealed class NbdRelay : IDisposable
         {
             _pending.Remove(reply.Cookie);
             pending.Answered = true;
+            _delivering++;
         }
 
+        bool lastAfterDisconnect;
         try
         {
             SendAll(_kernel, header, data.AsSpan(0, length));
@@ -422,6 +466,17 @@ public sealed class NbdRelay : IDisposable
             }
 
             pending.Return();
+            lock (_lock)
+            {
+                _delivering--;
+                lastAfterDisconnect = _disconnecting && _pending.Count == 0 && _delivering == 0;
+            }
+        }
+
+        if (lastAfterDisconnect)
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+            return false;
         }
 
         return true;

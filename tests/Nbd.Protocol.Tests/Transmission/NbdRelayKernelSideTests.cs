@@ -55,6 +55,80 @@ public sealed class NbdRelayKernelSideTests
         Assert.Single(server.Connections);
     }
 
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_KernelSendsDiscWithReadInFlight_ReplyGoesBackFirstThenEndOfStream()
+    {
+        // The spec has the server answer outstanding requests before it closes, and the driver reads replies after DISC.
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(ReplyDelay: TimeSpan.FromMilliseconds(300)));
+        server.Fill(seed: 97);
+        await using var harness = RelayHarness.Start(server);
+        byte[] expected = server.Disk.AsSpan(4096, 1024).ToArray();
+
+        await harness.SendRequestAsync(CmdRead, 0x98, 4096, 1024, deadline.Token);
+        await harness.SendAsync(Request(CmdDisc, 0x99, 0, 0), deadline.Token);
+
+        var (reply, data) = await harness.ReceiveReplyAsync(_ => 1024, deadline.Token);
+        Assert.Equal(0x98ul, reply.Cookie);
+        Assert.Equal(0u, reply.Error);
+        Assert.Equal(expected, data);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal(NbdRelayEndReason.Disconnected, end.Reason);
+        Assert.Equal("the kernel sent NBD_CMD_DISC", end.Detail);
+        Assert.Equal([0x98ul, 0x99ul], (await server.ConnectionAsync(0, deadline.Token)).Cookies);
+        Assert.Equal(0, harness.ReconnectCalls);
+        Assert.Empty(harness.Events);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_KernelSendsDiscAndServerClosesWithoutAnswering_EndsDisconnectedWithoutReconnecting()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(AnswerFirst: 1));
+        await using var harness = RelayHarness.Start(server);
+        await WriteAsync(harness.Kernel, 0, Bytes(512, seed: 101), 0x102, deadline.Token);
+        await harness.SendRequestAsync(CmdRead, 0x103, 0, 512, deadline.Token);
+        await Wait.UntilAsync(() => server.Connections[0].Requests.Count == 2, "the held read at the server", deadline.Token);
+
+        await harness.SendAsync(Request(CmdDisc, 0x104, 0, 0), deadline.Token);
+
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal(NbdRelayEndReason.Disconnected, end.Reason);
+        Assert.Contains("1 requests in flight then got no reply", end.Detail, StringComparison.Ordinal);
+        Assert.Equal(0, harness.ReconnectCalls);
+        Assert.Empty(harness.Events);
+        Assert.Single(server.Connections);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_KernelSendsDiscDuringAnOutage_EndsAtOnceWithoutResending()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, i => i == 0 ? new ConnectionScript(FaultAt: 2, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal);
+        await using var harness = RelayHarness.Start(
+            server,
+            reconnect: async (_, ct) =>
+            {
+                await Task.Delay(Timeout.Infinite, ct);
+                throw new IOException("unreachable");
+            },
+            giveUpAfter: TimeSpan.FromMinutes(5));
+        await WriteAsync(harness.Kernel, 0, Bytes(512, seed: 105), 0x106, deadline.Token);
+        await harness.SendRequestAsync(CmdRead, 0x107, 0, 512, deadline.Token);
+        await Wait.UntilAsync(() => harness.ReconnectCalls == 1, "the reconnect attempt", deadline.Token);
+
+        await harness.SendAsync(Request(CmdDisc, 0x108, 0, 0), deadline.Token);
+
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal(NbdRelayEndReason.Disconnected, end.Reason);
+        Assert.Contains("1 requests in flight then got no reply", end.Detail, StringComparison.Ordinal);
+        Assert.Single(server.Connections);
+        Assert.Equal(1, harness.ReconnectCalls);
+    }
+
     public static TheoryData<string, byte[]> MalformedRequests => new()
     {
         { "wrong magic", Request(CmdRead, 0x1, 0, 512, magic: 0x25609514) },
