@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
+using TestSupport;
 
 namespace Nbd.Protocol.Tests.Interop.Support;
 
@@ -152,7 +153,8 @@ internal sealed class ServerProcess : IAsyncDisposable
         };
         process.OutputDataReceived += append;
         process.ErrorDataReceived += append;
-        process.Start();
+        // Not process.Start(): nbdkit dies with the thread that started it (see ProcessLauncher).
+        ProcessLauncher.Start(process);
         process.StandardInput.Close();
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();

@@ -7,6 +7,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 using NbdDaemon.Mappings.Linux;
+using TestSupport;
 
 namespace NbdDaemon.Tests.Mappings.Linux;
 
@@ -146,14 +147,23 @@ public sealed class RelayingConnectorTests : IDisposable
             file.SetLength(size);
         }
 
-        var start = new ProcessStartInfo("nbdkit") { RedirectStandardError = true, RedirectStandardOutput = true };
-        foreach (string arg in (string[])["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", _port.ToString(CultureInfo.InvariantCulture), "file", "file=" + image])
+        // Started by ProcessLauncher: nbdkit dies with the thread that started it. Its log goes to a file (nobody would
+        // read a redirected pipe, and a full one blocks nbdkit), through a shell that execs it so that the pid, and
+        // what Kill() kills, is nbdkit's.
+        string log = _dir.File("nbdkit.log");
+        var start = new ProcessStartInfo("sh") { UseShellExecute = false };
+        foreach (string arg in (string[])["-c", "exec nbdkit \"$@\" 2>>\"$0\" >&2", log, "--foreground", "-i", "127.0.0.1", "-p", _port.ToString(CultureInfo.InvariantCulture), "file", "file=" + image])
         {
             start.ArgumentList.Add(arg);
         }
 
-        _server = Process.Start(start) ?? throw new InvalidOperationException("nbdkit did not start (Debian package nbdkit)");
-        await WaitUntilAsync(Accepting, TimeSpan.FromSeconds(15));
+        Process server = ProcessLauncher.Start(start);
+        _server = server;
+        await WaitUntilAsync(() => Accepting() || server.HasExited, TimeSpan.FromSeconds(15));
+        if (server.HasExited)
+        {
+            throw new InvalidOperationException($"nbdkit exited with status {server.ExitCode} before accepting on port {_port}: {File.ReadAllText(log)}");
+        }
     }
 
     private bool Accepting()
