@@ -1,3 +1,5 @@
+using Nbd.Protocol;
+
 namespace NbdDaemon.Mappings;
 
 /// <summary>How the reconnect policy treats a failure. Decided from the exception type, never its text.</summary>
@@ -27,11 +29,19 @@ internal class MappingException : Exception
 
 /// <summary>
 /// The export came back different from the one the device was configured with. The kernel's view of the
-/// device (size, writability) cannot change under a mounted filesystem, so the mapping refuses to resume;
-/// it keeps retrying with backoff because the usual cause is a server restarted with the wrong image.
+/// device (size, writability, the commands it may send) cannot change under a mounted filesystem, so the mapping
+/// refuses to resume; it keeps retrying with backoff because the usual cause is a server restarted with the wrong image.
 /// </summary>
 internal sealed class ExportChangedException : MappingException
 {
+    /// <summary>
+    /// Transmission flags the driver acts on. Netlink RECONFIGURE keeps the flags given at CONNECT, so after a reconnect
+    /// to an export without one the driver would go on sending FLUSH, FUA, TRIM or WRITE_ZEROES to a server that no
+    /// longer offers it: a flush that may not happen, or I/O errors on discards.
+    /// </summary>
+    public const TransmissionFlags FlagsTheKernelUses =
+        TransmissionFlags.SendFlush | TransmissionFlags.SendFua | TransmissionFlags.SendTrim | TransmissionFlags.SendWriteZeroes;
+
     public ExportChangedException(string reason, ExportDescription before, ExportDescription after)
         : base(reason)
     {
@@ -42,6 +52,28 @@ internal sealed class ExportChangedException : MappingException
     public ExportDescription Before { get; }
 
     public ExportDescription After { get; }
+
+    /// <summary>
+    /// Why <paramref name="now"/> is not the disk <paramref name="before"/> was: another size, newly read-only (unless
+    /// the mapping is read-only anyway), or without a flag in <see cref="FlagsTheKernelUses"/>; null when it is the same.
+    /// </summary>
+    public static ExportChangedException? Compare(ExportDescription before, ExportDescription now, bool mappingReadOnly)
+    {
+        var lost = (TransmissionFlags)(before.TransmissionFlags & ~now.TransmissionFlags) & FlagsTheKernelUses;
+        string? reason = now.Size != before.Size ? $"export size changed from {before.Size} to {now.Size} bytes"
+            : now.ReadOnly && !before.ReadOnly && !mappingReadOnly ? "export became read-only"
+            : lost != 0 ? $"export no longer offers {FlagNames(lost)}, which the kernel was configured to send"
+            : null;
+        return reason is null ? null : new ExportChangedException(reason, before, now);
+    }
+
+    private static string FlagNames(TransmissionFlags flags) => string.Join(", ", new[]
+    {
+        (TransmissionFlags.SendFlush, "NBD_FLAG_SEND_FLUSH"),
+        (TransmissionFlags.SendFua, "NBD_FLAG_SEND_FUA"),
+        (TransmissionFlags.SendTrim, "NBD_FLAG_SEND_TRIM"),
+        (TransmissionFlags.SendWriteZeroes, "NBD_FLAG_SEND_WRITE_ZEROES"),
+    }.Where(f => flags.HasFlag(f.Item1)).Select(f => f.Item2));
 }
 
 /// <summary>

@@ -18,7 +18,7 @@ namespace NbdDaemon.Mappings;
 /// kernel holds the device's I/O (DeadConnectionTimeout after the loss) the loop retries at once and then every
 /// <see cref="HeldRetryInterval"/> instead of backing off: every second waited there is a second of stalled I/O.
 /// Before the first CONNECT a device left configured by an earlier daemon (same backend identifier) is adopted.
-/// After the first successful configuration the export must keep its size and writability
+/// After the first successful configuration the export must keep its size, writability and the flags the driver uses
 /// (<see cref="ExportChangedException"/>), otherwise the attempt fails and is retried with backoff.
 /// </summary>
 internal sealed class MappingLoop
@@ -330,17 +330,9 @@ internal sealed class MappingLoop
             throw new MappingException($"server does not allow {_sessions.Count} connections (no NBD_FLAG_CAN_MULTI_CONN); set Connections=1", FailureKind.Permanent);
         }
 
-        if (_established is { } before)
+        if (_established is { } before && ExportChangedException.Compare(before, export, _options.ReadOnly) is { } changed)
         {
-            if (export.Size != before.Size)
-            {
-                throw new ExportChangedException($"export size changed from {before.Size} to {export.Size} bytes", before, export);
-            }
-
-            if (export.ReadOnly && !before.ReadOnly && !_options.ReadOnly)
-            {
-                throw new ExportChangedException("export became read-only", before, export);
-            }
+            throw changed;
         }
 
         uint blockSize = BlockSizePolicy.Choose(_options.BlockSize, export.PreferredBlockSize);

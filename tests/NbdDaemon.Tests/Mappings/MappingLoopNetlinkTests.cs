@@ -1,3 +1,4 @@
+using Nbd.Protocol;
 using System.Collections.Concurrent;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Time.Testing;
@@ -94,6 +95,29 @@ public sealed class MappingLoopNetlinkTests
 
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.Equal("export size changed from 1073741824 to 2147483648 bytes", loop.LastFailure);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ExportLostTrimAfterLinkDead_RefusedWithoutReconfigure()
+    {
+        // RECONFIGURE keeps CONNECT's flags: the driver would go on sending TRIM to a server that no longer offers it.
+        const ushort flush = (ushort)TransmissionFlags.SendFlush, trim = (ushort)TransmissionFlags.SendTrim;
+        ExportDescription before = FakeConnector.DefaultExport with { TransmissionFlags = (ushort)(FakeConnector.DefaultExport.TransmissionFlags | flush | trim) };
+        var connector = new FakeConnector().ThenServe(before).ThenServe(before with { TransmissionFlags = (ushort)(before.TransmissionFlags & ~trim) });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead();
+        await states.WaitForAsync(MappingState.Reconnecting, 2);
+
+        Assert.Equal("export no longer offers NBD_FLAG_SEND_TRIM, which the kernel was configured to send", loop.LastFailure);
+        Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal));
         await cts.CancelAsync();
         await run.WaitAsync(TestTimeout);
     }

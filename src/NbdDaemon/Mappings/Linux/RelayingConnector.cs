@@ -1,7 +1,5 @@
-using System.Globalization;
 using System.Net.Sockets;
 using Nbd.Kernel;
-using Nbd.Protocol;
 using Nbd.Protocol.Transmission;
 using NbdDaemon.Configuration;
 
@@ -20,9 +18,6 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 {
     /// <summary>Pause between the relay's reconnect attempts; the first one is immediate.</summary>
     public static readonly TimeSpan RetryInterval = TimeSpan.FromMilliseconds(250);
-
-    /// <summary>Transmission flags the driver acts on: a reconnect that loses one would turn its requests into errors.</summary>
-    private const ushort FlagsTheKernelRelies = (ushort)(TransmissionFlags.SendFlush | TransmissionFlags.SendFua | TransmissionFlags.SendTrim | TransmissionFlags.SendWriteZeroes);
 
     private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
 
@@ -66,21 +61,15 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     /// <summary>
     /// A new connection for the relay, refused (permanently: the relay gives up at once) when the export is no longer
-    /// the disk the kernel has been writing to: another size, newly read-only, or without a flag the driver uses.
+    /// the disk the kernel has been writing to (<see cref="ExportChangedException.Compare"/>).
     /// </summary>
     private async Task<Socket> ReconnectAsync(MappingOptions mapping, ExportDescription before, RelaySession owner, CancellationToken cancellationToken)
     {
         INbdSession next = await inner.ConnectAsync(mapping, cancellationToken);
-        ExportDescription now = next.Export;
-        string? changed = now.Size != before.Size ? $"export size changed from {before.Size} to {now.Size} bytes"
-            : now.ReadOnly && !before.ReadOnly && !mapping.ReadOnly ? "export became read-only"
-            : (before.TransmissionFlags & ~now.TransmissionFlags & FlagsTheKernelRelies) is int lost and not 0
-                ? string.Create(CultureInfo.InvariantCulture, $"export lost transmission flags 0x{lost:x4} the kernel uses")
-            : null;
-        if (changed is not null)
+        if (ExportChangedException.Compare(before, next.Export, mapping.ReadOnly) is { } changed)
         {
             next.Dispose();
-            throw new ExportChangedException(changed, before, now);
+            throw changed;
         }
 
         owner.Adopt(next);
