@@ -48,6 +48,9 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>The kernel sent NBD_CMD_DISC: no request follows, and the relay ends once every reply went back.</summary>
     private bool _disconnecting;
+
+    /// <summary>After DISC: ends the relay if the server neither answers nor closes within GiveUpAfter.</summary>
+    private ITimer? _disconnectDeadline;
     private int _started;
     private int _disposed;
 
@@ -122,6 +125,7 @@ public sealed class NbdRelay : IDisposable
         _kernel.Dispose();
         lock (_lock)
         {
+            _disconnectDeadline?.Dispose();
             _server?.Dispose();
             _lastServer?.Dispose();
             foreach (Pending pending in _pending.Values)
@@ -309,8 +313,28 @@ public sealed class NbdRelay : IDisposable
         {
             EndDisconnected(owed);
         }
+        else
+        {
+            // The server thread ends the relay with the last reply it delivers, or when the server closes; a server that
+            // does neither gets GiveUpAfter, as a reconnect would (the driver may have no timeout of its own: ioctl 0).
+            TimeSpan limit = _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
+            ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndDisconnectedNow(), null, limit, Timeout.InfiniteTimeSpan);
+            lock (_lock)
+            {
+                _disconnectDeadline = deadline;
+            }
+        }
+    }
 
-        // Otherwise the server thread ends the relay with the last reply it delivers, or when the server closes.
+    private void EndDisconnectedNow()
+    {
+        int owed;
+        lock (_lock)
+        {
+            owed = _pending.Count + _delivering;
+        }
+
+        EndDisconnected(owed);
     }
 
     private void EndDisconnected(int unanswered) => End(new NbdRelayEnd(

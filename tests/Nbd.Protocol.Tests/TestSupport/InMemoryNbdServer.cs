@@ -30,13 +30,15 @@ internal enum ServerFault
 /// <param name="ReplyDelay">Waited before each reply.</param>
 /// <param name="ReorderBatch">Replies are held until this many are ready, then sent last first.</param>
 /// <param name="HangUpAtOnce">The connection is closed as soon as it is accepted (an idle drop).</param>
+/// <param name="KeepOpenAfterDisc">NBD_CMD_DISC is recorded and ignored: the connection stays open (a server that hangs).</param>
 internal sealed record ConnectionScript(
     int AnswerFirst = int.MaxValue,
     int FaultAt = 0,
     ServerFault Fault = ServerFault.None,
     TimeSpan ReplyDelay = default,
     int ReorderBatch = 0,
-    bool HangUpAtOnce = false)
+    bool HangUpAtOnce = false,
+    bool KeepOpenAfterDisc = false)
 {
     public static readonly ConnectionScript Normal = new();
 }
@@ -258,6 +260,11 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
                 connection.Add(new ReceivedRequest(header, request, data));
                 if (request.Type == RawTransmission.CmdDisc)
                 {
+                    if (script.KeepOpenAfterDisc)
+                    {
+                        continue;
+                    }
+
                     return;
                 }
 

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Time.Testing;
 using System.Net.Sockets;
 using Nbd.Protocol.Tests.TestSupport;
 using Nbd.Protocol.Transmission;
@@ -100,6 +101,30 @@ public sealed class NbdRelayKernelSideTests
         Assert.Equal(0, harness.ReconnectCalls);
         Assert.Empty(harness.Events);
         Assert.Single(server.Connections);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_KernelSendsDiscAndServerNeitherAnswersNorCloses_EndsAfterGiveUpAfterOnItsClock()
+    {
+        using var deadline = Deadline();
+        var clock = new FakeTimeProvider();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(AnswerFirst: 1, KeepOpenAfterDisc: true));
+        await using var harness = RelayHarness.Start(server, giveUpAfter: TimeSpan.FromSeconds(10), timeProvider: clock);
+        await WriteAsync(harness.Kernel, 0, Bytes(512, seed: 109), 0x10a, deadline.Token);
+        await harness.SendRequestAsync(CmdRead, 0x10b, 0, 512, deadline.Token);
+        await harness.SendAsync(Request(CmdDisc, 0x10c, 0, 0), deadline.Token);
+        await Wait.UntilAsync(() => server.Connections[0].Requests.Count == 3, "DISC at the server", deadline.Token);
+
+        clock.Advance(TimeSpan.FromSeconds(9.9));
+        await Task.Delay(200, deadline.Token);
+        Assert.False(harness.Relay.Completion.IsCompleted, "The relay ended before GiveUpAfter.");
+
+        clock.Advance(TimeSpan.FromSeconds(0.1));
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal(NbdRelayEndReason.Disconnected, end.Reason);
+        Assert.Contains("1 requests in flight then got no reply", end.Detail, StringComparison.Ordinal);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        Assert.Equal(0, harness.ReconnectCalls);
     }
 
     [Fact(Timeout = 30_000)]
