@@ -30,7 +30,7 @@ internal static class MultiConnScenario
 
     public static int Rounds { get; } = ScenarioCount.Read(RoundsVariable, DefaultRounds, 200);
 
-    public static ScenarioSpec Spec { get; } = new(ScenarioCount.Script("multiconn.sh", "MULTICONN_ROUNDS", Rounds, DefaultRounds), ["nbdkit"], true, 300 + (40 * Rounds)) { NeedsTools = true };
+    public static ScenarioSpec Spec { get; } = new(ScenarioCount.Script("multiconn.sh", "MULTICONN_ROUNDS", Rounds, DefaultRounds), ["nbdkit"], true, 400 + (40 * Rounds)) { NeedsTools = true };
 }
 
 /// <summary>
@@ -38,7 +38,9 @@ internal static class MultiConnScenario
 /// SIGKILLed and restarted after 1–3 s, <see cref="MultiConnScenario.Rounds"/> times, under a write-then-verify load
 /// (nbd-verify, O_DIRECT 4 KiB blocks over 32 MiB). The driver marks each of the two slots dead and sends one LINK_DEAD
 /// per slot; the daemon must reconnect exactly once per restart (a LINK_DEAD for a connection already replaced must
-/// not tear the new one down), hand both sockets over again, and hide every restart from the application.
+/// not tear the new one down), hand both sockets over again, and hide every restart from the application. Then the
+/// daemon is SIGKILLed and started again: the new process adopts the two-connection device and handles one more server
+/// restart itself.
 /// </summary>
 [Collection(VmCollection.Name)]
 public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
@@ -180,6 +182,47 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
 
         Expect.That(run, summary, summary.Long("max_stall_after_back_ms") <= MultiConnScenario.StallBoundMs,
             $"longest stall after back {summary["max_stall_after_back_ms"]} ms");
+    }
+
+    [Fact]
+    public async Task DaemonKilled_TwoConnections_NewProcessAdoptsTheLiveDeviceWithoutErrors()
+    {
+        // SIGKILL leaves both of the kernel's TCP connections alive: the new process must find the device by its backend
+        // identifier, not CONNECT, and see that the previous connection still serves (event 106: 0 of 2 fresh sockets).
+        var run = await vm.RunAsync(MultiConnScenario.Spec);
+        var a = run.One("multiconn-adopt");
+        output.WriteLine(a.Raw);
+        Expect.Equal(run, a, "adopted", "yes");
+        Expect.Equal(run, a, "still_alive", "yes");
+        Expect.Equal(run, a, "connects", 0);
+        Expect.Equal(run, a, "established", MultiConnScenario.Connections);
+        Expect.Equal(run, a, "size", MultiConnScenario.ExportBytes);
+        Expect.Equal(run, a, "app_io_errors", 0);
+        Expect.Equal(run, a, "verify_failures", 0);
+        Expect.Equal(run, a, "kernel_io_errors", 0);
+        Expect.Equal(run, a, "daemon_alive", "yes");
+    }
+
+    [Fact]
+    public async Task AdoptedDevice_ServerRestart_NewProcessHandsOverTwoOfTwoWithoutErrors()
+    {
+        var run = await vm.RunAsync(MultiConnScenario.Spec);
+        var r = run.One("multiconn-adopted-round");
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("kernel_dead_slots") >= MultiConnScenario.Connections,
+            $"the driver marked {r["kernel_dead_slots"]} slot(s) dead; expected both ({MultiConnScenario.Connections})");
+        Expect.Equal(run, r, "served_again", "yes");
+        Expect.Equal(run, r, "last_took", $"{MultiConnScenario.Connections}/{MultiConnScenario.Connections}");
+        Expect.Equal(run, r, "established", MultiConnScenario.Connections);
+        Expect.Equal(run, r, "reconnect_cycles", 1);
+        Expect.Equal(run, r, "cycles_after_handover", 0);
+        Expect.Equal(run, r, "app_io_errors", 0);
+        Expect.Equal(run, r, "verify_failures", 0);
+        Expect.Equal(run, r, "kernel_io_errors", 0);
+        Expect.Equal(run, r, "size", MultiConnScenario.ExportBytes);
+        long stall = r.Long("stall_after_back_ms");
+        Expect.That(run, r, stall <= MultiConnScenario.StallBoundMs,
+            $"I/O stalled {stall} ms after the server accepted again (bound: Timeout {MultiConnScenario.TimeoutMs} ms + 2 s)");
     }
 
     [Fact]

@@ -26,7 +26,9 @@
 # The kernel has no per-connection view in sysfs (debugfs nbd/nbdX shows tasks/timeout/flags only, probed once).
 #
 # RESULT multiconn-tools ...; RESULT multiconn-start ...; RESULT multiconn-round round=N ... (one per round);
-# RESULT multiconn ... (the whole run: verifier report, kernel errors); RESULT multiconn-stop exit_rc=N.
+# RESULT multiconn-adopt ... and RESULT multiconn-adopted-round ... (the daemon SIGKILLed and started again, then one
+# more server restart handled by the new process); RESULT multiconn ... (the whole run: verifier report, kernel
+# errors); RESULT multiconn-stop exit_rc=N.
 . /usr/local/lib/nbdvm.sh
 R=${MULTICONN_ROUNDS:-3}
 CONNECTIONS=2
@@ -88,50 +90,82 @@ nbd-verify run --device /dev/nbd0 --region-mib $REGION_MIB --seed 11 --stop-file
 VPID=$!
 sleep 2
 
-SERVED_ROUNDS=0 TWO_OF_TWO_ROUNDS=0 ONE_CYCLE_ROUNDS=0 TOTAL_CYCLES=0 MAX_STALL=0
-r=1
-while [ $r -le "$R" ]; do
+# server_round R NAME: nbdkit SIGKILLed and restarted after 1..3 s; prints RESULT NAME round=R ... and leaves SERVED,
+# LAST, EST, CYCLES and STALL for the caller's totals.
+server_round() {
+    local r=$1 name=$2 down l0 kr0 kn0 T0 T END s after took
     down=$(( (r - 1) % 3 + 1 ))
     l0=$(wc -l < $DLOG); kr0=$(kio_count); kn0=$(knbd_count)
-    echo "SCENARIO $(date +%H:%M:%S) round $r: nbdkit SIGKILL, back after $down s" >> $DLOG
+    echo "SCENARIO $(date +%H:%M:%S) $name $r: nbdkit SIGKILL, back after $down s" >> $DLOG
     T0=$(nbd-verify now)
     kill -KILL $KIT; wait $KIT 2>/dev/null
     sleep $down
     start_kit
     T=$(nbd-verify waitport $PORT 20) || T=$(nbd-verify now)
     wait_served "$ST" "$T" 60
-    [ "$SERVED" = yes ] && SERVED_ROUNDS=$((SERVED_ROUNDS + 1))
     sleep $SETTLE_S
     END=$(nbd-verify now)
     s=$(slice "$l0")
-    cycles=$(echo "$s" | grep -c 'Serving -> Reconnecting')
+    CYCLES=$(echo "$s" | grep -c 'Serving -> Reconnecting')
     # needless: a Serving -> Reconnecting after this round's first hand-over
     after=$(echo "$s" | awk '/kernel took [1-9]/ { h = 1 } h && /Serving -> Reconnecting/ { n++ } END { printf "%d\n", n }')
     took=$(took_list "$s")
-    last=${took##*,}
-    est=$(established)
-    stall=$(stall_after "$EV" "$T" "$END")
-    [ "$stall" -gt "$MAX_STALL" ] && MAX_STALL=$stall
-    [ "$last" = "$CONNECTIONS/$CONNECTIONS" ] && [ "$est" = "$CONNECTIONS" ] && TWO_OF_TWO_ROUNDS=$((TWO_OF_TWO_ROUNDS + 1))
-    [ "$cycles" = 1 ] && ONE_CYCLE_ROUNDS=$((ONE_CYCLE_ROUNDS + 1))
-    TOTAL_CYCLES=$((TOTAL_CYCLES + cycles))
-    result multiconn-round round=$r down_s=$down served_again=$SERVED first_ok_after_back_ms=$SERVED_MS \
-        stall_after_back_ms=$stall app_io_errors=$(count_between "$EV" error "$T0" "$END") \
+    LAST=${took##*,}
+    EST=$(established)
+    STALL=$(stall_after "$EV" "$T" "$END")
+    result $name round=$r down_s=$down served_again=$SERVED first_ok_after_back_ms=$SERVED_MS \
+        stall_after_back_ms=$STALL app_io_errors=$(count_between "$EV" error "$T0" "$END") \
         verify_failures=$(count_between "$EV" verify_fail "$T0" "$END") kernel_io_errors=$(( $(kio_count) - kr0 )) \
         kernel_nbd_lines=$(( $(knbd_count) - kn0 )) \
-        reconnect_cycles=$cycles cycles_after_handover=$after handovers=$(echo "$s" | grep -c 'kernel took') \
-        took=${took:-none} last_took=${last:-none} established=$est \
+        reconnect_cycles=$CYCLES cycles_after_handover=$after handovers=$(echo "$s" | grep -c 'kernel took') \
+        took=${took:-none} last_took=${LAST:-none} established=$EST \
         link_dead=$(echo "$s" | grep -c -- '-> Reconnecting; connection lost (LINK_DEAD') \
         socket_ended=$(echo "$s" | grep -- '-> Reconnecting; connection lost (' | grep -c 'socket [0-9]* of [0-9]*:') \
         kernel_dead_slots=$(dmesg | grep 'nbd0' | tail -n +$(( kn0 + 1 )) | grep -c "$SLOT_DEATH") \
         stale_ignored=$(echo "$s" | grep -c 'LINK_DEAD for an earlier connection ignored') \
         size=$(nbd_bytes nbd0) daemon_alive=$(proc_gone $DAEMON && echo no || echo yes)
     # the log around every transition of the round, for a needless cycle to be read in the console
-    echo "$s" | grep -v '^   at \|^   --- End\|^ ---> ' | grep -i 'Serving\|kernel took\|LINK_DEAD\|socket [0-9]* of\|SCENARIO\|-> Reconnecting' \
-        | head -n 40 | sed "s/^/LOG round-$r: /"
-    dmesg | grep 'nbd0' | tail -n +$(( kn0 + 1 )) | head -n 20 | sed "s/^/LOG dmesg-$r: /"
+    echo "$s" | grep -v '^   at \|^   --- End\|^ ---> ' | grep -i 'Serving\|kernel took\|LINK_DEAD\|socket [0-9]* of\|SCENARIO\|-> Reconnecting\|adopted' \
+        | head -n 40 | sed "s/^/LOG $name-$r: /"
+    dmesg | grep 'nbd0' | tail -n +$(( kn0 + 1 )) | head -n 20 | sed "s/^/LOG dmesg-$name-$r: /"
+}
+
+SERVED_ROUNDS=0 TWO_OF_TWO_ROUNDS=0 ONE_CYCLE_ROUNDS=0 TOTAL_CYCLES=0 MAX_STALL=0
+r=1
+while [ $r -le "$R" ]; do
+    server_round $r multiconn-round
+    [ "$SERVED" = yes ] && SERVED_ROUNDS=$((SERVED_ROUNDS + 1))
+    [ "$STALL" -gt "$MAX_STALL" ] && MAX_STALL=$STALL
+    [ "$LAST" = "$CONNECTIONS/$CONNECTIONS" ] && [ "$EST" = "$CONNECTIONS" ] && TWO_OF_TWO_ROUNDS=$((TWO_OF_TWO_ROUNDS + 1))
+    [ "$CYCLES" = 1 ] && ONE_CYCLE_ROUNDS=$((ONE_CYCLE_ROUNDS + 1))
+    TOTAL_CYCLES=$((TOTAL_CYCLES + CYCLES))
     r=$((r + 1))
 done
+
+# Adoption with two connections: the daemon is SIGKILLed (the kernel keeps serving on its two TCP connections) and
+# started again; the new process must adopt the device (backend nbd-daemon:mc) without a CONNECT, and then handle a
+# server restart itself: two LINK_DEADs, both sockets handed over again.
+#   RESULT multiconn-adopt adopted=yes|no adopt_ms still_alive=yes|no (event 106: kernel took 0 of 2 fresh sockets)
+#       connects (NBD_CMD_CONNECT lines of the new process) app_io_errors verify_failures kernel_io_errors established
+#   RESULT multiconn-adopted-round ... (the fields of multiconn-round)
+l0=$(wc -l < $DLOG); kr0=$(kio_count); T0=$(nbd-verify now)
+echo "SCENARIO $(date +%H:%M:%S) daemon SIGKILL, started again" >> $DLOG
+kill -KILL $DAEMON; wait $DAEMON 2>/dev/null
+nbd-daemon >>$DLOG 2>&1 &
+DAEMON=$!
+A0=$(nbd-verify now)
+n=0; while [ $n -lt 1200 ] && ! slice "$l0" | grep -q 'Mapping mc adopted /dev/nbd0'; do sleep 0.1; n=$((n + 1)); done
+A1=$(nbd-verify now)
+sleep 2
+s=$(slice "$l0")
+END=$(nbd-verify now)
+result multiconn-adopt adopted=$(echo "$s" | grep -q 'Mapping mc adopted /dev/nbd0' && echo yes || echo no) \
+    adopt_ms=$(awk -v a="$A1" -v b="$A0" 'BEGIN { printf "%d", (a - b) * 1000 }') still_alive=$(echo "$s" | grep -q 'its previous connection is still alive' && echo yes || echo no) \
+    connects=$(echo "$s" | grep -c 'NBD_CMD_CONNECT') app_io_errors=$(count_between "$EV" error "$T0" "$END") \
+    verify_failures=$(count_between "$EV" verify_fail "$T0" "$END") kernel_io_errors=$(( $(kio_count) - kr0 )) \
+    established=$(established) size=$(nbd_bytes nbd0) daemon_alive=$(proc_gone $DAEMON && echo no || echo yes)
+echo "$s" | grep -v '^   at \|^   --- End\|^ ---> ' | grep -i 'adopted\|Serving\|kernel took\|SCENARIO' | head -n 20 | sed "s/^/LOG adopt: /"
+server_round 1 multiconn-adopted-round
 
 touch $STOP
 wait_exit $VPID 180 || { kill -KILL $VPID; note "verifier did not finish"; }
