@@ -28,6 +28,14 @@ internal interface INbdSession : IDisposable
     /// closes our descriptor; the kernel's reference keeps the connection alive). Never throws.
     /// </summary>
     void Shutdown();
+
+    /// <summary>
+    /// The device the kernel serves through this session, once known (a netlink mapping without <c>Device</c> learns it
+    /// from CONNECT or adoption): for sessions that log on their own, such as the relay's.
+    /// </summary>
+    void Serves(string device)
+    {
+    }
 }
 
 /// <summary>What the server said about the export (from NbdExportInfo).</summary>

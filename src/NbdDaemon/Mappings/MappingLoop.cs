@@ -270,6 +270,11 @@ internal sealed class MappingLoop
             _heldAttempts = 0;
             _lastLoggedReason = null;
             _quietAttempt = false;
+            foreach (INbdSession session in _sessions)
+            {
+                session.Serves(DeviceText);
+            }
+
             Transition(MappingState.Serving);
             _firstAttempt.TrySetResult();
             return await ServeAsync(stop);

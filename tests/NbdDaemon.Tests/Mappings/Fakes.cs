@@ -47,6 +47,11 @@ internal sealed class FakeSession : INbdSession
 
     public void Shutdown() => ShutDown = true;
 
+    /// <summary>What <see cref="INbdSession.Serves"/> was last told.</summary>
+    public string? Served { get; private set; }
+
+    public void Serves(string device) => Served = device;
+
     public void Dispose()
     {
         Disposed = true;

@@ -100,6 +100,22 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_NoDeviceConfigured_SessionsLearnTheDeviceConnectAssigned()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal("/dev/nbd5", loop.Device);
+        Assert.Equal("/dev/nbd5", Assert.Single(connector.Sessions).Served);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task RunAsync_ExportLostTrimAfterLinkDead_RefusedWithoutReconfigure()
     {
         // RECONFIGURE keeps CONNECT's flags: the driver would go on sending TRIM to a server that no longer offers it.

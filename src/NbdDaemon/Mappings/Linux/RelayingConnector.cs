@@ -49,12 +49,12 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             GiveUpAfter = mapping.Timeout > TimeSpan.Zero ? mapping.Timeout : MappingOptions.DefaultTimeout,
             RetryInterval = RetryInterval,
             IsPermanent = e => e is ExportChangedException,
-            Events = e => Log(mapping, e),
+            Events = e => Log(mapping, session.Device, e),
             Name = "nbd-relay " + mapping.Name,
             TimeProvider = time,
         });
         session.Attach(relay);
-        _ = relay.Completion.ContinueWith(t => Log(mapping, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        _ = relay.Completion.ContinueWith(t => Log(mapping, session.Device, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         relay.Start();
         return session;
     }
@@ -76,9 +76,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         return next.Socket;
     }
 
-    private void Log(MappingOptions mapping, NbdRelayEvent relayEvent)
+    private void Log(MappingOptions mapping, string? served, NbdRelayEvent relayEvent)
     {
-        string device = mapping.Device ?? "(unassigned)";
+        string device = served ?? mapping.Device ?? "(unassigned)";
         switch (relayEvent)
         {
             case NbdRelayServerLost lost:
@@ -93,9 +93,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         }
     }
 
-    private void Log(MappingOptions mapping, NbdRelayEnd end)
+    private void Log(MappingOptions mapping, string? served, NbdRelayEnd end)
     {
-        string device = mapping.Device ?? "(unassigned)";
+        string device = served ?? mapping.Device ?? "(unassigned)";
         LogLevel level = end.Reason is NbdRelayEndReason.Failed ? LogLevel.Error
             : end.Reason is NbdRelayEndReason.GaveUp or NbdRelayEndReason.KernelProtocolError ? LogLevel.Warning : LogLevel.Debug;
         RelayLog.Ended(_logger, level, end.Exception, mapping.Name, device, end.Reason, end.Detail);
@@ -111,10 +111,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         private readonly List<INbdSession> _connections = [first];
         private NbdRelay? _relay;
         private bool _disposed;
+        private string? _device;
 
         public ExportDescription Export => first.Export;
 
         public Socket Socket => kernelEnd;
+
+        /// <summary>The device for the relay's log lines; null until the mapping serves.</summary>
+        public string? Device => Volatile.Read(ref _device);
+
+        public void Serves(string device) => Volatile.Write(ref _device, device);
 
         public void Attach(NbdRelay relay) => _relay = relay;
 
