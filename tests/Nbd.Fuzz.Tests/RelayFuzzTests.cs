@@ -41,6 +41,51 @@ public sealed class RelayFuzzTests
         Assert.InRange(report.HeapGrowthBytes, long.MinValue, settings.HeapGrowthBound);
     }
 
+    [Fact]
+    public void Run_CiSampleWithDiscAfterTheRequests_EveryWellFormedReplyDeliveredThenEndNeverReconnects()
+    {
+        // The kernel sends NBD_CMD_DISC after its requests: the relay must deliver exactly the replies the hostile server
+        // sent well-formed before its stream went wrong or ended (RelayHarness.WellFormedReplies), then close the
+        // kernel's end and end Disconnected, without a reconnect.
+        var settings = new FuzzSettings { Seed = 20251205, Cases = CiCases, Mode = FuzzMode.Relay, Parallel = 2, Oracle = RelayOracle.Disconnect };
+
+        var report = new RelayEngine(settings).Run();
+
+        Assert.True(report.Findings.Count == 0, string.Join("\n", report.Findings));
+        Assert.Equal(CiCases, report.Cases);
+        string ends = string.Join(", ", report.Lost.Select(kv => $"{kv.Key}={kv.Value}"));
+        Assert.True(report.Lost.GetValueOrDefault(RelayHarness.EndedAfterDiscAllAnswered) > CiCases / 100, ends);
+        Assert.True(report.Lost.GetValueOrDefault(RelayHarness.EndedAfterDiscOwed) > CiCases / 100, ends);
+        Assert.Equal(CiCases, report.Lost.GetValueOrDefault(RelayHarness.EndedAfterDiscAllAnswered) + report.Lost.GetValueOrDefault(RelayHarness.EndedAfterDiscOwed));
+        Assert.Equal((0L, 0L), (report.FromValid, report.Reconnects));
+        Assert.True(report.FromHostile > report.Requests / 10, $"{report.FromHostile} of {report.Requests} from the hostile server");
+        Assert.InRange(report.DescriptorGrowth, -16, 16);
+        Assert.InRange(report.HeapGrowthBytes, long.MinValue, settings.HeapGrowthBound);
+    }
+
+    [Fact]
+    public void WellFormedReplies_StreamGoesWrongAfterTwo_CountsTwo()
+    {
+        var c = new RelayCase(0, 0, Requests, [.. Reply(2), .. Reply(0), .. Reply(1, magic: NbdTransmission.StructuredReplyMagic)], int.MaxValue, "hand-built");
+
+        Assert.Equal(2, RelayHarness.WellFormedReplies(c));
+        Assert.Equal(0, RelayHarness.WellFormedReplies(c with { Stream = [.. Reply(0)[..^1]] }));
+        Assert.Equal(1, RelayHarness.WellFormedReplies(c with { Stream = [.. Reply(0), .. Reply(0), .. Reply(1)] }));
+        Assert.Equal(3, RelayHarness.WellFormedReplies(c with { Stream = [.. Reply(0), .. Reply(1), .. Reply(2), .. Reply(2)] }));
+    }
+
+    [Fact]
+    public void FirstServer_DiscAfterTwoRequestsAnswered_KernelGetsThoseTwoThenItsEnd()
+    {
+        var c = new RelayCase(0, 0, Requests, [.. Reply(1), .. Reply(0)], int.MaxValue, "hand-built");
+
+        var result = RelayHarness.Run(c, Deadline, RelayOracle.Disconnect);
+
+        Assert.True(result.Problems.Count == 0, string.Join("\n", result.Problems));
+        Assert.Equal((2, 0, 0L), (result.FromHostile, result.FromValid, result.Reconnects));
+        Assert.Equal(RelayHarness.EndedAfterDiscOwed, result.Lost);
+    }
+
     // ---- Hand-built first servers: two reads (4096, 512) and a write; the harness checks every reply ----------
 
     private static readonly RelayRequest[] Requests =

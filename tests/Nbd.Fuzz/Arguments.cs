@@ -45,7 +45,8 @@ internal static class Arguments
     {
         "pipelined" => RelayOracle.Pipelined,
         "sequential" => RelayOracle.Sequential,
-        _ => throw new FormatException($"--oracle is pipelined or sequential, not '{value}'."),
+        "disconnect" => RelayOracle.Disconnect,
+        _ => throw new FormatException($"--oracle is pipelined, sequential or disconnect, not '{value}'."),
     };
 
     private static FuzzMode Mode(string value) => value switch

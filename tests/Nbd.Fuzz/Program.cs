@@ -1,6 +1,6 @@
 // Hostile-server fuzzer for the NBD handshake and reconnect paths (issue 6). See README.md.
 //   dotnet run -c Release --project tests/Nbd.Fuzz -- --streams 1000000 --seed 1 [--mode handshake|reconnect|all|relay]
-//       [--parallel N] [--start INDEX] [--deadline-ms MS] [--alloc-bound BYTES] [--socket-every K] [--oracle pipelined|sequential]
+//       [--parallel N] [--start INDEX] [--deadline-ms MS] [--alloc-bound BYTES] [--socket-every K] [--oracle pipelined|sequential|disconnect]
 //   dotnet run -c Release --project tests/Nbd.Fuzz -- --replay SEED:INDEX [--mode ...]
 // Exit code: 0 = no finding, 1 = findings, 2 = bad arguments.
 using System.Globalization;
@@ -15,7 +15,7 @@ try
 catch (FormatException ex)
 {
     Console.Error.WriteLine(ex.Message);
-    Console.Error.WriteLine("usage: Nbd.Fuzz [--streams N] [--seed S] [--mode handshake|reconnect|all|relay] [--parallel N] [--start I] [--deadline-ms MS] [--alloc-bound BYTES] [--socket-every K] [--oracle pipelined|sequential] | --replay SEED:INDEX [--mode M]");
+    Console.Error.WriteLine("usage: Nbd.Fuzz [--streams N] [--seed S] [--mode handshake|reconnect|all|relay] [--parallel N] [--start I] [--deadline-ms MS] [--alloc-bound BYTES] [--socket-every K] [--oracle pipelined|sequential|disconnect] | --replay SEED:INDEX [--mode M]");
     return 2;
 }
 
@@ -27,7 +27,7 @@ if (replay is not null)
 if (settings.Mode == FuzzMode.Relay)
 {
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-        $"fuzz: seed {settings.Seed}, cases {settings.StartIndex}..{settings.StartIndex + settings.Cases - 1}, mode relay, {settings.Oracle.ToString().ToLowerInvariant()} valid server, parallel {settings.Parallel}, deadline {settings.Deadline.TotalMilliseconds:0} ms"));
+        $"fuzz: seed {settings.Seed}, cases {settings.StartIndex}..{settings.StartIndex + settings.Cases - 1}, mode relay, {RelayEngine.OracleText(settings.Oracle)}, parallel {settings.Parallel}, deadline {settings.Deadline.TotalMilliseconds:0} ms"));
     var relayReport = new RelayEngine(settings, progress: Console.WriteLine).Run();
     RelayEngine.Print(relayReport, settings, Console.Out);
     return relayReport.Findings.Count == 0 ? 0 : 1;

@@ -153,6 +153,9 @@ internal sealed class RelayEngine(FuzzSettings settings, Action<string>? progres
     public static IEnumerable<Finding> Findings(RelayCase c, RelayCaseResult result, RelayOracle oracle) =>
         result.Problems.Select(p => new Finding(p.Kind, c.Id, 0, p.Detail, ReplayOptions(oracle)));
 
+    public static string OracleText(RelayOracle oracle) =>
+        oracle == RelayOracle.Disconnect ? "NBD_CMD_DISC after the requests, no valid server" : oracle.ToString().ToLowerInvariant() + " valid server";
+
     public static string ReplayOptions(RelayOracle oracle) =>
         oracle == RelayOracle.Sequential ? " --mode relay" : " --mode relay --oracle " + oracle.ToString().ToLowerInvariant();
 

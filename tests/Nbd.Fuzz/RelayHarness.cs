@@ -18,6 +18,13 @@ internal enum RelayOracle
 
     /// <summary>Reads every resent request, then answers them all: never blocks the relay's resend.</summary>
     Pipelined,
+
+    /// <summary>
+    /// No valid server: the kernel sends NBD_CMD_DISC after its requests. The relay must pass DISC on, forward the
+    /// hostile server's well-formed replies, end Disconnected by itself once they stop (a bad reply, the server's
+    /// close), close the kernel's end on a reply boundary, and never reconnect.
+    /// </summary>
+    Disconnect,
 }
 
 /// <summary>What one relay case did, and what was wrong with it.</summary>
@@ -57,6 +64,11 @@ internal sealed class RelayCaseResult
 /// </summary>
 internal static class RelayHarness
 {
+    /// <summary>Disconnect oracle: how the relay ended, in place of why it dropped the hostile connection.</summary>
+    public const string EndedAfterDiscAllAnswered = "DISC: ended once every request had its reply";
+
+    public const string EndedAfterDiscOwed = "DISC: ended when the server's replies stopped, requests unanswered";
+
     /// <summary>Fixed part of what the server thread may allocate: its 64 KiB receive buffer, a joined send, a failure.</summary>
     public const long FixedAllocation = 256 * 1024;
 
@@ -84,7 +96,23 @@ internal static class RelayHarness
             relay.Start();
             server.Start();
             PlayKernel(c, kernelEnd, state);
-            if (relay.Completion.IsCompleted)
+            if (oracle == RelayOracle.Disconnect)
+            {
+                // The kernel saw its end close: the relay recorded why before it closed it.
+                if (!relay.Completion.Wait(deadline))
+                {
+                    state.Problem(FindingKind.Hang, "the relay did not end after NBD_CMD_DISC");
+                }
+                else if (relay.Completion.Result is { Reason: not NbdRelayEndReason.Disconnected } end)
+                {
+                    state.Problem(FindingKind.RelayEnded, $"after NBD_CMD_DISC the relay ended {end.Reason}: {end.Detail}");
+                }
+                else
+                {
+                    result.Lost = result.FromHostile == c.Requests.Length ? EndedAfterDiscAllAnswered : EndedAfterDiscOwed;
+                }
+            }
+            else if (relay.Completion.IsCompleted)
             {
                 NbdRelayEnd end = relay.Completion.Result;
                 state.Problem(FindingKind.RelayEnded, $"the relay ended by itself: {end.Reason}: {end.Detail}");
@@ -117,7 +145,8 @@ internal static class RelayHarness
         }
 
         kernelEnd.Dispose();
-        if (relay.Completion.IsCompleted && relay.Completion.Result.Reason != NbdRelayEndReason.Stopped && result.Problems.Count == 0)
+        NbdRelayEndReason expectedEnd = oracle == RelayOracle.Disconnect ? NbdRelayEndReason.Disconnected : NbdRelayEndReason.Stopped;
+        if (relay.Completion.IsCompleted && relay.Completion.Result.Reason != expectedEnd && result.Problems.Count == 0)
         {
             state.Problem(FindingKind.RelayEnded, $"ended {relay.Completion.Result.Reason}: {relay.Completion.Result.Detail}");
         }
@@ -132,9 +161,16 @@ internal static class RelayHarness
         return result;
     }
 
-    /// <summary>Sends every request (headers and write data, back to back, as the driver queues them), then checks each reply.</summary>
+    /// <summary>The NBD_CMD_DISC the kernel sends after its requests in <see cref="RelayOracle.Disconnect"/> cases.</summary>
+    public static readonly byte[] Disc = new RelayRequest(-1, NbdCommand.Disconnect, 0, 0xD15C0000D15C, 0, 0, null).Header();
+
+    /// <summary>
+    /// Sends every request (headers and write data, back to back, as the driver queues them), then checks each reply.
+    /// With DISC after the requests, the replies may stop early, but only with an orderly end between two replies.
+    /// </summary>
     private static void PlayKernel(RelayCase c, Socket kernel, CaseState state)
     {
+        bool disconnect = state.Oracle == RelayOracle.Disconnect;
         try
         {
             foreach (var request in c.Requests)
@@ -144,6 +180,11 @@ internal static class RelayHarness
                 {
                     SendAll(kernel, payload);
                 }
+            }
+
+            if (disconnect)
+            {
+                SendAll(kernel, Disc);
             }
         }
         catch (SocketException e)
@@ -160,6 +201,17 @@ internal static class RelayHarness
         for (int received = 0; received < c.Requests.Length; received++)
         {
             string? failure = ReadExactly(kernel, header);
+            if (failure == "EOF" && disconnect)
+            {
+                int owed = WellFormedReplies(c);
+                if (received != owed)
+                {
+                    state.Problem(FindingKind.MissingReply, $"after NBD_CMD_DISC the kernel got {received} replies, but the server sent {owed} well-formed ones before its stream went wrong or ended");
+                }
+
+                return;
+            }
+
             if (failure is not null)
             {
                 state.Problem(failure == "EOF" ? FindingKind.MissingReply : FindingKind.Hang,
@@ -225,6 +277,39 @@ internal static class RelayHarness
         }
     }
 
+    /// <summary>
+    /// How many replies at the start of the hostile stream the relay must forward: simple reply magic, a cookie still in
+    /// flight, and (a successful read) all of the read's data; counting stops at the first that is not, or when every
+    /// request has its reply. The relay's own rules, written from the protocol, not from its code.
+    /// </summary>
+    public static int WellFormedReplies(RelayCase c)
+    {
+        var inFlight = c.Requests.ToDictionary(r => r.Cookie);
+        ReadOnlySpan<byte> stream = c.Stream;
+        int count = 0;
+        while (inFlight.Count > 0 && stream.Length >= NbdTransmission.SimpleReplyLength)
+        {
+            uint magic = BinaryPrimitives.ReadUInt32BigEndian(stream);
+            uint error = BinaryPrimitives.ReadUInt32BigEndian(stream[4..]);
+            ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(stream[8..]);
+            if (magic != NbdTransmission.SimpleReplyMagic || !inFlight.Remove(cookie, out var request))
+            {
+                break;
+            }
+
+            int length = NbdTransmission.SimpleReplyLength + (error == 0 ? request.ReplyDataLength : 0);
+            if (stream.Length < length)
+            {
+                break;
+            }
+
+            stream = stream[length..];
+            count++;
+        }
+
+        return count;
+    }
+
     /// <summary>null when filled, else "EOF" or the socket error (a timeout is the deadline).</summary>
     private static string? ReadExactly(Socket socket, Span<byte> destination)
     {
@@ -277,6 +362,8 @@ internal static class RelayHarness
     /// <summary>Everything the kernel thread, the server thread and the relay's callbacks share for one case.</summary>
     private sealed class CaseState(RelayCase c, TimeSpan deadline, RelayOracle oracle, RelayCaseResult result)
     {
+        public RelayOracle Oracle => oracle;
+
         private readonly Lock _lock = new();
         private readonly HashSet<ulong> _validAnswered = [];
         private readonly Dictionary<ulong, RelayRequest> _byCookie = c.Requests.ToDictionary(r => r.Cookie);
@@ -306,6 +393,11 @@ internal static class RelayHarness
         /// <summary>The relay's Reconnect: a new pair, one end for the valid server, the other for the relay.</summary>
         public Task<Socket> Reconnect(CancellationToken cancellationToken)
         {
+            if (oracle == RelayOracle.Disconnect)
+            {
+                Problem(FindingKind.BadForward, "the relay reconnected after the kernel's NBD_CMD_DISC");
+            }
+
             var (relaySide, serverSide) = NbdSocketPair.Create();
             SetTimeouts(serverSide, deadline);
             Connections.Add(serverSide, CancellationToken.None);
@@ -376,6 +468,21 @@ internal static class RelayHarness
 
                     if (request.Data is { } data && !ReadAndCompare(hostile, data, request))
                     {
+                        return;
+                    }
+                }
+
+                if (oracle == RelayOracle.Disconnect)
+                {
+                    if (ReadExactly(hostile, header) is string failure)
+                    {
+                        Problem(FindingKind.BadForward, $"the first server never got the kernel's NBD_CMD_DISC: {failure}");
+                        return;
+                    }
+
+                    if (!header.AsSpan().SequenceEqual(Disc))
+                    {
+                        Problem(FindingKind.BadForward, $"the first server got {Convert.ToHexString(header)} for the kernel's NBD_CMD_DISC");
                         return;
                     }
                 }

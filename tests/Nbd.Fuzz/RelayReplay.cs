@@ -21,7 +21,7 @@ internal static class RelayReplay
 
         var c = RelayCaseGenerator.Build(seed, index, describe: true);
         var inv = CultureInfo.InvariantCulture;
-        o.WriteLine(string.Create(inv, $"case {c.Id}: relay, {c.Requests.Length} requests, {settings.Oracle.ToString().ToLowerInvariant()} valid server"));
+        o.WriteLine(string.Create(inv, $"case {c.Id}: relay, {c.Requests.Length} requests, {RelayEngine.OracleText(settings.Oracle)}"));
         foreach (var request in c.Requests)
         {
             o.WriteLine($"  {request}");
