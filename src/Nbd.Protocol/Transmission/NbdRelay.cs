@@ -275,6 +275,15 @@ public sealed class NbdRelay : IDisposable
     /// </summary>
     private void Disconnect(byte[] header)
     {
+        // A server that neither answers nor closes gets GiveUpAfter, as a reconnect would (the driver may have no timeout
+        // of its own: ioctl 0). Armed before DISC goes out, so that whoever sees DISC arrive knows the clock is running.
+        TimeSpan limit = _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
+        ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndDisconnectedNow(), null, limit, Timeout.InfiniteTimeSpan);
+        lock (_lock)
+        {
+            _disconnectDeadline = deadline;
+        }
+
         bool passedOn = false;
         int owed;
         lock (_sendLock)
@@ -313,17 +322,9 @@ public sealed class NbdRelay : IDisposable
         {
             EndDisconnected(owed);
         }
-        else
-        {
-            // The server thread ends the relay with the last reply it delivers, or when the server closes; a server that
-            // does neither gets GiveUpAfter, as a reconnect would (the driver may have no timeout of its own: ioctl 0).
-            TimeSpan limit = _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
-            ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndDisconnectedNow(), null, limit, Timeout.InfiniteTimeSpan);
-            lock (_lock)
-            {
-                _disconnectDeadline = deadline;
-            }
-        }
+
+        // Otherwise the server thread ends the relay with the last reply it delivers or when the server closes, or the
+        // deadline does.
     }
 
     private void EndDisconnectedNow()
