@@ -12,6 +12,7 @@ MiB=1048576
 truncate -s 64M /tmp/even.img
 truncate -s $((10 * MiB + 1000)) /tmp/odd.img
 start_nbd_server 10809 even /tmp/even.img odd /tmp/odd.img || note "nbd-server did not start"
+wait_handshake 10809
 URI=nbd://127.0.0.1:10809
 
 connected_devices() {
