@@ -278,14 +278,13 @@ public sealed class NbdRelay : IDisposable
         // A server that neither answers nor closes gets GiveUpAfter, as a reconnect would (the driver may have no timeout
         // of its own: ioctl 0). Armed before DISC goes out, so that whoever sees DISC arrive knows the clock is running.
         TimeSpan limit = _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
-        ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndDisconnectedNow(), null, limit, Timeout.InfiniteTimeSpan);
+        ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndAfterDisconnect(), null, limit, Timeout.InfiniteTimeSpan);
         lock (_lock)
         {
             _disconnectDeadline = deadline;
         }
 
         bool passedOn = false;
-        int owed;
         lock (_sendLock)
         {
             Socket? server;
@@ -307,40 +306,34 @@ public sealed class NbdRelay : IDisposable
                     // The server is gone: it needs no goodbye, and will answer nothing more.
                 }
             }
-
-            lock (_lock)
-            {
-                owed = _pending.Count + _delivering;
-            }
         }
 
-        if (owed == 0)
+        // Nothing owed, or no server left to answer: end now. Otherwise the server thread ends the relay with the last
+        // reply it delivers or when the server closes, or the deadline does.
+        if (!passedOn || Owed() == 0)
         {
-            End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+            EndAfterDisconnect();
         }
-        else if (!passedOn)
-        {
-            EndDisconnected(owed);
-        }
-
-        // Otherwise the server thread ends the relay with the last reply it delivers or when the server closes, or the
-        // deadline does.
     }
 
-    private void EndDisconnectedNow()
+    /// <summary>Replies the kernel is still owed: requests in flight and replies on their way to it.</summary>
+    private int Owed()
     {
-        int owed;
         lock (_lock)
         {
-            owed = _pending.Count + _delivering;
+            return _pending.Count + _delivering;
         }
-
-        EndDisconnected(owed);
     }
 
-    private void EndDisconnected(int unanswered) => End(new NbdRelayEnd(
-        NbdRelayEndReason.Disconnected,
-        string.Create(CultureInfo.InvariantCulture, $"the kernel sent NBD_CMD_DISC; {unanswered} requests in flight then got no reply")));
+    /// <summary>Every way the relay ends after DISC: all replies went back, the server closed, or the deadline passed.</summary>
+    private void EndAfterDisconnect()
+    {
+        int owed = Owed();
+        End(new NbdRelayEnd(
+            NbdRelayEndReason.Disconnected,
+            owed == 0 ? "the kernel sent NBD_CMD_DISC"
+                : string.Create(CultureInfo.InvariantCulture, $"the kernel sent NBD_CMD_DISC; {owed} requests in flight then got no reply")));
+    }
 
     private void ServerLoop()
     {
@@ -401,7 +394,7 @@ public sealed class NbdRelay : IDisposable
             if (disconnecting)
             {
                 // After DISC the server closing is the orderly end, not a loss to hide.
-                EndDisconnected(inFlight);
+                EndAfterDisconnect();
                 return;
             }
 
@@ -500,7 +493,7 @@ public sealed class NbdRelay : IDisposable
 
         if (lastAfterDisconnect)
         {
-            End(new NbdRelayEnd(NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"));
+            EndAfterDisconnect();
             return false;
         }
 
