@@ -1,10 +1,8 @@
-using System.Collections.Concurrent;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
-using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
@@ -135,15 +133,15 @@ public sealed class RelayingConnectorTests : IDisposable
     {
         // A netlink mapping without Device learns its device from CONNECT; the relay's lines must name it (journalctl).
         await StartServerAsync(DiskSize);
-        var logs = new ListLoggerFactory();
+        var logs = new ListLogger();
         var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), logs, TimeProvider.System);
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true) with { Device = null }, CancellationToken.None);
 
         session.Serves("/dev/nbd7");
         Kill();
 
-        await WaitUntilAsync(() => logs.Messages.Any(m => m.Contains("relay lost the server connection", StringComparison.Ordinal)), TimeSpan.FromSeconds(5));
-        string lost = logs.Messages.First(m => m.Contains("relay lost the server connection", StringComparison.Ordinal));
+        await WaitUntilAsync(() => logs.Entries.Any(e => e.Message.Contains("relay lost the server connection", StringComparison.Ordinal)), TimeSpan.FromSeconds(5));
+        string lost = logs.Entries.First(e => e.Message.Contains("relay lost the server connection", StringComparison.Ordinal)).Message;
         Assert.StartsWith("Mapping data on /dev/nbd7: relay lost the server connection", lost, StringComparison.Ordinal);
     }
 
@@ -297,30 +295,5 @@ public sealed class RelayingConnectorTests : IDisposable
         }
 
         return buffer;
-    }
-
-    private sealed class ListLoggerFactory : ILoggerFactory, ILogger
-    {
-        private readonly ConcurrentQueue<string> _messages = new();
-
-        public IReadOnlyList<string> Messages => [.. _messages];
-
-        public ILogger CreateLogger(string categoryName) => this;
-
-        public void AddProvider(ILoggerProvider provider)
-        {
-        }
-
-        public IDisposable? BeginScope<TState>(TState state)
-            where TState : notnull => null;
-
-        public bool IsEnabled(LogLevel logLevel) => true;
-
-        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
-            _messages.Enqueue(formatter(state, exception));
-
-        public void Dispose()
-        {
-        }
     }
 }
