@@ -63,6 +63,21 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
         return (run, summary, rounds);
     }
 
+    /// <summary>
+    /// The restart really produced one LINK_DEAD per slot (the driver's "Receive control failed" per socket): without
+    /// the second one the round would not test what it is about.
+    /// </summary>
+    private static void ExpectBothSlotsDied(VmRun run, ResultLine r) =>
+        Expect.That(run, r, r.Long("kernel_dead_slots") >= MultiConnScenario.Connections,
+            $"the driver marked {r["kernel_dead_slots"]} slot(s) dead; expected both ({MultiConnScenario.Connections})");
+
+    private static void ExpectStallWithinBound(VmRun run, ResultLine r)
+    {
+        long stall = r.Long("stall_after_back_ms");
+        Expect.That(run, r, stall <= MultiConnScenario.StallBoundMs,
+            $"I/O stalled {stall} ms after the server accepted again (bound: Timeout {MultiConnScenario.TimeoutMs} ms + 2 s)");
+    }
+
     /// <summary>The load really ran, with O_DIRECT, and its final pass read back what it wrote.</summary>
     private static void ExpectLoadRan(VmRun run, ResultLine summary)
     {
@@ -158,10 +173,7 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
         var (run, summary, rounds) = await RunAsync();
         foreach (var r in rounds)
         {
-            // The restart really produced one LINK_DEAD per slot (the driver's "Receive control failed" per socket):
-            // without the second one this round would not test what it is about.
-            Expect.That(run, r, r.Long("kernel_dead_slots") >= MultiConnScenario.Connections,
-                $"the driver marked {r["kernel_dead_slots"]} slot(s) dead; expected both ({MultiConnScenario.Connections})");
+            ExpectBothSlotsDied(run, r);
             Expect.Equal(run, r, "reconnect_cycles", 1);
             Expect.Equal(run, r, "cycles_after_handover", 0);
         }
@@ -175,9 +187,7 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
         var (run, summary, rounds) = await RunAsync();
         foreach (var r in rounds)
         {
-            long stall = r.Long("stall_after_back_ms");
-            Expect.That(run, r, stall <= MultiConnScenario.StallBoundMs,
-                $"I/O stalled {stall} ms after the server accepted again (bound: Timeout {MultiConnScenario.TimeoutMs} ms + 2 s)");
+            ExpectStallWithinBound(run, r);
         }
 
         Expect.That(run, summary, summary.Long("max_stall_after_back_ms") <= MultiConnScenario.StallBoundMs,
@@ -209,8 +219,7 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
         var run = await vm.RunAsync(MultiConnScenario.Spec);
         var r = run.One("multiconn-adopted-round");
         output.WriteLine(r.Raw);
-        Expect.That(run, r, r.Long("kernel_dead_slots") >= MultiConnScenario.Connections,
-            $"the driver marked {r["kernel_dead_slots"]} slot(s) dead; expected both ({MultiConnScenario.Connections})");
+        ExpectBothSlotsDied(run, r);
         Expect.Equal(run, r, "served_again", "yes");
         Expect.Equal(run, r, "last_took", $"{MultiConnScenario.Connections}/{MultiConnScenario.Connections}");
         Expect.Equal(run, r, "established", MultiConnScenario.Connections);
@@ -220,9 +229,7 @@ public sealed class MultiConnTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "verify_failures", 0);
         Expect.Equal(run, r, "kernel_io_errors", 0);
         Expect.Equal(run, r, "size", MultiConnScenario.ExportBytes);
-        long stall = r.Long("stall_after_back_ms");
-        Expect.That(run, r, stall <= MultiConnScenario.StallBoundMs,
-            $"I/O stalled {stall} ms after the server accepted again (bound: Timeout {MultiConnScenario.TimeoutMs} ms + 2 s)");
+        ExpectStallWithinBound(run, r);
     }
 
     [Fact]
