@@ -12,6 +12,9 @@ internal sealed class BlockingSocketReader(Socket socket, int bufferSize = 64 * 
     private int _start;
     private int _end;
 
+    /// <summary>True while bytes already received wait in the buffer (the next read needs no recv).</summary>
+    public bool HasBuffered => _start < _end;
+
     /// <summary>Fills <paramref name="destination"/>; false on an orderly end before its first byte.</summary>
     /// <exception cref="EndOfStreamException">The stream ended inside the message.</exception>
     public bool TryReadExactly(Span<byte> destination)

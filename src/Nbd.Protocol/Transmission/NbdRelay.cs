@@ -27,6 +27,12 @@ public sealed class NbdRelay : IDisposable
     /// <summary>The longest a .NET timer runs (2^32 - 2 ms, about 49.7 days); GiveUpAfter may be longer ("never").</summary>
     private static readonly TimeSpan LongestTimer = TimeSpan.FromMilliseconds(uint.MaxValue - 1);
 
+    /// <summary>
+    /// How often the kernel thread, waiting for the next request, looks whether a hand-over asks it to stop reading.
+    /// A blocked recv(2) cannot be woken without ending the connection, so the wait is a poll(2) with this timeout.
+    /// </summary>
+    private static readonly TimeSpan HandOverTick = TimeSpan.FromMilliseconds(50);
+
     private readonly Socket _kernel;
     private readonly NbdRelayOptions _options;
     private readonly Lock _lock = new();
@@ -36,6 +42,9 @@ public sealed class NbdRelay : IDisposable
     private readonly TaskCompletionSource<NbdRelayEnd> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Thread _kernelThread;
     private readonly Thread _serverThread;
+
+    /// <summary>Set by the kernel thread once it stopped reading between two requests, with nothing of a request read.</summary>
+    private readonly ManualResetEventSlim _kernelQuiet = new();
     private Thread? _resender;
     private Socket? _server;
     private Socket? _lastServer;
@@ -51,6 +60,10 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>After DISC: ends the relay if the server neither answers nor closes within GiveUpAfter.</summary>
     private ITimer? _disconnectDeadline;
+
+    /// <summary><see cref="TryHandOver"/> asked the kernel thread to stop reading at the next request boundary.</summary>
+    private volatile bool _handingOver;
+
     private int _started;
     private int _disposed;
 
@@ -137,6 +150,48 @@ public sealed class NbdRelay : IDisposable
         }
 
         _stop.Dispose();
+        _kernelQuiet.Dispose();
+    }
+
+    /// <summary>
+    /// Hands the kernel's connection over to another process without a byte of the kernel's stream lost or cut: stops
+    /// reading requests at a request boundary (nothing of the next one read), waits until every reply owed went back to
+    /// the kernel, then gives our end to <paramref name="keep"/> (which must pass it on, e.g. to systemd's file
+    /// descriptor store, before it returns) and ends <see cref="NbdRelayEndReason.HandedOver"/> without shutting the
+    /// kernel's end down. A relay created over the received end resumes exactly where this one stopped. Requests the
+    /// kernel sends meanwhile wait in the socket. False, with nothing given away, when that point is not reached within
+    /// <paramref name="limit"/> (a server that does not answer) or when the relay ended or was never started; an
+    /// exception from <paramref name="keep"/> propagates. Either way the relay reads no further request: the owner
+    /// disposes it as usual, and the driver sees a dead connection.
+    /// </summary>
+    public bool TryHandOver(TimeSpan limit, Action<Socket> keep)
+    {
+        ArgumentNullException.ThrowIfNull(keep);
+        if (Volatile.Read(ref _started) == 0 || _ended.Task.IsCompleted)
+        {
+            return false;
+        }
+
+        _handingOver = true;
+        TimeProvider time = _options.TimeProvider;
+        long since = time.GetTimestamp();
+        while (!(_kernelQuiet.IsSet && Owed() == 0))
+        {
+            if (_ended.Task.IsCompleted || time.GetElapsedTime(since) >= limit)
+            {
+                return false;
+            }
+
+            _kernelQuiet.Wait(HandOverTick);
+            if (_kernelQuiet.IsSet && Owed() != 0)
+            {
+                Thread.Sleep(HandOverTick / 5);
+            }
+        }
+
+        keep(_kernel);
+        End(new NbdRelayEnd(NbdRelayEndReason.HandedOver, "handed over between two requests, every reply delivered"), shutDownKernelSide: false);
+        return true;
     }
 
     /// <summary>
@@ -165,6 +220,11 @@ public sealed class NbdRelay : IDisposable
         {
             while (!_stop.IsCancellationRequested)
             {
+                if (!reader.HasBuffered && !WaitForRequest())
+                {
+                    return;
+                }
+
                 if (!reader.TryReadExactly(header))
                 {
                     End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end"));
@@ -208,6 +268,29 @@ public sealed class NbdRelay : IDisposable
         {
             End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.Message, e));
         }
+    }
+
+    /// <summary>
+    /// Between two requests with nothing buffered: waits until the kernel's end is readable (true), or stops reading for
+    /// a hand-over or the end of the relay (false; a hand-over is told the stream is at a boundary).
+    /// </summary>
+    private bool WaitForRequest()
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            if (_handingOver)
+            {
+                _kernelQuiet.Set();
+                return false;
+            }
+
+            if (_kernel.Poll(HandOverTick, SelectMode.SelectRead))
+            {
+                return true;
+            }
+        }
+
+        return false;
     }
 
     /// <summary>Everything the relay cannot carry faithfully, checked before any buffer is allocated.</summary>
@@ -648,8 +731,11 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
-    /// <summary>First end wins: record it, then wake both threads by shutting both connections down.</summary>
-    private void End(NbdRelayEnd end)
+    /// <summary>
+    /// First end wins: record it, then wake both threads by shutting both connections down (the kernel's end stays open
+    /// for a hand-over: its thread has stopped reading already).
+    /// </summary>
+    private void End(NbdRelayEnd end, bool shutDownKernelSide = true)
     {
         if (!_ended.TrySetResult(end))
         {
@@ -672,7 +758,11 @@ public sealed class NbdRelay : IDisposable
             server = _server;
         }
 
-        TryShutdown(_kernel);
+        if (shutDownKernelSide)
+        {
+            TryShutdown(_kernel);
+        }
+
         if (server is not null)
         {
             TryShutdown(server);

@@ -69,6 +69,12 @@ public enum NbdRelayEndReason
 
     /// <summary>An unexpected exception on a relay thread (a bug); the kernel's end was shut down.</summary>
     Failed,
+
+    /// <summary>
+    /// <see cref="NbdRelay.TryHandOver"/>: stopped between two requests with every reply delivered; the kernel's
+    /// connection was left open for whoever received our end.
+    /// </summary>
+    HandedOver,
 }
 
 /// <summary>How a relay ended, in words for the journal.</summary>

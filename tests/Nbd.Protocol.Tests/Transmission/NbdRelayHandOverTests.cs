@@ -1,0 +1,174 @@
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Nbd.Protocol.Tests.TestSupport;
+using Nbd.Protocol.Transmission;
+using static Nbd.Protocol.Tests.Transmission.RelayTest;
+using static Nbd.Protocol.Tests.TestSupport.RawTransmission;
+
+namespace Nbd.Protocol.Tests.Transmission;
+
+/// <summary>
+/// <see cref="NbdRelay.TryHandOver"/>: the relay stops between two requests with every reply delivered, gives its end
+/// away without shutting the kernel's connection, and a relay created over a duplicate of that end (what the next
+/// process receives from systemd's file descriptor store) carries on with the kernel's stream where the first stopped.
+/// </summary>
+public sealed partial class NbdRelayHandOverTests
+{
+    private static readonly TimeSpan Limit = TimeSpan.FromSeconds(10);
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_Idle_EndsHandedOverAndTheNextRelayServesTheKernelsNextRequests()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize);
+        await using var harness = RelayHarness.Start(server);
+        byte[] written = Bytes(4096, seed: 201);
+        await WriteAsync(harness.Kernel, 8192, written, 0x201, deadline.Token);
+
+        Socket? kept = null;
+        Assert.True(harness.Relay.TryHandOver(Limit, s => kept = Duplicate(s)));
+
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal(NbdRelayEndReason.HandedOver, end.Reason);
+        await (await server.ConnectionAsync(0, deadline.Token)).Ended.WaitAsync(deadline.Token);
+        harness.Relay.Dispose();
+
+        // The kernel goes on sending while no relay reads: the request waits in the socket.
+        await harness.SendRequestAsync(CmdRead, 0x202, 8192, 4096, deadline.Token);
+        using NbdRelay next = StartOn(kept!, server);
+        var (reply, data) = await harness.ReceiveReplyAsync(_ => 4096, deadline.Token);
+        Assert.Equal(0x202ul, reply.Cookie);
+        Assert.Equal(0u, reply.Error);
+        Assert.Equal(written, data);
+        Assert.Equal([0x202ul], (await server.ConnectionAsync(1, deadline.Token)).Cookies);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_ReadInFlight_WaitsForItsReplyAndDeliversItBeforeHandingOver()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(ReplyDelay: TimeSpan.FromMilliseconds(400)));
+        server.Fill(seed: 203);
+        byte[] expected = server.Disk.AsSpan(0, 2048).ToArray();
+        await using var harness = RelayHarness.Start(server);
+        await harness.SendRequestAsync(CmdRead, 0x204, 0, 2048, deadline.Token);
+        await Wait.UntilAsync(() => server.Connections is [{ Requests.Count: 1 }], "the read at the server", deadline.Token);
+
+        Socket? kept = null;
+        Assert.True(harness.Relay.TryHandOver(Limit, s => kept = Duplicate(s)));
+
+        // The reply went back before the hand-over completed: it is already in the kernel's socket.
+        Assert.True(harness.Kernel.Available >= SimpleReplyLength + 2048, $"only {harness.Kernel.Available} bytes waiting for the kernel");
+        var (reply, data) = await harness.ReceiveReplyAsync(_ => 2048, deadline.Token);
+        Assert.Equal(0x204ul, reply.Cookie);
+        Assert.Equal(expected, data);
+        Assert.Equal(NbdRelayEndReason.HandedOver, (await harness.CompletionAsync(deadline.Token)).Reason);
+        kept!.Dispose();
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_KernelInsideAWrite_FinishesThatRequestAndTheNextRelayStartsAtTheFollowingOne()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize);
+        await using var harness = RelayHarness.Start(server);
+        byte[] first = Bytes(8192, seed: 205);
+        byte[] message = [.. Request(CmdWrite, 0x205, 0, (uint)first.Length), .. first];
+
+        // Header and half the data: the relay is inside the request when the hand-over starts.
+        await harness.SendAsync(message[..(RequestLength + 4096)], deadline.Token);
+        await Task.Delay(100, deadline.Token);
+        Socket? kept = null;
+        Task<bool> handOver = Task.Run(() => harness.Relay.TryHandOver(Limit, s => kept = Duplicate(s)), deadline.Token);
+        await Task.Delay(300, deadline.Token);
+        Assert.False(handOver.IsCompleted, "Handed over in the middle of a request.");
+        await harness.SendAsync(message[(RequestLength + 4096)..], deadline.Token);
+
+        Assert.True(await handOver.WaitAsync(deadline.Token));
+        var (reply, _) = await harness.ReceiveReplyAsync(_ => 0, deadline.Token);
+        Assert.Equal(0x205ul, reply.Cookie);
+        Assert.Equal(first, server.Disk.AsSpan(0, first.Length).ToArray());
+        harness.Relay.Dispose();
+
+        byte[] second = Bytes(512, seed: 206);
+        await harness.SendAsync([.. Request(CmdWrite, 0x206, 65536, 512), .. second], deadline.Token);
+        using NbdRelay next = StartOn(kept!, server);
+        var (secondReply, _) = await harness.ReceiveReplyAsync(_ => 0, deadline.Token);
+        Assert.Equal(0x206ul, secondReply.Cookie);
+        Assert.Equal(0u, secondReply.Error);
+        Assert.Equal(second, server.Disk.AsSpan(65536, 512).ToArray());
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_ServerNeverAnswers_FalseWithoutCallingKeepAndDisposeEndsTheKernelsConnection()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(AnswerFirst: 1));
+        await using var harness = RelayHarness.Start(server);
+        await WriteAsync(harness.Kernel, 0, Bytes(512, seed: 207), 0x207, deadline.Token);
+        await harness.SendRequestAsync(CmdRead, 0x208, 0, 512, deadline.Token);
+        await Wait.UntilAsync(() => server.Connections[0].Requests.Count == 2, "the held read at the server", deadline.Token);
+
+        bool kept = false;
+        Assert.False(harness.Relay.TryHandOver(TimeSpan.FromMilliseconds(300), _ => kept = true));
+        Assert.False(kept);
+        Assert.False(harness.Relay.Completion.IsCompleted, "The relay ended on a hand-over that did not happen.");
+
+        harness.Relay.Dispose();
+        Assert.Equal(NbdRelayEndReason.Stopped, (await harness.CompletionAsync(deadline.Token)).Reason);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_RelayAlreadyEnded_False()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize);
+        await using var harness = RelayHarness.Start(server);
+        harness.Kernel.Shutdown(SocketShutdown.Both);
+        Assert.Equal(NbdRelayEndReason.KernelClosed, (await harness.CompletionAsync(deadline.Token)).Reason);
+
+        bool kept = false;
+        Assert.False(harness.Relay.TryHandOver(Limit, _ => kept = true));
+        Assert.False(kept);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task HandOver_KeepThrows_PropagatesAndTheRelayStillDisposesAsUsual()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize);
+        await using var harness = RelayHarness.Start(server);
+        await WriteAsync(harness.Kernel, 0, Bytes(512, seed: 209), 0x209, deadline.Token);
+
+        var thrown = Assert.Throws<IOException>(() => harness.Relay.TryHandOver(Limit, _ => throw new IOException("no store")));
+        Assert.Equal("no store", thrown.Message);
+
+        harness.Relay.Dispose();
+        Assert.Equal(NbdRelayEndReason.Stopped, (await harness.CompletionAsync(deadline.Token)).Reason);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+    }
+
+    /// <summary>A relay over a received end, as the next process starts one, with a fresh connection to the server.</summary>
+    private static NbdRelay StartOn(Socket relayEnd, InMemoryNbdServer server)
+    {
+        var relay = new NbdRelay(relayEnd, server.Connect(), new NbdRelayOptions
+        {
+            Reconnect = _ => Task.FromResult(server.Connect()),
+            Name = "relay-test-next",
+        });
+        relay.Start();
+        return relay;
+    }
+
+    /// <summary>dup(2): what passing the descriptor through SCM_RIGHTS gives the receiver.</summary>
+    private static Socket Duplicate(Socket socket)
+    {
+        int fd = Dup((int)socket.Handle);
+        Assert.True(fd >= 0, $"dup failed: errno {Marshal.GetLastPInvokeError()}");
+        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+    }
+
+    [LibraryImport("libc", EntryPoint = "dup", SetLastError = true)]
+    private static partial int Dup(int fd);
+}
