@@ -23,6 +23,7 @@ internal static class Errno
     public const int ENOSPC = 28;
     public const int EPIPE = 32;
     public const int ERANGE = 34;
+    public const int ENAMETOOLONG = 36;
     public const int ENOSYS = 38;
     public const int EPROTO = 71;
     public const int EBADMSG = 74;
@@ -44,7 +45,7 @@ internal static class Errno
         [ENXIO] = nameof(ENXIO), [EBADF] = nameof(EBADF), [EAGAIN] = nameof(EAGAIN), [ENOMEM] = nameof(ENOMEM),
         [EACCES] = nameof(EACCES), [EFAULT] = nameof(EFAULT), [EBUSY] = nameof(EBUSY), [EEXIST] = nameof(EEXIST),
         [ENODEV] = nameof(ENODEV), [EINVAL] = nameof(EINVAL), [ENOTTY] = nameof(ENOTTY), [ENOSPC] = nameof(ENOSPC),
-        [EPIPE] = nameof(EPIPE), [ERANGE] = nameof(ERANGE), [ENOSYS] = nameof(ENOSYS), [EPROTO] = nameof(EPROTO),
+        [EPIPE] = nameof(EPIPE), [ERANGE] = nameof(ERANGE), [ENAMETOOLONG] = nameof(ENAMETOOLONG), [ENOSYS] = nameof(ENOSYS), [EPROTO] = nameof(EPROTO),
         [EBADMSG] = nameof(EBADMSG), [EOVERFLOW] = nameof(EOVERFLOW), [ENOTSOCK] = nameof(ENOTSOCK),
         [EMSGSIZE] = nameof(EMSGSIZE), [EPROTONOSUPPORT] = nameof(EPROTONOSUPPORT), [EOPNOTSUPP] = nameof(EOPNOTSUPP),
         [EAFNOSUPPORT] = nameof(EAFNOSUPPORT), [ECONNRESET] = nameof(ECONNRESET), [ENOBUFS] = nameof(ENOBUFS),

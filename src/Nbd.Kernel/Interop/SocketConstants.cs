@@ -1,8 +1,17 @@
 namespace Nbd.Kernel.Interop;
 
-/// <summary>socket(2)/socketpair(2) values for the relay's socket pair (sys/socket.h; checked by HeaderConstantsTests).</summary>
+/// <summary>socket(2), socketpair(2), sendmsg(2) and fcntl(2) values for the relay's socket pair and passing its end on (sys/socket.h, fcntl.h; checked by HeaderConstantsTests).</summary>
 internal static class SocketConstants
 {
     public const int AF_UNIX = 1;
     public const int SOCK_STREAM = 1;
+    public const int SOCK_DGRAM = 2;
+    public const int SOL_SOCKET = 1;
+    public const int SO_TYPE = 3;
+    public const int SO_DOMAIN = 39;
+    public const int SCM_RIGHTS = 1;
+    public const int MSG_NOSIGNAL = 0x4000;
+    public const int F_GETFD = 1;
+    public const int F_SETFD = 2;
+    public const int FD_CLOEXEC = 1;
 }
