@@ -1,21 +1,16 @@
 using System.Net.Sockets;
-using System.Runtime.InteropServices;
 using System.Text;
+using static TestSupport.Descriptors;
 
 namespace Nbd.Kernel.Tests;
 
 /// <summary>
 /// <see cref="UnixDescriptorPassing"/> against the host kernel: the datagram a receiver gets (text and SCM_RIGHTS
-/// descriptor, read with recvmsg(2) here as systemd reads its notification socket), and what an inherited descriptor
+/// descriptor, read with recvmsg(2) as systemd reads its notification socket), and what an inherited descriptor
 /// must be to be taken as a socket.
 /// </summary>
-public sealed unsafe partial class UnixDescriptorPassingTests : IDisposable
+public sealed class UnixDescriptorPassingTests : IDisposable
 {
-    private const int SolSocket = 1;
-    private const int ScmRights = 1;
-    private const int FdCloexec = 1;
-    private const int FGetFd = 1;
-
     private readonly string _directory = Directory.CreateTempSubdirectory("nbd-fdpass-").FullName;
 
     public void Dispose() => Directory.Delete(_directory, recursive: true);
@@ -68,11 +63,11 @@ public sealed unsafe partial class UnixDescriptorPassingTests : IDisposable
         using Socket kernel = kernelEnd;
         int fd = Dup((int)relayEnd.Handle);
         relayEnd.Dispose();
-        Assert.Equal(0, Fcntl(fd, FGetFd, 0) & FdCloexec); // dup(2) clears it, as an exec'd process inherits it
+        Assert.False(IsCloseOnExec(fd)); // dup(2) clears it, as an exec'd process inherits it
 
         using Socket adopted = UnixDescriptorPassing.AdoptInheritedStreamSocket(fd);
 
-        Assert.Equal(FdCloexec, Fcntl(fd, FGetFd, 0) & FdCloexec);
+        Assert.True(IsCloseOnExec(fd));
         kernel.Send("x"u8);
         byte[] buffer = new byte[1];
         Assert.Equal(1, adopted.Receive(buffer));
@@ -103,72 +98,5 @@ public sealed unsafe partial class UnixDescriptorPassingTests : IDisposable
         UnixDescriptorPassing.Close(fd);
         var e = Assert.Throws<NbdKernelException>(() => UnixDescriptorPassing.AdoptInheritedStreamSocket(fd));
         Assert.Equal("EBADF", e.ErrnoName);
-    }
-
-    private static Socket BindDatagram(string path)
-    {
-        var socket = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
-        socket.Bind(new UnixDomainSocketEndPoint(path.StartsWith('@') ? "\0" + path[1..] : path));
-        socket.ReceiveTimeout = 5000;
-        return socket;
-    }
-
-    /// <summary>recvmsg(2) with room for a few descriptors: the text and every descriptor attached.</summary>
-    private static (string Text, int[] Fds) Receive(Socket socket)
-    {
-        byte[] data = new byte[4096];
-        byte* control = stackalloc byte[64];
-        new Span<byte>(control, 64).Clear();
-        fixed (byte* buffer = data)
-        {
-            var vector = new IoVec { Base = buffer, Length = (nuint)data.Length };
-            var header = new MsgHdr { Iov = &vector, IovLen = 1, Control = control, ControlLen = 64 };
-            nint n = RecvMsg((int)socket.Handle, &header, 0);
-            Assert.True(n >= 0, $"recvmsg failed: errno {Marshal.GetLastPInvokeError()}");
-            var fds = new List<int>();
-            if (header.ControlLen >= 16)
-            {
-                nuint length = *(nuint*)control;
-                int level = *(int*)(control + 8);
-                int type = *(int*)(control + 12);
-                if (level == SolSocket && type == ScmRights)
-                {
-                    for (int offset = 16; offset + 4 <= (int)length; offset += 4)
-                    {
-                        fds.Add(*(int*)(control + offset));
-                    }
-                }
-            }
-
-            return (Encoding.UTF8.GetString(data, 0, (int)n), [.. fds]);
-        }
-    }
-
-    [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)]
-    private static partial nint RecvMsg(int fd, MsgHdr* message, int flags);
-
-    [LibraryImport("libc", EntryPoint = "dup", SetLastError = true)]
-    private static partial int Dup(int fd);
-
-    [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
-    private static partial int Fcntl(int fd, int command, int argument);
-
-    [StructLayout(LayoutKind.Sequential)]
-    private struct IoVec
-    {
-        public byte* Base;
-        public nuint Length;
-    }
-
-    [StructLayout(LayoutKind.Sequential)]
-    private struct MsgHdr
-    {
-        public void* Name;
-        public uint NameLen;
-        public IoVec* Iov;
-        public nuint IovLen;
-        public void* Control;
-        public nuint ControlLen;
-        public int Flags;
     }
 }

@@ -75,13 +75,17 @@ internal static class DaemonHost
         services.AddSingleton(TimeProvider.System);
         services.AddSingleton(mappings);
 
+        services.TryAddSingleton<IFileDescriptorStore>(sp => SystemdFileDescriptorStore.FromEnvironment(
+            getVariable, Environment.ProcessId, sp.GetRequiredService<ILoggerFactory>().CreateLogger("NbdDaemon.Systemd.FileDescriptorStore")));
         services.TryAddSingleton<INbdConnector>(sp => new RelayingConnector(
-            new ProtocolConnector(sp.GetRequiredService<TimeProvider>()), sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<TimeProvider>()));
+            new ProtocolConnector(sp.GetRequiredService<TimeProvider>()), sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<TimeProvider>(),
+            sp.GetRequiredService<IFileDescriptorStore>()));
         services.TryAddSingleton<INbdKernel, LinuxKernel>();
 
         services.AddSingleton(sp => new MappingSupervisor(
             sp.GetRequiredService<IReadOnlyList<MappingOptions>>(), sp.GetRequiredService<INbdConnector>(),
-            sp.GetRequiredService<INbdKernel>(), sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILoggerFactory>()));
+            sp.GetRequiredService<INbdKernel>(), sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILoggerFactory>(),
+            store: sp.GetRequiredService<IFileDescriptorStore>()));
 
         // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
         // (and lets tests and `systemd-run`-like supervisors receive the same notifications).

@@ -36,6 +36,22 @@ internal interface INbdSession : IDisposable
     void Serves(string device)
     {
     }
+
+    /// <summary>
+    /// True for a session that carries on a connection the kernel has used since an earlier process (a relay handed
+    /// over through systemd's file descriptor store): its socket is never offered to the kernel, the device is only
+    /// adopted with it.
+    /// </summary>
+    bool Resumed => false;
+
+    /// <summary>
+    /// The daemon stops and leaves the device configured (OnStop=Leave): keep the kernel's connection alive for the
+    /// next process if this session can (<paramref name="slot"/>: its place among the mapping's connections). Called
+    /// before Dispose; logs what it did and never throws.
+    /// </summary>
+    void HandOver(int slot)
+    {
+    }
 }
 
 /// <summary>What the server said about the export (from NbdExportInfo).</summary>

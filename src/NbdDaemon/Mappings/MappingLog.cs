@@ -30,6 +30,9 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 106, Level = LogLevel.Information, Message = "Mapping {Mapping} adopted {Device} (backend {Backend}, {SizeBytes} bytes) left configured by an earlier daemon: its previous connection is still alive (kernel took 0 of {Total} fresh sockets); fresh sockets closed, serving until LINK_DEAD")]
     public static partial void AdoptedStillConnected(ILogger logger, string mapping, string device, string backend, ulong sizeBytes, int total);
 
+    [LoggerMessage(EventId = 117, Level = LogLevel.Information, Message = "Mapping {Mapping} adopted {Device} (backend {Backend}, {SizeBytes} bytes) left configured by the previous process, carrying on with {Resumed} relay connections it handed over (the kernel's connections never ended); kernel took {Taken} of {Fresh} fresh sockets")]
+    public static partial void AdoptedResumed(ILogger logger, string mapping, string device, string backend, ulong sizeBytes, int resumed, int taken, int fresh);
+
     [LoggerMessage(EventId = 107, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: OnStop=Leave, device left configured; the kernel keeps serving on its own sockets until the next start adopts it")]
     public static partial void LeftConfigured(ILogger logger, string mapping, string device);
 
@@ -54,4 +57,13 @@ internal static partial class RelayLog
 
     [LoggerMessage(EventId = 113, Message = "Mapping {Mapping} on {Device}: relay ended ({Reason}: {Detail})")]
     public static partial void Ended(ILogger logger, LogLevel level, Exception? exception, string mapping, string device, Nbd.Protocol.Transmission.NbdRelayEndReason reason, string detail);
+
+    [LoggerMessage(EventId = 114, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay stopped between two requests with every reply delivered; its end of the kernel's connection went to systemd's file descriptor store as {Name}, for the next start to resume")]
+    public static partial void HandedOver(ILogger logger, string mapping, string device, string name);
+
+    [LoggerMessage(EventId = 115, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay not handed over ({Reason}); the kernel's connection ends with this process, and the next start adopts the device with a new one")]
+    public static partial void NotHandedOver(ILogger logger, Exception? exception, string mapping, string device, string reason);
+
+    [LoggerMessage(EventId = 116, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped")]
+    public static partial void Resumed(ILogger logger, string mapping, string device);
 }

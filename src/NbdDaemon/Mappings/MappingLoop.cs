@@ -388,6 +388,12 @@ internal sealed class MappingLoop
             return;
         }
 
+        if (_sessions.Any(s => s.Resumed))
+        {
+            // Its other end belongs to a kernel connection of no device of ours: nothing to carry on.
+            throw new MappingException($"a relay connection handed over by the previous process, but no device is left configured for backend {_options.BackendIdentifier}; starting with a new connection");
+        }
+
         if (_netlinkIndex is int index)
         {
             bool reconfigured;
@@ -517,13 +523,28 @@ internal sealed class MappingLoop
             throw new DeviceMismatchException($"export is read-only but {device.Path} (left configured by an earlier daemon) is writable; not adopting it, device left untouched", device, export);
         }
 
-        _netlink!.Reconfigure(device.Index, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier);
+        // A resumed session is the kernel's current connection already (a relay handed over by the previous process):
+        // only the fresh ones are offered.
+        List<INbdSession> resumed = [.. _sessions.Where(s => s.Resumed)];
+        List<INbdSession> fresh = [.. _sessions.Except(resumed)];
+        if (fresh.Count > 0)
+        {
+            _netlink!.Reconfigure(device.Index, [.. fresh.Select(s => s.Socket)], _options.BackendIdentifier);
+        }
+
         _netlinkIndex = device.Index;
         Volatile.Write(ref _devicePath, device.Path);
-        List<INbdSession> taken = [.. _sessions.Where(IsTaken)];
-        foreach (INbdSession notTaken in _sessions.Except(taken))
+        List<INbdSession> taken = [.. fresh.Where(IsTaken)];
+        foreach (INbdSession notTaken in fresh.Except(taken))
         {
             notTaken.Dispose();
+        }
+
+        if (resumed.Count > 0)
+        {
+            MappingLog.AdoptedResumed(_logger, Name, DeviceText, _options.BackendIdentifier, device.SizeBytes, resumed.Count, taken.Count, fresh.Count);
+            _sessions = [.. resumed, .. taken];
+            return;
         }
 
         if (taken.Count == 0)
@@ -712,6 +733,10 @@ internal sealed class MappingLoop
                 if (stopRequested && _options.OnStop == StopAction.Leave)
                 {
                     MappingLog.LeftConfigured(_logger, Name, DeviceText);
+                    for (int slot = 0; slot < _sessions.Count; slot++)
+                    {
+                        _sessions[slot].HandOver(slot);
+                    }
                 }
                 else
                 {

@@ -1,4 +1,5 @@
 using NbdDaemon.Configuration;
+using NbdDaemon.Systemd;
 
 namespace NbdDaemon.Mappings;
 
@@ -15,13 +16,15 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     private readonly TimeProvider _time;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stopping = new();
+    private readonly IFileDescriptorStore? _store;
     private Task[] _running = [];
 
     public MappingSupervisor(
         IReadOnlyList<MappingOptions> mappings, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILoggerFactory loggerFactory,
-        Func<double>? unitRandom = null)
+        Func<double>? unitRandom = null, IFileDescriptorStore? store = null)
     {
         _time = time;
+        _store = store;
         _logger = loggerFactory.CreateLogger<MappingSupervisor>();
         ILogger loopLogger = loggerFactory.CreateLogger<MappingLoop>();
         _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom))];
@@ -51,6 +54,10 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
         _running = [.. _loops.Select(l => Task.Run(() => l.RunAsync(_stopping.Token), CancellationToken.None))];
         await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
+
+        // Every mapping had its chance to take back what it handed over; the rest would only hold kernel connections
+        // open that nobody reads (a mapping removed from the configuration, or one whose first attempt failed).
+        _store?.ReleaseUnclaimed();
         _logger.LogInformation("All {Count} mappings tried once: {Status}", _loops.Length, StatusText);
     }
 

@@ -1,9 +1,9 @@
 using System.Net.Sockets;
-using System.Runtime.InteropServices;
 using Nbd.Protocol.Tests.TestSupport;
 using Nbd.Protocol.Transmission;
 using static Nbd.Protocol.Tests.Transmission.RelayTest;
 using static Nbd.Protocol.Tests.TestSupport.RawTransmission;
+using static TestSupport.Descriptors;
 
 namespace Nbd.Protocol.Tests.Transmission;
 
@@ -12,7 +12,7 @@ namespace Nbd.Protocol.Tests.Transmission;
 /// away without shutting the kernel's connection, and a relay created over a duplicate of that end (what the next
 /// process receives from systemd's file descriptor store) carries on with the kernel's stream where the first stopped.
 /// </summary>
-public sealed partial class NbdRelayHandOverTests
+public sealed class NbdRelayHandOverTests
 {
     private static readonly TimeSpan Limit = TimeSpan.FromSeconds(10);
 
@@ -160,15 +160,4 @@ public sealed partial class NbdRelayHandOverTests
         relay.Start();
         return relay;
     }
-
-    /// <summary>dup(2): what passing the descriptor through SCM_RIGHTS gives the receiver.</summary>
-    private static Socket Duplicate(Socket socket)
-    {
-        int fd = Dup((int)socket.Handle);
-        Assert.True(fd >= 0, $"dup failed: errno {Marshal.GetLastPInvokeError()}");
-        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
-    }
-
-    [LibraryImport("libc", EntryPoint = "dup", SetLastError = true)]
-    private static partial int Dup(int fd);
 }

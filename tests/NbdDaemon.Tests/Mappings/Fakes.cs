@@ -52,6 +52,14 @@ internal sealed class FakeSession : INbdSession
 
     public void Serves(string device) => Served = device;
 
+    /// <summary>Plays a relay connection the previous process handed over (<see cref="INbdSession.Resumed"/>).</summary>
+    public bool Resumed { get; init; }
+
+    /// <summary>The slots <see cref="INbdSession.HandOver"/> was called with, and whether it came before Dispose.</summary>
+    public List<(int Slot, bool BeforeDispose)> HandOvers { get; } = [];
+
+    public void HandOver(int slot) => HandOvers.Add((slot, !Disposed));
+
     public void Dispose()
     {
         Disposed = true;
@@ -80,6 +88,14 @@ internal sealed class FakeConnector : INbdConnector
     public FakeConnector ThenServe(ExportDescription? export = null) => Then(_ =>
     {
         var session = new FakeSession(export ?? DefaultExport);
+        Sessions.Enqueue(session);
+        return Task.FromResult<INbdSession>(session);
+    });
+
+    /// <summary>A session that carries on a connection handed over by the previous process.</summary>
+    public FakeConnector ThenResume(ExportDescription? export = null) => Then(_ =>
+    {
+        var session = new FakeSession(export ?? DefaultExport) { Resumed = true };
         Sessions.Enqueue(session);
         return Task.FromResult<INbdSession>(session);
     });

@@ -408,6 +408,106 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_StopWithOnStopLeave_AsksEverySessionToHandOverBeforeClosingIt()
+    {
+        var connector = new FakeConnector().ThenServe();
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave) with { Connections = 2 };
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+
+        FakeSession[] sessions = [.. connector.Sessions];
+        Assert.Equal([(0, true)], sessions[0].HandOvers);
+        Assert.Equal([(1, true)], sessions[1].HandOvers);
+        Assert.All(sessions, s => Assert.True(s.Disposed));
+    }
+
+    [Theory]
+    [InlineData(false, true)]
+    [InlineData(true, true)]
+    [InlineData(true, false)]
+    public async Task RunAsync_HandOverOnlyOnAStopThatLeavesTheDevice(bool leave, bool stopRequested)
+    {
+        StopAction onStop = leave ? StopAction.Leave : StopAction.Disconnect;
+        // Leave + stop hands over; Disconnect never; and Leave without a stop request (gave up) never either.
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: onStop, reconnect: ReconnectOptions.Default with { Enabled = stopRequested });
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+        FakeSession session = connector.Sessions.Single();
+
+        if (stopRequested)
+        {
+            await cts.CancelAsync();
+        }
+        else
+        {
+            _kernel.Netlink!.RaiseLinkDead();
+        }
+
+        await run.WaitAsync(TestTimeout);
+        Assert.Equal(onStop == StopAction.Leave && stopRequested ? [(0, true)] : [], session.HandOvers);
+    }
+
+    [Fact]
+    public async Task RunAsync_ResumedRelayAndOwnDeviceLeft_AdoptsWithoutOfferingItToTheKernel()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
+        var connector = new FakeConnector().ThenResume();
+        var logs = new ListLogger();
+        MappingLoop loop = new(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time, logs);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Serving);
+
+        FakeSession resumed = connector.Sessions.Single();
+        Assert.Equal(["netlink open"], _kernel.Operations); // no CONNECT, no RECONFIGURE
+        Assert.Equal("/dev/nbd2", loop.Device);
+        Assert.Equal("/dev/nbd2", resumed.Served);
+        Assert.False(resumed.Disposed);
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith(
+            "Mapping data adopted /dev/nbd2 (backend nbd-daemon:data, 1073741824 bytes) left configured by the previous process, carrying on with 1 relay connections it handed over", StringComparison.Ordinal));
+
+        // Its end is watched like any other socket of ours: the kernel ending it is a lost connection.
+        _kernel.EndSocket(resumed.Socket);
+        await states.WaitForAsync(MappingState.Reconnecting);
+        Assert.True(resumed.ShutDown);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task RunAsync_ResumedRelayButNoDeviceOfOurs_RefusedAndClosedThenANewConnection()
+    {
+        var connector = new FakeConnector().ThenResume().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
+        var states = new StateRecorder(loop);
+        using var cts = new CancellationTokenSource();
+        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await states.WaitForAsync(MappingState.Reconnecting);
+
+        FakeSession resumed = connector.Sessions.Single();
+        Assert.True(resumed.Disposed);
+        Assert.Equal("a relay connection handed over by the previous process, but no device is left configured for backend nbd-daemon:data; starting with a new connection", loop.LastFailure);
+        Assert.Equal(["netlink open"], _kernel.Operations);
+
+        _time.Advance(loop.LastDelay!.Value);
+        await states.WaitForAsync(MappingState.Serving);
+        Assert.Equal("nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await cts.CancelAsync();
+        await run.WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task RunAsync_GivesUpWithOnStopLeave_StillDisconnects()
     {
         var connector = new FakeConnector().ThenServe().ThenRefuse();

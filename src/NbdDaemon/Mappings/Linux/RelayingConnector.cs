@@ -1,7 +1,9 @@
+using System.Globalization;
 using System.Net.Sockets;
 using Nbd.Kernel;
 using Nbd.Protocol.Transmission;
 using NbdDaemon.Configuration;
+using NbdDaemon.Systemd;
 
 namespace NbdDaemon.Mappings.Linux;
 
@@ -13,11 +15,18 @@ namespace NbdDaemon.Mappings.Linux;
 /// mapping's Timeout does the relay give up and shut the kernel's end down: the driver then sees a dead connection and
 /// the mapping's own reconnect takes over, as without the relay. Mappings without the key go straight to the inner
 /// connector.
+/// A restart of the daemon need not end the kernel's connection either: on a stop that leaves the device configured
+/// (OnStop=Leave) each relay stops between two requests with every reply delivered and passes its end of the pair to
+/// systemd's file descriptor store (<see cref="INbdSession.HandOver"/>); the next process takes it back, connects to
+/// the server and relays on it from the next request (<see cref="INbdSession.Resumed"/>): the driver only sees a pause.
 /// </summary>
-internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory loggers, TimeProvider time) : INbdConnector
+internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory loggers, TimeProvider time, IFileDescriptorStore store) : INbdConnector
 {
     /// <summary>Pause between the relay's reconnect attempts; the first one is immediate.</summary>
     public static readonly TimeSpan RetryInterval = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>How long a stop waits for a relay to reach a point where it can hand over (replies still owed).</summary>
+    public static readonly TimeSpan HandOverLimit = TimeSpan.FromSeconds(5);
 
     private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
 
@@ -29,11 +38,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             return first;
         }
 
-        Socket kernelEnd;
-        Socket relayEnd;
+        Socket? kernelEnd = null;
+        Socket? relayEnd;
         try
         {
-            (kernelEnd, relayEnd) = NbdSocketPair.Create();
+            // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
+            relayEnd = mapping.Interface == KernelInterface.Netlink ? store.Take(DescriptorPrefix(mapping)) : null;
+            if (relayEnd is null)
+            {
+                (kernelEnd, relayEnd) = NbdSocketPair.Create();
+            }
         }
         catch (NbdKernelException e)
         {
@@ -41,7 +55,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             throw new MappingException("could not create the relay's socket pair: " + e.Message, FailureKind.Transient, e);
         }
 
-        var session = new RelaySession(first, kernelEnd);
+        var session = new RelaySession(this, mapping, first, kernelEnd, relayEnd);
         var relay = new NbdRelay(relayEnd, first.Socket, new NbdRelayOptions
         {
             Reconnect = ct => ReconnectAsync(mapping, first.Export, session, ct),
@@ -55,8 +69,51 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         });
         session.Attach(relay);
         _ = relay.Completion.ContinueWith(t => Log(mapping, session.Device, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-        relay.Start();
+
+        // A resumed relay starts once the mapping adopted the device with it (Serves): until the export was checked
+        // against the device, no request of the kernel's goes to this server.
+        if (!session.Resumed)
+        {
+            relay.Start();
+        }
+
         return session;
+    }
+
+    /// <summary>The name a mapping's relay ends have in systemd's store: "nbd-relay/NAME/SLOT" (names have no '/').</summary>
+    public static string DescriptorName(MappingOptions mapping, int slot) => DescriptorPrefix(mapping) + slot.ToString(CultureInfo.InvariantCulture);
+
+    private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
+
+    private void HandOver(MappingOptions mapping, RelaySession session, NbdRelay relay, int slot)
+    {
+        string device = session.Device ?? mapping.Device ?? "(unassigned)";
+        if (!store.CanStore)
+        {
+            RelayLog.NotHandedOver(_logger, null, mapping.Name, device, "not run by systemd with a file descriptor store");
+            return;
+        }
+
+        string name = DescriptorName(mapping, slot);
+        try
+        {
+            if (relay.TryHandOver(HandOverLimit, end => store.Store(name, end)))
+            {
+                RelayLog.HandedOver(_logger, mapping.Name, device, name);
+            }
+            else
+            {
+                RelayLog.NotHandedOver(_logger, null, mapping.Name, device, relay.Completion.IsCompleted
+                    ? "the relay had ended"
+                    : string.Create(CultureInfo.InvariantCulture, $"{relay.InFlight} requests still unanswered after {HandOverLimit.TotalSeconds:0.###} s"));
+            }
+        }
+#pragma warning disable CA1031 // A failed hand-over ends like a plain stop: logged, the relay disposed as usual.
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            RelayLog.NotHandedOver(_logger, e, mapping.Name, device, "passing it to systemd failed: " + e.Message);
+        }
     }
 
     /// <summary>
@@ -104,23 +161,44 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// <summary>
     /// The session MappingLoop sees: its socket is the kernel's end of the pair; disposing it stops the relay and closes
     /// every server connection the relay used.
+    /// A resumed session has no kernel end (the kernel holds the only one): its socket is the relay's end, which shows
+    /// the connection's end to a watch just as well, and shutting it down ends the kernel's connection the same way.
     /// </summary>
-    private sealed class RelaySession(INbdSession first, Socket kernelEnd) : INbdSession
+    private sealed class RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, Socket? kernelEnd, Socket relayEnd) : INbdSession
     {
         private readonly Lock _lock = new();
         private readonly List<INbdSession> _connections = [first];
         private NbdRelay? _relay;
         private bool _disposed;
         private string? _device;
+        private int _started;
 
         public ExportDescription Export => first.Export;
 
-        public Socket Socket => kernelEnd;
+        public Socket Socket => kernelEnd ?? relayEnd;
+
+        public bool Resumed => kernelEnd is null;
 
         /// <summary>The device for the relay's log lines; null until the mapping serves.</summary>
         public string? Device => Volatile.Read(ref _device);
 
-        public void Serves(string device) => Volatile.Write(ref _device, device);
+        public void Serves(string device)
+        {
+            Volatile.Write(ref _device, device);
+            if (Resumed && _relay is { } relay && Interlocked.Exchange(ref _started, 1) == 0)
+            {
+                relay.Start();
+                RelayLog.Resumed(owner._logger, mapping.Name, device);
+            }
+        }
+
+        public void HandOver(int slot)
+        {
+            if (_relay is { } relay)
+            {
+                owner.HandOver(mapping, this, relay, slot);
+            }
+        }
 
         public void Attach(NbdRelay relay) => _relay = relay;
 
@@ -145,7 +223,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         {
             try
             {
-                kernelEnd.Shutdown(SocketShutdown.Both);
+                Socket.Shutdown(SocketShutdown.Both);
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
             {
@@ -156,7 +234,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         public void Dispose()
         {
             _relay?.Dispose();
-            kernelEnd.Dispose();
+            kernelEnd?.Dispose();
             List<INbdSession> connections;
             lock (_lock)
             {

@@ -3,10 +3,13 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 using NbdDaemon.Mappings.Linux;
+using NbdDaemon.Systemd;
+using NbdDaemon.Tests.Systemd;
 using TestSupport;
 
 namespace NbdDaemon.Tests.Mappings.Linux;
@@ -134,7 +137,7 @@ public sealed class RelayingConnectorTests : IDisposable
         // A netlink mapping without Device learns its device from CONNECT; the relay's lines must name it (journalctl).
         await StartServerAsync(DiskSize);
         var logs = new ListLogger();
-        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), logs, TimeProvider.System);
+        var connector = new RelayingConnector(new ProtocolConnector(TimeProvider.System), logs, TimeProvider.System, new FakeFileDescriptorStore());
         using INbdSession session = await connector.ConnectAsync(Mapping(relay: true) with { Device = null }, CancellationToken.None);
 
         session.Serves("/dev/nbd7");
@@ -145,9 +148,80 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.StartsWith("Mapping data on /dev/nbd7: relay lost the server connection", lost, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task HandOver_NextProcessTakesItBack_KernelsConnectionNeverEndsAndItsQueuedRequestIsAnswered()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        // The driver's own reference to its end: the session's descriptor closes with the session, the kernel's does not.
+        using Socket kernel = Descriptors.Duplicate(first.Socket);
+        byte[] data = Pattern(4096, 11);
+        Write(kernel, 1, 16384, data);
+        first.Serves("/dev/nbd5");
+
+        first.HandOver(0);
+        first.Dispose();
+
+        Assert.Equal(["nbd-relay/data/0"], store.Names);
+        Assert.Contains(logs.Entries, e => e.Message == "Mapping data on /dev/nbd5: relay stopped between two requests with every reply delivered; its end of the kernel's connection went to systemd's file descriptor store as nbd-relay/data/0, for the next start to resume");
+        await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
+
+        // While no process relays, the kernel's next request waits in the socket.
+        Send(kernel, Request(0, 2, 16384, 4096));
+        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(next.Resumed);
+        Assert.Empty(store.Names);
+        await Task.Delay(300);
+        Assert.Equal(0, kernel.Available); // nothing relayed before the mapping adopted the device with it
+
+        next.Serves("/dev/nbd5");
+        Assert.Equal(data, ReceiveReply(kernel, 2, 4096));
+        Assert.Equal(data, Read(kernel, 3, 16384, 4096));
+        Assert.Contains(logs.Entries, e => e.Message == "Mapping data on /dev/nbd5: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped");
+    }
+
+    [Fact]
+    public async Task HandOver_NoStore_LoggedAndTheKernelsConnectionEndsWithTheSession()
+    {
+        await StartServerAsync(DiskSize);
+        var store = new FakeFileDescriptorStore(canStore: false);
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(session.Socket);
+        session.Serves("/dev/nbd5");
+
+        session.HandOver(0);
+        session.Dispose();
+
+        Assert.Empty(store.Names);
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message.StartsWith("Mapping data on /dev/nbd5: relay not handed over (not run by systemd with a file descriptor store)", StringComparison.Ordinal));
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
+    [Fact]
+    public async Task ConnectAsync_IoctlMapping_NeverTakesAStoredEnd()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        (Socket kernelEnd, Socket relayEnd) = Nbd.Kernel.NbdSocketPair.Create();
+        using Socket kernel = kernelEnd;
+        store.Store("nbd-relay/data/0", relayEnd);
+        relayEnd.Dispose();
+
+        using INbdSession session = await Connector(store).ConnectAsync(Mapping(relay: true), CancellationToken.None);
+
+        Assert.False(session.Resumed);
+        Assert.Equal(["nbd-relay/data/0"], store.Names);
+    }
+
     /// <summary>As the host wires it (DaemonHost): the relay around the real protocol connector.</summary>
-    private static RelayingConnector Connector() =>
-        new(new ProtocolConnector(TimeProvider.System), NullLoggerFactory.Instance, TimeProvider.System);
+    private static RelayingConnector Connector(IFileDescriptorStore? store = null, ILoggerFactory? logs = null) =>
+        new(new ProtocolConnector(TimeProvider.System), logs ?? NullLoggerFactory.Instance, TimeProvider.System, store ?? new FakeFileDescriptorStore());
 
     private MappingOptions Mapping(bool relay, TimeSpan? timeout = null) => TestMappings.Create(timeout: timeout ?? TimeSpan.FromSeconds(10)) with
     {

@@ -1,0 +1,183 @@
+using System.Globalization;
+using System.Net.Sockets;
+using Nbd.Kernel;
+
+namespace NbdDaemon.Systemd;
+
+/// <summary>
+/// systemd's file descriptor store for this service (sd_notify "FDSTORE=1", the unit's FileDescriptorStoreMax=):
+/// descriptors given to it outlive the process and come back to the next one through $LISTEN_FDS / $LISTEN_FDNAMES
+/// when the service restarts (a restart job or Restart=). A full stop empties it. The relay keeps the kernel's
+/// connection alive across a restart this way (<see cref="Mappings.Linux.RelayingConnector"/>).
+/// </summary>
+internal interface IFileDescriptorStore
+{
+    /// <summary>Whether <see cref="Store"/> can work at all: run by systemd, with a store it did not disable.</summary>
+    bool CanStore { get; }
+
+    /// <summary>Gives systemd a descriptor for <paramref name="socket"/> under <paramref name="name"/>.</summary>
+    /// <exception cref="NbdKernelException">The notification socket refused the datagram.</exception>
+    void Store(string name, Socket socket);
+
+    /// <summary>
+    /// An inherited descriptor whose name starts with <paramref name="prefix"/>, removed from systemd's store before it is
+    /// returned (so a later start never gets it again); null when there is none (left).
+    /// </summary>
+    Socket? Take(string prefix);
+
+    /// <summary>Removes and closes every inherited descriptor nobody took; returns their names.</summary>
+    IReadOnlyList<string> ReleaseUnclaimed();
+}
+
+/// <summary>The store over $NOTIFY_SOCKET and the descriptors inherited at start (<see cref="FromEnvironment"/>).</summary>
+internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
+{
+    /// <summary>sd_listen_fds(3): inherited descriptors start here.</summary>
+    public const int ListenFdsStart = 3;
+
+    private readonly string? _notifySocket;
+    private readonly bool _storeDisabled;
+    private readonly ILogger _logger;
+    private readonly Lock _lock = new();
+    private readonly List<(string Name, int Fd)> _inherited;
+
+    public SystemdFileDescriptorStore(string? notifySocket, bool storeDisabled, IEnumerable<(string Name, int Fd)> inherited, ILogger logger)
+    {
+        _notifySocket = string.IsNullOrEmpty(notifySocket) ? null : notifySocket;
+        _storeDisabled = storeDisabled;
+        _inherited = [.. inherited];
+        _logger = logger;
+    }
+
+    public bool CanStore => _notifySocket is not null && !_storeDisabled;
+
+    /// <summary>The names of the inherited descriptors not taken yet.</summary>
+    public IReadOnlyList<string> Inherited
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return [.. _inherited.Select(i => i.Name)];
+            }
+        }
+    }
+
+    /// <summary>
+    /// Reads $NOTIFY_SOCKET, $FDSTORE (systemd 254+: the store's size; "0" means the unit has none) and $LISTEN_PID,
+    /// $LISTEN_FDS, $LISTEN_FDNAMES (only when LISTEN_PID is this process, as sd_listen_fds(3) does). Unnamed
+    /// descriptors are called "unknown", as systemd does.
+    /// </summary>
+    public static SystemdFileDescriptorStore FromEnvironment(Func<string, string?> getVariable, int processId, ILogger logger)
+    {
+        var inherited = new List<(string, int)>();
+        if (getVariable("LISTEN_PID") == processId.ToString(CultureInfo.InvariantCulture)
+            && int.TryParse(getVariable("LISTEN_FDS"), NumberStyles.None, CultureInfo.InvariantCulture, out int count) && count is > 0 and < 4096)
+        {
+            string[] names = getVariable("LISTEN_FDNAMES")?.Split(':') ?? [];
+            for (int i = 0; i < count; i++)
+            {
+                inherited.Add((i < names.Length && names[i].Length > 0 ? names[i] : "unknown", ListenFdsStart + i));
+            }
+        }
+
+        return new SystemdFileDescriptorStore(getVariable("NOTIFY_SOCKET"), getVariable("FDSTORE") == "0", inherited, logger);
+    }
+
+    public void Store(string name, Socket socket)
+    {
+        if (!CanStore)
+        {
+            throw new InvalidOperationException(_notifySocket is null ? "not run by systemd (no NOTIFY_SOCKET)" : "the unit has no file descriptor store (FDSTORE=0)");
+        }
+
+        UnixDescriptorPassing.Send(_notifySocket!, "FDSTORE=1\nFDNAME=" + name, socket.SafeHandle);
+    }
+
+    public Socket? Take(string prefix)
+    {
+        while (true)
+        {
+            (string Name, int Fd) entry;
+            lock (_lock)
+            {
+                int index = _inherited.FindIndex(i => i.Name.StartsWith(prefix, StringComparison.Ordinal));
+                if (index < 0)
+                {
+                    return null;
+                }
+
+                entry = _inherited[index];
+                _inherited.RemoveAt(index);
+            }
+
+            // Out of the store first: a descriptor that stayed in it would come back to the next start after this
+            // process had read from it, in the middle of a request.
+            if (!TryRemoveFromStore(entry.Name))
+            {
+                UnixDescriptorPassing.Close(entry.Fd);
+                continue;
+            }
+
+            try
+            {
+                return UnixDescriptorPassing.AdoptInheritedStreamSocket(entry.Fd);
+            }
+            catch (NbdKernelException e)
+            {
+                SystemdLog.InheritedRefused(_logger, entry.Name, e.Message);
+                UnixDescriptorPassing.Close(entry.Fd);
+            }
+        }
+    }
+
+    public IReadOnlyList<string> ReleaseUnclaimed()
+    {
+        List<(string Name, int Fd)> left;
+        lock (_lock)
+        {
+            left = [.. _inherited];
+            _inherited.Clear();
+        }
+
+        foreach ((string name, int fd) in left)
+        {
+            TryRemoveFromStore(name);
+            UnixDescriptorPassing.Close(fd);
+            SystemdLog.InheritedUnclaimed(_logger, name);
+        }
+
+        return [.. left.Select(l => l.Name)];
+    }
+
+    private bool TryRemoveFromStore(string name)
+    {
+        if (_notifySocket is null)
+        {
+            return true; // not run by systemd: there is no store to leave it in
+        }
+
+        try
+        {
+            UnixDescriptorPassing.Send(_notifySocket, "FDSTOREREMOVE=1\nFDNAME=" + name, descriptor: null);
+            return true;
+        }
+        catch (NbdKernelException e)
+        {
+            SystemdLog.StoreRemoveFailed(_logger, name, e.Message);
+            return false;
+        }
+    }
+}
+
+internal static partial class SystemdLog
+{
+    [LoggerMessage(EventId = 120, Level = LogLevel.Warning, Message = "Inherited descriptor {Name} not used: {Reason}")]
+    public static partial void InheritedRefused(ILogger logger, string name, string reason);
+
+    [LoggerMessage(EventId = 121, Level = LogLevel.Information, Message = "Inherited descriptor {Name} claimed by no mapping: closed and removed from systemd's file descriptor store")]
+    public static partial void InheritedUnclaimed(ILogger logger, string name);
+
+    [LoggerMessage(EventId = 122, Level = LogLevel.Warning, Message = "Inherited descriptor {Name} not used: removing it from systemd's file descriptor store failed ({Reason}); a later start could get it back mid-stream")]
+    public static partial void StoreRemoveFailed(ILogger logger, string name, string reason);
+}

@@ -1,0 +1,75 @@
+using System.Net.Sockets;
+using NbdDaemon.Systemd;
+using TestSupport;
+
+namespace NbdDaemon.Tests.Systemd;
+
+/// <summary>
+/// systemd's store in memory: <see cref="Store"/> keeps a duplicate of the descriptor (what SCM_RIGHTS gives systemd),
+/// <see cref="Take"/> hands one back as the next process would inherit it.
+/// </summary>
+internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescriptorStore, IDisposable
+{
+    private readonly List<(string Name, Socket Socket)> _stored = [];
+
+    public bool CanStore => canStore;
+
+    public IReadOnlyList<string> Names
+    {
+        get
+        {
+            lock (_stored)
+            {
+                return [.. _stored.Select(s => s.Name)];
+            }
+        }
+    }
+
+    public void Store(string name, Socket socket)
+    {
+        Socket copy = Descriptors.Duplicate(socket);
+        lock (_stored)
+        {
+            _stored.Add((name, copy));
+        }
+    }
+
+    public Socket? Take(string prefix)
+    {
+        lock (_stored)
+        {
+            int index = _stored.FindIndex(s => s.Name.StartsWith(prefix, StringComparison.Ordinal));
+            if (index < 0)
+            {
+                return null;
+            }
+
+            Socket socket = _stored[index].Socket;
+            _stored.RemoveAt(index);
+            return socket;
+        }
+    }
+
+    public IReadOnlyList<string> ReleaseUnclaimed()
+    {
+        lock (_stored)
+        {
+            List<string> names = [.. _stored.Select(s => s.Name)];
+            Dispose();
+            return names;
+        }
+    }
+
+    public void Dispose()
+    {
+        lock (_stored)
+        {
+            foreach ((_, Socket socket) in _stored)
+            {
+                socket.Dispose();
+            }
+
+            _stored.Clear();
+        }
+    }
+}

@@ -1,0 +1,174 @@
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging.Abstractions;
+using Nbd.Kernel;
+using NbdDaemon.Systemd;
+using TestSupport;
+
+namespace NbdDaemon.Tests.Systemd;
+
+/// <summary>
+/// <see cref="SystemdFileDescriptorStore"/> against a datagram socket standing in for systemd's notification socket:
+/// the exact datagrams systemd gets (FDSTORE=1 with the descriptor, FDSTOREREMOVE=1 before an inherited one is used),
+/// and how $LISTEN_FDS / $LISTEN_FDNAMES are read.
+/// </summary>
+public sealed class SystemdFileDescriptorStoreTests : IDisposable
+{
+    private readonly TempDirectory _dir = new();
+    private readonly List<IDisposable> _owned = [];
+
+    public void Dispose()
+    {
+        foreach (IDisposable owned in _owned)
+        {
+            owned.Dispose();
+        }
+
+        _dir.Dispose();
+    }
+
+    [Fact]
+    public void FromEnvironment_ListenPidIsOurs_NamesEachDescriptorFromThree()
+    {
+        SystemdFileDescriptorStore store = FromEnvironment(new()
+        {
+            ["LISTEN_PID"] = "4242", ["LISTEN_FDS"] = "3", ["LISTEN_FDNAMES"] = "nbd-relay/fs/0::other", ["NOTIFY_SOCKET"] = "/run/systemd/notify",
+        });
+
+        Assert.Equal(["nbd-relay/fs/0", "unknown", "other"], store.Inherited);
+        Assert.True(store.CanStore);
+    }
+
+    [Theory]
+    [InlineData("4243", "2")] // another process's (sd_listen_fds ignores them)
+    [InlineData(null, "2")]
+    [InlineData("4242", "0")]
+    [InlineData("4242", "two")]
+    [InlineData("4242", "-1")]
+    public void FromEnvironment_NotForUs_NothingInherited(string? pid, string fds)
+    {
+        SystemdFileDescriptorStore store = FromEnvironment(new() { ["LISTEN_PID"] = pid, ["LISTEN_FDS"] = fds, ["LISTEN_FDNAMES"] = "a:b" });
+
+        Assert.Empty(store.Inherited);
+    }
+
+    [Theory]
+    [InlineData(null, null, false)] // not run by systemd
+    [InlineData("/run/systemd/notify", "0", false)] // systemd 254+ says the unit has no store
+    [InlineData("/run/systemd/notify", "128", true)]
+    [InlineData("/run/systemd/notify", null, true)] // systemd < 254 does not say
+    public void CanStore_NeedsANotifySocketAndAStoreNotDisabled(string? notify, string? fdstore, bool expected)
+    {
+        SystemdFileDescriptorStore store = FromEnvironment(new() { ["NOTIFY_SOCKET"] = notify, ["FDSTORE"] = fdstore });
+
+        Assert.Equal(expected, store.CanStore);
+        if (!expected)
+        {
+            Assert.Throws<InvalidOperationException>(() => store.Store("x", new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified)));
+        }
+    }
+
+    [Fact]
+    public void Store_SendsFdstoreWithTheNameAndADescriptorForTheSameConnection()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, Socket relayEnd) = Pair();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), storeDisabled: false, [], NullLogger.Instance);
+
+        store.Store("nbd-relay/fs/0", relayEnd);
+        relayEnd.Dispose();
+
+        (string text, int[] fds) = Descriptors.Receive(systemd);
+        Assert.Equal("FDSTORE=1\nFDNAME=nbd-relay/fs/0", text);
+        using Socket kept = new(new SafeSocketHandle(Assert.Single(fds), ownsHandle: true));
+        kernel.Send("still connected"u8);
+        byte[] buffer = new byte[32];
+        Assert.Equal(15, kept.Receive(buffer));
+    }
+
+    [Fact]
+    public void Take_MatchingPrefix_RemovedFromTheStoreFirstThenReturnedCloseOnExec()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, Socket relayEnd) = Pair();
+        int inherited = Descriptors.Dup((int)relayEnd.Handle);
+        relayEnd.Dispose();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs2/0", -1), ("nbd-relay/fs/0", inherited)], NullLogger.Instance);
+
+        using Socket? taken = store.Take("nbd-relay/fs/");
+
+        Assert.NotNull(taken);
+        Assert.Equal(("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/0", 0), Text(Descriptors.Receive(systemd)));
+        Assert.True(Descriptors.IsCloseOnExec(inherited));
+        kernel.Send("x"u8);
+        Assert.Equal(1, taken.Receive(new byte[1]));
+        Assert.Null(store.Take("nbd-relay/fs/"));
+        Assert.Equal(["nbd-relay/fs2/0"], store.Inherited); // "fs2" is another mapping, not a longer "fs"
+    }
+
+    [Fact]
+    public void Take_RemovalFails_NotUsedAndClosed()
+    {
+        // Used while still in the store, a later start would get it back in the middle of a request.
+        (Socket kernel, Socket relayEnd) = Pair();
+        int inherited = Descriptors.Dup((int)relayEnd.Handle);
+        relayEnd.Dispose();
+        var logs = new ListLogger();
+        var store = new SystemdFileDescriptorStore(_dir.File("nobody-listens"), false, [("nbd-relay/fs/0", inherited)], logs);
+
+        Assert.Null(store.Take("nbd-relay/fs/"));
+
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[1])); // closed: the kernel's connection ends
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith("Inherited descriptor nbd-relay/fs/0 not used: removing it from systemd's file descriptor store failed (", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void Take_NotAStreamSocket_RefusedClosedAndTheNextOneTaken()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        using var datagram = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
+        (Socket kernel, Socket relayEnd) = Pair();
+        int good = Descriptors.Dup((int)relayEnd.Handle);
+        relayEnd.Dispose();
+        var logs = new ListLogger();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", Descriptors.Dup((int)datagram.Handle)), ("nbd-relay/fs/1", good)], logs);
+
+        using Socket? taken = store.Take("nbd-relay/fs/");
+
+        Assert.NotNull(taken);
+        Assert.Equal(good, (int)taken.Handle);
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith("Inherited descriptor nbd-relay/fs/0 not used: inherited descriptor ", StringComparison.Ordinal) && e.Message.Contains("not an AF_UNIX stream socket", StringComparison.Ordinal));
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/0", Descriptors.Receive(systemd).Text);
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/1", Descriptors.Receive(systemd).Text);
+        kernel.Dispose();
+    }
+
+    [Fact]
+    public void ReleaseUnclaimed_RemovesAndClosesWhatNobodyTook()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, Socket relayEnd) = Pair();
+        int inherited = Descriptors.Dup((int)relayEnd.Handle);
+        relayEnd.Dispose();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/gone/0", inherited)], NullLogger.Instance);
+
+        Assert.Equal(["nbd-relay/gone/0"], store.ReleaseUnclaimed());
+
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/gone/0", Descriptors.Receive(systemd).Text);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[1]));
+        Assert.Empty(store.ReleaseUnclaimed());
+    }
+
+    private static SystemdFileDescriptorStore FromEnvironment(Dictionary<string, string?> variables) =>
+        SystemdFileDescriptorStore.FromEnvironment(name => variables.GetValueOrDefault(name), 4242, NullLogger.Instance);
+
+    private static (string Text, int Fds) Text((string Text, int[] Fds) datagram) => (datagram.Text, datagram.Fds.Length);
+
+    private (Socket Kernel, Socket RelayEnd) Pair()
+    {
+        (Socket kernel, Socket relayEnd) = NbdSocketPair.Create();
+        _owned.Add(kernel);
+        return (kernel, relayEnd);
+    }
+}
