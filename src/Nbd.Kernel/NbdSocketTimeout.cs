@@ -32,10 +32,18 @@ public static class NbdSocketTimeout
     }
 
     /// <summary>Sets SO_SNDTIMEO to zero (no timeout), so that a later non-zero <see cref="Read"/> can only come from the driver.</summary>
-    public static unsafe void Clear(Socket socket)
+    public static void Clear(Socket socket) => Set(socket, TimeSpan.Zero);
+
+    /// <summary>
+    /// Sets SO_SNDTIMEO (whole microseconds; zero = no timeout). On a socket the driver holds this is how long the
+    /// driver's sends may block on it before it gives the connection up.
+    /// </summary>
+    public static unsafe void Set(Socket socket, TimeSpan timeout)
     {
         ArgumentNullException.ThrowIfNull(socket);
-        var value = default(Libc.TimeVal);
+        ArgumentOutOfRangeException.ThrowIfLessThan(timeout, TimeSpan.Zero);
+        long micros = timeout.Ticks / TimeSpan.TicksPerMicrosecond;
+        var value = new Libc.TimeVal { Seconds = micros / 1_000_000, Microseconds = micros % 1_000_000 };
         if (Libc.SetSockOpt(socket.SafeHandle, SOL_SOCKET, SO_SNDTIMEO, &value, (uint)sizeof(Libc.TimeVal)) < 0)
         {
             throw new NbdKernelException("socket", "setsockopt(SO_SNDTIMEO)", Marshal.GetLastPInvokeError());

@@ -272,21 +272,24 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>
     /// Between two requests with nothing buffered: waits until the kernel's end is readable (true), or stops reading for
-    /// a hand-over or the end of the relay (false; a hand-over is told the stream is at a boundary).
+    /// a hand-over or the end of the relay (false; a hand-over is told the stream is at a boundary). A hand-over stops
+    /// only once the socket held nothing unread at some moment after it was asked for: a request the kernel sent before
+    /// (with the deadline it had then) is carried and answered, never left waiting for the next process.
     /// </summary>
     private bool WaitForRequest()
     {
         while (!_stop.IsCancellationRequested)
         {
-            if (_handingOver)
+            bool handingOver = _handingOver;
+            if (_kernel.Poll(handingOver ? TimeSpan.Zero : HandOverTick, SelectMode.SelectRead))
+            {
+                return true;
+            }
+
+            if (handingOver)
             {
                 _kernelQuiet.Set();
                 return false;
-            }
-
-            if (_kernel.Poll(HandOverTick, SelectMode.SelectRead))
-            {
-                return true;
             }
         }
 

@@ -44,6 +44,9 @@ internal interface INbdSession : IDisposable
     /// </summary>
     bool Resumed => false;
 
+    /// <summary>Whether <see cref="HandOver"/> can keep the kernel's connection alive (asked before the stop prepares for it).</summary>
+    bool CanHandOver => false;
+
     /// <summary>
     /// The daemon stops and leaves the device configured (OnStop=Leave): keep the kernel's connection alive for the
     /// next process if this session can (<paramref name="slot"/>: its place among the mapping's connections). Called

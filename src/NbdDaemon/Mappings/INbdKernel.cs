@@ -116,6 +116,12 @@ internal interface INbdNetlinkControl : IDisposable
     /// <param name="backendIdentifier">Must repeat the one given at CONNECT (also by an earlier process).</param>
     void Reconfigure(int index, IReadOnlyList<Socket> sockets, string backendIdentifier);
 
+    /// <summary>
+    /// NBD_CMD_RECONFIGURE with NBD_ATTR_TIMEOUT only: the request timeout of requests the kernel starts from now on
+    /// (those in flight keep the deadline they got).
+    /// </summary>
+    void SetTimeout(int index, TimeSpan timeout, string backendIdentifier);
+
     void Disconnect(int index);
 
     /// <summary>

@@ -38,6 +38,13 @@ internal sealed class MappingLoop
     /// </summary>
     public const int ReconfigureRetries = 4;
 
+    /// <summary>
+    /// The request timeout a device gets while its relays are handed over to the next process (a restart): requests the
+    /// kernel starts then wait in the socket until the new process resumes, and must not time out meanwhile (the driver
+    /// would declare the connection dead). The adopting process sets the mapping's Timeout again.
+    /// </summary>
+    public static readonly TimeSpan HandOverTimeout = TimeSpan.FromSeconds(60);
+
     /// <summary>How long after a LINK_DEAD one of the current sockets must show its end for the event to count.</summary>
     public static readonly TimeSpan LinkDeadGrace = TimeSpan.FromMilliseconds(500);
 
@@ -540,6 +547,13 @@ internal sealed class MappingLoop
             notTaken.Dispose();
         }
 
+        // The mapping's Timeout, whatever the device had: the previous process may have raised it for a hand-over, or run
+        // with another configuration.
+        if (_options.Timeout > TimeSpan.Zero)
+        {
+            TryStep("NBD_CMD_RECONFIGURE timeout", () => _netlink!.SetTimeout(device.Index, _options.Timeout, _options.BackendIdentifier));
+        }
+
         if (resumed.Count > 0)
         {
             MappingLog.AdoptedResumed(_logger, Name, DeviceText, _options.BackendIdentifier, device.SizeBytes, resumed.Count, taken.Count, fresh.Count);
@@ -733,6 +747,12 @@ internal sealed class MappingLoop
                 if (stopRequested && _options.OnStop == StopAction.Leave)
                 {
                     MappingLog.LeftConfigured(_logger, Name, DeviceText);
+                    if (_sessions.Any(s => s.CanHandOver))
+                    {
+                        // Before the relays stop reading: every request started from here on gets the longer deadline.
+                        TryStep("NBD_CMD_RECONFIGURE timeout for the hand-over", () => netlink.SetTimeout(index, HandOverTimeout, _options.BackendIdentifier));
+                    }
+
                     for (int slot = 0; slot < _sessions.Count; slot++)
                     {
                         _sessions[slot].HandOver(slot);

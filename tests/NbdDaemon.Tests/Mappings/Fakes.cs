@@ -58,7 +58,18 @@ internal sealed class FakeSession : INbdSession
     /// <summary>The slots <see cref="INbdSession.HandOver"/> was called with, and whether it came before Dispose.</summary>
     public List<(int Slot, bool BeforeDispose)> HandOvers { get; } = [];
 
-    public void HandOver(int slot) => HandOvers.Add((slot, !Disposed));
+    public bool CanHandOver { get; init; }
+
+    /// <summary>How many "nl-timeout" operations the kernel had recorded when the first hand-over came.</summary>
+    public int? TimeoutOpsBeforeHandOver { get; private set; }
+
+    public FakeKernel? Kernel { get; init; }
+
+    public void HandOver(int slot)
+    {
+        TimeoutOpsBeforeHandOver ??= Kernel?.Operations.Count(o => o.StartsWith("nl-timeout", StringComparison.Ordinal));
+        HandOvers.Add((slot, !Disposed));
+    }
 
     public void Dispose()
     {
@@ -85,9 +96,9 @@ internal sealed class FakeConnector : INbdConnector
         return this;
     }
 
-    public FakeConnector ThenServe(ExportDescription? export = null) => Then(_ =>
+    public FakeConnector ThenServe(ExportDescription? export = null, bool canHandOver = false, FakeKernel? kernel = null) => Then(_ =>
     {
-        var session = new FakeSession(export ?? DefaultExport);
+        var session = new FakeSession(export ?? DefaultExport) { CanHandOver = canHandOver, Kernel = kernel };
         Sessions.Enqueue(session);
         return Task.FromResult<INbdSession>(session);
     });
@@ -421,6 +432,15 @@ internal sealed class FakeNetlink : INbdNetlinkControl
                 device.Sockets[slot] = socket;
                 _kernel.Take(socket, device.Timeout);
             }
+        }
+    }
+
+    public void SetTimeout(int index, TimeSpan timeout, string backendIdentifier)
+    {
+        _kernel.Record(string.Create(System.Globalization.CultureInfo.InvariantCulture, $"nl-timeout {index} {timeout.TotalSeconds:0.###} s id {backendIdentifier}"));
+        if (_kernel.NetlinkDevices[index].Sysfs.Backend != backendIdentifier)
+        {
+            throw new IOException("EINVAL: backend identifier differs");
         }
     }
 

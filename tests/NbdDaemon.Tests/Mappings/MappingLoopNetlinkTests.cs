@@ -233,7 +233,8 @@ public sealed class MappingLoopNetlinkTests
         await states.WaitForAsync(MappingState.Serving);
 
         Assert.Equal("/dev/nbd2", loop.Device);
-        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        // Adoption applies the mapping's Timeout (the previous process may have raised it for a hand-over).
+        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations);
         FakeSession session = connector.Sessions.Single();
         Assert.False(session.Disposed);
         Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(session.Socket));
@@ -262,7 +263,8 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal(MappingLoop.HeldRetryInterval, loop.LastDelay);
         _time.Advance(MappingLoop.HeldRetryInterval);
         await states.WaitForAsync(MappingState.Serving);
-        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data"], _kernel.Operations);
+        // Adoption applies the mapping's Timeout (the previous process may have raised it for a hand-over).
+        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations);
         await cts.CancelAsync();
         await run.WaitAsync(TestTimeout);
     }
@@ -408,9 +410,9 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
-    public async Task RunAsync_StopWithOnStopLeave_AsksEverySessionToHandOverBeforeClosingIt()
+    public async Task RunAsync_StopWithOnStopLeave_RaisesTheTimeoutThenAsksEverySessionToHandOverBeforeClosingIt()
     {
-        var connector = new FakeConnector().ThenServe();
+        var connector = new FakeConnector().ThenServe(canHandOver: true, kernel: _kernel);
         var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave) with { Connections = 2 };
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
         var states = new StateRecorder(loop);
@@ -422,6 +424,8 @@ public sealed class MappingLoopNetlinkTests
         await run.WaitAsync(TestTimeout);
 
         FakeSession[] sessions = [.. connector.Sessions];
+        Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 2 id nbd-daemon:data", "nl-timeout 5 60 s id nbd-daemon:data", "netlink close"], _kernel.Operations);
+        Assert.Equal(1, sessions[0].TimeoutOpsBeforeHandOver);
         Assert.Equal([(0, true)], sessions[0].HandOvers);
         Assert.Equal([(1, true)], sessions[1].HandOvers);
         Assert.All(sessions, s => Assert.True(s.Disposed));
@@ -470,7 +474,7 @@ public sealed class MappingLoopNetlinkTests
         await states.WaitForAsync(MappingState.Serving);
 
         FakeSession resumed = connector.Sessions.Single();
-        Assert.Equal(["netlink open"], _kernel.Operations); // no CONNECT, no RECONFIGURE
+        Assert.Equal(["netlink open", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations); // no CONNECT, no sockets offered
         Assert.Equal("/dev/nbd2", loop.Device);
         Assert.Equal("/dev/nbd2", resumed.Served);
         Assert.False(resumed.Disposed);

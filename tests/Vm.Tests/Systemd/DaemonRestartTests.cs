@@ -216,4 +216,44 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
         Assert.Equal("0", vm.Value("stop_size"));
         Assert.Equal("absent", vm.Value("stop_pid"));
     }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    public void Relay_SystemctlRestart_EndHandedOverThroughTheFdStoreAndResumedWithoutReconnecting(int restart)
+    {
+        string p = $"relay_restart{restart}_";
+        output.WriteLine($"systemctl restart rc {vm.Value(p + "rc")}, active again after {vm.Value(p + "ms")} ms (READY {vm.Value(p + "ready_ms")} ms after exec), " +
+                         $"writer stall {vm.Value(p + "stall_ms")} ms, NFileDescriptorStore after {vm.Value(p + "fdstore_after")}");
+        Assert.Equal("yes", vm.Value("relay_start_active"));
+        Assert.True(vm.Number("relay_start_connected") >= 1, "the relay mapping did not start with NBD_CMD_CONNECT on the freed device");
+        Assert.Equal("yes", vm.Value(p + "active"));
+        Assert.True(vm.Number(p + "handed_over") >= 1, "the stopping process did not log handing its relay end to the file descriptor store");
+        Assert.True(vm.Number(p + "resumed") >= 1, "the new process did not resume the relay on the handed-over end");
+        Assert.True(vm.Number(p + "carried_on") >= 1, "the new process did not adopt the device with the handed-over connection");
+
+        // The kernel's connection never ended: nothing to reconfigure, no lost connection, the store emptied again.
+        Assert.Equal(0, vm.Number(p + "reconfigure"));
+        Assert.Equal(0, vm.Number(p + "reconnecting"));
+        Assert.Equal(0, vm.Number(p + "fdstore_after"));
+        Assert.Equal("0", vm.Value(p + "probe_rc"));
+    }
+
+    [Fact]
+    public void Relay_ThroughBothRestarts_WriterKernelFsckAndChecksumsClean()
+    {
+        output.WriteLine($"writer: {vm.Value("relay_writer_ops")} operations, longest {vm.Value("relay_writer_max_stall_ms")} ms");
+        Assert.Equal("0", vm.Value("relay_mount_rc"));
+        Assert.True(vm.Number("relay_writer_ops") >= 20, "the writer hardly ran");
+        Assert.Equal(0, vm.Number("relay_writer_errors"));
+        Assert.Equal(0, vm.Number("relay_kernel_io_errors"));
+
+        // The driver logs every connection it loses (receive failed, timed out, dead): none while the relay was handed over.
+        Assert.Equal(0, vm.Number("relay_kernel_nbd_lines"));
+        Assert.Equal("0", vm.Value("relay_umount_rc"));
+        Assert.Equal("0", vm.Value("relay_fsck_rc"));
+        Assert.Equal("0", vm.Value("relay_remount_rc"));
+        Assert.True(vm.Number("relay_check_files") >= 10, "fewer than 10 files in the manifest: nothing much was verified");
+        Assert.Equal(0, vm.Number("relay_check_mismatches"));
+    }
 }

@@ -68,6 +68,16 @@ internal sealed class NetlinkControl : INbdNetlinkControl
         });
     }
 
+    public void SetTimeout(int index, TimeSpan timeout, string backendIdentifier)
+    {
+        _netlink.Reconfigure(new NbdNetlinkReconfigureRequest
+        {
+            Index = index,
+            Timeout = timeout,
+            BackendIdentifier = backendIdentifier,
+        });
+    }
+
     public void Disconnect(int index)
     {
         _netlink.Disconnect(index);

@@ -29,6 +29,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     public static readonly TimeSpan HandOverLimit = TimeSpan.FromSeconds(5);
 
     private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
+    private readonly IFileDescriptorStore _store = store;
 
     public async Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken)
     {
@@ -43,7 +44,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         try
         {
             // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
-            relayEnd = mapping.Interface == KernelInterface.Netlink ? store.Take(DescriptorPrefix(mapping)) : null;
+            relayEnd = mapping.Interface == KernelInterface.Netlink ? _store.Take(DescriptorPrefix(mapping)) : null;
             if (relayEnd is null)
             {
                 (kernelEnd, relayEnd) = NbdSocketPair.Create();
@@ -85,10 +86,10 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
 
-    private void HandOver(MappingOptions mapping, RelaySession session, NbdRelay relay, int slot)
+    private void HandOver(MappingOptions mapping, RelaySession session, Socket? kernelEnd, NbdRelay relay, int slot)
     {
         string device = session.Device ?? mapping.Device ?? "(unassigned)";
-        if (!store.CanStore)
+        if (!_store.CanStore)
         {
             RelayLog.NotHandedOver(_logger, null, mapping.Name, device, "not run by systemd with a file descriptor store");
             return;
@@ -97,7 +98,15 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         string name = DescriptorName(mapping, slot);
         try
         {
-            if (relay.TryHandOver(HandOverLimit, end => store.Store(name, end)))
+            // While no process reads, the driver's sends block once the pair's buffer is full, and give the connection up
+            // after SO_SNDTIMEO (it set the request timeout there). A resumed session has no descriptor for the kernel's
+            // end: the first hand-over's value stays.
+            if (kernelEnd is not null)
+            {
+                NbdSocketTimeout.Set(kernelEnd, MappingLoop.HandOverTimeout);
+            }
+
+            if (relay.TryHandOver(HandOverLimit, end => _store.Store(name, end)))
             {
                 RelayLog.HandedOver(_logger, mapping.Name, device, name);
             }
@@ -179,6 +188,8 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
         public bool Resumed => kernelEnd is null;
 
+        public bool CanHandOver => _relay is { Completion.IsCompleted: false } && owner._store.CanStore;
+
         /// <summary>The device for the relay's log lines; null until the mapping serves.</summary>
         public string? Device => Volatile.Read(ref _device);
 
@@ -196,7 +207,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         {
             if (_relay is { } relay)
             {
-                owner.HandOver(mapping, this, relay, slot);
+                owner.HandOver(mapping, this, kernelEnd, relay, slot);
             }
         }
 

@@ -15,6 +15,9 @@
 #                 sha256sum -c of the manifest after a read-only remount
 #   rs_stop_*     unmounted, configuration without OnStop (default Disconnect), restart (adopts), `systemctl stop`:
 #                 the device is freed
+#   rs_relay_*    the same mapping with Relay: true and OnStop=Leave, ext4 mounted again with a writer: two
+#                 `systemctl restart`s, each relay handing its end of the kernel's connection to systemd's file
+#                 descriptor store and the next process resuming on it; the writer, kernel log, e2fsck and checksums
 set -u
 r() { echo "RESULT systemd rs_$1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -81,9 +84,10 @@ start_kit() {
 }
 start_kit && r server up || { r server down; cat /tmp/nbdkit.log; }
 
-write_config() { # ONSTOP (Leave, or "" for the default)
+write_config() { # ONSTOP (Leave, or "" for the default) [relay]
     local onstop=""
     [ -n "$1" ] && onstop=", \"OnStop\": \"$1\""
+    [ "${2:-}" = relay ] && onstop="$onstop, \"Relay\": true"
     cat >"$CONF" <<EOF
 { "Nbd": { "Mappings": [
   { "Name": "fs", "Uri": "nbd://127.0.0.1:10809/fs", "Device": "/dev/nbd0", "Interface": "Netlink",
@@ -234,6 +238,59 @@ r stop_Result "$(prop nbd-daemon Result)"
 sleep 1
 r stop_size "$(dev_size)"
 r stop_pid "$(dev_pid)"
+
+# (5) Relay: true, OnStop=Leave: the kernel's connection is one end of a socket pair, the relay in the daemon.
+# jcount PID TEXT: journal entries of the mapping logged by process PID that contain TEXT
+jcount() {
+    journalctl --sync 2>/dev/null
+    journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$1" 2>/dev/null | grep -c -- "$2"
+}
+write_config Leave relay
+timeout 90 systemctl start nbd-daemon.service; r relay_start_rc "$?"
+wait_active 180 "$PID4" >/dev/null; r relay_start_active "$([ $? = 0 ] && echo yes || echo no)"
+PREV=$(prop nbd-daemon MainPID)
+r relay_start_connected "$(jcount "$PREV" 'NBD_CMD_CONNECT')"
+mount -t ext4 -o errors=remount-ro /dev/nbd0 "$MNT"; r relay_mount_rc "$?"
+dmesg -C
+rm -f $W.stop
+writer &
+WPID=$!
+sleep 5
+for i in 1 2; do
+    t0=$(now_ms)
+    timeout 90 systemctl restart nbd-daemon.service; r "relay_restart${i}_rc" "$?"
+    wait_active 180 "$PREV" >/dev/null; r "relay_restart${i}_active" "$([ $? = 0 ] && echo yes || echo no)"
+    r "relay_restart${i}_ms" "$(( $(now_ms) - t0 ))"
+    r "relay_restart${i}_ready_ms" "$(ready_ms)"
+    NEXT=$(prop nbd-daemon MainPID)
+    read -r ms rc < <(probe); r "relay_restart${i}_probe_rc" "$rc"
+    r "relay_restart${i}_stall_ms" "$(stall "$t0" "$(now_ms)")"
+    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/0")"
+    r "relay_restart${i}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
+    r "relay_restart${i}_carried_on" "$(jcount "$NEXT" 'carrying on with 1 relay connections')"
+    r "relay_restart${i}_reconfigure" "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
+    r "relay_restart${i}_reconnecting" "$(jcount "$NEXT" '-> Reconnecting')"
+    r "relay_restart${i}_fdstore_after" "$(prop nbd-daemon NFileDescriptorStore)"
+    PREV=$NEXT
+    sleep 3
+done
+touch $W.stop; wait "$WPID"
+r relay_writer_ops "$(wc -l <$W.ops)"
+r relay_writer_errors "$(awk '$3 != 0' $W.ops | wc -l)"
+r relay_writer_max_stall_ms "$(awk '$2 - $1 > m { m = $2 - $1 } END { print m + 0 }' $W.ops)"
+head -n 20 $W.err | sed 's/^/relay writer: /'
+dmesg >/tmp/kmsg-relay
+r relay_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay)"
+r relay_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay)"
+grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay | head -n 20 | sed 's/^/kernel: /'
+umount "$MNT"; r relay_umount_rc "$?"
+timeout 300 e2fsck -fn /dev/nbd0 >/tmp/fsck-relay.out 2>&1; r relay_fsck_rc "$?"
+sed 's/^/e2fsck: /' /tmp/fsck-relay.out | tail -n 10
+mount -t ext4 -o ro /dev/nbd0 "$MNT"; r relay_remount_rc "$?"
+(cd "$MNT" && sha256sum -c $W.manifest) >/tmp/check-relay.out 2>&1
+r relay_check_files "$(wc -l <$W.manifest)"
+r relay_check_mismatches "$(grep -vc ': OK$' /tmp/check-relay.out)"
+umount "$MNT"
 
 journalctl --sync 2>/dev/null
 journalctl --no-pager -o short-monotonic -u nbd-daemon | tail -n 60 | sed 's/^/journal: /'
