@@ -82,7 +82,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     }
 
     /// <summary>The name a mapping's relay ends have in systemd's store: "nbd-relay/NAME/SLOT" (names have no '/').</summary>
-    public static string DescriptorName(MappingOptions mapping, int slot) => DescriptorPrefix(mapping) + slot.ToString(CultureInfo.InvariantCulture);
+    private static string DescriptorName(MappingOptions mapping, int slot) => DescriptorPrefix(mapping) + slot.ToString(CultureInfo.InvariantCulture);
 
     private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
 
