@@ -89,9 +89,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     public void Take_MatchingPrefix_RemovedFromTheStoreFirstThenReturnedCloseOnExec()
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
-        (Socket kernel, Socket relayEnd) = Pair();
-        int inherited = Descriptors.Dup((int)relayEnd.Handle);
-        relayEnd.Dispose();
+        (Socket kernel, int inherited) = Inherited();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs2/0", -1), ("nbd-relay/fs/0", inherited)], NullLogger.Instance);
 
         using Socket? taken = store.Take("nbd-relay/fs/");
@@ -109,9 +107,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     public void Take_RemovalFails_NotUsedAndClosed()
     {
         // Used while still in the store, a later start would get it back in the middle of a request.
-        (Socket kernel, Socket relayEnd) = Pair();
-        int inherited = Descriptors.Dup((int)relayEnd.Handle);
-        relayEnd.Dispose();
+        (Socket kernel, int inherited) = Inherited();
         var logs = new ListLogger();
         var store = new SystemdFileDescriptorStore(_dir.File("nobody-listens"), false, [("nbd-relay/fs/0", inherited)], logs);
 
@@ -127,9 +123,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         using var datagram = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
-        (Socket kernel, Socket relayEnd) = Pair();
-        int good = Descriptors.Dup((int)relayEnd.Handle);
-        relayEnd.Dispose();
+        (Socket kernel, int good) = Inherited();
         var logs = new ListLogger();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", Descriptors.Dup((int)datagram.Handle)), ("nbd-relay/fs/1", good)], logs);
 
@@ -147,9 +141,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     public void ReleaseUnclaimed_RemovesAndClosesWhatNobodyTook()
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
-        (Socket kernel, Socket relayEnd) = Pair();
-        int inherited = Descriptors.Dup((int)relayEnd.Handle);
-        relayEnd.Dispose();
+        (Socket kernel, int inherited) = Inherited();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/gone/0", inherited)], NullLogger.Instance);
 
         Assert.Equal(["nbd-relay/gone/0"], store.ReleaseUnclaimed());
@@ -164,6 +156,15 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         SystemdFileDescriptorStore.FromEnvironment(name => variables.GetValueOrDefault(name), 4242, NullLogger.Instance);
 
     private static (string Text, int Fds) Text((string Text, int[] Fds) datagram) => (datagram.Text, datagram.Fds.Length);
+
+    /// <summary>A pair whose relay end exists only as a bare descriptor, as the next process inherits it.</summary>
+    private (Socket Kernel, int Fd) Inherited()
+    {
+        (Socket kernel, Socket relayEnd) = Pair();
+        int fd = Descriptors.Dup((int)relayEnd.Handle);
+        relayEnd.Dispose();
+        return (kernel, fd);
+    }
 
     private (Socket Kernel, Socket RelayEnd) Pair()
     {
