@@ -100,6 +100,49 @@ public sealed class NbdRelayHandOverTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task HandOver_RequestWaitingUnreadInTheSocket_CarriedAndAnsweredBeforeHandingOver()
+    {
+        // The relay's kernel thread is stuck sending a large write to a server that does not read, and the kernel queues
+        // a read behind it. That read was sent before the hand-over was asked for (with the deadline it had then): it
+        // must be carried and answered, not left in the socket for the next process.
+        using var deadline = Deadline();
+        (Socket relayEnd, Socket kernel) = RelayHarness.UnixPair();
+        (Socket relayServer, Socket server) = RelayHarness.UnixPair();
+        using Socket kernelSide = kernel;
+        using Socket serverSide = server;
+        using var relay = new NbdRelay(relayEnd, relayServer, new NbdRelayOptions
+        {
+            Reconnect = _ => throw new InvalidOperationException("the server connection never ends in this test"),
+            Name = "relay-test",
+        });
+        relay.Start();
+        byte[] payload = Bytes(1 << 20, seed: 211);
+        await SendAsync(kernel, (byte[])[.. Request(CmdWrite, 0x211, 0, (uint)payload.Length), .. payload], deadline.Token);
+        await Wait.UntilAsync(() => server.Available > 0, "the write on its way to the server", deadline.Token);
+        await SendAsync(kernel, Request(CmdRead, 0x212, 4096, 512), deadline.Token);
+        await Task.Delay(100, deadline.Token);
+
+        Socket? kept = null;
+        Task<bool> handOver = Task.Run(() => relay.TryHandOver(Limit, s => kept = Duplicate(s)), deadline.Token);
+        await Task.Delay(200, deadline.Token);
+
+        Assert.Equal(0x211ul, ParseRequest(await ReceiveExactlyAsync(server, RequestLength, deadline.Token)).Cookie);
+        Assert.Equal(payload, await ReceiveExactlyAsync(server, payload.Length, deadline.Token));
+        await SendAsync(server, SimpleReply(0, 0x211), deadline.Token);
+        Assert.Equal(0x212ul, ParseRequest(await ReceiveExactlyAsync(server, RequestLength, deadline.Token)).Cookie);
+        await Task.Delay(200, deadline.Token);
+        Assert.False(handOver.IsCompleted, "Handed over with the read's reply still owed.");
+        byte[] data = Bytes(512, seed: 212);
+        await SendAsync(server, (byte[])[.. SimpleReply(0, 0x212), .. data], deadline.Token);
+
+        Assert.True(await handOver.WaitAsync(deadline.Token));
+        Assert.Equal(0x211ul, ParseReply(await ReceiveExactlyAsync(kernel, SimpleReplyLength, deadline.Token)).Cookie);
+        Assert.Equal(0x212ul, ParseReply(await ReceiveExactlyAsync(kernel, SimpleReplyLength, deadline.Token)).Cookie);
+        Assert.Equal(data, await ReceiveExactlyAsync(kernel, 512, deadline.Token));
+        kept!.Dispose();
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task HandOver_ServerNeverAnswers_FalseWithoutCallingKeepAndDisposeEndsTheKernelsConnection()
     {
         using var deadline = Deadline();
