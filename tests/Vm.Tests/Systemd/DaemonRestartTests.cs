@@ -103,7 +103,8 @@ public sealed class SystemdRestartCollection : ICollectionFixture<SystemdRestart
 /// <summary>
 /// A netlink mapping "fs" (OnStop=Leave) to nbdkit, ext4 mounted on /dev/nbd0 with a writer running, while systemd
 /// restarts the daemon, SIGKILLs it (Restart=on-failure brings it back), and the server is killed and restarted;
-/// then the default OnStop=Disconnect makes `systemctl stop` free the device.
+/// then the default OnStop=Disconnect makes `systemctl stop` free the device; last, the same mapping with Relay: true
+/// and Connections: 2 through two `systemctl restart`s, its relays handed over through systemd's file descriptor store.
 /// </summary>
 [Collection(SystemdRestartCollection.Name)]
 public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelper output)
@@ -228,9 +229,10 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
         Assert.Equal("yes", vm.Value("relay_start_active"));
         Assert.True(vm.Number("relay_start_connected") >= 1, "the relay mapping did not start with NBD_CMD_CONNECT on the freed device");
         Assert.Equal("yes", vm.Value(p + "active"));
-        Assert.True(vm.Number(p + "handed_over") >= 1, "the stopping process did not log handing its relay end to the file descriptor store");
-        Assert.True(vm.Number(p + "resumed") >= 1, "the new process did not resume the relay on the handed-over end");
-        Assert.True(vm.Number(p + "carried_on") >= 1, "the new process did not adopt the device with the handed-over connection");
+        // Connections: 2, so two relays, two ends in the store (nbd-relay/fs/0 and /1), two resumed.
+        Assert.True(vm.Number(p + "handed_over") == 2, $"the stopping process logged {vm.Value(p + "handed_over")} of 2 relay ends handed to the file descriptor store");
+        Assert.True(vm.Number(p + "resumed") == 2, $"the new process resumed {vm.Value(p + "resumed")} of 2 relays on the handed-over ends");
+        Assert.True(vm.Number(p + "carried_on") == 1, "the new process did not adopt the device with both handed-over connections");
 
         // The kernel's connection never ended: nothing to reconfigure, no lost connection, the store emptied again.
         Assert.Equal(0, vm.Number(p + "reconfigure"));

@@ -15,9 +15,10 @@
 #                 sha256sum -c of the manifest after a read-only remount
 #   rs_stop_*     unmounted, configuration without OnStop (default Disconnect), restart (adopts), `systemctl stop`:
 #                 the device is freed
-#   rs_relay_*    the same mapping with Relay: true and OnStop=Leave, ext4 mounted again with a writer: two
-#                 `systemctl restart`s, each relay handing its end of the kernel's connection to systemd's file
-#                 descriptor store and the next process resuming on it; the writer, kernel log, e2fsck and checksums
+#   rs_relay_*    the same mapping with Relay: true, Connections: 2 and OnStop=Leave, ext4 mounted again with a
+#                 writer: two `systemctl restart`s, each of the two relays handing its end of the kernel's connection
+#                 to systemd's file descriptor store and the next process resuming on both; the writer, kernel log,
+#                 e2fsck and checksums
 set -u
 r() { echo "RESULT systemd rs_$1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -87,7 +88,7 @@ start_kit && r server up || { r server down; cat /tmp/nbdkit.log; }
 write_config() { # ONSTOP (Leave, or "" for the default) [relay]
     local onstop=""
     [ -n "$1" ] && onstop=", \"OnStop\": \"$1\""
-    [ "${2:-}" = relay ] && onstop="$onstop, \"Relay\": true"
+    [ "${2:-}" = relay ] && onstop="$onstop, \"Relay\": true, \"Connections\": 2"
     cat >"$CONF" <<EOF
 { "Nbd": { "Mappings": [
   { "Name": "fs", "Uri": "nbd://127.0.0.1:10809/fs", "Device": "/dev/nbd0", "Interface": "Netlink",
@@ -265,9 +266,9 @@ for i in 1 2; do
     NEXT=$(prop nbd-daemon MainPID)
     read -r ms rc < <(probe); r "relay_restart${i}_probe_rc" "$rc"
     r "relay_restart${i}_stall_ms" "$(stall "$t0" "$(now_ms)")"
-    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/0")"
+    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
     r "relay_restart${i}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
-    r "relay_restart${i}_carried_on" "$(jcount "$NEXT" 'carrying on with 1 relay connections')"
+    r "relay_restart${i}_carried_on" "$(jcount "$NEXT" 'carrying on with 2 relay connections')"
     r "relay_restart${i}_reconfigure" "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
     r "relay_restart${i}_reconnecting" "$(jcount "$NEXT" '-> Reconnecting')"
     r "relay_restart${i}_fdstore_after" "$(prop nbd-daemon NFileDescriptorStore)"
