@@ -17,8 +17,9 @@
 #                 the device is freed
 #   rs_relay_*    the same mapping with Relay: true, Connections: 2 and OnStop=Leave, ext4 mounted again with a
 #                 writer: two `systemctl restart`s, each of the two relays handing its end of the kernel's connection
-#                 to systemd's file descriptor store and the next process resuming on both; the writer, kernel log,
-#                 e2fsck and checksums
+#                 to systemd's file descriptor store and the next process resuming on both; then `systemctl kill -s
+#                 KILL` (rs_relay_kill_*: nothing handed over, the next process adopts with new connections); the
+#                 writer, kernel log, e2fsck and checksums
 set -u
 r() { echo "RESULT systemd rs_$1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -275,15 +276,39 @@ for i in 1 2; do
     PREV=$NEXT
     sleep 3
 done
+# The kernel log of the two restarts alone: the SIGKILL below ends the kernel's connection on purpose.
+dmesg >/tmp/kmsg-relay
+r relay_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay)"
+r relay_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay)"
+grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay | head -n 20 | sed 's/^/kernel: /'
+dmesg -C
+
+# (5b) the relay mapping SIGKILLed under the writer: nothing is handed over, the relay's end closes with the process,
+# the driver sees a dead connection; Restart= brings the daemon back after RestartSec and it adopts the device with new
+# connections (RECONFIGURE). Requests in flight wait for their Timeout (the driver resends only from its timeout handler).
+NR0=$(prop nbd-daemon NRestarts)
+t0=$(now_ms)
+timeout 10 systemctl kill -s KILL nbd-daemon.service; r relay_kill_rc "$?"
+back_ms=$(wait_active 180 "$PREV"); r relay_kill_restarted "$([ $? = 0 ] && echo yes || echo no)"
+r relay_kill_back_ms "$back_ms"
+r relay_kill_ready_ms "$(ready_ms)"
+NEXT=$(prop nbd-daemon MainPID)
+r relay_kill_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - NR0 ))"
+read -r ms rc < <(probe); r relay_kill_probe_rc "$rc"; r relay_kill_probe_ms "$ms"
+r relay_kill_stall_ms "$(stall "$t0" "$(now_ms)")"
+r relay_kill_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
+r relay_kill_reconfigure "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
+r relay_kill_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
+sleep 3
 touch $W.stop; wait "$WPID"
 r relay_writer_ops "$(wc -l <$W.ops)"
 r relay_writer_errors "$(awk '$3 != 0' $W.ops | wc -l)"
 r relay_writer_max_stall_ms "$(awk '$2 - $1 > m { m = $2 - $1 } END { print m + 0 }' $W.ops)"
 head -n 20 $W.err | sed 's/^/relay writer: /'
-dmesg >/tmp/kmsg-relay
-r relay_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay)"
-r relay_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay)"
-grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay | head -n 20 | sed 's/^/kernel: /'
+dmesg >/tmp/kmsg-relay-kill
+r relay_kill_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-kill)"
+r relay_kill_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-kill)"
+grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-kill | head -n 20 | sed 's/^/kernel (relay kill): /'
 umount "$MNT"; r relay_umount_rc "$?"
 timeout 300 e2fsck -fn /dev/nbd0 >/tmp/fsck-relay.out 2>&1; r relay_fsck_rc "$?"
 sed 's/^/e2fsck: /' /tmp/fsck-relay.out | tail -n 10
