@@ -234,6 +234,118 @@ await Step("ioctl-multi-conn", async r =>
     s1.Dispose(); s2.Dispose();
 });
 
+// The peek offset of a unix stream socket (SO_PEEK_OFF, asm-generic/socket.h: 42) as a consumption counter: every
+// non-peek recv(2) lowers it by the bytes it consumed, in the same kernel call. On the relay's pair: our end's counter
+// says how many request bytes the relay consumed, the driver's end's counter how many reply bytes the driver consumed
+// (its recv_work reads with plain kernel recvmsg). A relay that knows both positions after a crash can resume exactly.
+// This step serves the driver itself over a socket pair (no server): reads (partition scan, a 4 MiB read through the
+// page cache), writes and an fsync, then compares both counters with what it counted itself.
+await Step("peek-offset-counters", async r =>
+{
+    const int SolSocket = 1, SoPeekOff = 42, Start = 1 << 30;
+    var (kernelEnd, ourEnd) = NbdSocketPair.Create();
+    kernelEnd.SetRawSocketOption(SolSocket, SoPeekOff, BitConverter.GetBytes(Start));
+    ourEnd.SetRawSocketOption(SolSocket, SoPeekOff, BitConverter.GetBytes(Start));
+    long consumed = 0, replied = 0, requests = 0;
+    var serve = new Thread(() =>
+    {
+        var header = new byte[28];
+        var payload = new byte[32 << 20];
+        var reply = new byte[16];
+        BinaryPrimitives.WriteUInt32BigEndian(reply, 0x67446698);
+        try
+        {
+            while (true)
+            {
+                Receive(ourEnd, header);
+                Interlocked.Add(ref consumed, header.Length);
+                ushort type = BinaryPrimitives.ReadUInt16BigEndian(header.AsSpan(6));
+                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(16));
+                int length = (int)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(24));
+                if (type == 2) // NBD_CMD_DISC
+                {
+                    return;
+                }
+                if (type == 1) // NBD_CMD_WRITE: consume the data
+                {
+                    Receive(ourEnd, payload.AsSpan(0, length));
+                    Interlocked.Add(ref consumed, length);
+                }
+                header.AsSpan(8, 8).CopyTo(reply.AsSpan(8)); // the cookie
+                int data = type == 0 ? length : 0; // NBD_CMD_READ: the device offset's pattern
+                for (int i = 0; i < data; i++)
+                {
+                    payload[i] = Pattern((long)offset + i);
+                }
+                ourEnd.Send(reply);
+                if (data > 0)
+                {
+                    ourEnd.Send(payload.AsSpan(0, data));
+                }
+                Interlocked.Add(ref replied, reply.Length + data);
+                Interlocked.Increment(ref requests);
+            }
+        }
+        catch (Exception e) when (e is SocketException or EndOfStreamException or ObjectDisposedException)
+        {
+        }
+    }) { IsBackground = true, Name = "probe server" };
+    serve.Start();
+    using var device = NbdDevice.Open("/dev/nbd3");
+    device.SetBlockSize(4096);
+    device.SetSizeBytes(16 << 20);
+    device.SetFlags(1); // NBD_FLAG_HAS_FLAGS: no FLUSH, so the fsync below sends only writes
+    device.SetTimeout(TimeSpan.FromSeconds(30));
+    device.SetSocket(kernelEnd);
+    var loop = device.StartServiceLoop();
+    r["connect_ms"] = WaitSysfs(3, connected: true).ToString(CultureInfo.InvariantCulture);
+    using (var stream = new FileStream("/dev/nbd3", FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite))
+    {
+        var back = new byte[4 << 20];
+        stream.Position = 8 << 20;
+        stream.ReadExactly(back);
+        bool match = true;
+        for (int i = 0; i < back.Length; i++)
+        {
+            match &= back[i] == Pattern((8 << 20) + i);
+        }
+        r["read_back"] = match ? "match" : "mismatch";
+        stream.Position = 1 << 20;
+        stream.Write(new byte[3 << 20]);
+        stream.Flush(flushToDisk: true);
+    }
+
+    // Quiet: the driver has read every reply (nothing left on its end) and no request is being served.
+    var quiet = Stopwatch.StartNew();
+    long seen = -1;
+    while (quiet.ElapsedMilliseconds < 10_000 && (kernelEnd.Available != 0 || Interlocked.Read(ref requests) != seen))
+    {
+        seen = Interlocked.Read(ref requests);
+        Thread.Sleep(200);
+    }
+    r["requests"] = Interlocked.Read(ref requests).ToString(CultureInfo.InvariantCulture);
+    r["kernel_end_unread"] = kernelEnd.Available.ToString(CultureInfo.InvariantCulture);
+    r["consumed"] = Interlocked.Read(ref consumed).ToString(CultureInfo.InvariantCulture);
+    r["our_counter"] = (Start - PeekOffset(ourEnd)).ToString(CultureInfo.InvariantCulture);
+    r["replied"] = Interlocked.Read(ref replied).ToString(CultureInfo.InvariantCulture);
+    r["kernel_counter"] = (Start - PeekOffset(kernelEnd)).ToString(CultureInfo.InvariantCulture);
+    loop.Stop();
+    r["errno"] = (await loop.Completion.WaitAsync(TimeSpan.FromSeconds(15))).ErrnoName ?? "0";
+    device.Dispose();
+    r["free_ms"] = WaitSysfs(3, connected: false).ToString(CultureInfo.InvariantCulture);
+    ourEnd.Dispose();
+    serve.Join(5000);
+    kernelEnd.Dispose();
+
+    static byte Pattern(long position) => (byte)((position * 2654435761L) >> 13);
+    static int PeekOffset(Socket socket)
+    {
+        var value = new byte[4];
+        socket.GetRawSocketOption(1, 42, value);
+        return BitConverter.ToInt32(value);
+    }
+});
+
 await Step("open-unused", async r =>
 {
     // nbd0 busy (connected, NBD_DO_IT running): the search must skip it.

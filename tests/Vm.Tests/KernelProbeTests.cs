@@ -142,6 +142,28 @@ public sealed class KernelProbeTests(VmFixture vm, KernelProbeFixture probe) : I
         Expect.That(run, r, r.Long("free_ms") >= 0, "nbd0 was not freed afterwards");
     }
 
+    /// <summary>
+    /// What a relay that survives its own crash would stand on: the peek offset of each end of the driver's socket pair
+    /// counts exactly the bytes consumed from it, our end's by the relay's reads, the driver's end's by the driver's own
+    /// reads of our replies. A counter that drifted from either count would put a resumed relay in the wrong place.
+    /// </summary>
+    [Fact]
+    public async Task PeekOffset_BothEndsOfTheDriversPair_CountExactlyTheBytesConsumed()
+    {
+        var run = await Run();
+        var r = run.One("probe-peek-offset-counters");
+        Expect.That(run, r, r.Long("connect_ms") >= 0, "the device never showed as connected");
+        Expect.Equal(run, r, "read_back", "match");
+        Expect.That(run, r, r.Long("requests") >= 10, "the driver sent hardly any request");
+        Expect.That(run, r, r.Long("consumed") > 3L << 20, "the write data never reached the server side");
+        Expect.Equal(run, r, "our_counter", r.Long("consumed"));
+        Expect.Equal(run, r, "kernel_end_unread", 0);
+        Expect.That(run, r, r.Long("replied") > 4L << 20, "the read data never went back to the driver");
+        Expect.Equal(run, r, "kernel_counter", r.Long("replied"));
+        Expect.Equal(run, r, "errno", "0");
+        Expect.That(run, r, r.Long("free_ms") >= 0, "the device was not freed");
+    }
+
     [Fact]
     public async Task ServiceLoop_WithoutSocket_Einval()
     {
