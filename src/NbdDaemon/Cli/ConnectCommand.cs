@@ -22,7 +22,7 @@ internal static class ConnectCommand
         var iface = new Option<string>("--interface") { Description = "Kernel interface: ioctl or netlink", DefaultValueFactory = _ => "ioctl" };
         iface.AcceptOnlyFromAmong("ioctl", "netlink");
         var blockSize = new Option<uint?>("--block-size") { Description = "Logical block size in bytes: a power of two from 512 to 4096 (default: the server's preferred size, else 4096)" };
-        var timeout = new Option<int?>("--timeout") { Description = "Request timeout in seconds (0: the kernel's default)" };
+        var timeout = new Option<int?>("--timeout") { Description = "Request timeout in seconds, also the deadline for connecting and for the handshake, as a mapping's Timeout (0: the kernel's default; connect and handshake then get 10 s each)" };
         var readOnly = new Option<bool>("--read-only") { Description = "Map the export read-only even if the server allows writes" };
         var command = new Command("connect", "Map one export to a device in the foreground") { uri, device, iface, blockSize, timeout, readOnly };
         command.SetAction(async (result, ct) =>
@@ -77,7 +77,12 @@ internal static class ConnectCommand
         NbdConnection connection;
         try
         {
-            connection = await NbdClient.ConnectAsync(uri!, options: null, ct);
+            // As a mapping's Timeout: a server that takes longer to accept or to finish the handshake is not one the
+            // kernel should wait on for requests either. 0 leaves both to the client's defaults.
+            var options = request.TimeoutSeconds is > 0 and { } seconds
+                ? new NbdClientOptions { ConnectTimeout = TimeSpan.FromSeconds(seconds), HandshakeTimeout = TimeSpan.FromSeconds(seconds) }
+                : null;
+            connection = await NbdClient.ConnectAsync(uri!, options, ct);
         }
         catch (NbdException e)
         {
