@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Net.Sockets;
 using Nbd.Kernel.Interop;
 using TestSupport;
+using Xunit.Abstractions;
 
 namespace Nbd.Kernel.Tests;
 
@@ -11,7 +12,7 @@ namespace Nbd.Kernel.Tests;
 /// anywhere, even between a recv and its own bookkeeping, the socket itself says where in the stream the reader
 /// stopped. (On the driver's pair in the VM: KernelProbeTests.PeekOffset_*.)
 /// </summary>
-public sealed class PeekOffsetCounterTests
+public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
 {
     private const int Start = 1 << 30;
 
@@ -57,7 +58,7 @@ public sealed class PeekOffsetCounterTests
             using (reader)
             {
                 SetPeekOffset(reader, Start);
-                const int Total = 256 << 20;
+                const long Total = 16L << 30; // far more than cat reads in 400 ms (≈ 0.6 GB/s here): the kill always lands mid-stream
                 long sent = 0;
                 var feed = new Thread(() =>
                 {
@@ -86,14 +87,17 @@ public sealed class PeekOffsetCounterTests
                     UnixDescriptorPassing.Close(inherited);
                 }
 
+                string state;
                 using (cat)
                 {
                     Thread.Sleep(random.Next(30, 400));
+                    state = ProcessState(cat.Id);
                     cat.Kill();
                     Assert.True(cat.WaitForExit(10_000), "cat did not die");
                 }
 
                 long consumed = Start - PeekOffset(reader);
+                output.WriteLine($"round {round}: cat was {state} when killed, had consumed {consumed} bytes");
                 Assert.True(consumed > 0, $"round {round}: cat consumed nothing before the kill; the test proves nothing");
                 Assert.True(consumed < Total, $"round {round}: cat read the whole stream before the kill; the test proves nothing");
 
@@ -112,6 +116,20 @@ public sealed class PeekOffsetCounterTests
                 reader.Shutdown(SocketShutdown.Both);
                 feed.Join(10_000);
             }
+        }
+    }
+
+    /// <summary>The state letter of /proc/PID/stat just before the kill: R (running, maybe inside a read) or S (asleep).</summary>
+    private static string ProcessState(int pid)
+    {
+        try
+        {
+            string stat = File.ReadAllText($"/proc/{pid}/stat");
+            return stat[(stat.LastIndexOf(')') + 2)..].Split(' ')[0];
+        }
+        catch (IOException)
+        {
+            return "gone";
         }
     }
 

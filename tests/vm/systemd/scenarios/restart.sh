@@ -51,6 +51,18 @@ ready_ms() {
     e=$(prop nbd-daemon ExecMainStartTimestampMonotonic); a=$(prop nbd-daemon ActiveEnterTimestampMonotonic)
     if [ "${e:-0}" -gt 0 ] && [ "${a:-0}" -ge "$e" ]; then echo $(( (a - e) / 1000 )); else echo none; fi
 }
+# sigkill PREFIX OLD_PID: `systemctl kill -s KILL`, then wait for Restart= to bring a new process up; reports
+# PREFIX_rc, _restarted, _back_ms, _ready_ms, _NRestarts_delta and sets NEW_PID
+sigkill() {
+    local nr0 back_ms
+    nr0=$(prop nbd-daemon NRestarts)
+    timeout 10 systemctl kill -s KILL nbd-daemon.service; r "$1_rc" "$?"
+    back_ms=$(wait_active 180 "$2"); r "$1_restarted" "$([ $? = 0 ] && echo yes || echo no)"
+    r "$1_back_ms" "$back_ms"
+    r "$1_ready_ms" "$(ready_ms)"
+    NEW_PID=$(prop nbd-daemon MainPID)
+    r "$1_NRestarts_delta" "$(( $(prop nbd-daemon NRestarts) - nr0 ))"
+}
 # adopted PID: journal entries of the mapping, logged by process PID, that mention adoption
 adopted() {
     journalctl --sync 2>/dev/null
@@ -173,14 +185,9 @@ r restart_stall_ms "$(stall "$t0" "$(now_ms)")"
 sleep 3
 
 # (2) systemctl kill -s KILL: Restart= brings the unit back
-NR0=$(prop nbd-daemon NRestarts)
 t0=$(now_ms)
-timeout 10 systemctl kill -s KILL nbd-daemon.service; r kill_rc "$?"
-back_ms=$(wait_active 180 "$PID1"); r kill_restarted "$([ $? = 0 ] && echo yes || echo no)"
-r kill_back_ms "$back_ms"
-r kill_ready_ms "$(ready_ms)"
-PID2=$(prop nbd-daemon MainPID)
-r kill_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - NR0 ))"
+sigkill kill "$PID1"
+PID2=$NEW_PID
 sleep 3
 r kill_adopted "$(adopted "$PID2")"
 read -r ms rc < <(probe); r kill_probe_rc "$rc"; r kill_probe_ms "$ms"
@@ -286,14 +293,9 @@ dmesg -C
 # (5b) the relay mapping SIGKILLed under the writer: nothing is handed over, the relay's end closes with the process,
 # the driver sees a dead connection; Restart= brings the daemon back after RestartSec and it adopts the device with new
 # connections (RECONFIGURE). Requests in flight wait for their Timeout (the driver resends only from its timeout handler).
-NR0=$(prop nbd-daemon NRestarts)
 t0=$(now_ms)
-timeout 10 systemctl kill -s KILL nbd-daemon.service; r relay_kill_rc "$?"
-back_ms=$(wait_active 180 "$PREV"); r relay_kill_restarted "$([ $? = 0 ] && echo yes || echo no)"
-r relay_kill_back_ms "$back_ms"
-r relay_kill_ready_ms "$(ready_ms)"
-NEXT=$(prop nbd-daemon MainPID)
-r relay_kill_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - NR0 ))"
+sigkill relay_kill "$PREV"
+NEXT=$NEW_PID
 read -r ms rc < <(probe); r relay_kill_probe_rc "$rc"; r relay_kill_probe_ms "$ms"
 r relay_kill_stall_ms "$(stall "$t0" "$(now_ms)")"
 r relay_kill_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
