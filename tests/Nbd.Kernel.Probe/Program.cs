@@ -299,6 +299,10 @@ await Step("peek-offset-counters", async r =>
     device.SetSocket(kernelEnd);
     var loop = device.StartServiceLoop();
     r["connect_ms"] = WaitSysfs(3, connected: true).ToString(CultureInfo.InvariantCulture);
+    // What bounds a design that leaves requests unread in the socket: the largest request the driver sends by default
+    // and the largest send buffer an unprivileged setsockopt(SO_SNDBUF) gets.
+    r["max_sectors_kb"] = ReadSys("/sys/block/nbd3/queue/max_sectors_kb");
+    r["wmem_max"] = ReadSys("/proc/sys/net/core/wmem_max");
     using (var stream = new FileStream("/dev/nbd3", FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite))
     {
         var back = new byte[4 << 20];

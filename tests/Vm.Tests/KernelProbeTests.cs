@@ -160,6 +160,10 @@ public sealed class KernelProbeTests(VmFixture vm, KernelProbeFixture probe) : I
         Expect.Equal(run, r, "kernel_end_unread", 0);
         Expect.That(run, r, r.Long("replied") > 4L << 20, "the read data never went back to the driver");
         Expect.Equal(run, r, "kernel_counter", r.Long("replied"));
+
+        // The capacity a relay keeping requests unread in the socket would have (Transmission/README.md): the driver's
+        // largest request by default.
+        Expect.Equal(run, r, "max_sectors_kb", 128);
         Expect.Equal(run, r, "errno", "0");
         Expect.That(run, r, r.Long("free_ms") >= 0, "the device was not freed");
     }
