@@ -345,7 +345,7 @@ await Step("peek-offset-counters", async r =>
     static int PeekOffset(Socket socket)
     {
         var value = new byte[4];
-        socket.GetRawSocketOption(1, 42, value);
+        socket.GetRawSocketOption(SolSocket, SoPeekOff, value);
         return BitConverter.ToInt32(value);
     }
 });
