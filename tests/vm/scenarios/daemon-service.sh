@@ -47,10 +47,20 @@ rw_check() {
     rm -f /tmp/rw-back /tmp/rw-data /tmp/rw-err
 }
 
-# probe_read DEV: one 64 KiB O_DIRECT read at 1 MiB that really returned 64 KiB (a size-0 device reads 0 bytes, rc 0).
+# probe_read DEV [TAG]: one 64 KiB O_DIRECT read at 1 MiB that really returned 64 KiB (a size-0 device reads 0 bytes,
+# rc 0). Callers that may overlap pass distinct TAGs: dd truncates its output file when it opens it, so a second dd on
+# the same file could empty it between the first one's write and its size check (a read that never was short).
+# On failure PROBE_ERR says why: dd's message, else rc_N (124: the timeout), else short_N (N bytes in the file).
 probe_read() {
-    timeout 60 dd if=/dev/$1 of=/tmp/probe-$1 bs=64k skip=16 count=1 iflag=direct 2>/tmp/probe-err-$1 \
-        && [ "$(stat -c %s /tmp/probe-$1 2>/dev/null)" = 65536 ]
+    local tag=${2:-$1} rc size
+    timeout 60 dd if=/dev/$1 of=/tmp/probe-$tag bs=64k skip=16 count=1 iflag=direct 2>/tmp/probe-err-$tag; rc=$?
+    size=$(stat -c %s /tmp/probe-$tag 2>/dev/null || echo none)
+    [ "$rc" = 0 ] && [ "$size" = 65536 ] && return 0
+    PROBE_ERR=$(grep -v records /tmp/probe-err-$tag | head -n1 | sed 's/.*: //; s/[^A-Za-z0-9]/_/g')
+    if [ -z "$PROBE_ERR" ]; then
+        if [ "$rc" != 0 ]; then PROBE_ERR=rc_$rc; else PROBE_ERR=short_$size; fi
+    fi
+    return 1
 }
 
 # others_io DEV STOPFILE OUT: 256 KiB write + O_DIRECT read-back compare at 16 MiB, over and over until STOPFILE
@@ -75,12 +85,9 @@ victim_io() {
     local dev=$1 stop=$2 out=$3 ops=0 fails=0 err=none
     while [ ! -e "$stop" ]; do
         ops=$((ops + 1))
-        if ! probe_read "$dev"; then
+        if ! probe_read "$dev" victim; then
             fails=$((fails + 1))
-            if [ "$err" = none ]; then
-                err=$(grep -v records /tmp/probe-err-$dev | head -n1 | sed 's/.*: //; s/[^A-Za-z0-9]/_/g')
-                [ -n "$err" ] || err=short_read
-            fi
+            if [ "$err" = none ]; then err=$PROBE_ERR; fi
         fi
         sleep 0.1
     done
