@@ -556,6 +556,54 @@ internal sealed class FakeSocketWatch(FakeKernel kernel, IReadOnlyList<Socket> s
     }
 }
 
+/// <summary>
+/// One <see cref="MappingLoop"/> running on the thread pool for a test, with its recorded states. Disposing stops it and
+/// waits for its end without throwing, so a test that failed half-way does not leave its loop running on.
+/// </summary>
+internal sealed class RunningLoop : IAsyncDisposable
+{
+    private static readonly TimeSpan Deadline = TimeSpan.FromSeconds(10);
+    private readonly CancellationTokenSource _stop = new();
+    private readonly StateRecorder _states;
+    private readonly Task _run;
+
+    private RunningLoop(MappingLoop loop, Action<MappingState>? onChange)
+    {
+        _states = new StateRecorder(loop, onChange);
+        _run = Task.Run(() => loop.RunAsync(_stop.Token));
+    }
+
+    public IReadOnlyList<MappingState> States => _states.States;
+
+    /// <summary>Starts <paramref name="loop"/>; <paramref name="onChange"/> runs on the loop's flow at each state.</summary>
+    public static RunningLoop Start(MappingLoop loop, Action<MappingState>? onChange = null) => new(loop, onChange);
+
+    public Task WaitForAsync(MappingState state, int occurrence = 1) => _states.WaitForAsync(state, occurrence);
+
+    public Task WaitForAsync(Func<IReadOnlyList<MappingState>, bool> condition, string what) => _states.WaitForAsync(condition, what);
+
+    /// <summary>The stop a host would request (the token <see cref="MappingLoop.RunAsync"/> got is cancelled).</summary>
+    public Task RequestStopAsync() => _stop.CancelAsync();
+
+    /// <summary>Waits (10 s at most) for the loop to end, and throws what it threw.</summary>
+    public Task EndedAsync() => _run.WaitAsync(Deadline);
+
+    /// <summary>Requests the stop, then <see cref="EndedAsync"/>.</summary>
+    public async Task StopAsync()
+    {
+        await RequestStopAsync();
+        await EndedAsync();
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync();
+        // The test's own assertions already said what went wrong; this only keeps the loop from outliving it.
+        await _run.WaitAsync(Deadline).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        _stop.Dispose();
+    }
+}
+
 /// <summary>Collects a loop's state changes and lets a test wait for one, always with a deadline.</summary>
 internal sealed class StateRecorder
 {

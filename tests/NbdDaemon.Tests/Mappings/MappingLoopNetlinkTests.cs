@@ -63,20 +63,17 @@ public sealed class MappingLoopNetlinkTests
         var random = new Queue<double>([0.0, 1.0]);
         MappingLoop loop = TestMappings.Loop(
             TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time, () => random.Count > 0 ? random.Dequeue() : 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
         Assert.Equal(200, loop.LastDelay!.Value.TotalMilliseconds);
         _time.Advance(loop.LastDelay.Value);
-        await states.WaitForAsync(MappingState.Reconnecting, 3);
+        await running.WaitForAsync(MappingState.Reconnecting, 3);
         Assert.Equal(300, loop.LastDelay!.Value.TotalMilliseconds);
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -84,18 +81,15 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe().ThenServe(FakeConnector.DefaultExport with { Size = 1UL << 31 });
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.Equal("export size changed from 1073741824 to 2147483648 bytes", loop.LastFailure);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -103,15 +97,12 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal("/dev/nbd5", loop.Device);
         Assert.Equal("/dev/nbd5", Assert.Single(connector.Sessions).Served);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -122,19 +113,16 @@ public sealed class MappingLoopNetlinkTests
         ExportDescription before = FakeConnector.DefaultExport with { TransmissionFlags = (ushort)(FakeConnector.DefaultExport.TransmissionFlags | flush | trim) };
         var connector = new FakeConnector().ThenServe(before).ThenServe(before with { TransmissionFlags = (ushort)(before.TransmissionFlags & ~trim) });
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal("export no longer offers NBD_FLAG_SEND_TRIM, which the kernel was configured to send", loop.LastFailure);
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -142,10 +130,8 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         FakeSession[] old = [.. connector.Sessions];
 
         _kernel.Netlink!.RaiseLinkDead(0);
@@ -157,12 +143,11 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal(MappingState.ConfiguringKernel, loop.State);
         _kernel.NetlinkDevices[5].MarkDead(1);
         _time.Advance(MappingLoop.HeldRetryInterval);
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         Assert.Equal(["nl-reconfigure 5 socks 2 id nbd-daemon:data", "nl-reconfigure 5 socks 1 id nbd-daemon:data"], _kernel.Operations.Skip(3));
         Assert.All(connector.Sessions.Skip(2), s => Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(s.Socket)));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -170,10 +155,8 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead(0);
         for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
@@ -182,15 +165,14 @@ public sealed class MappingLoopNetlinkTests
             _time.Advance(MappingLoop.HeldRetryInterval);
         }
 
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         FakeSession[] fresh = [.. connector.Sessions.Skip(2)];
         Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(fresh[0].Socket));
         Assert.False(fresh[0].Disposed);
         Assert.True(fresh[1].Disposed);
         Assert.Equal(["nl-reconfigure 5 socks 2 id nbd-daemon:data", .. Enumerable.Repeat("nl-reconfigure 5 socks 1 id nbd-daemon:data", 4)], _kernel.Operations.Skip(3));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -198,10 +180,8 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         // The connection ends, but the kernel never marks its slot dead: it keeps dropping the new socket.
         _kernel.EndSocket(connector.Sessions.Single().Socket);
@@ -211,13 +191,12 @@ public sealed class MappingLoopNetlinkTests
             _time.Advance(MappingLoop.HeldRetryInterval);
         }
 
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal(5, _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)));
         Assert.Equal("kernel took 0 of 1 sockets on RECONFIGURE: no dead connection slot after 5 tries over 1 s", loop.LastFailure);
         Assert.Equal(TimeSpan.FromMilliseconds(300), loop.LastDelay);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -227,10 +206,8 @@ public sealed class MappingLoopNetlinkTests
         _kernel.SysfsOnly[0] = new KernelDeviceInfo(0, FakeConnector.DefaultExport.Size, 4096, "nbd-daemon:other", true, false);
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal("/dev/nbd2", loop.Device);
         // Adoption applies the mapping's Timeout (the previous process may have raised it for a hand-over).
@@ -241,10 +218,9 @@ public sealed class MappingLoopNetlinkTests
 
         // From now on it is our device: a later loss reconfigures the same index.
         _kernel.Netlink!.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
         Assert.Equal("nl-reconfigure 2 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
         Assert.Contains("nl-disconnect 2", _kernel.Operations);
     }
 
@@ -254,19 +230,16 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
         var connector = new FakeConnector().ThenRefuse().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         // The kernel may be holding the device's I/O since the connection died with no daemon running.
         Assert.Equal(MappingLoop.HeldRetryInterval, loop.LastDelay);
         _time.Advance(MappingLoop.HeldRetryInterval);
-        await states.WaitForAsync(MappingState.Serving);
+        await running.WaitForAsync(MappingState.Serving);
         // Adoption applies the mapping's Timeout (the previous process may have raised it for a hand-over).
         Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -274,14 +247,11 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenRefuse();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal(TimeSpan.FromMilliseconds(750), loop.LastDelay);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -290,10 +260,8 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: "/dev/nbd2"), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         FakeSession fresh = connector.Sessions.Single();
         Assert.True(fresh.Disposed);
@@ -302,11 +270,10 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal("/dev/nbd2", loop.Device);
 
         _kernel.Netlink!.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
         Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(connector.Sessions.Last().Socket));
         Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-connect", StringComparison.Ordinal));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -315,20 +282,17 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, 1UL << 29, "nbd-daemon:data", deadSlots: 1);
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal("export is 1073741824 bytes but /dev/nbd2 (left configured by an earlier daemon) is 536870912 bytes; not adopting it, device left untouched", loop.LastFailure);
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.True(connector.Sessions.Single().Disposed);
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
         Assert.Equal(TimeSpan.FromSeconds(2), loop.LastDelay);
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
         Assert.Equal(["netlink open", "netlink close"], _kernel.Operations);
         Assert.True(_kernel.NetlinkDevices[2].Dead[0]);
         Assert.Equal(1UL << 29, _kernel.NetlinkDevices[2].Sysfs.SizeBytes);
@@ -344,14 +308,11 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, 1UL << 30, "nbd-daemon:data", deadSlots: 1, logicalBlockSize: logicalBlockSize);
         var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { Size = exportSize });
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(s => s.Contains(MappingState.Serving) || s.Contains(MappingState.Reconnecting), "Serving or Reconnecting");
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(s => s.Contains(MappingState.Serving) || s.Contains(MappingState.Reconnecting), "Serving or Reconnecting");
 
         Assert.Equal(adopted ? MappingState.Serving : MappingState.Reconnecting, loop.State);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -360,14 +321,11 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
         var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags | ExportDescription.FlagReadOnly });
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal("export is read-only but /dev/nbd2 (left configured by an earlier daemon) is writable; not adopting it, device left untouched", loop.LastFailure);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -376,14 +334,11 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(1, FakeConnector.DefaultExport.Size, "nbd-daemon:other", deadSlots: 1);
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data"], _kernel.Operations);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
         Assert.True(_kernel.NetlinkDevices[1].Dead[0]);
         Assert.DoesNotContain("nl-disconnect 1", _kernel.Operations);
     }
@@ -393,13 +348,10 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
 
         Assert.Equal(MappingState.Stopped, loop.State);
         Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", "netlink close"], _kernel.Operations);
@@ -415,13 +367,10 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe(canHandOver: true, kernel: _kernel);
         var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave) with { Connections = 2 };
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
 
         FakeSession[] sessions = [.. connector.Sessions];
         Assert.Equal(["netlink open", "nl-connect 5 size 1073741824 socks 2 id nbd-daemon:data", "nl-timeout 5 60 s id nbd-daemon:data", "netlink close"], _kernel.Operations);
@@ -442,22 +391,20 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe().ThenRefuse();
         var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: onStop, reconnect: ReconnectOptions.Default with { Enabled = stopRequested });
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         FakeSession session = connector.Sessions.Single();
 
         if (stopRequested)
         {
-            await cts.CancelAsync();
+            await running.RequestStopAsync();
         }
         else
         {
             _kernel.Netlink!.RaiseLinkDead();
         }
 
-        await run.WaitAsync(TestTimeout);
+        await running.EndedAsync();
         Assert.Equal(onStop == StopAction.Leave && stopRequested ? [(0, true)] : [], session.HandOvers);
     }
 
@@ -468,10 +415,8 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenResume();
         var logs = new ListLogger();
         MappingLoop loop = new(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time, logs);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         FakeSession resumed = connector.Sessions.Single();
         Assert.Equal(["netlink open", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations); // no CONNECT, no sockets offered
@@ -483,10 +428,9 @@ public sealed class MappingLoopNetlinkTests
 
         // Its end is watched like any other socket of ours: the kernel ending it is a lost connection.
         _kernel.EndSocket(resumed.Socket);
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting);
         Assert.True(resumed.ShutDown);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -494,10 +438,8 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenResume().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         FakeSession resumed = connector.Sessions.Single();
         Assert.True(resumed.Disposed);
@@ -505,10 +447,9 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal(["netlink open"], _kernel.Operations);
 
         _time.Advance(loop.LastDelay!.Value);
-        await states.WaitForAsync(MappingState.Serving);
+        await running.WaitForAsync(MappingState.Serving);
         Assert.Equal("nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -517,12 +458,11 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe().ThenRefuse();
         var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave, reconnect: ReconnectOptions.Default with { Enabled = false });
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead();
-        await run.WaitAsync(TestTimeout);
+        await running.EndedAsync();
 
         Assert.Equal(MappingState.GaveUp, loop.State);
         Assert.Contains("nl-disconnect 5", _kernel.Operations);
@@ -534,17 +474,14 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenRefuse();
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await using var running = RunningLoop.Start(loop);
         for (int seen = 1; seen <= 9; seen++)
         {
-            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            await running.WaitForAsync(MappingState.Reconnecting, seen);
             _time.Advance(loop.LastDelay!.Value);
         }
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
 
         int[] loud = [.. logger.Entries.Where(e => e.Level == LogLevel.Warning && e.Message.Contains("-> Reconnecting", StringComparison.Ordinal))
             .Select(e => int.Parse(e.Message[(e.Message.LastIndexOf("attempt ", StringComparison.Ordinal) + 8)..].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture) - 1)];
@@ -563,17 +500,14 @@ public sealed class MappingLoopNetlinkTests
             .Then(_ => Task.FromException<INbdSession>(new MappingException("server refused: NBD_REP_ERR_UNKNOWN")));
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await using var running = RunningLoop.Start(loop);
         for (int seen = 1; seen <= 4; seen++)
         {
-            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            await running.WaitForAsync(MappingState.Reconnecting, seen);
             _time.Advance(loop.LastDelay!.Value);
         }
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
 
         Assert.Contains(logger.Entries, e => e.Level == LogLevel.Warning && e.Message.Contains("NBD_REP_ERR_UNKNOWN; attempt 5", StringComparison.Ordinal));
         Assert.Contains(logger.Entries, e => e.Level == LogLevel.Debug && e.Message.Contains("connection refused; attempt 4", StringComparison.Ordinal));
@@ -585,16 +519,14 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe();
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         FakeSession first = connector.Sessions.Single();
 
         // The server closed; the kernel marked the slot dead, but no LINK_DEAD reached us (e.g. a lost event).
         _kernel.NetlinkDevices[5].MarkDead(0);
         _kernel.EndSocket(first.Socket, "the server closed the connection");
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         Assert.True(first.ShutDown);
         Assert.True(first.Disposed);
@@ -603,8 +535,7 @@ public sealed class MappingLoopNetlinkTests
         Assert.Contains(logger.Entries, e => e.Message.Contains("Serving -> Reconnecting; connection lost (socket 1 of 1: the server closed the connection)", StringComparison.Ordinal));
         Assert.Equal(2, _kernel.WatchesStarted);
         Assert.Equal(1, _kernel.WatchesActive); // the first generation's watch was disposed
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
         Assert.Equal(0, _kernel.WatchesActive);
     }
 
@@ -614,10 +545,8 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe();
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         // A LINK_DEAD for a slot of an earlier generation, arriving after our RECONFIGURE.
         _kernel.Netlink!.RaiseLinkDeadEventOnly();
@@ -634,10 +563,9 @@ public sealed class MappingLoopNetlinkTests
 
         // The wait was re-armed: a LINK_DEAD whose slot is ours ends the connection.
         _kernel.Netlink.RaiseLinkDead(1);
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting);
         Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (LINK_DEAD; socket 2 of 2: connection closed or shut down)", StringComparison.Ordinal));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -647,20 +575,17 @@ public sealed class MappingLoopNetlinkTests
         var connector = new FakeConnector().ThenServe();
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 0.5);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         await WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("watching the connection's sockets failed; relying on LINK_DEAD alone", StringComparison.Ordinal)));
         Assert.False(connector.Sessions.Single().ShutDown);
 
         _kernel.Netlink!.RaiseLinkDead();
         // Without a watch the event cannot be checked against the sockets: it counts at once (no grace).
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -668,10 +593,8 @@ public sealed class MappingLoopNetlinkTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDeadEventOnly();
         await WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
@@ -679,10 +602,9 @@ public sealed class MappingLoopNetlinkTests
         _kernel.NetlinkDevices[5].MarkDead(0);
         _kernel.EndSocket(connector.Sessions.Single().Socket);
 
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
         Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     private static async Task WaitUntilAsync(Func<bool> condition)

@@ -15,19 +15,16 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await using var running = RunningLoop.Start(loop);
 
-        await states.WaitForAsync(MappingState.Serving);
+        await running.WaitForAsync(MappingState.Serving);
 
-        Assert.Equal([MappingState.Connecting, MappingState.Negotiating, MappingState.ConfiguringKernel, MappingState.Serving], states.States);
+        Assert.Equal([MappingState.Connecting, MappingState.Negotiating, MappingState.ConfiguringKernel, MappingState.Serving], running.States);
         Assert.Equal(["open /dev/nbd3", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations);
         Assert.True(loop.FirstAttemptCompleted.IsCompleted);
         Assert.Equal("/dev/nbd3", loop.Device);
         Assert.Null(loop.LastFailure);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -35,14 +32,12 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         FakeSession first = connector.Sessions.Single();
 
         _kernel.Devices[0].Loop!.End();
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay);
         Assert.Equal("connection lost (service loop ended)", loop.LastFailure);
@@ -52,15 +47,14 @@ public sealed class MappingLoopTests
         Assert.Equal(1, connector.Calls);
 
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         // The unused device chosen first is the one reopened, not a new unused one.
         Assert.Equal(2, _kernel.Devices.Count);
         Assert.Equal("/dev/nbd7", loop.Device);
         Assert.Equal(["open /dev/nbd7", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock", "do-it data"], _kernel.Operations.Skip(10));
         Assert.Equal(0, loop.FailedAttempts);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -69,14 +63,12 @@ public sealed class MappingLoopTests
         var connector = new FakeConnector().ThenRefuse();
         var reconnect = new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 0);
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: reconnect), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
+        await using var running = RunningLoop.Start(loop);
 
         var delays = new List<double>();
         for (int i = 1; i <= 9; i++)
         {
-            await states.WaitForAsync(MappingState.Reconnecting, i);
+            await running.WaitForAsync(MappingState.Reconnecting, i);
             delays.Add(loop.LastDelay!.Value.TotalSeconds);
             _time.Advance(loop.LastDelay.Value);
         }
@@ -84,8 +76,7 @@ public sealed class MappingLoopTests
         Assert.Equal([1, 2, 4, 8, 16, 32, 60, 60, 60], delays);
         Assert.Equal("connection refused", loop.LastFailure);
         Assert.Empty(_kernel.Operations);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -94,14 +85,13 @@ public sealed class MappingLoopTests
         var connector = new FakeConnector().ThenRefuse();
         var reconnect = new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), 3);
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(reconnect: reconnect), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
+        await using var running = RunningLoop.Start(loop);
 
-        await states.WaitForAsync(MappingState.Reconnecting, 1);
+        await running.WaitForAsync(MappingState.Reconnecting, 1);
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
         _time.Advance(TimeSpan.FromSeconds(2));
-        await run.WaitAsync(TestTimeout);
+        await running.EndedAsync();
 
         Assert.Equal(MappingState.GaveUp, loop.State);
         Assert.Equal(3, connector.Calls);
@@ -128,30 +118,27 @@ public sealed class MappingLoopTests
         var bigger = FakeConnector.DefaultExport with { Size = 2UL << 30 };
         var connector = new FakeConnector().ThenServe().ThenServe(bigger).ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         _kernel.Devices[0].Loop!.End();
-        await states.WaitForAsync(MappingState.Reconnecting, 1);
+        await running.WaitForAsync(MappingState.Reconnecting, 1);
         int opsBefore = _kernel.Operations.Count;
 
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal("export size changed from 1073741824 to 2147483648 bytes", loop.LastFailure);
-        Assert.Equal(MappingState.Negotiating, states.States[^2]);
+        Assert.Equal(MappingState.Negotiating, running.States[^2]);
         Assert.Equal(opsBefore, _kernel.Operations.Count);
         Assert.True(connector.Sessions.ElementAt(1).Disposed);
         Assert.Equal(TimeSpan.FromSeconds(2), loop.LastDelay);
 
         _time.Advance(TimeSpan.FromSeconds(2));
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
         // Opened twice (closed after the lost connection), both times the same device, sized as before.
         Assert.Equal(["/dev/nbd3", "/dev/nbd3"], _kernel.Devices.Select(d => d.Path));
         Assert.Equal(1UL << 30, _kernel.Devices[^1].Size);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -160,19 +147,16 @@ public sealed class MappingLoopTests
         var readOnly = FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags | ExportDescription.FlagReadOnly };
         var connector = new FakeConnector().ThenServe().ThenServe(readOnly);
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         _kernel.Devices[0].Loop!.End();
-        await states.WaitForAsync(MappingState.Reconnecting, 1);
+        await running.WaitForAsync(MappingState.Reconnecting, 1);
 
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Reconnecting, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
 
         Assert.Equal("export became read-only", loop.LastFailure);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -193,19 +177,16 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenHang();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(timeout: TimeSpan.FromSeconds(10)), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Connecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Connecting);
 
         _time.Advance(TimeSpan.FromSeconds(9));
         Assert.Equal(MappingState.Connecting, loop.State);
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal("connect timed out after 10 s", loop.LastFailure);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Theory]
@@ -303,9 +284,8 @@ public sealed class MappingLoopTests
         var connector = new FakeConnector().ThenServe().ThenRefuse();
         var reconnect = ReconnectOptions.Default with { MaxAttempts = 2 };
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: Enum.Parse<KernelInterface>(interfaceName), reconnect: reconnect), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        Task run = Task.Run(() => loop.RunAsync(CancellationToken.None));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         if (_kernel.Netlink is { } netlink)
         {
@@ -319,8 +299,8 @@ public sealed class MappingLoopTests
         // Netlink retries fast (not counted) while the kernel holds I/O (DeadConnectionTimeout, 120 s), then backs off.
         for (int seen = 1; ; seen++)
         {
-            await states.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
-            if (states.States.Contains(MappingState.GaveUp))
+            await running.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
+            if (running.States.Contains(MappingState.GaveUp))
             {
                 break;
             }
@@ -328,7 +308,7 @@ public sealed class MappingLoopTests
             _time.Advance(loop.LastDelay!.Value);
         }
 
-        await run.WaitAsync(TestTimeout);
+        await running.EndedAsync();
 
         Assert.Equal(MappingState.GaveUp, loop.State);
         Assert.Equal(lastOperation, _kernel.Operations[^1]);
@@ -345,13 +325,10 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenHang();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Connecting);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Connecting);
 
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
 
         Assert.Equal(MappingState.Stopped, loop.State);
     }
@@ -361,16 +338,14 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         Assert.Equal("/dev/nbd5", loop.Device);
         Assert.Equal("nbd-daemon:data", _kernel.Netlink!.LastConnect!.BackendIdentifier);
 
         _kernel.Netlink.RaiseLinkDead();
         // The kernel holds the I/O: no backoff before the first attempt, no time has to pass.
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         Assert.Equal(TimeSpan.Zero, loop.LastDelay);
         Assert.True(connector.Sessions.First().ShutDown);
@@ -379,8 +354,7 @@ public sealed class MappingLoopTests
         Assert.Equal(
             ["netlink open", "nl-connect 5 size 1073741824 socks 1 id nbd-daemon:data", "nl-link-dead 5", "nl-reconfigure 5 socks 1 id nbd-daemon:data"],
             _kernel.Operations);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
         Assert.Equal("nl-disconnect 5", _kernel.Operations[^2]);
     }
 
@@ -389,20 +363,17 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
         _kernel.Netlink!.FailReconfigure = true;
 
         _kernel.Netlink.RaiseLinkDead();
-        await states.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting);
         _time.Advance(TimeSpan.FromSeconds(1));
-        await states.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Serving, 2);
 
         Assert.Equal("nl-connect 3 size 1073741824 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -410,15 +381,12 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(connections: 2), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal(2, connector.Calls);
         Assert.Equal(2, _kernel.Operations.Count(o => o == "set-sock"));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -442,14 +410,11 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { PreferredBlockSize = preferred });
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal(expected, _kernel.Operations[1]);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -457,14 +422,11 @@ public sealed class MappingLoopTests
     {
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(readOnly: true), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
 
         Assert.Equal(ExportDescription.FlagReadOnly, _kernel.Devices[0].Flags & ExportDescription.FlagReadOnly);
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 
     [Fact]
@@ -480,10 +442,8 @@ public sealed class MappingLoopTests
         };
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
-        var states = new StateRecorder(loop);
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.ConfiguringKernel);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.ConfiguringKernel);
 
         _time.Advance(TimeSpan.FromSeconds(30) + MappingLoop.StopGrace + MappingLoop.StuckSlack);
         Assert.False(loop.IsStuck(_time.GetUtcNow()));
@@ -491,9 +451,8 @@ public sealed class MappingLoopTests
         Assert.True(loop.IsStuck(_time.GetUtcNow()));
 
         release.Set();
-        await states.WaitForAsync(MappingState.Serving);
+        await running.WaitForAsync(MappingState.Serving);
         Assert.False(loop.IsStuck(_time.GetUtcNow()));
-        await cts.CancelAsync();
-        await run.WaitAsync(TestTimeout);
+        await running.StopAsync();
     }
 }
