@@ -21,7 +21,9 @@ public sealed class RelayFuzzTests
 
         Assert.True(report.Findings.Count == 0, string.Join("\n", report.Findings));
         Assert.Equal(CiCases, report.Cases);
-        Assert.True(report.Elapsed < TimeSpan.FromSeconds(60), $"took {report.Elapsed}");
+        // 10–25 s on the shared host. Not a speed target: a bound far above that, which cases that each waited out a
+        // 5 s timeout would still blow through.
+        Assert.True(report.Elapsed < TimeSpan.FromSeconds(300), $"took {report.Elapsed}");
 
         // The generator must reach every way the relay drops a server, both kinds of forwarded reply and the resend.
         string lost = string.Join(", ", report.Lost.Select(kv => $"{kv.Key}={kv.Value}"));

@@ -88,6 +88,13 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
                 string state;
                 using (cat)
                 {
+                    // cat must have started reading (bash and exec take their time on a loaded host); then a random moment.
+                    var started = Stopwatch.StartNew();
+                    while (PeekOffset(reader) == Start && started.Elapsed < TimeSpan.FromSeconds(10))
+                    {
+                        Thread.Sleep(1);
+                    }
+
                     Thread.Sleep(random.Next(30, 400));
                     state = ProcessState(cat.Id);
                     cat.Kill();

@@ -11,6 +11,12 @@ namespace Nbd.Protocol.Tests.Transmission;
 /// <summary>How the relay gets its next server connection: retries, the give-up deadline, permanent failures, Dispose.</summary>
 public sealed class NbdRelayReconnectTests
 {
+    /// <summary>
+    /// .NET's timers count whole milliseconds, so a deadline timer may fire up to that much before a Stopwatch says it is
+    /// due (seen: "Gave up after 3000 ms" failing `>= 3 s` by a fraction of a millisecond).
+    /// </summary>
+    private static readonly TimeSpan TimerTick = TimeSpan.FromMilliseconds(15);
+
     private static ConnectionScript FirstClosesAtOnce(int i) =>
         i == 0 ? new ConnectionScript(FaultAt: 1, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal;
 
@@ -44,7 +50,9 @@ public sealed class NbdRelayReconnectTests
     {
         using var deadline = Deadline();
         await using var server = new InMemoryNbdServer(DiskSize, FirstClosesAtOnce);
-        TimeSpan giveUpAfter = TimeSpan.FromMilliseconds(600);
+        // 3 s at 50 ms: the pauses come from pool timers, which a loaded host can make several times late, so a short
+        // window counted too few attempts (CI: 2 in 600 ms). Load only lowers the count; the upper bound proves pacing.
+        TimeSpan giveUpAfter = TimeSpan.FromSeconds(3);
         await using var harness = RelayHarness.Start(
             server,
             reconnect: (_, _) => throw new SocketException((int)SocketError.ConnectionRefused),
@@ -57,12 +65,12 @@ public sealed class NbdRelayReconnectTests
         TimeSpan elapsed = clock.Elapsed;
 
         Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
-        Assert.True(elapsed >= giveUpAfter, $"Gave up after {elapsed.TotalMilliseconds:0} ms, before GiveUpAfter.");
+        Assert.True(elapsed >= giveUpAfter - TimerTick, $"Gave up after {elapsed.TotalMilliseconds:0} ms, before GiveUpAfter.");
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
         Assert.Equal(0, harness.Relay.Reconnects);
         Assert.IsType<NbdRelayServerLost>(harness.Events[0]);
         Assert.True(harness.Events.Skip(1).All(e => e is NbdRelayReconnectFailed), "Only failed attempts may follow the loss.");
-        Assert.True(harness.ReconnectCalls >= 3, $"Only {harness.ReconnectCalls} attempts in {giveUpAfter}.");
+        Assert.InRange(harness.ReconnectCalls, 3, 61);
         Assert.Equal(harness.ReconnectCalls, harness.Events.Count - 1);
     }
 
@@ -95,7 +103,7 @@ public sealed class NbdRelayReconnectTests
 
         Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
         Assert.Equal(1, harness.ReconnectCalls);
-        Assert.True(clock.Elapsed < giveUpAfter + TimeSpan.FromSeconds(1), $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms; GiveUpAfter is {giveUpAfter.TotalMilliseconds} ms.");
+        Assert.True(clock.Elapsed < giveUpAfter + TimeSpan.FromSeconds(5), $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms; GiveUpAfter is {giveUpAfter.TotalMilliseconds} ms.");
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
     }
 
@@ -135,7 +143,7 @@ public sealed class NbdRelayReconnectTests
         // to RetryInterval instead of spinning.
         using var deadline = Deadline();
         await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(FaultAt: 1, Fault: ServerFault.CloseWithoutReply));
-        TimeSpan giveUpAfter = TimeSpan.FromSeconds(1);
+        TimeSpan giveUpAfter = TimeSpan.FromSeconds(3);
         await using var harness = RelayHarness.Start(server, giveUpAfter: giveUpAfter, retryInterval: TimeSpan.FromMilliseconds(100));
         var clock = Stopwatch.StartNew();
 
@@ -143,8 +151,8 @@ public sealed class NbdRelayReconnectTests
         NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
 
         Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
-        Assert.True(clock.Elapsed >= giveUpAfter, $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms.");
-        Assert.InRange(harness.ReconnectCalls, 3, 15);
+        Assert.True(clock.Elapsed >= giveUpAfter - TimerTick, $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms.");
+        Assert.InRange(harness.ReconnectCalls, 3, 31);
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
         Assert.All(server.Connections, c => Assert.Equal([0x64UL], c.Cookies));
     }
@@ -362,7 +370,7 @@ public sealed class NbdRelayReconnectTests
         disposer.Start();
         await Wait.UntilAsync(() => !disposer.IsAlive, "Dispose", deadline.Token);
 
-        Assert.True(took < TimeSpan.FromSeconds(1), $"Dispose took {took.TotalMilliseconds:0} ms.");
+        Assert.True(took < TimeSpan.FromSeconds(5), $"Dispose took {took.TotalMilliseconds:0} ms.");
         Assert.Equal(NbdRelayEndReason.Stopped, (await harness.CompletionAsync(deadline.Token)).Reason);
         Assert.Equal(1, harness.ReconnectCalls);
         await harness.ExpectKernelEndOfStreamAsync(deadline.Token);

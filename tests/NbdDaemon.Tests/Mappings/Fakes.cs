@@ -1,10 +1,31 @@
 using System.Collections.Concurrent;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Time.Testing;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 
 namespace NbdDaemon.Tests.Mappings;
+
+/// <summary>
+/// A fake clock that also counts the timers armed on it, by due time. A test advances the clock only once the code
+/// under test armed the timer it means to fire: a timer armed after the advance would fall due a whole interval later,
+/// and the test would wait for nothing.
+/// </summary>
+internal sealed class ArmedTimeProvider() : FakeTimeProvider(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero))
+{
+    private readonly ConcurrentDictionary<TimeSpan, int> _armed = new();
+
+    /// <summary>How many timers were armed with <paramref name="dueTime"/> so far.</summary>
+    public int Armed(TimeSpan dueTime) => _armed.GetValueOrDefault(dueTime);
+
+    public override ITimer CreateTimer(TimerCallback callback, object? state, TimeSpan dueTime, TimeSpan period)
+    {
+        ITimer timer = base.CreateTimer(callback, state, dueTime, period);
+        _armed.AddOrUpdate(dueTime, 1, (_, n) => n + 1);
+        return timer;
+    }
+}
 
 internal static class TestMappings
 {
@@ -28,6 +49,16 @@ internal static class TestMappings
 
     public static MappingLoop Loop(MappingOptions options, FakeConnector connector, FakeKernel kernel, TimeProvider time, Func<double>? random = null) =>
         new(options, connector, kernel, time, NullLogger.Instance, random ?? (() => 1.0));
+
+    /// <summary>Polls <paramref name="condition"/> every 5 ms; 10 s at most.</summary>
+    public static async Task WaitUntilAsync(Func<bool> condition)
+    {
+        using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        while (!condition())
+        {
+            await Task.Delay(5, deadline.Token);
+        }
+    }
 }
 
 internal sealed class FakeSession : INbdSession

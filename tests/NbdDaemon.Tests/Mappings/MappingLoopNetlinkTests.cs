@@ -1,6 +1,5 @@
 using Nbd.Protocol;
 using Microsoft.Extensions.Logging;
-using Microsoft.Extensions.Time.Testing;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 
@@ -9,8 +8,7 @@ namespace NbdDaemon.Tests.Mappings;
 /// <summary>Netlink reconnect while the kernel holds I/O, socket hand-over confirmation, adoption, OnStop.</summary>
 public sealed class MappingLoopNetlinkTests
 {
-    private static readonly TimeSpan TestTimeout = TimeSpan.FromSeconds(10);
-    private readonly FakeTimeProvider _time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+    private readonly ArmedTimeProvider _time = new();
     private readonly FakeKernel _kernel = new();
 
     [Fact]
@@ -23,7 +21,7 @@ public sealed class MappingLoopNetlinkTests
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time, () => 0.5);
         var delays = new List<double>();
         // Read on the loop's flow: a zero delay lets the loop run on before the test could read LastDelay.
-        var states = new StateRecorder(loop, state =>
+        await using var running = RunningLoop.Start(loop, state =>
         {
             if (state == MappingState.Reconnecting)
             {
@@ -33,21 +31,19 @@ public sealed class MappingLoopNetlinkTests
                 }
             }
         });
-        using var cts = new CancellationTokenSource();
-        Task run = Task.Run(() => loop.RunAsync(cts.Token));
-        await states.WaitForAsync(MappingState.Serving);
+        await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDead();
         for (int seen = 1; seen <= 11; seen++)
         {
-            await states.WaitForAsync(MappingState.Reconnecting, seen);
+            await running.WaitForAsync(MappingState.Reconnecting, seen);
             lock (delays)
             {
                 _time.Advance(TimeSpan.FromMilliseconds(delays[seen - 1]));
             }
         }
 
-        await run.WaitAsync(TestTimeout);
+        await running.EndedAsync();
 
         // 0 (LINK_DEAD itself), then 250 ms until 2 s since the loss, then 1 s · 0.75, 2 s · 0.75 as for any other
         // failure; the fast retries did not count towards MaxAttempts=3 (gave up at the third slow failure).
@@ -136,7 +132,7 @@ public sealed class MappingLoopNetlinkTests
 
         _kernel.Netlink!.RaiseLinkDead(0);
         // Slot 1 is still alive at the first RECONFIGURE (the kernel notices the shut-down socket a moment later).
-        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-reconfigure 5 socks 2 id nbd-daemon:data"));
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-reconfigure 5 socks 2 id nbd-daemon:data") && _time.Armed(MappingLoop.HeldRetryInterval) == 1);
 
         Assert.All(old, s => Assert.True(s.ShutDown));
         Assert.All(old, s => Assert.True(s.Disposed));
@@ -161,7 +157,7 @@ public sealed class MappingLoopNetlinkTests
         _kernel.Netlink!.RaiseLinkDead(0);
         for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
         {
-            await WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i);
+            await TestMappings.WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i && _time.Armed(MappingLoop.HeldRetryInterval) == i);
             _time.Advance(MappingLoop.HeldRetryInterval);
         }
 
@@ -187,7 +183,7 @@ public sealed class MappingLoopNetlinkTests
         _kernel.EndSocket(connector.Sessions.Single().Socket);
         for (int i = 1; i <= MappingLoop.ReconfigureRetries; i++)
         {
-            await WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i);
+            await TestMappings.WaitUntilAsync(() => _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)) == i && _time.Armed(MappingLoop.HeldRetryInterval) == i);
             _time.Advance(MappingLoop.HeldRetryInterval);
         }
 
@@ -550,12 +546,12 @@ public sealed class MappingLoopNetlinkTests
 
         // A LINK_DEAD for a slot of an earlier generation, arriving after our RECONFIGURE.
         _kernel.Netlink!.RaiseLinkDeadEventOnly();
-        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5") && _time.Armed(MappingLoop.LinkDeadGrace) == 1);
         _time.Advance(MappingLoop.LinkDeadGrace - TimeSpan.FromMilliseconds(1));
         await Task.Delay(50);
         Assert.DoesNotContain(logger.Entries, e => e.Message.Contains("LINK_DEAD for an earlier connection ignored", StringComparison.Ordinal));
         _time.Advance(TimeSpan.FromMilliseconds(1));
-        await WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("LINK_DEAD for an earlier connection ignored: every current socket is healthy", StringComparison.Ordinal)));
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("LINK_DEAD for an earlier connection ignored: every current socket is healthy", StringComparison.Ordinal)));
 
         Assert.Equal(MappingState.Serving, loop.State);
         Assert.All(connector.Sessions, s => Assert.False(s.ShutDown));
@@ -577,7 +573,7 @@ public sealed class MappingLoopNetlinkTests
         var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 0.5);
         await using var running = RunningLoop.Start(loop);
         await running.WaitForAsync(MappingState.Serving);
-        await WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("watching the connection's sockets failed; relying on LINK_DEAD alone", StringComparison.Ordinal)));
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("watching the connection's sockets failed; relying on LINK_DEAD alone", StringComparison.Ordinal)));
         Assert.False(connector.Sessions.Single().ShutDown);
 
         _kernel.Netlink!.RaiseLinkDead();
@@ -597,7 +593,7 @@ public sealed class MappingLoopNetlinkTests
         await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Netlink!.RaiseLinkDeadEventOnly();
-        await WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 5"));
         _time.Advance(TimeSpan.FromMilliseconds(100));
         _kernel.NetlinkDevices[5].MarkDead(0);
         _kernel.EndSocket(connector.Sessions.Single().Socket);
@@ -605,14 +601,5 @@ public sealed class MappingLoopNetlinkTests
         await running.WaitForAsync(MappingState.Serving, 2);
         Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
         await running.StopAsync();
-    }
-
-    private static async Task WaitUntilAsync(Func<bool> condition)
-    {
-        using var deadline = new CancellationTokenSource(TestTimeout);
-        while (!condition())
-        {
-            await Task.Delay(5, deadline.Token);
-        }
     }
 }

@@ -1,4 +1,3 @@
-using Microsoft.Extensions.Time.Testing;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 
@@ -7,7 +6,7 @@ namespace NbdDaemon.Tests.Mappings;
 public sealed class MappingLoopTests
 {
     private static readonly TimeSpan TestTimeout = TimeSpan.FromSeconds(10);
-    private readonly FakeTimeProvider _time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+    private readonly ArmedTimeProvider _time = new();
     private readonly FakeKernel _kernel = new();
 
     [Fact]
@@ -179,6 +178,8 @@ public sealed class MappingLoopTests
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(timeout: TimeSpan.FromSeconds(10)), connector, _kernel, _time);
         await using var running = RunningLoop.Start(loop);
         await running.WaitForAsync(MappingState.Connecting);
+        // Connecting is announced before the attempt arms its deadline.
+        await TestMappings.WaitUntilAsync(() => _time.Armed(TimeSpan.FromSeconds(10)) == 1);
 
         _time.Advance(TimeSpan.FromSeconds(9));
         Assert.Equal(MappingState.Connecting, loop.State);
