@@ -100,9 +100,9 @@ knbd_count() { dmesg | grep -c 'nbd[0-9]'; }
 
 
 # --- one fault round: sets T (server back) after injecting; the caller's case function does the fault -----
-round_done() { # CASE_TAG ROUND EXTRA...: waits for service after T, settles 1 s, prints the round's NOTE
+round_done() { # CASE_TAG ROUND EXTRA...: waits for service after T (SERVE_LIMIT s), settles 1 s, prints the round's NOTE
     local tag=$1 r=$2 end; shift 2
-    wait_served "$ST" "$T" 60
+    wait_served "$ST" "$T" "${SERVE_LIMIT:-60}"
     [ "$SERVED" = yes ] || ALL_SERVED=no
     [ "$SERVED" = yes ] && SERVED_ROUNDS=$((SERVED_ROUNDS + 1))
     sleep 1
@@ -186,15 +186,17 @@ daemon_restart() {
     local dl0; dl0=$(wc -l < $DLOG)
     start_daemon
     T=$(nbd-verify now)
-    round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
+    # a daemon's cold start took up to 56 s on a loaded host (TCG): wait well past that, and past the relay's 120 s
+    # DeadConnectionTimeout, before calling it not served or not adopted
+    SERVE_LIMIT=150 round_done "$TAG" "$r" step=daemon-$sig device_while_down=$left
     # With the relay the driver has no server socket while no daemon runs: where the new daemon's start spends its time
     [ "$RELAY" = 1 ] && note fault-restart $TAG round=$r $(restart_timeline m$i "$dl0" "$T")
     # adoption is logged once the new daemon runs the mapping (Netlink); Ioctl configures the device anew
-    local n=0
-    while [ $n -lt 300 ]; do
+    local until_ms=$(( $(now_ms) + 150000 ))
+    while [ "$(now_ms)" -lt "$until_ms" ]; do
         [ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && break
         [ "$(iface_of $i)" = Ioctl ] && [ -e /sys/block/nbd$i/pid ] && break
-        sleep 0.1; n=$((n + 1))
+        sleep 0.1
     done
     RESTART_ADOPTED=$([ "$(grep -c "adopted /dev/nbd$i " $DLOG)" -gt "$a0" ] && echo yes || echo no)
     RESTART_LEFT="$RESTART_LEFT$left,"

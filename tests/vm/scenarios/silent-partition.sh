@@ -119,6 +119,9 @@ remaining=$(( t_part + PARTITION_S * 1000 - $(now_ms) ))
 control_left=$(( $(count_re $LOG "$CONTROL_LEFT") - control_left_before ))
 held_done_before_heal=$([ -f /tmp/held.rc ] && echo yes || echo no)
 control_pid_during=$([ -e /sys/block/nbd1/pid ] && echo present || echo absent)
+# counted before the heal: the probe may reconnect within ~100 ms of it, before the detect lines below are done
+serving_before=$(count_re $LOG "$PROBE_SERVING")
+took_before=$(count_re $LOG "$PROBE_TOOK")
 t_heal=$(now_ms)
 lo_heal
 
@@ -135,9 +138,9 @@ result detect detected=$detected probe_left_ms=$left_ms detected_by=$by detail=$
     ignored_link_dead=$(grep -c 'LINK_DEAD for an earlier connection ignored' $LOG)
 
 # --- heal ---------------------------------------------------------------------------------------------------
-serving_before=$(count_re $LOG "$PROBE_SERVING")
-took_before=$(count_re $LOG "$PROBE_TOOK")
+t_wait=$(now_ms)
 sv_ms=$(wait_re $LOG "$PROBE_SERVING" $((serving_before + 1)) 30); back=$(yesno $?)
+sv_ms=$(( sv_ms + t_wait - t_heal ))   # from the heal, not from here
 wait_re $LOG "$PROBE_TOOK" $((took_before + 1)) 10 >/dev/null
 set -- $(grep -F "$PROBE_TOOK" $LOG | tail -n 1 | sed -n 's/.*kernel took \([0-9]*\) of \([0-9]*\) sockets.*/\1 \2/p')
 # all the attempts made during the partition (each a connect timing out after Timeout, then 250 ms)
