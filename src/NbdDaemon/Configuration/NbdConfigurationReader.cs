@@ -137,7 +137,7 @@ internal sealed partial class NbdConfigurationReader
         }
         else
         {
-            timeout = ReadTimeSpan(entry, "Timeout", defaultTimeout, errors);
+            timeout = ReadTimeSpan(entry, "Timeout", defaultTimeout, errors, wholeSeconds: true);
         }
 
         TimeSpan? deadTimeout = netlink ? MappingOptions.DefaultDeadConnectionTimeout : null;
@@ -154,7 +154,7 @@ internal sealed partial class NbdConfigurationReader
             }
             else
             {
-                deadTimeout = ReadTimeSpan(entry, "DeadConnectionTimeout", MappingOptions.DefaultDeadConnectionTimeout, errors);
+                deadTimeout = ReadTimeSpan(entry, "DeadConnectionTimeout", MappingOptions.DefaultDeadConnectionTimeout, errors, wholeSeconds: true);
             }
         }
 
@@ -305,7 +305,12 @@ internal sealed partial class NbdConfigurationReader
         return value;
     }
 
-    private static TimeSpan ReadTimeSpan(IConfigurationSection section, string key, TimeSpan fallback, List<ConfigurationError> errors)
+    /// <summary>
+    /// A positive TimeSpan up to a day. With <paramref name="wholeSeconds"/>, a value the nbd driver takes in whole seconds
+    /// (NBD_SET_TIMEOUT, NBD_ATTR_TIMEOUT, NBD_ATTR_DEAD_CONN_TIMEOUT): a fraction is refused here, not by the kernel layer
+    /// on every connect attempt.
+    /// </summary>
+    private static TimeSpan ReadTimeSpan(IConfigurationSection section, string key, TimeSpan fallback, List<ConfigurationError> errors, bool wholeSeconds = false)
     {
         string? text = Optional(section, key);
         if (text is null)
@@ -317,6 +322,12 @@ internal sealed partial class NbdConfigurationReader
             || value > TimeSpan.FromDays(1))
         {
             errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be a positive TimeSpan up to one day, e.g. 00:00:30"));
+            return fallback;
+        }
+
+        if (wholeSeconds && value.Ticks % TimeSpan.TicksPerSecond != 0)
+        {
+            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be whole seconds: the nbd driver takes this timeout in seconds"));
             return fallback;
         }
 

@@ -75,6 +75,7 @@ public sealed class NbdConfigurationReaderTests
     [InlineData("BlockSize", "768", "Nbd:Mappings:1:BlockSize", "power of two")]
     [InlineData("Timeout", "30 seconds", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
     [InlineData("Timeout", "-00:00:01", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
+    [InlineData("Timeout", "00:00:02.5", "Nbd:Mappings:1:Timeout", "'00:00:02.5' must be whole seconds: the nbd driver takes this timeout in seconds")]
     [InlineData("Connections", "0", "Nbd:Mappings:1:Connections", "from 1 to 16")]
     [InlineData("Connections", "17", "Nbd:Mappings:1:Connections", "from 1 to 16")]
     [InlineData("ReadOnly", "yes", "Nbd:Mappings:1:ReadOnly", "true or false")]

@@ -85,6 +85,8 @@ public sealed class NetlinkConfigurationTests
     [InlineData("Ioctl", "KeepAlive", "often", "Nbd:Mappings:0:KeepAlive", "'often' must be a positive TimeSpan")]
     [InlineData("Netlink", "Timeout", "00:00:00", "Nbd:Mappings:0:Timeout", "greater than zero with Interface=Netlink: requests in flight")]
     [InlineData("Netlink", "DeadConnectionTimeout", "0", "Nbd:Mappings:0:DeadConnectionTimeout", "greater than zero: with 0 the kernel fails I/O at once")]
+    [InlineData("Netlink", "DeadConnectionTimeout", "00:00:00.5", "Nbd:Mappings:0:DeadConnectionTimeout", "'00:00:00.5' must be whole seconds")]
+    [InlineData("Netlink", "Timeout", "00:00:09.999", "Nbd:Mappings:0:Timeout", "'00:00:09.999' must be whole seconds")]
     [InlineData("Ioctl", "OnStop", "Leave", "Nbd:Mappings:0:OnStop", "Leave needs Interface=Netlink")]
     [InlineData("Netlink", "OnStop", "Detach", "Nbd:Mappings:0:OnStop", "unknown value 'Detach' (Disconnect or Leave)")]
     public void Read_NetlinkRules_ErrorNamesKeyAndWhy(string kernelInterface, string key, string value, string expectedKey, string expectedReason)
