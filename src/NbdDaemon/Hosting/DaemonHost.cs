@@ -89,7 +89,7 @@ internal static class DaemonHost
 
         // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
         // (and lets tests and `systemd-run`-like supervisors receive the same notifications).
-        services.AddSingleton<ISystemdNotifier, SystemdNotifier>();
+        services.AddSingleton<ISystemdNotifier>(_ => new StopAwareSystemdNotifier(new SystemdNotifier()));
         if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
         {
             services.AddSingleton<IHostLifetime, SystemdLifetime>();

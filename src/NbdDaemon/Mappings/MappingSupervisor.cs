@@ -53,7 +53,18 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     {
         // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
         _running = [.. _loops.Select(l => Task.Run(() => l.RunAsync(_stopping.Token), CancellationToken.None))];
-        await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
+        try
+        {
+            await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            // A stop (SIGTERM) before every mapping was tried once. Thrown from here it would fail the host's start, and
+            // the host never stops what failed to start: the loops would go down with the process, devices left as
+            // they were, exit code 1. Returning lets the host stop as usual, and StopAsync stop the loops.
+            _logger.LogInformation("Stop requested before every mapping was tried once: {Status}", StatusText);
+            return;
+        }
 
         // Every mapping had its chance to take back what it handed over; the rest would only hold kernel connections
         // open that nobody reads (a mapping removed from the configuration, or one whose first attempt failed).

@@ -105,4 +105,46 @@ public sealed class DaemonProcessTests
         Assert.True(stopwatch.Elapsed < TimeSpan.FromSeconds(20), $"stop took {stopwatch.Elapsed}");
         Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Idle -> Connecting", await stderr, StringComparison.Ordinal);
     }
+
+    [Fact]
+    public async Task Run_SigtermBeforeReady_StopsEveryMappingAndExits0()
+    {
+        // A server that accepts and never greets: the first attempt waits out its 20 s Timeout, so READY=1 is 20 s away
+        // when SIGTERM comes. The host does not call StopAsync after a start that failed: the stop must not fail it.
+        using var server = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+        server.Bind(new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
+        server.Listen();
+        int port = ((System.Net.IPEndPoint)server.LocalEndPoint!).Port;
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", $"--Nbd:Mappings:0:Uri=nbd://127.0.0.1:{port}/data", "--Nbd:Mappings:0:Timeout=00:00:20"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path, ["WATCHDOG_USEC"] = "60000000" });
+        Task<string> stderr = p.StandardError.ReadToEndAsync();
+        Task<string> stdout = p.StandardOutput.ReadToEndAsync();
+        Assert.Equal("STATUS=0 of 1 mappings serving", await systemd.ReceiveTextAsync(TimeSpan.FromSeconds(30)));
+        Assert.Equal("WATCHDOG=1", await systemd.ReceiveTextAsync()); // the hosted services are starting
+
+        await SignalTerm(p);
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(15));
+
+        string log = await stderr;
+        Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
+        var notes = new List<string>();
+        try
+        {
+            while (true)
+            {
+                notes.Add(await systemd.ReceiveTextAsync(TimeSpan.FromSeconds(1)));
+            }
+        }
+        catch (TimeoutException)
+        {
+            // all of them read
+        }
+
+        Assert.Contains("STOPPING=1", notes);
+        Assert.DoesNotContain("READY=1", notes);
+        Assert.Contains("Mapping data on (unassigned) (127.0.0.1:" + port + ", export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
+    }
 }
