@@ -27,12 +27,12 @@ public sealed class RelayFuzzTests
 
         // The generator must reach every way the relay drops a server, both kinds of forwarded reply and the resend.
         string lost = string.Join(", ", report.Lost.Select(kv => $"{kv.Key}={kv.Value}"));
-        foreach (string reason in new[] { "bad reply magic", "structured reply", "cookie not in flight", "EOF inside a reply", "EOF between replies" })
+        foreach (string reason in new[] { "bad reply magic", "structured reply", "cookie not in flight", "EOF inside a reply", "EOF between replies", "ESHUTDOWN" })
         {
             Assert.True(report.Lost.GetValueOrDefault(reason) > CiCases / 100, $"{reason} too rare: {lost}");
         }
 
-        Assert.Equal(5, report.Lost.Keys.Count(k => k != RelayCaseResult.NotDropped));
+        Assert.Equal(6, report.Lost.Keys.Count(k => k != RelayCaseResult.NotDropped));
         Assert.True(report.FromHostile > report.Requests / 10, $"{report.FromHostile} of {report.Requests} from the hostile server");
         Assert.True(report.FromValid > report.Requests / 10, $"{report.FromValid} of {report.Requests} from the valid server");
         Assert.Equal(report.Requests, report.FromHostile + report.FromValid);

@@ -356,6 +356,7 @@ internal static class RelayHarness
         _ when reason.Contains("which no request in flight has", StringComparison.Ordinal) => "cookie not in flight",
         _ when reason.Contains("inside a reply", StringComparison.Ordinal) => "EOF inside a reply",
         _ when reason.StartsWith("the server closed", StringComparison.Ordinal) => "EOF between replies",
+        _ when reason.Contains("NBD_ESHUTDOWN", StringComparison.Ordinal) => "ESHUTDOWN",
         _ => reason,
     };
 

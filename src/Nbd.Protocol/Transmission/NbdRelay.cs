@@ -436,6 +436,7 @@ public sealed class NbdRelay : IDisposable
         {
             string reason;
             Exception? failure = null;
+            bool shuttingDown = false;
             int answered = 0;
             try
             {
@@ -451,6 +452,7 @@ public sealed class NbdRelay : IDisposable
             {
                 reason = e.Message;
                 failure = e;
+                shuttingDown = e is ServerShuttingDownException;
             }
             catch (Exception e) when (e is SocketException or EndOfStreamException or ObjectDisposedException)
             {
@@ -484,6 +486,11 @@ public sealed class NbdRelay : IDisposable
                 return;
             }
 
+            if (shuttingDown)
+            {
+                SendSoftDisconnect(server);
+            }
+
             TryShutdown(server);
             lock (_sendLock)
             {
@@ -498,6 +505,35 @@ public sealed class NbdRelay : IDisposable
             // attempt waits RetryInterval instead of spinning.
             bool stillDown = outageSince is not null && answered == 0 && inFlight > 0;
             (server, outageSince) = ReconnectAndResend(stillDown ? outageSince : null);
+        }
+    }
+
+    /// <summary>
+    /// The soft disconnect proto.md asks for after NBD_ESHUTDOWN: an NBD_CMD_DISC between two requests (the send lock,
+    /// not waited for long: a resend may be busy on this connection), sent without blocking, so a server that stopped
+    /// reading gets none. The requests it still owes replies for are sent again on the next connection either way.
+    /// </summary>
+    private void SendSoftDisconnect(Socket server)
+    {
+        if (!_sendLock.TryEnter(TimeSpan.FromMilliseconds(500)))
+        {
+            return;
+        }
+
+        try
+        {
+            Span<byte> disc = stackalloc byte[NbdTransmission.RequestLength];
+            NbdTransmission.WriteRequest(disc, NbdCommand.Disconnect, cookie: 0);
+            server.Blocking = false;
+            server.Send(disc);
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            // Gone already: the close that follows is all there is to do.
+        }
+        finally
+        {
+            _sendLock.Exit();
         }
     }
 
@@ -518,14 +554,24 @@ public sealed class NbdRelay : IDisposable
         }
 
         Pending? pending;
+        bool disconnecting;
         lock (_lock)
         {
             _pending.TryGetValue(reply.Cookie, out pending);
+            disconnecting = _disconnecting;
         }
 
         if (pending is null)
         {
             throw new RelayServerException(string.Create(CultureInfo.InvariantCulture, $"server replied to cookie 0x{reply.Cookie:x16}, which no request in flight has"));
+        }
+
+        // NBD_ESHUTDOWN: the server did not carry the request out and is going away (nbdkit answers so to what it read
+        // after SIGTERM). Passed on, the kernel would fail the I/O; instead the request stays pending for the next
+        // connection, like one in flight on a connection that died. After the kernel's own DISC it goes through as it is.
+        if (reply.Error == NbdTransmission.ErrorShutdown && !disconnecting)
+        {
+            throw new ServerShuttingDownException(string.Create(CultureInfo.InvariantCulture, $"the server is shutting down: NBD_ESHUTDOWN for cookie 0x{reply.Cookie:x16}"));
         }
 
         // The length of a read reply's data is the request's, never the server's word: nothing to bound here.
@@ -857,7 +903,9 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
-    private sealed class RelayServerException(string message) : Exception(message);
+    private class RelayServerException(string message) : Exception(message);
+
+    private sealed class ServerShuttingDownException(string message) : RelayServerException(message);
 
     private sealed class KernelSideException(Exception inner) : Exception(inner.Message, inner);
 }

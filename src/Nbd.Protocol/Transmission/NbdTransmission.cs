@@ -25,6 +25,12 @@ public static class NbdTransmission
     public const int SimpleReplyLength = 16;
 
     /// <summary>
+    /// NBD_ESHUTDOWN (proto.md "Error values"): the server is shutting down and did not carry the request out. The client
+    /// "MUST initiate a soft disconnect" (proto.md "Terminating the transmission phase").
+    /// </summary>
+    public const uint ErrorShutdown = 108;
+
+    /// <summary>
     /// The largest data length of one request the Linux driver sends: max_hw_sectors is 65536 sectors of 512 bytes
     /// (drivers/block/nbd.c). A longer request is refused before any buffer is allocated.
     /// </summary>
@@ -45,6 +51,16 @@ public static class NbdTransmission
         BinaryPrimitives.ReadUInt64BigEndian(header[CookieOffset..]),
         BinaryPrimitives.ReadUInt64BigEndian(header[OffsetOffset..]),
         BinaryPrimitives.ReadUInt32BigEndian(header[LengthOffset..]));
+
+    internal static void WriteRequest(Span<byte> header, NbdCommand type, ulong cookie, ulong offset = 0, uint length = 0, ushort flags = 0)
+    {
+        BinaryPrimitives.WriteUInt32BigEndian(header[MagicOffset..], RequestMagic);
+        BinaryPrimitives.WriteUInt16BigEndian(header[FlagsOffset..], flags);
+        BinaryPrimitives.WriteUInt16BigEndian(header[TypeOffset..], (ushort)type);
+        BinaryPrimitives.WriteUInt64BigEndian(header[CookieOffset..], cookie);
+        BinaryPrimitives.WriteUInt64BigEndian(header[OffsetOffset..], offset);
+        BinaryPrimitives.WriteUInt32BigEndian(header[LengthOffset..], length);
+    }
 
     internal static NbdSimpleReplyHeader ReadReply(ReadOnlySpan<byte> header) => new(
         BinaryPrimitives.ReadUInt32BigEndian(header[MagicOffset..]),

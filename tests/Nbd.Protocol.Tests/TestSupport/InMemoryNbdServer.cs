@@ -22,6 +22,12 @@ internal enum ServerFault
 
     /// <summary>The reply to request FaultAt carries a cookie no request has.</summary>
     UnknownCookie,
+
+    /// <summary>
+    /// Shutting down as nbdkit does on SIGTERM: request FaultAt and every later one are answered NBD_ESHUTDOWN, not
+    /// carried out; the connection closes on the client's NBD_CMD_DISC (recorded) or when the client closes it.
+    /// </summary>
+    ShuttingDown,
 }
 
 /// <param name="AnswerFirst">Requests after this index get no reply (they stay in flight until the connection ends).</param>
@@ -89,6 +95,7 @@ internal sealed class ServerConnection(int index)
 internal sealed class InMemoryNbdServer : IAsyncDisposable
 {
     public const uint Einval = 22;
+    public const uint Eshutdown = 108;
 
     private readonly Socket _listener;
     private readonly EndPoint _endPoint;
@@ -272,6 +279,12 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
                 if (fault && script.Fault == ServerFault.CloseWithoutReply)
                 {
                     return;
+                }
+
+                if (script.Fault == ServerFault.ShuttingDown && script.FaultAt > 0 && index >= script.FaultAt)
+                {
+                    await RawTransmission.SendAsync(socket, RawTransmission.SimpleReply(Eshutdown, request.Cookie), ct);
+                    continue;
                 }
 
                 (uint error, byte[]? payload) = Execute(request, data);

@@ -158,6 +158,28 @@ public sealed class NbdRelayReconnectTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task Relay_ServerAnswersEshutdown_SoftDisconnectAndTheRequestIsAnsweredOnTheNextConnection()
+    {
+        // nbdkit on SIGTERM answers what it read meanwhile with NBD_ESHUTDOWN; passed on, the kernel would fail the I/O.
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, i => i == 0 ? new ConnectionScript(FaultAt: 2, Fault: ServerFault.ShuttingDown) : ConnectionScript.Normal);
+        server.Fill(seed: 70);
+        await using var harness = RelayHarness.Start(server, retryInterval: TimeSpan.FromMilliseconds(50));
+
+        byte[] first = await ReadAsync(harness.Kernel, 0, 4096, 0xE1, deadline.Token);
+        byte[] second = await ReadAsync(harness.Kernel, 8192, 4096, 0xE2, deadline.Token); // ESHUTDOWN, then connection 2
+
+        Assert.Equal(server.Disk.AsSpan(0, 4096).ToArray(), first);
+        Assert.Equal(server.Disk.AsSpan(8192, 4096).ToArray(), second);
+        ServerConnection shuttingDown = await server.ConnectionAsync(0, deadline.Token);
+        await shuttingDown.Ended.WaitAsync(deadline.Token);
+        Assert.Equal([CmdRead, CmdRead, CmdDisc], shuttingDown.Requests.Select(r => r.Fields.Type));
+        Assert.Equal([0xE2UL], (await server.ConnectionAsync(1, deadline.Token)).Cookies);
+        Assert.Equal(1, harness.Relay.Reconnects);
+        Assert.Equal("the server is shutting down: NBD_ESHUTDOWN for cookie 0x00000000000000e2", Assert.IsType<NbdRelayServerLost>(harness.Events[0]).Reason);
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task Relay_RequestsArriveWhileReconnecting_SentOnceAfterTheResentOnesInKernelOrder()
     {
         using var deadline = Deadline();
