@@ -184,29 +184,7 @@ public static class NbdClient
             IPAddress[] addresses = IPAddress.TryParse(uri.Host, out var literal)
                 ? [literal]
                 : await Dns.GetHostAddressesAsync(uri.Host!, linked.Token);
-            SocketException? last = null;
-            foreach (var address in addresses)
-            {
-                var socket = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-                try
-                {
-                    Connect(socket, new IPEndPoint(address, uri.Port), options.ConnectTimeout, linked.Token);
-                    socket.NoDelay = true;
-                    return socket;
-                }
-                catch (SocketException ex) when (!linked.IsCancellationRequested)
-                {
-                    socket.Dispose();
-                    last = ex;
-                }
-                catch
-                {
-                    socket.Dispose();
-                    throw;
-                }
-            }
-
-            throw last ?? new SocketException((int)SocketError.HostNotFound);
+            return ConnectFirst([.. addresses.Select(a => new IPEndPoint(a, uri.Port))], options.ConnectTimeout, options.TimeProvider, linked.Token);
         }
         catch (OperationCanceledException ex) when (timeout.IsCancellationRequested && !ct.IsCancellationRequested)
         {
@@ -220,6 +198,41 @@ public static class NbdClient
         {
             throw AddContext(new NbdConnectException(endPoint, ex), uri);
         }
+    }
+
+    /// <summary>
+    /// Connects to the first of <paramref name="endPoints"/> that answers, in order. Each gets its share of what is left
+    /// of <paramref name="budget"/> (the last gets all of it), so an address that never answers (a blackholed IPv6 route
+    /// listed first) cannot use up the time of the ones after it; one that refuses passes on at once.
+    /// </summary>
+    internal static Socket ConnectFirst(IReadOnlyList<IPEndPoint> endPoints, TimeSpan budget, TimeProvider time, CancellationToken ct)
+    {
+        long started = time.GetTimestamp();
+        Exception? last = null;
+        for (int i = 0; i < endPoints.Count; i++)
+        {
+            TimeSpan left = budget - time.GetElapsedTime(started);
+            TimeSpan share = left / (endPoints.Count - i);
+            var socket = new Socket(endPoints[i].AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+            try
+            {
+                Connect(socket, endPoints[i], share, ct);
+                socket.NoDelay = true;
+                return socket;
+            }
+            catch (Exception ex) when (ex is SocketException or TimeoutException && !ct.IsCancellationRequested && i < endPoints.Count - 1)
+            {
+                socket.Dispose();
+                last = ex;
+            }
+            catch
+            {
+                socket.Dispose();
+                throw;
+            }
+        }
+
+        throw last ?? new SocketException((int)SocketError.HostNotFound);
     }
 
     /// <summary>
