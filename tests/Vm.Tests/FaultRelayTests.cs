@@ -48,6 +48,7 @@ public sealed class FaultRelayTests(VmFixture vm, ITestOutputHelper output)
     [InlineData("S4")]
     [InlineData("S5")]
     [InlineData("S6")]
+    [InlineData("S7")]
     public async Task FaultRelay_Netlink_ApplicationSeesNoErrorAndServerLossIsHiddenWithinOneSecond(string scenario)
     {
         var (run, row) = await CaseAsync(scenario, "Netlink");
@@ -56,7 +57,7 @@ public sealed class FaultRelayTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, row.Line, "verify_failures", 0);
         switch (scenario)
         {
-            case "S1" or "S3":
+            case "S1" or "S3" or "S7":
                 AssertRelayHidLosses(run, row, scenario);
                 Expect.That(run, row.Line, row.MaxStallAfterBackMs <= FaultRelayScenario.StallGoalMs,
                     $"I/O stalled {row.MaxStallAfterBackMs} ms after the server accepted again (goal: {FaultRelayScenario.StallGoalMs} ms)");
@@ -90,13 +91,14 @@ public sealed class FaultRelayTests(VmFixture vm, ITestOutputHelper output)
     [InlineData("S3")]
     [InlineData("S4")]
     [InlineData("S5")]
+    [InlineData("S7")]
     public async Task FaultRelay_Ioctl_ServesAgainAndOutageShorterThanTimeoutFailsNoIo(string scenario)
     {
         var (run, row) = await CaseAsync(scenario, "Ioctl");
         Expect.Equal(run, row.Line, "verify_failures_recent", 0);
         switch (scenario)
         {
-            case "S1":
+            case "S1" or "S7":
                 // Server down 1..3 s, Timeout 5 s: without the relay every kill failed I/O on an ioctl device.
                 AssertRelayHidLosses(run, row, scenario);
                 Expect.Equal(run, row.Line, "app_io_errors", 0);
@@ -146,5 +148,10 @@ public sealed class FaultRelayTests(VmFixture vm, ITestOutputHelper output)
         Expect.That(run, row.Line, row.Line.Long("relay_reconnected") >= expected,
             $"the relay reconnected {row.Line["relay_reconnected"]} times, expected at least {expected}");
         Expect.Equal(run, row.Line, "relay_gave_up", 0);
+        if (scenario == "S7")
+        {
+            // The graceful stop was seen as such: nbdkit answered NBD_ESHUTDOWN, and that went to no application.
+            Expect.That(run, row.Line, row.Line.Long("relay_eshutdown") >= 1, "no NBD_ESHUTDOWN reached the relay: the scenario did not test it");
+        }
     }
 }

@@ -7,6 +7,7 @@
 #      new daemon really runs the mapping (Netlink: it adopted the device the dead one left serving)
 #  S6  Netlink only: the daemon stopped (SIGTERM) with OnStop=Leave and started again 2 s later; then the same
 #      nbdkit kill as S5
+#  S7  nbdkit stopped gracefully (SIGTERM: what it reads meanwhile is answered NBD_ESHUTDOWN), restarted after 1 s
 # for Interface=Netlink (nbd0 direct, nbd1 through the proxy) and Interface=Ioctl (nbd2 direct, nbd3 proxied),
 # all four mappings in one daemon configured through /etc/nbd-daemon/appsettings.json.
 #
@@ -22,8 +23,8 @@
 # when it reconnects by itself.
 # Prints per case: RESULT fault scenario=S? interface=... relay=0|1 ...; per round: NOTE fault-round ...
 . /usr/local/lib/nbdvm.sh
-ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 REGION_MIB=32
-SCENARIOS="S1 S2 S3 S4 S5 S6" INTERFACES="Netlink Ioctl"
+ROUNDS_S1=3 ROUNDS_S2=1 ROUNDS_S3=1 ROUNDS_S4=1 ROUNDS_S5=1 ROUNDS_S6=1 ROUNDS_S7=3 REGION_MIB=32
+SCENARIOS="S1 S2 S3 S4 S5 S6 S7" INTERFACES="Netlink Ioctl"
 TIMEOUT_S=5
 [ -f /etc/nbd-faults.conf ] && . /etc/nbd-faults.conf
 # not in the defaults line above: a copy of this script may set it on its first line (tests/Vm.Tests FaultRelayTests)
@@ -126,6 +127,18 @@ fault_S1() {
     round_done "$TAG" "$r" down_s=$down
 }
 
+# fault_S7 I ROUND: SIGTERM nbdkit (it answers what it reads until it exits with NBD_ESHUTDOWN), restart after 1 s
+fault_S7() {
+    local i=$1 r=$2 pid
+    pid=$(kit_pid $i)
+    T0=$(nbd-verify now)
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null
+    sleep 1
+    start_kit $i
+    T=$(nbd-verify waitport "$(kit_port $i)" 20) || T=$(nbd-verify now)
+    round_done "$TAG" "$r" down_s=1
+}
+
 # fault_S2 I ROUND: SIGSTOP for Timeout + 2 s, SIGCONT
 fault_S2() {
     local i=$1 r=$2 down=$((TIMEOUT_S + 2))
@@ -219,8 +232,9 @@ relay_figures() {
             if ($i == "after" && $(i + 1) + 0 > out) out = $(i + 1) + 0
             if ($(i + 1) == "requests" && $(i + 2) == "resent") resent += $i } }
         /relay ended \(GaveUp/ { gave++ }
-        END { printf "relay_lost=%d relay_reconnected=%d relay_resent=%d relay_max_outage_ms=%d relay_gave_up=%d\n",
-            lost, back, resent, out, gave }'
+        /relay lost the server connection \(the server is shutting down: NBD_ESHUTDOWN/ { esh++ }
+        END { printf "relay_lost=%d relay_reconnected=%d relay_resent=%d relay_max_outage_ms=%d relay_gave_up=%d relay_eshutdown=%d\n",
+            lost, back, resent, out, gave, esh }'
 }
 
 # restart_timeline MAPPING LINE0 T: ms from the daemon's start T (nbd-verify now) to its first log line, to MAPPING
