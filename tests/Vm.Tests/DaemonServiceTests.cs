@@ -136,6 +136,25 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "sizes", "0,0,0");
     }
 
+    /// <summary>
+    /// A valid Ioctl mapping naming the device `nbd-daemon connect` holds: every attempt is refused from sysfs before a
+    /// single ioctl, so the other client's device keeps its connection, size and data (before: SET_BLKSIZE/SIZE went
+    /// through, SET_SOCK failed, and the cleanup's NBD_CLEAR_SOCK ended that connection).
+    /// </summary>
+    [Fact]
+    public async Task Start_IoctlMappingOnDeviceAnotherClientHolds_RefusedAndThatDeviceUntouched()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        Expect.Equal(run, run.One("pre"), "connected", "yes");
+        var r = run.One("busydevice_valid");
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("refusals") >= 2, "the mapping did not report the device in use at two attempts");
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.Equal(run, r, "pre_pid_kept", "yes");
+        Expect.Equal(run, r, "pre_size", DaemonServiceScenario.ExportBytes);
+        Expect.Equal(run, r, "pre_read", "ok");
+    }
+
     [Theory]
     [InlineData("interface")]   // Interface=Bogus next to a valid mapping, on the command line
     [InlineData("duplicate")]   // the same Device twice, through environment variables

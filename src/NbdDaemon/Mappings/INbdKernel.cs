@@ -125,6 +125,12 @@ internal interface INbdNetlinkControl : IDisposable
     void Disconnect(int index);
 
     /// <summary>
+    /// The event subscription failed (every wait then fails at once): the control must be replaced by a new one, which
+    /// subscribes afresh.
+    /// </summary>
+    bool EventsLost { get; }
+
+    /// <summary>
     /// Completes when NBD_CMD_LINK_DEAD arrives for <paramref name="index"/>. An event that arrived before the wait
     /// counts (until CONNECT/RECONFIGURE); the wait that sees an event consumes it.
     /// </summary>

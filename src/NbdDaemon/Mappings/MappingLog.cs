@@ -39,6 +39,9 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 108, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: LINK_DEAD for an earlier connection ignored: every current socket is healthy")]
     public static partial void StaleLinkDeadIgnored(ILogger logger, string mapping, string device);
 
+    [LoggerMessage(EventId = 118, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the netlink event subscription failed; subscribed again and serving on (the connection's sockets are watched meanwhile)")]
+    public static partial void EventsResubscribed(ILogger logger, Exception? exception, string mapping, string device);
+
     [LoggerMessage(EventId = 109, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: watching the connection's sockets failed; relying on LINK_DEAD alone")]
     public static partial void SocketWatchFailed(ILogger logger, Exception? exception, string mapping, string device);
 }

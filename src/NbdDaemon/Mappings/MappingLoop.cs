@@ -64,6 +64,9 @@ internal sealed class MappingLoop
     private INbdNetlinkControl? _netlink;
     private int? _netlinkIndex;
     private bool _kernelHasSockets;
+
+    /// <summary>The ioctl device took one of our sockets once: from then on it is this mapping's (see RefuseDeviceInUse).</summary>
+    private bool _deviceClaimed;
     private ExportDescription? _established;
     private MappingState _state = MappingState.Idle;
     private DateTimeOffset _stateEnteredAt;
@@ -362,11 +365,15 @@ internal sealed class MappingLoop
         // After a reconnect the same /dev/nbdN comes back (the path chosen first), which is what mounts rely on.
         if (_device is null)
         {
+            if (!_deviceClaimed)
+            {
+                RefuseDeviceInUse();
+            }
+
             _device = _kernel.OpenDevice(Device);
             Volatile.Write(ref _devicePath, _device.Path);
         }
 
-        _kernelHasSockets = true;
         _device.SetBlockSize(blockSize);
         _device.SetSizeBytes(export.Size);
         _device.SetFlags(flags);
@@ -374,6 +381,10 @@ internal sealed class MappingLoop
         foreach (INbdSession session in _sessions)
         {
             _device.SetSocket(session.Socket);
+            // Only a device that took one of our sockets is ours to clear: NBD_CLEAR_SOCK on another client's device
+            // (a SET_SOCK refused with EBUSY) would end its connection.
+            _kernelHasSockets = true;
+            _deviceClaimed = true;
         }
 
         _serviceLoop = _device.StartServiceLoop(Name);
@@ -381,6 +392,13 @@ internal sealed class MappingLoop
 
     private async Task ConfigureNetlinkAsync(ExportDescription export, uint blockSize, ushort flags, CancellationToken stop)
     {
+        if (_netlink is { EventsLost: true } broken)
+        {
+            // Kept, its every wait for LINK_DEAD would fail at once: Serving would end as soon as it began, for good.
+            TryStep("close netlink (event subscription lost)", broken.Dispose);
+            _netlink = null;
+        }
+
         _netlink ??= _kernel.OpenNetlink();
         // SO_SNDTIMEO is how we learn which sockets the kernel took (it sets it to Timeout on each); the
         // handshake may have used it for its own deadline.
@@ -666,7 +684,19 @@ internal sealed class MappingLoop
                 continue;
             }
 
-            await linkDead; // the stop request, or a lost event subscription, ends serving here
+            if (linkDead.IsFaulted && _netlink is { EventsLost: true } broken && !stop.IsCancellationRequested)
+            {
+                // The subscription failed, not the connection (ENOBUFS: events dropped for want of room). Ending
+                // serving would tear down a healthy connection, and RECONFIGURE would find no dead slot for the new
+                // one. A new control subscribes afresh; a death in between still shows on the watched sockets.
+                INbdNetlinkControl fresh = _kernel.OpenNetlink();
+                MappingLog.EventsResubscribed(_logger, linkDead.Exception?.GetBaseException(), Name, DeviceText);
+                TryStep("close netlink (event subscription lost)", broken.Dispose);
+                _netlink = fresh;
+                continue;
+            }
+
+            await linkDead; // the stop request, or a lost event subscription that could not be renewed, ends serving here
             if (watch is null)
             {
                 return "LINK_DEAD"; // nothing to check it against
@@ -694,10 +724,14 @@ internal sealed class MappingLoop
     /// </summary>
     private void ReleaseConnection()
     {
-        if (_options.Interface == KernelInterface.Ioctl && _device is not null && _serviceLoop is null && _kernelHasSockets)
+        if (_options.Interface == KernelInterface.Ioctl && _device is not null && _serviceLoop is null)
         {
-            TryStep("NBD_CLEAR_QUE", _device.ClearQueue);
-            TryStep("NBD_CLEAR_SOCK", _device.ClearSocket);
+            if (_kernelHasSockets)
+            {
+                TryStep("NBD_CLEAR_QUE", _device.ClearQueue);
+                TryStep("NBD_CLEAR_SOCK", _device.ClearSocket);
+            }
+
             TryStep("close device", _device.Dispose);
             _device = null;
             _kernelHasSockets = false;
@@ -735,9 +769,14 @@ internal sealed class MappingLoop
                 _serviceLoop = null;
             }
 
-            TryStep("NBD_CLEAR_SOCK", device.ClearSocket);
+            if (_kernelHasSockets)
+            {
+                TryStep("NBD_CLEAR_SOCK", device.ClearSocket);
+            }
+
             TryStep("close device", device.Dispose);
             _device = null;
+            _kernelHasSockets = false;
         }
 
         if (_netlink is { } netlink)
@@ -793,6 +832,29 @@ internal sealed class MappingLoop
         foreach (INbdSession session in sessions)
         {
             session.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Before the first ioctl on a configured /dev/nbdN: a device that another client set up (NBD_DO_IT running, a
+    /// netlink connection, or a size set) is refused without a single ioctl. NBD_SET_BLKSIZE, SET_SIZE, SET_FLAGS and
+    /// SET_TIMEOUT have no owner check, so configuring it would resize a live device before SET_SOCK failed with EBUSY.
+    /// Once the device took our socket it is ours: a reconnect reopens it whatever sysfs says (a mounted device keeps
+    /// its size and configuration until its last opener closes it).
+    /// </summary>
+    private void RefuseDeviceInUse()
+    {
+        if (DeviceIndex(_options.Device) is not int index || _kernel.ReadDevice(index) is not { } info)
+        {
+            return; // no configured device (OpenUnused checks), or no such device (the open fails and says so)
+        }
+
+        if (info.Connected || info.SizeBytes != 0)
+        {
+            string who = info.Backend is { Length: > 0 } backend ? $"backend '{backend}'" : info.Connected ? "connected" : "size set";
+            throw new MappingException(string.Create(
+                CultureInfo.InvariantCulture,
+                $"{info.Path} is in use by another client ({who}, {info.SizeBytes} bytes): not touching it"));
         }
     }
 

@@ -174,6 +174,9 @@ internal sealed class FakeKernel : INbdKernel
     /// <summary>Extra /sys/block entries (devices not configured through <see cref="NetlinkDevices"/>).</summary>
     public ConcurrentDictionary<int, KernelDeviceInfo> SysfsOnly { get; } = new();
 
+    /// <summary>Thrown by every <see cref="FakeDevice.SetSocket"/> (e.g. the driver's EBUSY for another client's device).</summary>
+    public Exception? SetSocketFailure { get; set; }
+
     public Action<string>? OnOperation { get; set; }
 
     public IReadOnlyList<string> Operations => [.. _operations];
@@ -358,6 +361,12 @@ internal sealed class FakeDevice : IIoctlDevice
 
     public void SetSocket(Socket socket)
     {
+        if (_kernel.SetSocketFailure is { } failure)
+        {
+            _kernel.Record("set-sock refused");
+            throw failure;
+        }
+
         Sockets.Add(socket);
         _kernel.Record("set-sock");
     }
@@ -420,6 +429,18 @@ internal sealed class FakeNetlink : INbdNetlinkControl
     public NetlinkConnectParameters? LastConnect { get; private set; }
 
     public bool FailReconfigure { get; set; }
+
+    public bool EventsLost { get; private set; }
+
+    /// <summary>Like NetlinkControl's reader failing (ENOBUFS): every wait for LINK_DEAD fails, now and from now on.</summary>
+    public void LoseEvents()
+    {
+        lock (_lock)
+        {
+            EventsLost = true;
+            _linkDead.TrySetException(new MappingException("lost the netlink event subscription: ENOBUFS"));
+        }
+    }
 
     public int Connect(NetlinkConnectParameters parameters)
     {
@@ -496,6 +517,11 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         lock (_lock)
         {
             current = _pending ? CompletedSource() : _linkDead;
+            if (EventsLost && !current.Task.IsFaulted)
+            {
+                current = new TaskCompletionSource();
+                current.SetException(new MappingException("lost the netlink event subscription: ENOBUFS"));
+            }
         }
 
         await current.Task.WaitAsync(cancellationToken);

@@ -602,4 +602,29 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
         await running.StopAsync();
     }
+
+    [Fact]
+    public async Task RunAsync_EventSubscriptionLostWhileServing_SubscribesAgainAndServesOnThenSeesTheNextLinkDead()
+    {
+        // ENOBUFS on the event socket: the subscription failed, not the connection. Treated as a loss it would tear the
+        // healthy connection down, and RECONFIGURE would find no dead slot for the new socket.
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        FakeNetlink first = _kernel.Netlink!;
+
+        first.LoseEvents();
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Count(o => o == "netlink open") == 2);
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("netlink close"));
+
+        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.False(connector.Sessions.Single().ShutDown);
+        Assert.Equal(1, connector.Calls);
+        // The new subscription sees the next real LINK_DEAD.
+        _kernel.Netlink!.RaiseLinkDead();
+        await running.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal("nl-reconfigure 5 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await running.StopAsync();
+    }
 }

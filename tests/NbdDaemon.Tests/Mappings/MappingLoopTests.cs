@@ -456,4 +456,39 @@ public sealed class MappingLoopTests
         Assert.False(loop.IsStuck(_time.GetUtcNow()));
         await running.StopAsync();
     }
+
+    [Fact]
+    public async Task RunAsync_ConfiguredDeviceInUseByAnotherClient_RefusedWithoutASingleIoctl()
+    {
+        // Another client's device (here netlink-connected): SET_BLKSIZE/SIZE/FLAGS/TIMEOUT have no owner check and would
+        // resize it before SET_SOCK failed, and the NBD_CLEAR_SOCK of the cleanup would end its connection.
+        _kernel.SysfsOnly[3] = new KernelDeviceInfo(3, 1UL << 30, 512, "someone-else", Connected: true, ReadOnly: false);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal("/dev/nbd3 is in use by another client (backend 'someone-else', 1073741824 bytes): not touching it", loop.LastFailure);
+        Assert.Empty(_kernel.Operations);
+        Assert.All(connector.Sessions, s => Assert.True(s.Disposed));
+        await running.StopAsync();
+        Assert.Empty(_kernel.Operations);
+    }
+
+    [Fact]
+    public async Task RunAsync_SetSocketRefused_DeviceClosedWithoutClearSock()
+    {
+        // Claimed by another client between the sysfs check and SET_SOCK: its connection must survive our cleanup.
+        _kernel.SetSocketFailure = new Nbd.Kernel.NbdKernelException("/dev/nbd3", "NBD_SET_SOCK", 16);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(["open /dev/nbd3", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "set-sock refused", "close /dev/nbd3"], _kernel.Operations);
+        await running.StopAsync();
+        Assert.DoesNotContain("clear-sock", _kernel.Operations);
+    }
 }

@@ -270,5 +270,23 @@ badconfig duplicate Nbd:Mappings:1:Device env \
 badconfig busydevice Nbd:Mappings:1:Interface nbd-daemon \
     --Nbd:Mappings:0:Name=x --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_SRV/srv --Nbd:Mappings:0:Device=/dev/nbd5 \
     --Nbd:Mappings:1:Name=y --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Interface=Bogus
+# a valid Ioctl mapping naming that device: refused at every attempt without an ioctl (SET_BLKSIZE, SET_SIZE have no
+# owner check, and the cleanup's NBD_CLEAR_SOCK would end the other client's connection)
+busy_log=/tmp/busy.log
+echo "nbd-daemon (Ioctl mapping on /dev/nbd5, held by connect)" > $busy_log
+nbd-daemon --Nbd:Mappings:0:Name=busy --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd5 \
+    --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
+    --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>$busy_log 2>&1 &
+BUSY=$!
+busy_t0=$(now_ms)
+while [ "$(grep -c 'is in use by another client' $busy_log)" -lt 2 ] && [ $(( $(now_ms) - busy_t0 )) -lt 90000 ] \
+    && ! proc_gone $BUSY; do
+    sleep 0.2
+done
+busy_refusals=$(grep -c 'is in use by another client' $busy_log)
+daemon_kill $BUSY TERM
+result busydevice_valid refusals=$busy_refusals exit_rc=$EXIT_RC pre_pid_kept=$([ "$(nbd_pid nbd5)" = "$pre_pid" ] && echo yes || echo no) \
+    pre_size=$(nbd_bytes nbd5) pre_read=$(probe_read nbd5 && echo ok || echo fail)
+grep -m 3 'nbd5' $busy_log | sed 's/^/LOG busy: /'
 daemon_kill $PRE TERM
 result pre_stop exit_rc=$EXIT_RC freed=$(wait_free nbd5 5 >/dev/null; yesno $?)

@@ -83,6 +83,8 @@ internal sealed class NetlinkControl : INbdNetlinkControl
         _netlink.Disconnect(index);
     }
 
+    public bool EventsLost => _readerFailure is not null;
+
     /// <summary>Each event is seen by one wait: once observed it is consumed, so the next wait is for a new LINK_DEAD.</summary>
     public async Task WaitForLinkDeadAsync(int index, CancellationToken cancellationToken)
     {
@@ -132,10 +134,11 @@ internal sealed class NetlinkControl : INbdNetlinkControl
             {
                 return;
             }
-            catch (Exception e) when (e is NbdKernelException or IOException or InvalidOperationException)
+            catch (Exception e) when (e is NbdKernelException or IOException or InvalidOperationException or SocketException)
             {
-                // Without events a dead link would go unnoticed: fail every waiter, so each mapping treats its
-                // connection as lost and reconnects (the new control it opens subscribes afresh).
+                // Without events a dead link would go unnoticed (ENOBUFS: the kernel dropped events for want of room):
+                // fail every waiter, so each mapping treats its connection as lost and reconnects with a new control,
+                // which subscribes afresh (EventsLost).
                 _readerFailure = new MappingException("lost the netlink event subscription: " + e.Message, FailureKind.Transient, e);
                 foreach (var waiter in _linkDead.Values)
                 {
