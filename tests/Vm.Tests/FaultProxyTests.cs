@@ -114,6 +114,21 @@ public sealed class FaultProxyTests : IAsyncLifetime
 
     private Task CommandAsync(string line) => File.AppendAllTextAsync(Fifo, line + "\n");
 
+    /// <summary>Reads the proxy's event lines until one ends with <paramref name="what"/>: the command took effect.</summary>
+    private async Task ProxyEventAsync(string what)
+    {
+        using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        while (await _proxy!.StandardOutput.ReadLineAsync(deadline.Token) is string line)
+        {
+            if (line.EndsWith(" " + what, StringComparison.Ordinal))
+            {
+                return;
+            }
+        }
+
+        Assert.Fail($"fault-proxy ended before '{what}'");
+    }
+
     [Fact]
     public async Task Cut_OpenConnection_ClientSeesEndOfStreamAndNewConnectionsPass()
     {
@@ -148,7 +163,7 @@ public sealed class FaultProxyTests : IAsyncLifetime
         using (c)
         {
             await CommandAsync("stall 30");
-            await Task.Delay(200);
+            await ProxyEventAsync("stall s=30.000");
             Assert.Null(await EchoAsync(s, "abc", TimeSpan.FromMilliseconds(700)));
             await CommandAsync("resume");
             var buf = new byte[3];

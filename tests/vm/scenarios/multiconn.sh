@@ -62,7 +62,7 @@ DAEMON=$!
 kio_count() { dmesg | grep -c 'I/O error'; }
 knbd_count() { dmesg | grep -c 'nbd0'; }
 # the driver's messages when it marks one socket (slot) dead, each followed by one LINK_DEAD
-SLOT_DEATH='Receive control failed\|Send control failed\|Request send failed\|Send data failed'
+SLOT_DEATH='Receive control failed\|Receive data failed\|Send control failed\|Request send failed\|Send data failed'
 established() { netstat -tn 2>/dev/null | grep -c "127\.0\.0\.1:$PORT[[:space:]]*ESTABLISHED"; }
 # slice FROM_LINE: the daemon log after line FROM_LINE (1-based count of lines already seen)
 slice() { tail -n +$(( $1 + 1 )) $DLOG; }
