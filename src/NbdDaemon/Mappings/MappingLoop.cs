@@ -365,7 +365,12 @@ internal sealed class MappingLoop
         // After a reconnect the same /dev/nbdN comes back (the path chosen first), which is what mounts rely on.
         if (_device is null)
         {
-            if (!_deviceClaimed)
+            if (!_deviceClaimed && _options.Device is null)
+            {
+                // An unused device picked by an attempt that never got a socket into it is not ours: pick afresh.
+                Volatile.Write(ref _devicePath, null);
+            }
+            else if (!_deviceClaimed)
             {
                 RefuseDeviceInUse();
             }

@@ -491,4 +491,24 @@ public sealed class MappingLoopTests
         await running.StopAsync();
         Assert.DoesNotContain("clear-sock", _kernel.Operations);
     }
+
+    [Fact]
+    public async Task RunAsync_UnusedDeviceTakenByAnotherClientBeforeSetSock_NextAttemptPicksAFreeOneAgain()
+    {
+        // The device the first attempt picked was claimed by another client first (SET_SOCK EBUSY): never ours, so the
+        // next attempt looks for a free device again instead of configuring that one once more.
+        _kernel.SetSocketFailure = new Nbd.Kernel.NbdKernelException("/dev/nbd7", "NBD_SET_SOCK", 16);
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+        _kernel.SetSocketFailure = null;
+
+        _time.Advance(loop.LastDelay!.Value);
+        await running.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(2, _kernel.Operations.Count(o => o == "open unused"));
+        Assert.DoesNotContain("open /dev/nbd7", _kernel.Operations);
+        await running.StopAsync();
+    }
 }
