@@ -10,7 +10,77 @@ internal static class Program
         // No ProcessTerminationTimeout: SIGTERM/SIGINT belong to the host's lifetime, which stops the mappings
         // in order; System.CommandLine's own handler would cancel and then force-exit mid-teardown.
         var invocation = new InvocationConfiguration { ProcessTerminationTimeout = null };
-        return CreateRootCommand(DaemonHost.RunAsync).Parse(args).InvokeAsync(invocation);
+        return InvokeAsync(CreateRootCommand(DaemonHost.RunAsync), args, invocation);
+    }
+
+    /// <summary>
+    /// Parses and runs. A command line the parser refuses (a verb's missing argument, a bad option value, an unknown
+    /// option, which the parser lets through since the root takes unknown tokens for the host) exits <see cref="Cli.CliExit.Usage"/> (2) as the README says, not System.CommandLine's 1, which for
+    /// <c>check</c> means "not connected".
+    /// </summary>
+    internal static Task<int> InvokeAsync(RootCommand root, string[] args, InvocationConfiguration invocation)
+    {
+        ParseResult parsed = root.Parse(args);
+        // The daemon's own tokens are host settings (checked by its action); a verb has none it does not know.
+        bool daemon = parsed.CommandResult.Command == root || parsed.CommandResult.Command.Name == "run";
+        if (parsed.Errors.Count == 0 && (daemon || parsed.UnmatchedTokens.Count == 0))
+        {
+            return parsed.InvokeAsync(invocation);
+        }
+
+        foreach (var error in parsed.Errors)
+        {
+            invocation.Error.WriteLine($"nbd-daemon: {error.Message}");
+        }
+
+        if (!daemon)
+        {
+            foreach (string token in parsed.UnmatchedTokens)
+            {
+                invocation.Error.WriteLine($"nbd-daemon: unknown option or argument '{token}' for {parsed.CommandResult.Command.Name}");
+            }
+        }
+
+        invocation.Error.WriteLine("nbd-daemon: see nbd-daemon --help");
+        return Task.FromResult(Cli.CliExit.Usage);
+    }
+
+    /// <summary>
+    /// The first token of the daemon's command line that is neither a setting (<c>--Key=Value</c>, <c>--Key Value</c>,
+    /// <c>/Key=Value</c>, <c>Key=Value</c>) nor its value: a mistyped verb (<c>nbd-daemon disconect /dev/nbd0</c>) would
+    /// otherwise start the whole daemon with every configured mapping.
+    /// </summary>
+    internal static string? StrayToken(IReadOnlyList<string> tokens)
+    {
+        for (int i = 0; i < tokens.Count; i++)
+        {
+            string token = tokens[i];
+            if (token.StartsWith("--", StringComparison.Ordinal) || token.StartsWith('/'))
+            {
+                if (!token.Contains('=', StringComparison.Ordinal))
+                {
+                    i++; // "--Key Value": the next token is its value
+                }
+
+                continue;
+            }
+
+            if (!token.Contains('=', StringComparison.Ordinal))
+            {
+                return token;
+            }
+        }
+
+        return null;
+    }
+
+    private static Task<int> RunDaemonChecked(ParseResult parseResult, Func<string[], TextWriter, Task<int>> runDaemon)
+    {
+        string[] tokens = [.. parseResult.UnmatchedTokens];
+        TextWriter stderr = parseResult.InvocationConfiguration.Error;
+        return StrayToken(tokens) is string stray
+            ? Task.FromResult(Cli.CliExit.UsageError(stderr, $"unknown command or argument '{stray}': the verbs are run, list, connect, disconnect and check; daemon settings are --Key=Value (see nbd-daemon --help)"))
+            : runDaemon(tokens, stderr);
     }
 
     /// <summary>
@@ -24,13 +94,13 @@ internal static class Program
         {
             TreatUnmatchedTokensAsErrors = false,
         };
-        root.SetAction(parseResult => runDaemon([.. parseResult.UnmatchedTokens], parseResult.InvocationConfiguration.Error));
+        root.SetAction(parseResult => RunDaemonChecked(parseResult, runDaemon));
 
         var run = new Command("run", "Run the daemon (the default when no verb is given). Host settings: --Nbd:Mappings:0:Uri=…")
         {
             TreatUnmatchedTokensAsErrors = false,
         };
-        run.SetAction(parseResult => runDaemon([.. parseResult.UnmatchedTokens], parseResult.InvocationConfiguration.Error));
+        run.SetAction(parseResult => RunDaemonChecked(parseResult, runDaemon));
         root.Subcommands.Add(run);
 
         // The one-shot verbs for humans; each is a static factory in Cli/.

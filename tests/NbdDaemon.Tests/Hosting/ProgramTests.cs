@@ -4,7 +4,9 @@ namespace NbdDaemon.Tests.Hosting;
 
 public sealed class ProgramTests
 {
-    private static async Task<(int Exit, string[]? HostArgs)> InvokeAsync(params string[] args)
+    private string Output { get; set; } = "";
+
+    private async Task<(int Exit, string[]? HostArgs)> InvokeAsync(params string[] args)
     {
         string[]? seen = null;
         RootCommand root = Program.CreateRootCommand((hostArgs, _) =>
@@ -13,7 +15,8 @@ public sealed class ProgramTests
             return Task.FromResult(42);
         });
         var output = new StringWriter();
-        int exit = await root.Parse(args).InvokeAsync(new InvocationConfiguration { Output = output, Error = output, ProcessTerminationTimeout = null });
+        int exit = await Program.InvokeAsync(root, args, new InvocationConfiguration { Output = output, Error = output, ProcessTerminationTimeout = null });
+        Output = output.ToString();
         return (exit, seen);
     }
 
@@ -47,5 +50,38 @@ public sealed class ProgramTests
         (int exit, string[]? hostArgs) = await InvokeAsync("--help");
         Assert.Equal(0, exit);
         Assert.Null(hostArgs);
+    }
+
+    [Theory]
+    [InlineData("disconect /dev/nbd0", "disconect")]
+    [InlineData("stop", "stop")]
+    [InlineData("run status", "status")]
+    [InlineData("--Nbd:Mappings:0:Name=data oops", "oops")]
+    public async Task Invoke_UnknownVerb_Exit2WithoutRunningTheDaemon(string commandLine, string stray)
+    {
+        (int exit, string[]? hostArgs) = await InvokeAsync(commandLine.Split(' '));
+        Assert.Equal(2, exit);
+        Assert.Null(hostArgs);
+        Assert.Contains($"unknown command or argument '{stray}'", Output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Invoke_SettingWithItsValueAsTheNextToken_RunsDaemon()
+    {
+        (int exit, string[]? hostArgs) = await InvokeAsync("--Nbd:Mappings:0:Uri", "nbd://127.0.0.1/data", "Serilog:MinimumLevel:Default=Debug");
+        Assert.Equal(42, exit);
+        Assert.Equal(3, Assert.IsType<string[]>(hostArgs).Length);
+    }
+
+    [Theory]
+    [InlineData("check")]                                   // the device argument missing
+    [InlineData("connect", "nbd://h/x", "--interface", "nl")] // a value the option does not take
+    [InlineData("list", "nbd://h/x", "--bogus")]           // an unknown option of a verb
+    public async Task Invoke_VerbCommandLineRefused_Exit2(params string[] args)
+    {
+        (int exit, string[]? hostArgs) = await InvokeAsync(args);
+        Assert.Equal(2, exit);
+        Assert.Null(hostArgs);
+        Assert.Contains("see nbd-daemon --help", Output, StringComparison.Ordinal);
     }
 }
