@@ -32,9 +32,15 @@ modprobe_dir="$root/etc/modprobe.d"
 config_dir="$root/etc/nbd-daemon"
 
 install -d -m 0755 "$lib_dir" "$unit_dir" "$modules_dir" "$modprobe_dir" "$config_dir"
-# Copy the whole publish output (single file plus appsettings.json defaults and README).
-cp -a "$publish_dir/." "$lib_dir/"
-chmod 0755 "$lib_dir/nbd-daemon"
+# The whole publish output (single file plus appsettings.json defaults and README), copied beside the installed files
+# and then renamed over them: a running nbd-daemon keeps its old inode until it restarts, where copying onto it fails
+# with "Text file busy" half-way through an upgrade.
+stage=$(mktemp -d "$lib_dir/.install.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+cp -a "$publish_dir/." "$stage/"
+chmod 0755 "$stage/nbd-daemon"
+(cd "$stage" && find . -mindepth 1 -type d -print0) | while IFS= read -r -d '' d; do install -d -m 0755 "$lib_dir/$d"; done
+(cd "$stage" && find . -mindepth 1 ! -type d -print0) | while IFS= read -r -d '' f; do mv -f "$stage/$f" "$lib_dir/$f"; done
 install -m 0644 "$repo_root/systemd/nbd-daemon.service" "$unit_dir/nbd-daemon.service"
 install -m 0644 "$repo_root/systemd/modules-load.d/nbd.conf" "$modules_dir/nbd.conf"
 if [ ! -e "$modprobe_dir/nbd.conf" ]; then

@@ -75,6 +75,39 @@ public sealed class InstallScriptTests
     }
 
     [Fact]
+    public async Task Install_OverADaemonThatIsRunning_ReplacesItWithoutTextFileBusy()
+    {
+        // The upgrade path: install.sh while the service runs (then `systemctl restart`). Copying onto a running
+        // executable fails with ETXTBSY; the running process must keep its own copy.
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        string root = Path.Combine(dir.Path, "root");
+        string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
+        (int exit, string output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        string binary = Path.Combine(root, "usr/local/lib/nbd-daemon/nbd-daemon");
+        File.Copy("/bin/sleep", binary, overwrite: true);
+        using Process running = Process.Start(binary, "60");
+        try
+        {
+            File.WriteAllText(Path.Combine(publish, "nbd-daemon"), "#!/bin/sh\necho new\n");
+
+            (exit, output) = await RunAsync(script, publish, "--root", root);
+
+            Assert.True(exit == 0, output);
+            Assert.Equal("#!/bin/sh\necho new\n", File.ReadAllText(binary));
+            Assert.True(File.GetUnixFileMode(binary).HasFlag(UnixFileMode.UserExecute));
+            Assert.False(running.HasExited);
+            Assert.Empty(Directory.GetDirectories(Path.Combine(root, "usr/local/lib/nbd-daemon"), ".install.*"));
+        }
+        finally
+        {
+            running.Kill();
+            await running.WaitForExitAsync();
+        }
+    }
+
+    [Fact]
     public async Task Install_MissingPublishDir_FailsWithHint()
     {
         using var dir = new TempDirectory();
