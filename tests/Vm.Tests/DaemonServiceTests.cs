@@ -155,6 +155,26 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "pre_read", "ok");
     }
 
+    /// <summary>
+    /// `nbd-daemon connect URI /dev/nbd5 --block-size 512 --read-only` on the device another `connect` holds: exit 1
+    /// saying it is in use, and nbd5 keeps its thread, size, block size, writability and data (SET_BLKSIZE, SET_SIZE and
+    /// SET_FLAGS have no owner check: before, they went through and only SET_SOCK failed).
+    /// </summary>
+    [Fact]
+    public async Task Connect_DeviceAnotherClientHolds_Exit1AndThatDeviceUntouched()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("busydevice_connect");
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "exit_rc", 1);
+        Expect.Equal(run, r, "said_in_use", "yes");
+        Expect.Equal(run, r, "pre_pid_kept", "yes");
+        Expect.Equal(run, r, "pre_size", DaemonServiceScenario.ExportBytes);
+        Expect.Equal(run, r, "pre_ro", 0);
+        Expect.Equal(run, r, "lbs_kept", "yes");
+        Expect.Equal(run, r, "pre_read", "ok");
+    }
+
     [Theory]
     [InlineData("interface")]   // Interface=Bogus next to a valid mapping, on the command line
     [InlineData("duplicate")]   // the same Device twice, through environment variables

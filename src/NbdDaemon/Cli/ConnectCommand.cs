@@ -147,9 +147,31 @@ internal static class ConnectCommand
         return error is null;
     }
 
+    /// <summary>
+    /// A named device another client holds is refused before any ioctl: NBD_SET_BLKSIZE, SET_SIZE, SET_FLAGS and
+    /// SET_TIMEOUT have no owner check, so they would resize (or make read-only) a live device before SET_SOCK failed
+    /// with EBUSY.
+    /// </summary>
+    private static void RefuseInUse(NbdDevice device)
+    {
+        NbdDeviceStatus status = NbdSysfs.Read(device.Index);
+        if (status.IsConnected || status.SizeBytes != 0)
+        {
+            string who = status.Backend is { Length: > 0 } backend ? $"backend '{backend}'" : status.Pid is int pid ? $"NBD_DO_IT in thread {pid}" : "a size set";
+            throw new NbdKernelException(device.Path, "open", EbusyErrno, $"in use by another client ({who}, {status.SizeBytes} bytes); not touching it");
+        }
+    }
+
+    private const int EbusyErrno = 16;
+
     private static async Task<int> ServeIoctlAsync(Socket socket, KernelMapping mapping, string? devicePath, NbdUri uri, TextWriter stdout, CancellationToken ct)
     {
         using var device = devicePath is null ? NbdDevice.OpenUnused() : NbdDevice.Open(devicePath);
+        if (devicePath is not null)
+        {
+            RefuseInUse(device);
+        }
+
         device.SetBlockSize(mapping.BlockSize);
         device.SetSizeBytes(mapping.Size);
         if (mapping.Timeout is { } timeout)

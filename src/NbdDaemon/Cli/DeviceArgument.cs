@@ -10,7 +10,8 @@ internal static class DeviceArgument
     {
         var name = text.StartsWith("/dev/", StringComparison.Ordinal) ? text["/dev/".Length..] : text;
         var digits = name.StartsWith("nbd", StringComparison.Ordinal) ? name[3..] : "";
-        var canonical = digits.Length > 0 && (digits.Length == 1 || digits[0] != '0');
+        // Up to six digits, as Nbd.Kernel's device names (the driver's nbds_max is far below that).
+        var canonical = digits.Length is > 0 and <= 6 && (digits.Length == 1 || digits[0] != '0');
         if (!canonical || !int.TryParse(digits, NumberStyles.None, CultureInfo.InvariantCulture, out index))
         {
             path = text;

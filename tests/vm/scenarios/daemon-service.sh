@@ -288,5 +288,14 @@ daemon_kill $BUSY TERM
 result busydevice_valid refusals=$busy_refusals exit_rc=$EXIT_RC pre_pid_kept=$([ "$(nbd_pid nbd5)" = "$pre_pid" ] && echo yes || echo no) \
     pre_size=$(nbd_bytes nbd5) pre_read=$(probe_read nbd5 && echo ok || echo fail)
 grep -m 3 'nbd5' $busy_log | sed 's/^/LOG busy: /'
+# the same through `connect` with a block size and read-only: refused before any ioctl, exit 1, nbd5 as it was
+lbs_before=$(cat /sys/block/nbd5/queue/logical_block_size)
+timeout 60 nbd-daemon connect nbd://127.0.0.1:$PORT_KIT/kit /dev/nbd5 --interface ioctl --block-size 512 --read-only \
+    >/tmp/busy-connect.out 2>/tmp/busy-connect.err; busy_rc=$?
+result busydevice_connect exit_rc=$busy_rc said_in_use=$(grep -q 'in use by another client' /tmp/busy-connect.err && echo yes || echo no) \
+    pre_pid_kept=$([ "$(nbd_pid nbd5)" = "$pre_pid" ] && echo yes || echo no) pre_size=$(nbd_bytes nbd5) \
+    lbs_before=$lbs_before lbs_kept=$([ "$(cat /sys/block/nbd5/queue/logical_block_size)" = "$lbs_before" ] && echo yes || echo no) \
+    pre_ro=$(cat /sys/block/nbd5/ro) pre_read=$(probe_read nbd5 && echo ok || echo fail)
+sed 's/^/LOG busy-connect: /' /tmp/busy-connect.err | head -n 3
 daemon_kill $PRE TERM
 result pre_stop exit_rc=$EXIT_RC freed=$(wait_free nbd5 5 >/dev/null; yesno $?)
