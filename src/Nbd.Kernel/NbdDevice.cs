@@ -282,8 +282,7 @@ public sealed partial class NbdDevice : IDisposable
     {
         try
         {
-            var status = NbdSysfs.Read(index, sysBlock);
-            return !status.IsConnected && status.SizeBytes == 0;
+            return !NbdSysfs.Read(index, sysBlock).IsInUse;
         }
         catch (NbdKernelException)
         {

@@ -11,6 +11,12 @@ public sealed record NbdDeviceStatus(int Index, ulong SizeBytes, int? Pid, strin
 {
     public bool IsConnected => Pid is not null;
 
+    /// <summary>
+    /// Set up by some client: connected, or at least given a size. Such a device is not free to configure, since
+    /// NBD_SET_BLKSIZE, SET_SIZE and SET_FLAGS have no owner check (only NBD_SET_SOCK answers EBUSY).
+    /// </summary>
+    public bool IsInUse => IsConnected || SizeBytes != 0;
+
     /// <summary>The block layer's <c>ro</c> attribute (the driver sets it from NBD_FLAG_READ_ONLY).</summary>
     public bool ReadOnly { get; init; }
 }

@@ -208,7 +208,6 @@ public static class NbdClient
     internal static Socket ConnectFirst(IReadOnlyList<IPEndPoint> endPoints, TimeSpan budget, TimeProvider time, CancellationToken ct)
     {
         long started = time.GetTimestamp();
-        Exception? last = null;
         for (int i = 0; i < endPoints.Count; i++)
         {
             TimeSpan left = budget - time.GetElapsedTime(started);
@@ -222,8 +221,7 @@ public static class NbdClient
             }
             catch (Exception ex) when (ex is SocketException or TimeoutException && !ct.IsCancellationRequested && i < endPoints.Count - 1)
             {
-                socket.Dispose();
-                last = ex;
+                socket.Dispose(); // the next address; the last one's failure is what the caller gets
             }
             catch
             {
@@ -232,7 +230,7 @@ public static class NbdClient
             }
         }
 
-        throw last ?? new SocketException((int)SocketError.HostNotFound);
+        throw new SocketException((int)SocketError.HostNotFound); // no address at all
     }
 
     /// <summary>

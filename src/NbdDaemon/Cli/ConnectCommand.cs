@@ -148,14 +148,13 @@ internal static class ConnectCommand
     }
 
     /// <summary>
-    /// A named device another client holds is refused before any ioctl: NBD_SET_BLKSIZE, SET_SIZE, SET_FLAGS and
-    /// SET_TIMEOUT have no owner check, so they would resize (or make read-only) a live device before SET_SOCK failed
-    /// with EBUSY.
+    /// A named device another client holds (<see cref="NbdDeviceStatus.IsInUse"/>) is refused before any ioctl: the
+    /// setup ioctls would resize (or make read-only) a live device before SET_SOCK failed with EBUSY.
     /// </summary>
     private static void RefuseInUse(NbdDevice device)
     {
         NbdDeviceStatus status = NbdSysfs.Read(device.Index);
-        if (status.IsConnected || status.SizeBytes != 0)
+        if (status.IsInUse)
         {
             string who = status.Backend is { Length: > 0 } backend ? $"backend '{backend}'" : status.Pid is int pid ? $"NBD_DO_IT in thread {pid}" : "a size set";
             throw new NbdKernelException(device.Path, "open", EbusyErrno, $"in use by another client ({who}, {status.SizeBytes} bytes); not touching it");

@@ -54,6 +54,9 @@ internal interface ISocketWatch : IDisposable
 internal sealed record KernelDeviceInfo(int Index, ulong SizeBytes, uint LogicalBlockSize, string? Backend, bool Connected, bool ReadOnly)
 {
     public string Path => "/dev/nbd" + Index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+
+    /// <summary><c>Nbd.Kernel.NbdDeviceStatus.IsInUse</c> over these fields: set up by some client.</summary>
+    public bool InUse => Connected || SizeBytes != 0;
 }
 
 /// <summary>One /dev/nbdN driven by ioctls; same names as <c>Nbd.Kernel.NbdDevice</c>.</summary>

@@ -397,13 +397,7 @@ internal sealed class MappingLoop
 
     private async Task ConfigureNetlinkAsync(ExportDescription export, uint blockSize, ushort flags, CancellationToken stop)
     {
-        if (_netlink is { EventsLost: true } broken)
-        {
-            // Kept, its every wait for LINK_DEAD would fail at once: Serving would end as soon as it began, for good.
-            TryStep("close netlink (event subscription lost)", broken.Dispose);
-            _netlink = null;
-        }
-
+        RenewBrokenNetlink();
         _netlink ??= _kernel.OpenNetlink();
         // SO_SNDTIMEO is how we learn which sockets the kernel took (it sets it to Timeout on each); the
         // handshake may have used it for its own deadline.
@@ -689,15 +683,12 @@ internal sealed class MappingLoop
                 continue;
             }
 
-            if (linkDead.IsFaulted && _netlink is { EventsLost: true } broken && !stop.IsCancellationRequested)
+            if (linkDead.IsFaulted && !stop.IsCancellationRequested && RenewBrokenNetlink())
             {
                 // The subscription failed, not the connection (ENOBUFS: events dropped for want of room). Ending
                 // serving would tear down a healthy connection, and RECONFIGURE would find no dead slot for the new
-                // one. A new control subscribes afresh; a death in between still shows on the watched sockets.
-                INbdNetlinkControl fresh = _kernel.OpenNetlink();
+                // one. A death while there was no subscription still shows on the watched sockets.
                 MappingLog.EventsResubscribed(_logger, linkDead.Exception?.GetBaseException(), Name, DeviceText);
-                TryStep("close netlink (event subscription lost)", broken.Dispose);
-                _netlink = fresh;
                 continue;
             }
 
@@ -841,9 +832,26 @@ internal sealed class MappingLoop
     }
 
     /// <summary>
+    /// A control whose event subscription failed fails every wait for LINK_DEAD at once, so Serving would end as soon as
+    /// it began, for good: it is replaced by a new one, which subscribes afresh. False when there was none to replace.
+    /// If the new one cannot be opened, that fails the attempt and the broken one is kept for the next to replace.
+    /// </summary>
+    private bool RenewBrokenNetlink()
+    {
+        if (_netlink is not { EventsLost: true } broken)
+        {
+            return false;
+        }
+
+        _netlink = _kernel.OpenNetlink();
+        TryStep("close netlink (event subscription lost)", broken.Dispose);
+        return true;
+    }
+
+    /// <summary>
     /// Before the first ioctl on a configured /dev/nbdN: a device that another client set up (NBD_DO_IT running, a
-    /// netlink connection, or a size set) is refused without a single ioctl. NBD_SET_BLKSIZE, SET_SIZE, SET_FLAGS and
-    /// SET_TIMEOUT have no owner check, so configuring it would resize a live device before SET_SOCK failed with EBUSY.
+    /// netlink connection, or a size set: <see cref="KernelDeviceInfo.InUse"/>) is refused without a single ioctl,
+    /// since configuring it would resize a live device before SET_SOCK failed with EBUSY.
     /// Once the device took our socket it is ours: a reconnect reopens it whatever sysfs says (a mounted device keeps
     /// its size and configuration until its last opener closes it).
     /// </summary>
@@ -854,7 +862,7 @@ internal sealed class MappingLoop
             return; // no configured device (OpenUnused checks), or no such device (the open fails and says so)
         }
 
-        if (info.Connected || info.SizeBytes != 0)
+        if (info.InUse)
         {
             string who = info.Backend is { Length: > 0 } backend ? $"backend '{backend}'" : info.Connected ? "connected" : "size set";
             throw new MappingException(string.Create(
