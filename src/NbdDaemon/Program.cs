@@ -46,20 +46,30 @@ internal static class Program
     }
 
     /// <summary>
-    /// The first token of the daemon's command line that is neither a setting (<c>--Key=Value</c>, <c>--Key Value</c>,
-    /// <c>/Key=Value</c>, <c>Key=Value</c>) nor its value: a mistyped verb (<c>nbd-daemon disconect /dev/nbd0</c>) would
-    /// otherwise start the whole daemon with every configured mapping.
+    /// What is wrong with the daemon's command line, or null: a token that is neither a setting (<c>--Key=Value</c>,
+    /// <c>--Key Value</c>, <c>/Key=Value</c>, <c>Key=Value</c>) nor its value, such as a mistyped verb
+    /// (<c>nbd-daemon disconect /dev/nbd0</c>) or a forgotten one (<c>nbd-daemon /dev/nbd0</c>: no setting's name has a
+    /// '/'), would otherwise start the whole daemon with every configured mapping; a last <c>--Key</c> with no value
+    /// would be dropped by the host's command-line provider without a word.
     /// </summary>
-    internal static string? StrayToken(IReadOnlyList<string> tokens)
+    internal static string? CommandLineError(IReadOnlyList<string> tokens)
     {
         for (int i = 0; i < tokens.Count; i++)
         {
             string token = tokens[i];
-            if (token.StartsWith("--", StringComparison.Ordinal) || token.StartsWith('/'))
+            bool dashes = token.StartsWith("--", StringComparison.Ordinal);
+            if (dashes || token.StartsWith('/'))
             {
-                if (!token.Contains('=', StringComparison.Ordinal))
+                int equals = token.IndexOf('=', StringComparison.Ordinal);
+                string key = token[(dashes ? 2 : 1)..(equals < 0 ? token.Length : equals)];
+                if (key.Length == 0 || key.Contains('/', StringComparison.Ordinal))
                 {
-                    i++; // "--Key Value": the next token is its value
+                    return $"unknown command or argument '{token}'";
+                }
+
+                if (equals < 0 && ++i == tokens.Count) // "--Key Value": the next token is its value
+                {
+                    return $"setting '{token}' has no value (--Key=Value or --Key Value)";
                 }
 
                 continue;
@@ -67,7 +77,7 @@ internal static class Program
 
             if (!token.Contains('=', StringComparison.Ordinal))
             {
-                return token;
+                return $"unknown command or argument '{token}'";
             }
         }
 
@@ -78,8 +88,8 @@ internal static class Program
     {
         string[] tokens = [.. parseResult.UnmatchedTokens];
         TextWriter stderr = parseResult.InvocationConfiguration.Error;
-        return StrayToken(tokens) is string stray
-            ? Task.FromResult(Cli.CliExit.UsageError(stderr, $"unknown command or argument '{stray}': the verbs are run, list, connect, disconnect and check; daemon settings are --Key=Value (see nbd-daemon --help)"))
+        return CommandLineError(tokens) is string error
+            ? Task.FromResult(Cli.CliExit.UsageError(stderr, $"{error}: the verbs are run, list, connect, disconnect and check; daemon settings are --Key=Value (see nbd-daemon --help)"))
             : runDaemon(tokens, stderr);
     }
 

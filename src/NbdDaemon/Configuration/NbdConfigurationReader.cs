@@ -36,6 +36,15 @@ internal sealed partial class NbdConfigurationReader
     {
         var errors = new List<ConfigurationError>();
         var mappings = new List<MappingOptions>();
+        foreach (IConfigurationSection child in configuration.GetSection(SectionName).GetChildren())
+        {
+            if (!string.Equals(child.Key, "Mappings", StringComparison.OrdinalIgnoreCase))
+            {
+                // "Nbd:Mapping" (a typo) would otherwise leave the daemon running with no mappings at all.
+                errors.Add(new ConfigurationError(child.Path, "unknown key (the section has only Mappings)"));
+            }
+        }
+
         IConfigurationSection list = configuration.GetSection(SectionName + ":Mappings");
         if (list.Value is { Length: > 0 })
         {
@@ -200,6 +209,12 @@ internal sealed partial class NbdConfigurationReader
         bool relay = ReadBool(entry, "Relay", false, errors);
 
         IConfigurationSection reconnectSection = entry.GetSection("Reconnect");
+        if (reconnectSection.Value is { Length: > 0 } reconnectText)
+        {
+            // "Reconnect": false has no children: the defaults (retry forever) would apply without a word.
+            errors.Add(new ConfigurationError(reconnectSection.Path, $"'{reconnectText}' must be a section (Enabled, InitialDelay, MaxDelay, MaxAttempts), e.g. Reconnect:Enabled=false"));
+        }
+
         foreach (IConfigurationSection child in reconnectSection.GetChildren())
         {
             if (!s_reconnectKeys.Contains(child.Key))
@@ -250,14 +265,15 @@ internal sealed partial class NbdConfigurationReader
         var devices = new Dictionary<string, string>(StringComparer.Ordinal);
         foreach (IConfigurationSection entry in list.GetChildren())
         {
-            string? name = entry["Name"];
-            if (!string.IsNullOrWhiteSpace(name) && !names.TryAdd(name, entry.Path))
+            // The values as they are used: trimmed, like every value read.
+            string? name = Optional(entry, "Name");
+            if (name is not null && !names.TryAdd(name, entry.Path))
             {
                 errors.Add(new ConfigurationError(Key(entry, "Name"), $"duplicate mapping name '{name}' (also {names[name]}:Name)"));
             }
 
-            string? device = entry["Device"];
-            if (!string.IsNullOrWhiteSpace(device) && !devices.TryAdd(device, entry.Path))
+            string? device = Optional(entry, "Device");
+            if (device is not null && !devices.TryAdd(device, entry.Path))
             {
                 errors.Add(new ConfigurationError(Key(entry, "Device"), $"device {device} is already used by {devices[device]}"));
             }
@@ -318,7 +334,9 @@ internal sealed partial class NbdConfigurationReader
             return fallback;
         }
 
-        if (!TimeSpan.TryParse(text, CultureInfo.InvariantCulture, out TimeSpan value) || value <= TimeSpan.Zero
+        // A bare number would parse as days ("1" is a day): the format needs its colons.
+        if (!text.Contains(':', StringComparison.Ordinal)
+            || !TimeSpan.TryParse(text, CultureInfo.InvariantCulture, out TimeSpan value) || value <= TimeSpan.Zero
             || value > TimeSpan.FromDays(1))
         {
             errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be a positive TimeSpan up to one day, e.g. 00:00:30"));
@@ -372,6 +390,7 @@ internal sealed partial class NbdConfigurationReader
     [GeneratedRegex("^[A-Za-z0-9._-]{1,64}$")]
     private static partial Regex NamePattern();
 
-    [GeneratedRegex("^/dev/nbd[0-9]{1,4}$")]
+    // One spelling per device (no leading zero): /dev/nbd01 is no device node, and would escape the duplicate check.
+    [GeneratedRegex("^/dev/nbd(0|[1-9][0-9]{0,3})$")]
     private static partial Regex DevicePattern();
 }

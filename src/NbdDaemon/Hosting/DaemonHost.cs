@@ -20,14 +20,17 @@ internal static class DaemonHost
     /// <summary>Kept below the unit's TimeoutStopSec=30 so we finish (or give up) before systemd sends SIGKILL.</summary>
     public static readonly TimeSpan ShutdownTimeout = TimeSpan.FromSeconds(20);
 
-    public static async Task<int> RunAsync(string[] hostArgs, TextWriter error)
+    public static Task<int> RunAsync(string[] hostArgs, TextWriter error) => RunAsync(hostArgs, error, SystemConfigPath);
+
+    public static async Task<int> RunAsync(string[] hostArgs, TextWriter error, string systemConfigPath)
     {
         HostApplicationBuilder builder;
         IReadOnlyList<MappingOptions> mappings;
         try
         {
-            builder = CreateBuilder(hostArgs);
+            builder = CreateBuilder(hostArgs, systemConfigPath);
             mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(builder.Configuration);
+            CheckLogging(builder.Configuration);
         }
         catch (NbdConfigurationException ex)
         {
@@ -38,10 +41,16 @@ internal static class DaemonHost
 
             return ExitConfigurationError;
         }
-        catch (Exception ex) when (ex is InvalidDataException or FormatException)
+        catch (Exception ex) when (ex is InvalidDataException or FormatException or IOException or UnauthorizedAccessException)
         {
-            // Unreadable JSON or a malformed command-line switch: same exit code, message from the provider.
-            await error.WriteLineAsync($"nbd-daemon: configuration error: {ex.Message}");
+            // Malformed JSON (the inner exception has the line and position), a file we may not read (the unit keeps no
+            // CAP_DAC_OVERRIDE), or a malformed command-line switch: restarting cannot help, so the same exit code.
+            await error.WriteLineAsync($"nbd-daemon: configuration error: {Describe(ex)}");
+            return ExitConfigurationError;
+        }
+        catch (LoggingConfigurationException ex)
+        {
+            await error.WriteLineAsync($"nbd-daemon: configuration error: {LoggingSection}: {Describe(ex.InnerException!)}");
             return ExitConfigurationError;
         }
 
@@ -50,6 +59,40 @@ internal static class DaemonHost
         await host.RunAsync();
         return 0;
     }
+
+    private const string LoggingSection = "Serilog";
+
+    /// <summary>
+    /// Builds a throwaway logger from section <c>Serilog</c>, so that a bad value there (a level spelled <c>Warn</c>) is a
+    /// configuration error now, not an exception when the host builds its logger, which systemd would restart forever.
+    /// </summary>
+    private static void CheckLogging(IConfiguration configuration)
+    {
+        try
+        {
+            var probe = new LoggerConfiguration();
+            probe.ReadFrom.Configuration(configuration);
+            probe.CreateLogger().Dispose();
+        }
+        catch (Exception ex)
+        {
+            throw new LoggingConfigurationException(ex);
+        }
+    }
+
+    /// <summary>The message and every inner message: the JSON provider's own only says which file failed.</summary>
+    private static string Describe(Exception ex)
+    {
+        string text = ex.Message;
+        for (Exception? inner = ex.InnerException; inner is not null; inner = inner.InnerException)
+        {
+            text += " " + inner.Message;
+        }
+
+        return text;
+    }
+
+    private sealed class LoggingConfigurationException(Exception inner) : Exception(inner.Message, inner);
 
     /// <summary>Configuration sources, later ones winning: shipped defaults, the admin's file, environment, command line.</summary>
     public static HostApplicationBuilder CreateBuilder(string[] hostArgs, string systemConfigPath = SystemConfigPath)

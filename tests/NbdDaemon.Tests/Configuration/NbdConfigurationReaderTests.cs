@@ -86,6 +86,10 @@ public sealed class NbdConfigurationReaderTests
     [InlineData("Reconnect:Enabled", "on", "Nbd:Mappings:1:Reconnect:Enabled", "true or false")]
     [InlineData("Timout", "00:00:10", "Nbd:Mappings:1:Timout", "unknown key")]
     [InlineData("Name", "has space", "Nbd:Mappings:1:Name", "must be 1-64 characters")]
+    [InlineData("Device", "/dev/nbd01", "Nbd:Mappings:1:Device", "must be /dev/nbdN")] // no such node; /dev/nbd1 twice
+    [InlineData("Timeout", "1", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]       // TimeSpan.Parse: one day
+    [InlineData("Reconnect:MaxDelay", "1", "Nbd:Mappings:1:Reconnect:MaxDelay", "positive TimeSpan")]
+    [InlineData("Reconnect", "false", "Nbd:Mappings:1:Reconnect", "must be a section (Enabled, InitialDelay, MaxDelay, MaxAttempts)")]
     public void Read_BadValueInSecondMapping_ErrorNamesFullKey(string key, string value, string expectedKey, string expectedReason)
     {
         var values = new Dictionary<string, string>
@@ -127,6 +131,27 @@ public sealed class NbdConfigurationReaderTests
             ("Nbd:Mappings:1:Name", "b"), ("Nbd:Mappings:1:Uri", "nbd://b/y"), ("Nbd:Mappings:1:Device", "/dev/nbd1"));
         Assert.Equal("Nbd:Mappings:1:Device", e.Key);
         Assert.Equal("device /dev/nbd1 is already used by Nbd:Mappings:0", e.Reason);
+    }
+
+    [Fact]
+    public void Read_DuplicateNameOrDeviceWithSpaces_NamesSecondKey()
+    {
+        // Values are used trimmed, so the duplicate check compares them trimmed: "data " is the backend "nbd-daemon:data".
+        var ex = Assert.Throws<NbdConfigurationException>(() => Read(
+            ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://a/x"), ("Nbd:Mappings:0:Device", "/dev/nbd1"),
+            ("Nbd:Mappings:1:Name", "data "), ("Nbd:Mappings:1:Uri", "nbd://b/y"), ("Nbd:Mappings:1:Device", " /dev/nbd1")));
+        Assert.Equal(["Nbd:Mappings:1:Name", "Nbd:Mappings:1:Device"], ex.Errors.Select(e => e.Key));
+    }
+
+    [Theory]
+    [InlineData("Nbd:Mapping:0:Name", "Nbd:Mapping")]
+    [InlineData("Nbd:Timeout", "Nbd:Timeout")]
+    public void Read_UnknownKeyInSection_NamesIt(string key, string expectedKey)
+    {
+        // A typo in the list's own name would otherwise start a daemon with no mappings and no word about it.
+        ConfigurationError e = SingleError((key, "x"));
+        Assert.Equal(expectedKey, e.Key);
+        Assert.Contains("unknown key", e.Reason, StringComparison.Ordinal);
     }
 
     [Fact]

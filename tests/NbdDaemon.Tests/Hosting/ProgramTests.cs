@@ -57,6 +57,9 @@ public sealed class ProgramTests
     [InlineData("stop", "stop")]
     [InlineData("run status", "status")]
     [InlineData("--Nbd:Mappings:0:Name=data oops", "oops")]
+    [InlineData("/dev/nbd0", "/dev/nbd0")]                          // the verb forgotten: no setting has a '/' in its name
+    [InlineData("--Nbd:Mappings:0:Name=data /dev/nbd0", "/dev/nbd0")]
+    [InlineData("--=x", "--=x")]
     public async Task Invoke_UnknownVerb_Exit2WithoutRunningTheDaemon(string commandLine, string stray)
     {
         (int exit, string[]? hostArgs) = await InvokeAsync(commandLine.Split(' '));
@@ -71,6 +74,16 @@ public sealed class ProgramTests
         (int exit, string[]? hostArgs) = await InvokeAsync("--Nbd:Mappings:0:Uri", "nbd://127.0.0.1/data", "Serilog:MinimumLevel:Default=Debug");
         Assert.Equal(42, exit);
         Assert.Equal(3, Assert.IsType<string[]>(hostArgs).Length);
+    }
+
+    [Fact]
+    public async Task Invoke_LastSettingWithoutValue_Exit2NamingIt()
+    {
+        // The host's command-line provider drops a last "--Key" without a word: ReadOnly would silently stay false.
+        (int exit, string[]? hostArgs) = await InvokeAsync("--Nbd:Mappings:0:Uri=nbd://127.0.0.1/data", "--Nbd:Mappings:0:ReadOnly");
+        Assert.Equal(2, exit);
+        Assert.Null(hostArgs);
+        Assert.Contains("setting '--Nbd:Mappings:0:ReadOnly' has no value", Output, StringComparison.Ordinal);
     }
 
     [Theory]

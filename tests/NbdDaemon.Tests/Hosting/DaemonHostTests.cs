@@ -1,0 +1,58 @@
+using System.Net.Sockets;
+using NbdDaemon.Hosting;
+
+namespace NbdDaemon.Tests.Hosting;
+
+/// <summary>Configuration the host cannot use ends the daemon with exit 78 and a line that says why, before any mapping starts.</summary>
+public sealed class DaemonHostTests
+{
+    private static async Task<(int Exit, string Error)> RunAsync(string systemConfigPath, params string[] args)
+    {
+        var error = new StringWriter();
+        int exit = await DaemonHost.RunAsync(args, error, systemConfigPath).WaitAsync(TimeSpan.FromSeconds(30));
+        return (exit, error.ToString());
+    }
+
+    [Fact]
+    public async Task Run_MalformedAdminFile_Exits78WithFileAndPosition()
+    {
+        using var dir = new TempDirectory();
+        string path = dir.File("appsettings.json");
+        await File.WriteAllTextAsync(path, "{ \"Nbd\": { \"Mappings\": [ }");
+
+        (int exit, string error) = await RunAsync(path);
+
+        Assert.Equal(DaemonHost.ExitConfigurationError, exit);
+        Assert.Contains(path, error, StringComparison.Ordinal);
+        // The provider's own message names only the file; where in it comes from the JSON reader.
+        Assert.True(error.Contains("LineNumber: 0 | BytePositionInLine: 25", StringComparison.Ordinal), error);
+    }
+
+    [Fact]
+    public async Task Run_AdminFileThatCannotBeRead_Exits78NamingIt()
+    {
+        // open(2) of a socket fails (ENXIO), as a file the unit may not read fails (EACCES: no CAP_DAC_OVERRIDE there).
+        using var dir = new TempDirectory();
+        string path = dir.File("appsettings.json");
+        using var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        socket.Bind(new UnixDomainSocketEndPoint(path));
+
+        (int exit, string error) = await RunAsync(path);
+
+        Assert.Equal(DaemonHost.ExitConfigurationError, exit);
+        Assert.Contains(path, error, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("--Serilog:MinimumLevel:Default=Warn")]
+    [InlineData("--Serilog:MinimumLevel:Override:NbdDaemon=Loud")]
+    public async Task Run_BadLoggingLevel_Exits78NamingTheSection(string setting)
+    {
+        using var dir = new TempDirectory();
+
+        (int exit, string error) = await RunAsync(dir.File("absent.json"), setting);
+
+        Assert.Equal(DaemonHost.ExitConfigurationError, exit);
+        Assert.StartsWith("nbd-daemon: configuration error: Serilog: ", error, StringComparison.Ordinal);
+    }
+}
