@@ -356,9 +356,18 @@ internal sealed class MappingLoop
             throw new MappingException($"server minimum block size {minimum} exceeds block size {blockSize}");
         }
 
+        if (export.Size < blockSize)
+        {
+            // The device is the export rounded down to whole blocks (the driver's capacity has no partial block): nothing.
+            throw new MappingException($"export is {export.Size} bytes, less than one block of {blockSize} bytes: nothing to map");
+        }
+
         ushort flags = (ushort)(export.TransmissionFlags | (_options.ReadOnly ? ExportDescription.FlagReadOnly : 0));
         return (export, blockSize, flags);
     }
+
+    /// <summary>The export in whole blocks: the driver's capacity has no partial block, and reads of one would fail.</summary>
+    private static ulong DeviceSize(ExportDescription export, uint blockSize) => export.Size - (export.Size % blockSize);
 
     private void ConfigureIoctl(ExportDescription export, uint blockSize, ushort flags)
     {
@@ -380,7 +389,7 @@ internal sealed class MappingLoop
         }
 
         _device.SetBlockSize(blockSize);
-        _device.SetSizeBytes(export.Size);
+        _device.SetSizeBytes(DeviceSize(export, blockSize));
         _device.SetFlags(flags);
         _device.SetTimeout(_options.Timeout);
         foreach (INbdSession session in _sessions)
@@ -443,7 +452,7 @@ internal sealed class MappingLoop
 
         int? wanted = _netlinkIndex ?? DeviceIndex(_options.Device);
         int connected = _netlink.Connect(new NetlinkConnectParameters(
-            wanted, export.Size, blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
+            wanted, DeviceSize(export, blockSize), blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
         _netlinkIndex = connected;
         Volatile.Write(ref _devicePath, "/dev/nbd" + connected.ToString(CultureInfo.InvariantCulture));
         int taken = _sessions.Count(IsTaken);

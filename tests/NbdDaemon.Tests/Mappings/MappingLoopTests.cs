@@ -334,6 +334,35 @@ public sealed class MappingLoopTests
         Assert.Equal(MappingState.Stopped, loop.State);
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task RunAsync_ExportNotWholeBlocks_DeviceRoundedDownOnBothInterfaces(bool netlink)
+    {
+        KernelInterface kernelInterface = netlink ? KernelInterface.Netlink : KernelInterface.Ioctl;
+        // A partial last block past the capacity would fail every read of the device's tail (udev, blkid, dd) with EIO.
+        var export = FakeConnector.DefaultExport with { Size = (1UL << 30) + 2048 };
+        var connector = new FakeConnector().ThenServe(export);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: kernelInterface, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        ulong size = netlink ? _kernel.Netlink!.LastConnect!.SizeBytes : _kernel.Devices.Single().Size;
+        Assert.Equal(1UL << 30, size);
+    }
+
+    [Fact]
+    public async Task RunAsync_ExportSmallerThanOneBlock_FailsNamingItWithoutTouchingTheKernel()
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { Size = 2048 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Contains("export is 2048 bytes, less than one block of 4096 bytes", loop.LastFailure, StringComparison.Ordinal);
+        Assert.DoesNotContain(_kernel.Operations, op => op.StartsWith("nl-connect", StringComparison.Ordinal));
+    }
+
     [Fact]
     public async Task RunAsync_NetlinkLinkDead_ReconfiguresSameIndexAtOnceWithNewSocket()
     {
