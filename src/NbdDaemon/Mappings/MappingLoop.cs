@@ -797,10 +797,10 @@ internal sealed class MappingLoop
                         TryStep("NBD_CMD_RECONFIGURE timeout for the hand-over", () => netlink.SetTimeout(index, HandOverTimeout, _options.BackendIdentifier));
                     }
 
-                    for (int slot = 0; slot < _sessions.Count; slot++)
-                    {
-                        _sessions[slot].HandOver(slot);
-                    }
+                    // Side by side: each relay may wait its limit for the replies it owes, and N of them one after
+                    // another would pass the host's shutdown timeout. HandOver never throws.
+                    List<INbdSession> sessions = _sessions;
+                    Parallel.For(0, sessions.Count, slot => sessions[slot].HandOver(slot));
                 }
                 else
                 {

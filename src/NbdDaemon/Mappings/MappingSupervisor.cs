@@ -15,7 +15,8 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     private readonly MappingLoop[] _loops;
     private readonly TimeProvider _time;
     private readonly ILogger _logger;
-    private readonly CancellationTokenSource _stopping = new();
+    /// <summary>One per loop: cancelling one token runs its callbacks, and with them (inline) each loop's teardown.</summary>
+    private readonly CancellationTokenSource[] _stopping;
     private readonly IFileDescriptorStore? _store;
     private Task[] _running = [];
 
@@ -28,6 +29,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         _logger = loggerFactory.CreateLogger<MappingSupervisor>();
         ILogger loopLogger = loggerFactory.CreateLogger<MappingLoop>();
         _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom))];
+        _stopping = [.. _loops.Select(_ => new CancellationTokenSource())];
         foreach (MappingLoop loop in _loops)
         {
             loop.StateChanged += (_, _) => StatusChanged?.Invoke();
@@ -52,7 +54,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     public async Task StartAsync(CancellationToken cancellationToken)
     {
         // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
-        _running = [.. _loops.Select(l => Task.Run(() => l.RunAsync(_stopping.Token), CancellationToken.None))];
+        _running = [.. _loops.Select((l, i) => Task.Run(() => l.RunAsync(_stopping[i].Token), CancellationToken.None))];
         try
         {
             await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
@@ -74,7 +76,15 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
 
     public async Task StopAsync(CancellationToken cancellationToken)
     {
-        await _stopping.CancelAsync();
+        // Each loop's stop on its own thread, and not awaited here: a cancellation runs the loop's teardown inline, and
+        // a teardown can block in the kernel (NBD_CMD_DISCONNECT to a server that stopped reading, a relay hand-over
+        // waiting for owed replies). One token for all would run them one after another, and the host's timeout
+        // below would only start counting after the last.
+        foreach (CancellationTokenSource stop in _stopping)
+        {
+            _ = Task.Run(() => CancelQuietly(stop), CancellationToken.None);
+        }
+
         try
         {
             await Task.WhenAll(_running).WaitAsync(cancellationToken);
@@ -86,5 +96,23 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         }
     }
 
-    public void Dispose() => _stopping.Dispose();
+    /// <summary>The host may dispose us after its stop timeout, before a slow pool thread got to the cancel.</summary>
+    private static void CancelQuietly(CancellationTokenSource stop)
+    {
+        try
+        {
+            stop.Cancel();
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (CancellationTokenSource stop in _stopping)
+        {
+            stop.Dispose();
+        }
+    }
 }

@@ -96,8 +96,12 @@ internal sealed class FakeSession : INbdSession
 
     public FakeKernel? Kernel { get; init; }
 
+    /// <summary>How long <see cref="HandOver"/> blocks, as a relay waiting for the replies it still owes the kernel.</summary>
+    public TimeSpan HandOverDelay { get; init; }
+
     public void HandOver(int slot)
     {
+        Thread.Sleep(HandOverDelay);
         TimeoutOpsBeforeHandOver ??= Kernel?.Operations.Count(o => o.StartsWith("nl-timeout", StringComparison.Ordinal));
         HandOvers.Add((slot, !Disposed));
     }
@@ -127,9 +131,9 @@ internal sealed class FakeConnector : INbdConnector
         return this;
     }
 
-    public FakeConnector ThenServe(ExportDescription? export = null, bool canHandOver = false, FakeKernel? kernel = null) => Then(_ =>
+    public FakeConnector ThenServe(ExportDescription? export = null, bool canHandOver = false, FakeKernel? kernel = null, TimeSpan handOverDelay = default) => Then(_ =>
     {
-        var session = new FakeSession(export ?? DefaultExport) { CanHandOver = canHandOver, Kernel = kernel };
+        var session = new FakeSession(export ?? DefaultExport) { CanHandOver = canHandOver, Kernel = kernel, HandOverDelay = handOverDelay };
         Sessions.Enqueue(session);
         return Task.FromResult<INbdSession>(session);
     });

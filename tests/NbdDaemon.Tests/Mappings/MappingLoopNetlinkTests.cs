@@ -376,6 +376,25 @@ public sealed class MappingLoopNetlinkTests
         Assert.All(sessions, s => Assert.True(s.Disposed));
     }
 
+    [Fact]
+    public async Task RunAsync_StopWithOnStopLeave_SlotsHandOverSideBySide()
+    {
+        // Each relay may wait up to its limit (5 s) for the replies it owes; four connections must not make that 20 s,
+        // past the host's shutdown timeout.
+        var connector = new FakeConnector().ThenServe(canHandOver: true, kernel: _kernel, handOverDelay: TimeSpan.FromSeconds(1));
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave) with { Connections = 4 };
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        var stopwatch = System.Diagnostics.Stopwatch.StartNew();
+        await running.StopAsync();
+
+        Assert.True(stopwatch.Elapsed < TimeSpan.FromSeconds(3), $"four 1 s hand-overs took {stopwatch.Elapsed}");
+        Assert.Equal([0, 1, 2, 3], connector.Sessions.SelectMany(s => s.HandOvers).Select(h => h.Slot).Order());
+        Assert.All(connector.Sessions, s => Assert.True(s.HandOvers.Single().BeforeDispose));
+    }
+
     [Theory]
     [InlineData(false, true)]
     [InlineData(true, true)]

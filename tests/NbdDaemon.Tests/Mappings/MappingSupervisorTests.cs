@@ -99,6 +99,43 @@ public sealed class MappingSupervisorTests
     }
 
     [Fact]
+    public async Task StopAsync_TeardownsThatBlock_RunSideBySideAndTheHostTimeoutStillApplies()
+    {
+        // A teardown blocks in the kernel (NBD_CMD_DISCONNECT to a server that stopped reading, a relay hand-over
+        // waiting for owed replies): mapping B's must not wait for mapping A's, nor the host's stop for either.
+        var kernel = new FakeKernel();
+        var started = new System.Collections.Concurrent.ConcurrentQueue<long>();
+        var connector = new RoutingConnector(new() { ["a"] = new FakeConnector().ThenServe(), ["b"] = new FakeConnector().ThenServe() });
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("a", KernelInterface.Netlink, device: "/dev/nbd1"),
+            TestMappings.Create("b", KernelInterface.Netlink, device: "/dev/nbd2"),
+        ];
+        using var supervisor = new MappingSupervisor(mappings, connector, kernel, TimeProvider.System, NullLoggerFactory.Instance, () => 0.0);
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.All(supervisor.Loops, l => Assert.Equal(MappingState.Serving, l.State));
+        kernel.OnOperation = op =>
+        {
+            if (op.StartsWith("nl-disconnect", StringComparison.Ordinal))
+            {
+                started.Enqueue(System.Diagnostics.Stopwatch.GetTimestamp());
+                Thread.Sleep(3000);
+            }
+        };
+
+        var stopwatch = System.Diagnostics.Stopwatch.StartNew();
+        using var hostTimeout = new CancellationTokenSource(TimeSpan.FromSeconds(1));
+        await supervisor.StopAsync(hostTimeout.Token).WaitAsync(TestTimeout);
+        TimeSpan returned = stopwatch.Elapsed;
+        await TestMappings.WaitUntilAsync(() => started.Count == 2 && supervisor.Loops.All(l => l.State == MappingState.Stopped));
+
+        Assert.True(returned < TimeSpan.FromSeconds(2.5), $"StopAsync returned after {returned} with a 1 s host timeout");
+        long[] starts = [.. started];
+        TimeSpan apart = System.Diagnostics.Stopwatch.GetElapsedTime(starts.Min(), starts.Max());
+        Assert.True(apart < TimeSpan.FromSeconds(1.5), $"the second disconnect started {apart} after the first");
+    }
+
+    [Fact]
     public async Task StartAsync_LoopThrowsUnexpectedly_OnlyThatMappingFails()
     {
         var time = new FakeTimeProvider();
