@@ -64,6 +64,18 @@ public sealed partial class NbdDevice : IDisposable
         OpenUnused(sysBlock, dev, OpenFile, Environment.SystemPageSize);
 
     /// <summary>
+    /// <see cref="OpenUnused(string, string)"/> among the devices <paramref name="mayUse"/> allows: it is asked, in index
+    /// order, about each device that looks free, before the device is opened (for a caller that shares devices between
+    /// several users of its own, e.g. to keep the ones others asked for by name).
+    /// </summary>
+    /// <exception cref="NbdKernelException">No free device that <paramref name="mayUse"/> allows (ENODEV), or the driver is not loaded (ENOENT).</exception>
+    public static NbdDevice OpenUnused(Func<int, bool> mayUse, string sysBlock = "/sys/block", string dev = "/dev")
+    {
+        ArgumentNullException.ThrowIfNull(mayUse);
+        return OpenUnused(sysBlock, dev, path => mayUse(ParseIndex(path)) ? OpenFile(path) : (null, Interop.Errno.EBUSY), Environment.SystemPageSize);
+    }
+
+    /// <summary>
     /// <see cref="OpenUnused(string, string)"/> plus NBD_SET_SOCK with <paramref name="socket"/>; a device that another client won in the
     /// meantime (EBUSY) is skipped. Must be called on the thread that will issue any further SetSocket for the device.
     /// </summary>

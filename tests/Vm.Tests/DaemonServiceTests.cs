@@ -196,6 +196,46 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "pre_read", "ok");
     }
 
+    /// <summary>
+    /// An Ioctl device held open (as by a mounted filesystem) while its server restarts: the driver keeps the old
+    /// configuration until the last close, so every attempt is refused before NBD_SET_SOCK (before: SET_SOCK succeeded,
+    /// NBD_DO_IT failed EBUSY unseen, and each 1 s retry left one more kernel-held connection to the server); once the
+    /// holder closes it, the mapping serves again.
+    /// </summary>
+    [Fact]
+    public async Task Outage_IoctlDeviceHeldOpen_NoConnectionPerRetryAndServesOnceClosed()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("held");
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.That(run, r, r.Long("refusals") >= 3, "the mapping did not refuse the held device at three attempts");
+        Expect.That(run, r, r.Long("established") <= 1, $"{r.Long("established")} connections to the server left established by the retries");
+        Expect.Equal(run, r, "served_after_close", "yes");
+        Expect.Equal(run, r, "read", "ok");
+        Expect.Equal(run, r, "exit_rc", 0);
+    }
+
+    /// <summary>
+    /// Two mappings without Device next to two that name nbd0 and nbd2 and have no server (those devices look free, as
+    /// at a boot with the server down): neither takes a named device, nor the same one (before: the Ioctl one took nbd0,
+    /// the first free device, and an fstab entry for nbd0 would have mounted its export).
+    /// </summary>
+    [Fact]
+    public async Task Start_MappingsWithoutDevice_NeverTakeADeviceAnotherMappingNames()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("claims");
+        output.WriteLine(r.Raw);
+        string io = r["any_io"], nl = r["any_nl"];
+        Expect.That(run, r, io.StartsWith("/dev/nbd", StringComparison.Ordinal) && nl.StartsWith("/dev/nbd", StringComparison.Ordinal), "a mapping without Device did not get a device");
+        Expect.That(run, r, io is not ("/dev/nbd0" or "/dev/nbd2") && nl is not ("/dev/nbd0" or "/dev/nbd2"), "a mapping without Device took a device another mapping names");
+        Expect.That(run, r, io != nl, "both mappings without Device got the same device");
+        string[] connected = [.. r["connected"].Split(',', StringSplitOptions.RemoveEmptyEntries).Order()];
+        Expect.That(run, r, connected.SequenceEqual(new[] { io[5..], nl[5..] }.Order()), $"connected devices {r["connected"]}, expected exactly {io} and {nl}");
+        Expect.Equal(run, r, "exit_rc", 0);
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

@@ -11,7 +11,8 @@ namespace NbdDaemon.Mappings;
 internal interface INbdKernel
 {
     /// <param name="path">/dev/nbdN, or null for the first unused device.</param>
-    IIoctlDevice OpenDevice(string? path);
+    /// <param name="mayUse">With a null path: asked about each unused device, in index order, before it is opened.</param>
+    IIoctlDevice OpenDevice(string? path, Func<int, bool>? mayUse = null);
 
     INbdNetlinkControl OpenNetlink();
 

@@ -33,6 +33,13 @@ internal sealed class MappingLoop
     public static readonly TimeSpan HeldRetryInterval = TimeSpan.FromMilliseconds(250);
 
     /// <summary>
+    /// A connection that served for less than this before it was lost is a quick loss: from the second in a row, the
+    /// next attempt waits the normal backoff (as for a failed attempt) instead of starting at once. A server that
+    /// completes the handshake and then drops the connection would otherwise be reconnected to in a tight loop.
+    /// </summary>
+    public static readonly TimeSpan StableServing = TimeSpan.FromSeconds(1);
+
+    /// <summary>
     /// RECONFIGURE only fills slots the kernel already marked dead; a slot whose socket we just shut down may be
     /// marked a moment later. Sockets not taken are offered again this many times, <see cref="HeldRetryInterval"/> apart.
     /// </summary>
@@ -55,6 +62,7 @@ internal sealed class MappingLoop
     private readonly ILogger _logger;
     private readonly ReconnectBackoff _backoff;
     private readonly Func<double> _unitRandom;
+    private readonly DeviceClaims _claims;
     private readonly TaskCompletionSource _firstAttempt = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly object _stateLock = new();
 
@@ -69,17 +77,25 @@ internal sealed class MappingLoop
     private bool _deviceClaimed;
     private ExportDescription? _established;
     private MappingState _state = MappingState.Idle;
-    private DateTimeOffset _stateEnteredAt;
+    // Monotonic timestamps (TimeProvider.GetTimestamp), never the wall clock: an NTP step at boot must neither make a
+    // healthy loop look stuck (the watchdog would have systemd kill the daemon) nor end the held retries early.
+    private long _stateEnteredAt;
     private string? _devicePath;
     private string? _lastFailure;
     private int _failedAttempts;
-    private DateTimeOffset? _heldSince;
+    private long? _heldSince;
     private int _heldAttempts;
     private string? _lastLoggedReason;
     private bool _quietAttempt;
+    private long? _servingSince;
+    private int _quickLosses;
 
-    public MappingLoop(MappingOptions options, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILogger logger, Func<double>? unitRandom = null)
+    /// <summary>A loop for one mapping; <paramref name="claims"/> is the daemon's devices by mapping (<see cref="DeviceClaims"/>), none for a mapping run alone.</summary>
+    public MappingLoop(
+        MappingOptions options, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILogger logger, Func<double>? unitRandom = null,
+        DeviceClaims? claims = null)
     {
+        _claims = claims ?? DeviceClaims.For(options);
         _options = options;
         _connector = connector;
         _kernel = kernel;
@@ -88,7 +104,7 @@ internal sealed class MappingLoop
         _unitRandom = unitRandom ?? Random.Shared.NextDouble;
         _backoff = new ReconnectBackoff(options.Reconnect, _unitRandom);
         _devicePath = options.Device;
-        _stateEnteredAt = time.GetUtcNow();
+        _stateEnteredAt = time.GetTimestamp();
     }
 
     /// <summary>Raised synchronously on the loop's own flow after each transition was logged.</summary>
@@ -130,12 +146,12 @@ internal sealed class MappingLoop
     /// so exceeding Timeout + <see cref="StuckSlack"/> means a blocked kernel call or a lost continuation.
     /// Waiting states (Serving, Reconnecting, terminal) are waits by design and never stuck.
     /// </summary>
-    public bool IsStuck(DateTimeOffset now)
+    public bool IsStuck()
     {
         lock (_stateLock)
         {
             bool active = _state is MappingState.Connecting or MappingState.Negotiating or MappingState.ConfiguringKernel or MappingState.Stopping;
-            return active && now - _stateEnteredAt > _options.Timeout + StopGrace + StuckSlack;
+            return active && _time.GetElapsedTime(_stateEnteredAt) > _options.Timeout + StopGrace + StuckSlack;
         }
     }
 
@@ -164,6 +180,7 @@ internal sealed class MappingLoop
         finally
         {
             _firstAttempt.TrySetResult();
+            _claims.Release(Name);
         }
     }
 
@@ -175,7 +192,7 @@ internal sealed class MappingLoop
         {
             if (LeftOverDeviceExists())
             {
-                _heldSince = _time.GetUtcNow();
+                _heldSince = _time.GetTimestamp();
             }
 
             // Subscribed before the first connect: opening the family and joining the multicast group is not free
@@ -221,6 +238,17 @@ internal sealed class MappingLoop
             TimeSpan delay = !held ? _backoff.NextDelay(counted)
                 : failure is LinkLostException ? TimeSpan.Zero
                 : HeldRetryDelay();
+            if (_servingSince is long servedFrom)
+            {
+                _servingSince = null;
+                _quickLosses = _time.GetElapsedTime(servedFrom) < StableServing ? _quickLosses + 1 : 0;
+            }
+
+            if (_quickLosses >= 2)
+            {
+                delay = TimeSpan.FromTicks(Math.Max(delay.Ticks, _backoff.NextDelay(_quickLosses - 1).Ticks));
+            }
+
             LastDelay = delay;
             // The timer starts before the transition is announced, so whoever reacts to Reconnecting
             // (a test advancing a fake clock) cannot get ahead of it.
@@ -243,7 +271,7 @@ internal sealed class MappingLoop
 
     /// <summary>Netlink after LINK_DEAD: true while the kernel still holds the device's I/O for a reconnect.</summary>
     private bool IsHeld() =>
-        _heldSince is DateTimeOffset since && _options.DeadConnectionTimeout is TimeSpan dead && _time.GetUtcNow() - since < dead;
+        _heldSince is long since && _options.DeadConnectionTimeout is TimeSpan dead && _time.GetElapsedTime(since) < dead;
 
     private TimeSpan HeldRetryDelay() => TimeSpan.FromTicks((long)(HeldRetryInterval.Ticks * (0.8 + (0.4 * Math.Clamp(_unitRandom(), 0.0, 1.0)))));
 
@@ -285,6 +313,7 @@ internal sealed class MappingLoop
                 session.Serves(DeviceText);
             }
 
+            _servingSince = _time.GetTimestamp();
             Transition(MappingState.Serving);
             _firstAttempt.TrySetResult();
             return await ServeAsync(stop);
@@ -378,13 +407,34 @@ internal sealed class MappingLoop
             {
                 // An unused device picked by an attempt that never got a socket into it is not ours: pick afresh.
                 Volatile.Write(ref _devicePath, null);
+                _claims.Release(Name);
             }
             else if (!_deviceClaimed)
             {
                 RefuseDeviceInUse();
             }
+            else
+            {
+                RefuseHeldConfiguration();
+            }
 
-            _device = _kernel.OpenDevice(Device);
+            if (Device is { } path)
+            {
+                _device = _kernel.OpenDevice(path);
+            }
+            else
+            {
+                // Not a device another mapping names or one of ours is setting up: asked before each candidate is opened.
+                try
+                {
+                    _device = _kernel.OpenDevice(null, index => _claims.TryClaim(index, Name));
+                }
+                finally
+                {
+                    _claims.Release(Name, keep: DeviceClaims.IndexOf(_device?.Path));
+                }
+            }
+
             Volatile.Write(ref _devicePath, _device.Path);
         }
 
@@ -450,9 +500,21 @@ internal sealed class MappingLoop
             }
         }
 
-        int? wanted = _netlinkIndex ?? DeviceIndex(_options.Device);
-        int connected = _netlink.Connect(new NetlinkConnectParameters(
-            wanted, DeviceSize(export, blockSize), blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
+        int? wanted = _netlinkIndex ?? DeviceIndex(_options.Device) ?? PickNetlinkDevice();
+        int connected;
+        try
+        {
+            connected = _netlink.Connect(new NetlinkConnectParameters(
+                wanted, DeviceSize(export, blockSize), blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
+        }
+        catch
+        {
+            _claims.Release(Name);
+            throw;
+        }
+
+        _claims.TryClaim(connected, Name);
+        _claims.Release(Name, keep: connected);
         _netlinkIndex = connected;
         Volatile.Write(ref _devicePath, "/dev/nbd" + connected.ToString(CultureInfo.InvariantCulture));
         int taken = _sessions.Count(IsTaken);
@@ -518,6 +580,37 @@ internal sealed class MappingLoop
         {
             return false;
         }
+    }
+
+    /// <summary>
+    /// A device for NBD_CMD_CONNECT when none is configured. While no other mapping of ours names or has a device, the
+    /// kernel picks the first free one itself (atomically); otherwise we pick, since the kernel would take a device that
+    /// another mapping names and that only looks free because its server is down. With none free, the next index: the
+    /// driver creates a device for an index it does not have.
+    /// </summary>
+    private int? PickNetlinkDevice()
+    {
+        if (!_claims.OthersHaveAny(Name))
+        {
+            return null;
+        }
+
+        IReadOnlyList<int> devices = _kernel.ListDevices();
+        foreach (int index in devices)
+        {
+            if (_kernel.ReadDevice(index) is { InUse: false } && _claims.TryClaim(index, Name))
+            {
+                return index;
+            }
+        }
+
+        int next = devices.Count == 0 ? 0 : devices[^1] + 1;
+        while (!_claims.TryClaim(next, Name))
+        {
+            next++;
+        }
+
+        return next;
     }
 
     /// <summary>The configured device, or else any nbd device, that an earlier daemon left configured for this mapping.</summary>
@@ -634,7 +727,7 @@ internal sealed class MappingLoop
         }
 
         string how = await WaitForNetlinkConnectionEndAsync(stop);
-        _heldSince = _time.GetUtcNow();
+        _heldSince = _time.GetTimestamp();
         // LINK_DEAD names one dead slot. With several connections the others may still be up, and RECONFIGURE only
         // fills dead slots: end every socket of this generation so the kernel marks them all dead and the new
         // generation replaces the whole set.
@@ -880,6 +973,23 @@ internal sealed class MappingLoop
         }
     }
 
+    /// <summary>
+    /// A reconnect of our own ioctl device, after we closed it: if sysfs still shows a configuration (<c>pid</c>), another
+    /// opener (a mounted filesystem, a process with it open) holds the device, and the driver keeps the old connection's
+    /// configuration until its last close. NBD_SET_SOCK would still succeed (the socket is appended to that configuration,
+    /// and stays there, connected to the server, until the last close), and NBD_DO_IT would then fail with EBUSY: one
+    /// more server connection per retry, forever. Refused instead, until the device is closed.
+    /// </summary>
+    private void RefuseHeldConfiguration()
+    {
+        if (DeviceIndex(Device) is int index && _kernel.ReadDevice(index) is { Connected: true } info)
+        {
+            throw new MappingException(string.Create(
+                CultureInfo.InvariantCulture,
+                $"{info.Path} is still held open (mounted, or open in a process): the driver keeps its old connection until the last close, so it cannot take a new one; retrying until it is closed (Interface=Netlink reconnects under a holder)"));
+        }
+    }
+
     private static int? DeviceIndex(string? device) =>
         device is null ? null : int.Parse(device.AsSpan("/dev/nbd".Length), NumberStyles.None, CultureInfo.InvariantCulture);
 
@@ -892,7 +1002,7 @@ internal sealed class MappingLoop
         {
             previous = _state;
             _state = next;
-            _stateEnteredAt = _time.GetUtcNow();
+            _stateEnteredAt = _time.GetTimestamp();
         }
 
         LogLevel level = quiet ? LogLevel.Debug

@@ -28,7 +28,8 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         _store = store;
         _logger = loggerFactory.CreateLogger<MappingSupervisor>();
         ILogger loopLogger = loggerFactory.CreateLogger<MappingLoop>();
-        _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom))];
+        var claims = new DeviceClaims(mappings);
+        _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom, claims))];
         _stopping = [.. _loops.Select(_ => new CancellationTokenSource())];
         foreach (MappingLoop loop in _loops)
         {
@@ -45,7 +46,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     public string StatusText => MappingStatus.Format(_loops);
 
     /// <summary>Healthy = no loop stuck in an active state (<see cref="MappingLoop.IsStuck"/>). Failing mappings are healthy.</summary>
-    public bool IsHealthy() => !_loops.Any(l => l.IsStuck(_time.GetUtcNow()));
+    public bool IsHealthy() => !_loops.Any(l => l.IsStuck());
 
     /// <summary>
     /// Starts every loop, then returns once every mapping has been tried once (reached Serving or failed its

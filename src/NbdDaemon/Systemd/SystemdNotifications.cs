@@ -88,7 +88,7 @@ internal sealed class SystemdNotifications : BackgroundService
         {
             _reportedUnhealthy = true;
             _logger.LogError("Mapping loop stuck, withholding WATCHDOG=1: {Mappings}",
-                string.Join(", ", _supervisor.Loops.Where(l => l.IsStuck(_time.GetUtcNow())).Select(l => $"{l.Name} ({l.State})")));
+                string.Join(", ", _supervisor.Loops.Where(l => l.IsStuck()).Select(l => $"{l.Name} ({l.State})")));
         }
 
         return false;

@@ -191,10 +191,12 @@ internal sealed class FakeKernel : INbdKernel
         OnOperation?.Invoke(operation);
     }
 
-    public IIoctlDevice OpenDevice(string? path)
+    /// <summary>An unused device is the first of nbd7, nbd8, … that <paramref name="mayUse"/> allows.</summary>
+    public IIoctlDevice OpenDevice(string? path, Func<int, bool>? mayUse = null)
     {
         Record("open " + (path ?? "unused"));
-        var device = new FakeDevice(this, path ?? "/dev/nbd7");
+        path ??= "/dev/nbd" + Enumerable.Range(7, 9).First(i => mayUse?.Invoke(i) != false).ToString(System.Globalization.CultureInfo.InvariantCulture);
+        var device = new FakeDevice(this, path);
         Devices.Add(device);
         return device;
     }

@@ -377,6 +377,34 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_ServerDropsEveryConnectionRightAfterTheHandshake_BacksOffInsteadOfATightLoop()
+    {
+        // Each loss is a LINK_DEAD while the kernel holds the I/O, which alone means "reconnect at once".
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop, state =>
+        {
+            if (state == MappingState.Serving)
+            {
+                _ = Task.Run(() => _kernel.Netlink!.RaiseLinkDead());
+            }
+        });
+
+        // No time passes on the fake clock: only zero delays could lead further than this.
+        await running.WaitForAsync(MappingState.Serving, 2);
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
+        await Task.Delay(300);
+
+        Assert.Equal(2, running.States.Count(s => s == MappingState.Serving));
+        Assert.Equal(MappingState.Reconnecting, loop.State);
+        Assert.Equal(TimeSpan.FromSeconds(1), loop.LastDelay); // InitialDelay, then doubling like failed attempts
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await running.WaitForAsync(MappingState.Reconnecting, 3);
+        Assert.Equal(TimeSpan.FromSeconds(2), loop.LastDelay);
+        await running.StopAsync();
+    }
+
+    [Fact]
     public async Task RunAsync_StopWithOnStopLeave_SlotsHandOverSideBySide()
     {
         // Each relay may wait up to its limit (5 s) for the replies it owes; four connections must not make that 20 s,

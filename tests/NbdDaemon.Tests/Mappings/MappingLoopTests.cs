@@ -57,6 +57,36 @@ public sealed class MappingLoopTests
     }
 
     [Fact]
+    public async Task RunAsync_IoctlDeviceStillHeldAfterTheLoss_NoSocketUntilClosedThenServes()
+    {
+        // A mounted filesystem keeps the old configuration (sysfs pid) after we closed the device: NBD_SET_SOCK would
+        // append a socket the kernel then holds connected until the last close, and NBD_DO_IT would fail with EBUSY.
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        _kernel.SysfsOnly[7] = new KernelDeviceInfo(7, 1UL << 30, 4096, null, Connected: true, ReadOnly: false);
+
+        _kernel.Devices[0].Loop!.End();
+        await running.WaitForAsync(MappingState.Reconnecting, 1);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await running.WaitForAsync(MappingState.Reconnecting, 2);
+        _time.Advance(TimeSpan.FromSeconds(2));
+        await running.WaitForAsync(MappingState.Reconnecting, 3);
+
+        Assert.StartsWith("/dev/nbd7 is still held open", loop.LastFailure, StringComparison.Ordinal);
+        Assert.Single(_kernel.Operations, "set-sock");
+        Assert.Equal(3, loop.FailedAttempts); // the loss and two refusals: the backoff grows, MaxAttempts counts them
+        Assert.All(connector.Sessions, s => Assert.True(s.Disposed));
+
+        _kernel.SysfsOnly.TryRemove(7, out _); // the last opener closed it: the configuration is gone
+        _time.Advance(TimeSpan.FromSeconds(4));
+        await running.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal("/dev/nbd7", loop.Device);
+        await running.StopAsync();
+    }
+
+    [Fact]
     public async Task RunAsync_ServerRefusesRepeatedly_BackoffDoublesUpToCap()
     {
         var connector = new FakeConnector().ThenRefuse();
@@ -476,13 +506,41 @@ public sealed class MappingLoopTests
         await running.WaitForAsync(MappingState.ConfiguringKernel);
 
         _time.Advance(TimeSpan.FromSeconds(30) + MappingLoop.StopGrace + MappingLoop.StuckSlack);
-        Assert.False(loop.IsStuck(_time.GetUtcNow()));
+        Assert.False(loop.IsStuck());
         _time.Advance(TimeSpan.FromSeconds(1));
-        Assert.True(loop.IsStuck(_time.GetUtcNow()));
+        Assert.True(loop.IsStuck());
 
         release.Set();
         await running.WaitForAsync(MappingState.Serving);
-        Assert.False(loop.IsStuck(_time.GetUtcNow()));
+        Assert.False(loop.IsStuck());
+        await running.StopAsync();
+    }
+
+    /// <summary>A wall clock that an NTP step moves, while the monotonic clock (timestamps) goes on as before.</summary>
+    private sealed class SteppedWallClock : Microsoft.Extensions.Time.Testing.FakeTimeProvider
+    {
+        public TimeSpan Step { get; set; }
+
+        public override DateTimeOffset GetUtcNow() => base.GetUtcNow() + Step;
+
+        // FakeTimeProvider derives its timestamps from GetUtcNow (ticks): take the step back out.
+        public override long GetTimestamp() => base.GetTimestamp() - (Step.Ticks * TimestampFrequency / TimeSpan.TicksPerSecond);
+    }
+
+    [Fact]
+    public async Task IsStuck_WallClockStepsForward_NotStuck()
+    {
+        // An NTP step at boot while a connect is in progress: the watchdog must not see a stuck loop (systemd would
+        // kill a healthy daemon, skipping its clean stop).
+        var clock = new SteppedWallClock();
+        var connector = new FakeConnector().ThenHang();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, clock);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Connecting);
+
+        clock.Step = TimeSpan.FromMinutes(10);
+
+        Assert.False(loop.IsStuck());
         await running.StopAsync();
     }
 

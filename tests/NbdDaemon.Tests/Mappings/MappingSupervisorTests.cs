@@ -98,6 +98,52 @@ public sealed class MappingSupervisorTests
         Assert.All(supervisor.Loops, l => Assert.Equal(MappingState.Stopped, l.State));
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task StartAsync_MappingWithoutDevice_NeverTakesTheDeviceAnotherMappingNames(bool netlink)
+    {
+        // "pinned" names nbd7, which looks free because its server is down at boot; "any" has no Device. Taking nbd7
+        // would make an fstab entry for nbd7 mount the other export, and leave "pinned" refused forever.
+        KernelInterface kernelInterface = netlink ? KernelInterface.Netlink : KernelInterface.Ioctl;
+        var kernel = new FakeKernel();
+        foreach (int free in new[] { 7, 8 })
+        {
+            kernel.SysfsOnly[free] = new KernelDeviceInfo(free, 0, 512, null, Connected: false, ReadOnly: false);
+        }
+
+        var connector = new RoutingConnector(new() { ["pinned"] = new FakeConnector().ThenRefuse(), ["any"] = new FakeConnector().ThenServe() });
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("pinned", kernelInterface, device: "/dev/nbd7"),
+            TestMappings.Create("any", kernelInterface, device: null),
+        ];
+        using var supervisor = new MappingSupervisor(mappings, connector, kernel, new FakeTimeProvider(), NullLoggerFactory.Instance, () => 0.0);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Serving, supervisor.Loops[1].State);
+        Assert.Equal("/dev/nbd8", supervisor.Loops[1].Device);
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task StartAsync_TwoIoctlMappingsWithoutDevice_EachGetsItsOwn()
+    {
+        // sysfs shows a device free until its NBD_DO_IT runs, and SET_BLKSIZE/SIZE/FLAGS have no owner check: two
+        // mappings starting together must not both configure the first free device.
+        var kernel = new FakeKernel();
+        var connector = new RoutingConnector(new() { ["a"] = new FakeConnector().ThenServe(), ["b"] = new FakeConnector().ThenServe() });
+        MappingOptions[] mappings = [TestMappings.Create("a", device: null), TestMappings.Create("b", device: null)];
+        using var supervisor = new MappingSupervisor(mappings, connector, kernel, new FakeTimeProvider(), NullLoggerFactory.Instance, () => 0.0);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.All(supervisor.Loops, l => Assert.Equal(MappingState.Serving, l.State));
+        Assert.Equal(["/dev/nbd7", "/dev/nbd8"], supervisor.Loops.Select(l => l.Device!).Order());
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
     [Fact]
     public async Task StopAsync_TeardownsThatBlock_RunSideBySideAndTheHostTimeoutStillApplies()
     {

@@ -299,3 +299,63 @@ result busydevice_connect exit_rc=$busy_rc said_in_use=$(grep -q 'in use by anot
 sed 's/^/LOG busy-connect: /' /tmp/busy-connect.err | head -n 3
 daemon_kill $PRE TERM
 result pre_stop exit_rc=$EXIT_RC freed=$(wait_free nbd5 5 >/dev/null; yesno $?)
+
+# --- held: an Ioctl device held open (as by a mounted filesystem) across a server restart -----------------------
+# The driver keeps the old connection's configuration until the last close: a reconnect cannot work until then, and
+# NBD_SET_SOCK would still succeed, leaving one more kernel-held server connection per retry. The mapping must refuse
+# each attempt before SET_SOCK, and serve again once the device is closed.
+held_log=/tmp/held.log
+echo "nbd-daemon (Ioctl mapping on /dev/nbd6, held open across an nbdkit restart)" > $held_log
+nbd-daemon --Nbd:Mappings:0:Name=held --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd6 \
+    --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
+    --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>$held_log 2>&1 &
+HELD=$!
+wait_connected nbd6 60 $HELD >/dev/null; held_ok=$(yesno $?)
+exec 7</dev/nbd6
+kill -KILL "$(cat /run/nbdkit.pid)"
+sleep 1
+start_kit 7<&- || note "nbdkit restart failed"   # the server must not inherit the holder's descriptor
+sleep 8   # about six 1 s retries while the device is held
+held_refusals=$(grep -c 'still held open' $held_log)
+# client-side connections to nbdkit that are still established (remote port 10810 = 0x2A3A)
+held_conns=$(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01"' /proc/net/tcp | wc -l)
+held_pid=$(nbd_pid nbd6)
+serving_before=$(grep -c -- '-> Serving' $held_log)
+exec 7<&-
+held_t1=$(now_ms)
+while [ "$(grep -c -- '-> Serving' $held_log)" -le "$serving_before" ] && [ $(( $(now_ms) - held_t1 )) -lt 30000 ]; do
+    sleep 0.1
+done
+held_ms=$(( $(now_ms) - held_t1 ))
+held_back=$([ "$(grep -c -- '-> Serving' $held_log)" -gt "$serving_before" ] && echo yes || echo no)
+held_read=$(probe_read nbd6 held && echo ok || echo "fail_$PROBE_ERR")
+daemon_kill $HELD TERM
+result held connected=$held_ok refusals=$held_refusals established=$held_conns pid_while_held=${held_pid:-none} \
+    served_after_close=$held_back after_close_ms=$held_ms read=$held_read exit_rc=$EXIT_RC
+grep -v '^   at ' $held_log | tail -n 12 | sed 's/^/LOG held: /'
+
+# --- claims: a mapping without Device never takes a device another mapping names --------------------------------
+# pin-io names nbd0 and pin-nl names nbd2, both with no server (they look free, as at a boot with the server down);
+# any-io (Ioctl) and any-nl (Netlink) have no Device and must take neither, nor the same one.
+claims_log=/tmp/claims.log
+echo "nbd-daemon (pin-io on nbd0 and pin-nl on nbd2 with no server; any-io and any-nl without Device)" > $claims_log
+nbd-daemon --Nbd:Mappings:0:Name=pin-io --Nbd:Mappings:0:Uri=nbd://127.0.0.1:10899/none --Nbd:Mappings:0:Device=/dev/nbd0 \
+    --Nbd:Mappings:1:Name=any-io --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit \
+    --Nbd:Mappings:2:Name=pin-nl --Nbd:Mappings:2:Uri=nbd://127.0.0.1:10899/none --Nbd:Mappings:2:Device=/dev/nbd2 \
+    --Nbd:Mappings:2:Interface=Netlink \
+    --Nbd:Mappings:3:Name=any-nl --Nbd:Mappings:3:Uri=nbd://127.0.0.1:$PORT_SRV/srv --Nbd:Mappings:3:Interface=Netlink \
+    >>$claims_log 2>&1 &
+CLAIMS=$!
+connected_list() { for d in /sys/block/nbd*; do [ -e "$d/pid" ] && printf '%s,' "${d##*/}"; done; }
+claims_t0=$(now_ms)
+while [ "$(connected_list | tr ',' '\n' | grep -c nbd)" -lt 2 ] && [ $(( $(now_ms) - claims_t0 )) -lt 60000 ] \
+    && ! proc_gone $CLAIMS; do
+    sleep 0.2
+done
+sleep 1
+claims_connected=$(connected_list)
+any_io=$(grep -o 'Mapping any-io on /dev/nbd[0-9]*' $claims_log | tail -n 1 | sed 's/.* //')
+any_nl=$(grep -o 'Mapping any-nl on /dev/nbd[0-9]*' $claims_log | tail -n 1 | sed 's/.* //')
+daemon_kill $CLAIMS TERM
+result claims connected=${claims_connected:-none} any_io=${any_io:-none} any_nl=${any_nl:-none} exit_rc=$EXIT_RC
+grep -v '^   at ' $claims_log | grep -m 12 'any-\|pin-' | sed 's/^/LOG claims: /'

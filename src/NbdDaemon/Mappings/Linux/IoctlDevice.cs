@@ -17,13 +17,15 @@ internal sealed class IoctlDevice : IIoctlDevice
     private readonly Thread _thread;
     private NbdDevice _device = null!;
 
-    private IoctlDevice(string? path)
+    private IoctlDevice(string? path, Func<int, bool>? mayUse)
     {
         _thread = new Thread(Run) { IsBackground = true, Name = "nbd " + (path ?? "(unused)") };
         _thread.Start();
         try
         {
-            OnThread(() => _device = path is null ? NbdDevice.OpenUnused() : NbdDevice.Open(path));
+            OnThread(() => _device = path is not null ? NbdDevice.Open(path)
+                : mayUse is not null ? NbdDevice.OpenUnused(mayUse)
+                : NbdDevice.OpenUnused());
         }
         catch
         {
@@ -32,7 +34,7 @@ internal sealed class IoctlDevice : IIoctlDevice
         }
     }
 
-    public static IoctlDevice Open(string? path) => new(path);
+    public static IoctlDevice Open(string? path, Func<int, bool>? mayUse = null) => new(path, mayUse);
 
     public string Path => _device.Path;
 
@@ -46,7 +48,19 @@ internal sealed class IoctlDevice : IIoctlDevice
 
     public void SetSocket(Socket socket) => OnThread(() => _device.SetSocket(socket));
 
-    public INbdServiceLoop StartServiceLoop(string name) => new ServiceLoop(this, Post(() => _device.RunServiceLoop()));
+    /// <summary>
+    /// NBD_DO_IT on the device's thread. The task faults when the ioctl failed without a stop of ours (EBUSY: the
+    /// device could not start; ETIMEDOUT: a request timed out), so that the failure is named instead of read as a
+    /// connection that ended.
+    /// </summary>
+    public INbdServiceLoop StartServiceLoop(string name) => new ServiceLoop(this, Post(() =>
+    {
+        NbdServiceLoopResult result = _device.RunServiceLoop();
+        if (result.Errno != 0 && !result.StoppedByRequest)
+        {
+            throw new NbdKernelException(_device.Path, "NBD_DO_IT", result.Errno);
+        }
+    }));
 
     public void ClearQueue() => _device.ClearQueue();
 

@@ -7,7 +7,7 @@ namespace NbdDaemon.Mappings.Linux;
 /// <param name="sysBlock">Root of the block devices in sysfs; a parameter so tests can point it at a fake tree.</param>
 internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
 {
-    public IIoctlDevice OpenDevice(string? path) => IoctlDevice.Open(path);
+    public IIoctlDevice OpenDevice(string? path, Func<int, bool>? mayUse = null) => IoctlDevice.Open(path, mayUse);
 
     public INbdNetlinkControl OpenNetlink() => NetlinkControl.Open();
 
