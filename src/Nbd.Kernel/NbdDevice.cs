@@ -32,6 +32,17 @@ public sealed partial class NbdDevice : IDisposable
     private int _loopRunning;
     private int _disposed;
 
+    /// <summary>The sockets the kernel took from us (NBD_SET_SOCK), so that a disconnect that cannot be sent can be cut short.</summary>
+    private readonly List<Socket> _sockets = [];
+
+    /// <summary>
+    /// How long NBD_DISCONNECT may block sending NBD_CMD_DISC before the sockets given to <see cref="SetSocket"/> are shut
+    /// down under it (see <see cref="Disconnect"/>).
+    /// </summary>
+    public static readonly TimeSpan DefaultDisconnectGrace = TimeSpan.FromSeconds(5);
+
+    internal TimeSpan DisconnectGrace { get; set; } = DefaultDisconnectGrace;
+
     internal NbdDevice(string path, int index, INbdDeviceControl control, int pageSize)
     {
         Path = path;
@@ -88,6 +99,7 @@ public sealed partial class NbdDevice : IDisposable
     {
         NbdValidation.ValidateSocket(socket, nameof(socket));
         Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
+        Remember(socket);
     }
 
     /// <summary>
@@ -102,11 +114,19 @@ public sealed partial class NbdDevice : IDisposable
         foreach (var socket in sockets)
         {
             Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
+            Remember(socket);
         }
     }
 
     /// <summary>NBD_CLEAR_SOCK: shuts the sockets down and fails queued I/O.</summary>
-    public void ClearSocket() => Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0, nameof(NbdConstants.NBD_CLEAR_SOCK));
+    public void ClearSocket()
+    {
+        Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0, nameof(NbdConstants.NBD_CLEAR_SOCK));
+        lock (_sockets)
+        {
+            _sockets.Clear();
+        }
+    }
 
     /// <summary>NBD_SET_TIMEOUT in whole seconds; 0 restores the block layer default (30 s).</summary>
     public void SetTimeout(TimeSpan timeout) =>
@@ -173,10 +193,74 @@ public sealed partial class NbdDevice : IDisposable
     }
 
     /// <summary>NBD_DISCONNECT: the kernel sends NBD_CMD_DISC to the server; NBD_DO_IT returns once the server closes.</summary>
+    /// <remarks>
+    /// The driver sends NBD_CMD_DISC under each socket's send lock, which a request send blocked on a server that stopped
+    /// reading holds (for the request timeout, or for ever without one: the socket then has no send timeout). After
+    /// <see cref="DefaultDisconnectGrace"/> the sockets given to <see cref="SetSocket"/> are shut down, which fails those
+    /// sends and lets the disconnect finish, so that a stalled server cannot make a stop hang.
+    /// </remarks>
     public void Disconnect()
     {
         Volatile.Write(ref _stopRequested, 1);
-        Ioctl(NbdConstants.NBD_DISCONNECT, 0, nameof(NbdConstants.NBD_DISCONNECT));
+        Check(DisconnectBounded(), nameof(NbdConstants.NBD_DISCONNECT));
+    }
+
+    private void Remember(Socket socket)
+    {
+        lock (_sockets)
+        {
+            _sockets.Add(socket);
+        }
+    }
+
+    /// <summary>NBD_DISCONNECT on a thread of its own, the sockets shut down under it once it took longer than the grace.</summary>
+    private int DisconnectBounded()
+    {
+        int errno = 0;
+        System.Runtime.ExceptionServices.ExceptionDispatchInfo? failure = null;
+        var thread = new Thread(() =>
+        {
+            try
+            {
+                errno = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
+            }
+#pragma warning disable CA1031 // Rethrown on the caller's thread below.
+            catch (Exception e)
+#pragma warning restore CA1031
+            {
+                failure = System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(e);
+            }
+        })
+        { IsBackground = true, Name = "nbd" + Index.ToString(CultureInfo.InvariantCulture) + " disconnect" };
+        thread.Start();
+        if (!thread.Join(DisconnectGrace))
+        {
+            Socket[] sockets;
+            lock (_sockets)
+            {
+                sockets = [.. _sockets];
+            }
+
+            foreach (Socket socket in sockets)
+            {
+                try
+                {
+                    socket.Shutdown(SocketShutdown.Both);
+                }
+                catch (Exception e) when (e is SocketException or ObjectDisposedException)
+                {
+                    // Already closed by its owner, or no longer connected: nothing left to unblock there.
+                }
+            }
+
+            if (!thread.Join(DisconnectGrace))
+            {
+                return Errno.ETIMEDOUT;
+            }
+        }
+
+        failure?.Throw();
+        return errno;
     }
 
     /// <summary>
@@ -206,7 +290,7 @@ public sealed partial class NbdDevice : IDisposable
         try
         {
             // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
-            _ = _control.Ioctl(NbdConstants.NBD_DISCONNECT, 0);
+            _ = DisconnectBounded();
             _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
         }
         catch (ObjectDisposedException)
@@ -296,9 +380,9 @@ public sealed partial class NbdDevice : IDisposable
         {
             return !NbdSysfs.Read(index, sysBlock).IsInUse;
         }
-        catch (NbdKernelException)
+        catch (Exception e) when (e is NbdKernelException or IOException or UnauthorizedAccessException)
         {
-            return false;
+            return false; // unreadable sysfs (removed meanwhile, an odd value): not a device to take
         }
     }
 

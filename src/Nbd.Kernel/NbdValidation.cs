@@ -46,7 +46,13 @@ internal static class NbdValidation
         }
     }
 
-    /// <summary>Kernel timeouts are whole seconds (u64 seconds for netlink, unsigned long for the ioctl).</summary>
+    /// <summary>
+    /// The longest timeout the driver keeps intact: it stores <c>seconds * HZ</c> in 32 bits (<c>tag_set.timeout</c>,
+    /// the queue's <c>rq_timeout</c>), and HZ is at most 1000; a larger value would wrap to a short timeout.
+    /// </summary>
+    public static readonly TimeSpan MaxTimeout = TimeSpan.FromSeconds(uint.MaxValue / 1000);
+
+    /// <summary>Kernel timeouts are whole seconds (u64 seconds for netlink, unsigned long for the ioctl), at most <see cref="MaxTimeout"/>.</summary>
     public static ulong ToWholeSeconds(TimeSpan timeout, string paramName)
     {
         if (timeout < TimeSpan.Zero)
@@ -56,6 +62,10 @@ internal static class NbdValidation
         if (timeout.Ticks % TimeSpan.TicksPerSecond != 0)
         {
             throw new ArgumentOutOfRangeException(paramName, timeout, "The nbd driver takes whole seconds.");
+        }
+        if (timeout > MaxTimeout)
+        {
+            throw new ArgumentOutOfRangeException(paramName, timeout, $"At most {MaxTimeout.TotalSeconds:0} s: the driver keeps the timeout in jiffies in 32 bits, and a larger one would wrap to a short timeout.");
         }
         return (ulong)(timeout.Ticks / TimeSpan.TicksPerSecond);
     }

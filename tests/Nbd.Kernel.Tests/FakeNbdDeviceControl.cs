@@ -19,6 +19,9 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
 
     public string? DoItThreadName { get; private set; }
 
+    /// <summary>When set, NBD_DISCONNECT blocks until it is (the driver's NBD_CMD_DISC send stuck behind a full socket).</summary>
+    public ManualResetEventSlim? DisconnectRelease { get; set; }
+
     public bool DoItOnThreadPool { get; private set; }
 
     public bool HasCall(uint request)
@@ -39,6 +42,10 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
         if (request == Nbd.Kernel.Interop.NbdConstants.NBD_CLEAR_SOCK)
         {
             _socketsCleared.Set();
+        }
+        if (request == Nbd.Kernel.Interop.NbdConstants.NBD_DISCONNECT && DisconnectRelease is { } release)
+        {
+            release.Wait(TimeSpan.FromSeconds(30));
         }
         if (request == Nbd.Kernel.Interop.NbdConstants.NBD_DO_IT)
         {

@@ -221,7 +221,54 @@ public sealed class NbdDeviceTests
         device.SetTimeout(TimeSpan.FromSeconds(30));
         Assert.Throws<ArgumentOutOfRangeException>(() => device.SetTimeout(TimeSpan.FromMilliseconds(1500)));
         Assert.Throws<ArgumentOutOfRangeException>(() => device.SetTimeout(TimeSpan.FromSeconds(-1)));
-        Assert.Equal((NbdConstants.NBD_SET_TIMEOUT, 30ul), Assert.Single(control.Calls));
+        // seconds * HZ (≤ 1000) must fit the driver's 32-bit jiffies: 17179870 s at HZ=250 would wrap to about 0.8 s.
+        device.SetTimeout(TimeSpan.FromSeconds(4294967));
+        Assert.Throws<ArgumentOutOfRangeException>(() => device.SetTimeout(TimeSpan.FromSeconds(4294968)));
+        Assert.Throws<ArgumentOutOfRangeException>(() => device.SetTimeout(TimeSpan.FromSeconds(17179870)));
+        Assert.Equal([(NbdConstants.NBD_SET_TIMEOUT, 30ul), (NbdConstants.NBD_SET_TIMEOUT, 4294967ul)], control.Calls);
+    }
+
+    [Fact]
+    public async Task Disconnect_ServerStoppedReading_SocketsShutDownAfterTheGraceSoItReturns()
+    {
+        // The driver's NBD_CMD_DISC waits behind a request send that a server which stopped reading blocks (for ever
+        // when no request timeout is set): the socket shut down under it is what lets the disconnect, and a stop, end.
+        var (device, control) = Create();
+        var (client, server) = ConnectedTcpPair();
+        using (client)
+        using (server)
+        using (var release = new ManualResetEventSlim())
+        {
+            device.SetSocket(client);
+            device.DisconnectGrace = TimeSpan.FromMilliseconds(300);
+            control.DisconnectRelease = release;
+            Task<int> peer = Task.Run(() =>
+            {
+                int n = server.Receive(new byte[1]);
+                release.Set();
+                return n;
+            });
+
+            var stopwatch = System.Diagnostics.Stopwatch.StartNew();
+            device.Disconnect();
+
+            Assert.InRange(stopwatch.Elapsed, TimeSpan.FromMilliseconds(280), TimeSpan.FromSeconds(10));
+            Assert.Equal(0, await peer.WaitAsync(TimeSpan.FromSeconds(10))); // the server saw our FIN
+        }
+    }
+
+    [Fact]
+    public void Disconnect_KernelAnswersPromptly_SocketLeftAlone()
+    {
+        var (device, _) = Create();
+        var (client, server) = ConnectedTcpPair();
+        using (client)
+        using (server)
+        {
+            device.SetSocket(client);
+            device.Disconnect();
+            Assert.False(server.Poll(TimeSpan.FromMilliseconds(200), SelectMode.SelectRead), "the socket was shut down");
+        }
     }
 
     [Fact]

@@ -236,6 +236,24 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "exit_rc", 0);
     }
 
+    /// <summary>
+    /// SIGTERM while the server has stopped reading (SIGSTOP) under write load: the driver's NBD_CMD_DISC waits behind a
+    /// request send blocked on the full socket (up to Timeout, 30 s, and again for its own send); the disconnect shuts
+    /// the socket down after 5 s, so the stop ends well within the host's 20 s and the device is freed.
+    /// </summary>
+    [Fact]
+    public async Task Stop_ServerStoppedReadingUnderWriteLoad_ExitsPromptlyAndFreesTheDevice()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("stallstop");
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.That(run, r, r.Long("send_queue") > 0, "the kernel's socket had nothing queued: the server's stall was not felt");
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.That(run, r, r.Long("exit_ms") < 15000, $"the stop took {r.Long("exit_ms")} ms");
+        Expect.Equal(run, r, "freed", "yes");
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

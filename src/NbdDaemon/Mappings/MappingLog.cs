@@ -42,6 +42,9 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 118, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the netlink event subscription failed; subscribed again and serving on (the connection's sockets are watched meanwhile)")]
     public static partial void EventsResubscribed(ILogger logger, Exception? exception, string mapping, string device);
 
+    [LoggerMessage(EventId = 119, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the netlink event subscription failed and subscribing again failed too; serving on, the connection's sockets watched, trying again in a second")]
+    public static partial void EventsNotResubscribed(ILogger logger, Exception? exception, string mapping, string device);
+
     [LoggerMessage(EventId = 109, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: watching the connection's sockets failed; relying on LINK_DEAD alone")]
     public static partial void SocketWatchFailed(ILogger logger, Exception? exception, string mapping, string device);
 }

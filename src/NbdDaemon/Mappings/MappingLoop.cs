@@ -785,12 +785,27 @@ internal sealed class MappingLoop
                 continue;
             }
 
-            if (linkDead.IsFaulted && !stop.IsCancellationRequested && RenewBrokenNetlink())
+            if (linkDead.IsFaulted && !stop.IsCancellationRequested && _netlink is { EventsLost: true })
             {
                 // The subscription failed, not the connection (ENOBUFS: events dropped for want of room). Ending
                 // serving would tear down a healthy connection, and RECONFIGURE would find no dead slot for the new
                 // one. A death while there was no subscription still shows on the watched sockets.
-                MappingLog.EventsResubscribed(_logger, linkDead.Exception?.GetBaseException(), Name, DeviceText);
+                try
+                {
+                    RenewBrokenNetlink();
+                    MappingLog.EventsResubscribed(_logger, linkDead.Exception?.GetBaseException(), Name, DeviceText);
+                }
+#pragma warning disable CA1031 // The connection is fine: serving goes on, watched by its sockets, and the renewal is retried.
+                catch (Exception ex)
+#pragma warning restore CA1031
+                {
+                    // Not ending serving for that either (the same memory pressure may be why): the connection would be
+                    // released while the kernel keeps it, and a later GaveUp would disconnect a healthy device.
+                    MappingLog.EventsNotResubscribed(_logger, ex, Name, DeviceText);
+                    await Task.WhenAny(ended, Task.Delay(TimeSpan.FromSeconds(1), _time, stop));
+                    stop.ThrowIfCancellationRequested();
+                }
+
                 continue;
             }
 

@@ -201,8 +201,18 @@ internal sealed class FakeKernel : INbdKernel
         return device;
     }
 
+    /// <summary>How many of the next <see cref="OpenNetlink"/> calls fail (as under the memory pressure behind ENOBUFS).</summary>
+    public int OpenNetlinkFailures { get; set; }
+
     public INbdNetlinkControl OpenNetlink()
     {
+        if (OpenNetlinkFailures > 0)
+        {
+            OpenNetlinkFailures--;
+            Record("netlink open failed");
+            throw new SocketException((int)SocketError.NoBufferSpaceAvailable);
+        }
+
         Record("netlink open");
         Netlink = new FakeNetlink(this);
         return Netlink;

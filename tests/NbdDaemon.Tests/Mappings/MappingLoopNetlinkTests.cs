@@ -651,6 +651,35 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_EventSubscriptionLostAndRenewalFailsOnce_ServesOnAndRenewsASecondLater()
+    {
+        // Before: the failed renewal ended serving; the next attempts' RECONFIGURE found no dead slot (the connection
+        // was fine), and with MaxAttempts the mapping gave up and disconnected a healthy device.
+        var connector = new FakeConnector().ThenServe();
+        var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null,
+            reconnect: ReconnectOptions.Default with { MaxAttempts = 2 });
+        MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.OpenNetlinkFailures = 1;
+        _kernel.Netlink!.LoseEvents();
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("netlink open failed"));
+        await Task.Delay(100);
+        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.Equal(1, _kernel.Operations.Count(o => o == "netlink open"));
+
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Count(o => o == "netlink open") == 2);
+
+        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.Equal(1, running.States.Count(s => s == MappingState.Serving));
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-disconnect", StringComparison.Ordinal));
+        Assert.False(connector.Sessions.Single().ShutDown);
+        await running.StopAsync();
+    }
+
+    [Fact]
     public async Task RunAsync_EventSubscriptionLostWhileServing_SubscribesAgainAndServesOnThenSeesTheNextLinkDead()
     {
         // ENOBUFS on the event socket: the subscription failed, not the connection. Treated as a loss it would tear the

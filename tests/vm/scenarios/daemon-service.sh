@@ -359,3 +359,33 @@ any_nl=$(grep -o 'Mapping any-nl on /dev/nbd[0-9]*' $claims_log | tail -n 1 | se
 daemon_kill $CLAIMS TERM
 result claims connected=${claims_connected:-none} any_io=${any_io:-none} any_nl=${any_nl:-none} exit_rc=$EXIT_RC
 grep -v '^   at ' $claims_log | grep -m 12 'any-\|pin-' | sed 's/^/LOG claims: /'
+
+# --- stallstop: SIGTERM while the server has stopped reading under write load (Ioctl) --------------------------
+# The driver sends NBD_CMD_DISC under the socket's send lock, which a request send blocked on the full socket holds
+# for up to Timeout (30 s); the disconnect must cut that short, so that the stop ends well within systemd's
+# TimeoutStopSec and the device is freed.
+stall_log=/tmp/stall.log
+echo "nbd-daemon (Ioctl mapping on /dev/nbd7; nbdkit SIGSTOPped under write load, then SIGTERM)" > $stall_log
+nbd-daemon --Nbd:Mappings:0:Name=stall --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd7 \
+    --Nbd:Mappings:0:Interface=Ioctl >>$stall_log 2>&1 &
+STALL=$!
+wait_connected nbd7 60 $STALL >/dev/null; stall_ok=$(yesno $?)
+kill -STOP "$(cat /run/nbdkit.pid)"
+# buffered writes and their flush: writeback fills the socket buffers (the export is larger than they are)
+dd if=/dev/zero of=/dev/nbd7 bs=1M count=20 conv=fsync 2>/dev/null &
+WRITER=$!
+sleep 3
+# bytes waiting in our socket's send queue towards nbdkit (the kernel's connection; hex tx_queue in /proc/net/tcp)
+stall_unsent=0
+for q in $(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01" { split($5, q, ":"); print q[1] }' /proc/net/tcp); do
+    [ $((0x$q)) -gt "$stall_unsent" ] && stall_unsent=$((0x$q))
+done
+echo "SCENARIO $(date +%H:%M:%S) SIGTERM sent" >> $stall_log
+kill -TERM $STALL
+wait_exit $STALL 40 || { kill -KILL $STALL; wait $STALL; }
+stall_rc=$EXIT_RC stall_ms=$EXIT_MS
+stall_freed=$(wait_free nbd7 5 >/dev/null; yesno $?)
+kill -CONT "$(cat /run/nbdkit.pid)"
+kill $WRITER 2>/dev/null; wait $WRITER 2>/dev/null
+result stallstop connected=$stall_ok send_queue=${stall_unsent:-none} exit_rc=$stall_rc exit_ms=$stall_ms freed=$stall_freed
+grep -v '^   at ' $stall_log | tail -n 8 | sed 's/^/LOG stall: /'
