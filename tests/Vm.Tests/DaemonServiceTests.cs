@@ -239,7 +239,8 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
     /// <summary>
     /// SIGTERM while the server has stopped reading (SIGSTOP) under write load: the driver's NBD_CMD_DISC waits behind a
     /// request send blocked on the full socket (up to Timeout, 30 s, and again for its own send); the disconnect shuts
-    /// the socket down after 5 s, so the stop ends well within the host's 20 s and the device is freed.
+    /// the socket down after 5 s, so the stop ends well within the host's 20 s and the device is freed (measured: the
+    /// build before took 20.2 s and ended on the host's shutdown timeout; this one 5.6 s).
     /// </summary>
     [Fact]
     public async Task Stop_ServerStoppedReadingUnderWriteLoad_ExitsPromptlyAndFreesTheDevice()

@@ -370,16 +370,21 @@ nbd-daemon --Nbd:Mappings:0:Name=stall --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$POR
     --Nbd:Mappings:0:Interface=Ioctl >>$stall_log 2>&1 &
 STALL=$!
 wait_connected nbd7 60 $STALL >/dev/null; stall_ok=$(yesno $?)
+# The first open after the connect scans partitions (a read): done before the stall, or it would be the only request.
+dd if=/dev/nbd7 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
 kill -STOP "$(cat /run/nbdkit.pid)"
-# buffered writes and their flush: writeback fills the socket buffers (the export is larger than they are)
-dd if=/dev/zero of=/dev/nbd7 bs=1M count=20 conv=fsync 2>/dev/null &
+# one 16 MiB O_DIRECT write: split into 128 KiB requests sent at once, more than the socket buffers hold
+dd if=/dev/zero of=/dev/nbd7 bs=16M count=1 oflag=direct 2>/dev/null &
 WRITER=$!
-sleep 3
 # bytes waiting in our socket's send queue towards nbdkit (the kernel's connection; hex tx_queue in /proc/net/tcp)
-stall_unsent=0
-for q in $(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01" { split($5, q, ":"); print q[1] }' /proc/net/tcp); do
-    [ $((0x$q)) -gt "$stall_unsent" ] && stall_unsent=$((0x$q))
+stall_unsent=0 stall_t0=$(now_ms)
+while [ "$stall_unsent" = 0 ] && [ $(( $(now_ms) - stall_t0 )) -lt 10000 ]; do
+    sleep 0.5
+    for q in $(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01" { split($5, q, ":"); print q[1] }' /proc/net/tcp); do
+        [ $((0x$q)) -gt "$stall_unsent" ] && stall_unsent=$((0x$q))
+    done
 done
+sleep 1
 echo "SCENARIO $(date +%H:%M:%S) SIGTERM sent" >> $stall_log
 kill -TERM $STALL
 wait_exit $STALL 40 || { kill -KILL $STALL; wait $STALL; }
