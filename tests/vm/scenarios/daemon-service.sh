@@ -272,12 +272,19 @@ badconfig busydevice Nbd:Mappings:1:Interface nbd-daemon \
     --Nbd:Mappings:1:Name=y --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Interface=Bogus
 # a valid Ioctl mapping naming that device: refused at every attempt without an ioctl (SET_BLKSIZE, SET_SIZE have no
 # owner check, and the cleanup's NBD_CLEAR_SOCK would end the other client's connection)
+# kit_daemon NAME DEV LOG WHAT…: the daemon with one Ioctl mapping NAME of nbdkit's export on DEV, retried every
+# second, its output in LOG (first line: WHAT); DPID is its pid.
+kit_daemon() {
+    local name=$1 dev=$2 log=$3; shift 3
+    echo "nbd-daemon ($*)" > "$log"
+    nbd-daemon --Nbd:Mappings:0:Name="$name" --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device="$dev" \
+        --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
+        --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>"$log" 2>&1 &
+    DPID=$!
+}
 busy_log=/tmp/busy.log
-echo "nbd-daemon (Ioctl mapping on /dev/nbd5, held by connect)" > $busy_log
-nbd-daemon --Nbd:Mappings:0:Name=busy --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd5 \
-    --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
-    --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>$busy_log 2>&1 &
-BUSY=$!
+kit_daemon busy /dev/nbd5 $busy_log Ioctl mapping on /dev/nbd5, held by connect
+BUSY=$DPID
 busy_t0=$(now_ms)
 while [ "$(grep -c 'is in use by another client' $busy_log)" -lt 2 ] && [ $(( $(now_ms) - busy_t0 )) -lt 90000 ] \
     && ! proc_gone $BUSY; do
@@ -305,11 +312,8 @@ result pre_stop exit_rc=$EXIT_RC freed=$(wait_free nbd5 5 >/dev/null; yesno $?)
 # NBD_SET_SOCK would still succeed, leaving one more kernel-held server connection per retry. The mapping must refuse
 # each attempt before SET_SOCK, and serve again once the device is closed.
 held_log=/tmp/held.log
-echo "nbd-daemon (Ioctl mapping on /dev/nbd6, held open across an nbdkit restart)" > $held_log
-nbd-daemon --Nbd:Mappings:0:Name=held --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd6 \
-    --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
-    --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>$held_log 2>&1 &
-HELD=$!
+kit_daemon held /dev/nbd6 $held_log Ioctl mapping on /dev/nbd6, held open across an nbdkit restart
+HELD=$DPID
 wait_connected nbd6 60 $HELD >/dev/null; held_ok=$(yesno $?)
 exec 7</dev/nbd6
 kill -KILL "$(cat /run/nbdkit.pid)"
@@ -365,10 +369,8 @@ grep -v '^   at ' $claims_log | grep -m 12 'any-\|pin-' | sed 's/^/LOG claims: /
 # for up to Timeout (30 s); the disconnect must cut that short, so that the stop ends well within systemd's
 # TimeoutStopSec and the device is freed.
 stall_log=/tmp/stall.log
-echo "nbd-daemon (Ioctl mapping on /dev/nbd7; nbdkit SIGSTOPped under write load, then SIGTERM)" > $stall_log
-nbd-daemon --Nbd:Mappings:0:Name=stall --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device=/dev/nbd7 \
-    --Nbd:Mappings:0:Interface=Ioctl >>$stall_log 2>&1 &
-STALL=$!
+kit_daemon stall /dev/nbd7 $stall_log Ioctl mapping on /dev/nbd7, nbdkit SIGSTOPped under write load, then SIGTERM
+STALL=$DPID
 wait_connected nbd7 60 $STALL >/dev/null; stall_ok=$(yesno $?)
 # The first open after the connect scans partitions (a read): done before the stall, or it would be the only request.
 dd if=/dev/nbd7 of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
