@@ -209,7 +209,8 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         var r = run.One("held");
         output.WriteLine(r.Raw);
         Expect.Equal(run, r, "connected", "yes");
-        Expect.That(run, r, r.Long("refusals") >= 3, "the mapping did not refuse the held device at three attempts");
+        // A repeated reason is logged at attempts 1, 2, 4, 8, …: two lines at least in the 8 s (the first is a new reason).
+        Expect.That(run, r, r.Long("refusals") >= 2, "the mapping did not refuse the held device at two logged attempts");
         Expect.That(run, r, r.Long("established") <= 1, $"{r.Long("established")} connections to the server left established by the retries");
         Expect.Equal(run, r, "served_after_close", "yes");
         Expect.Equal(run, r, "read", "ok");

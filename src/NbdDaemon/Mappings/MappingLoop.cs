@@ -509,7 +509,7 @@ internal sealed class MappingLoop
         }
         catch
         {
-            _claims.Release(Name);
+            _claims.Release(Name, keep: _netlinkIndex); // a device this mapping has kept stays its own
             throw;
         }
 
@@ -635,6 +635,7 @@ internal sealed class MappingLoop
     /// </summary>
     private void Adopt(KernelDeviceInfo device, ExportDescription export)
     {
+        _claims.TryClaim(device.Index, Name); // ours by its backend identifier: no other mapping of ours may pick it
         uint block = device.LogicalBlockSize is 0 ? BlockSizePolicy.Minimum : device.LogicalBlockSize;
         // The kernel's capacity is the export size in whole 512-byte sectors; compare at the device's block size.
         if (export.Size / block != device.SizeBytes / block)
@@ -770,7 +771,9 @@ internal sealed class MappingLoop
         {
             using var iteration = CancellationTokenSource.CreateLinkedTokenSource(stop);
             Task linkDead = _netlink!.WaitForLinkDeadAsync(index, iteration.Token);
-            Task first = await Task.WhenAny(linkDead, ended);
+            // The sockets' end first: when both are done (a broken subscription fails every wait at once), WhenAny
+            // returns the first task given, and the loop below must not go on renewing over a connection that ended.
+            Task first = await Task.WhenAny(ended, linkDead);
             if (first == ended)
             {
                 await iteration.CancelAsync();

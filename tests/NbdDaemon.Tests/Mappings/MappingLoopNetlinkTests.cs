@@ -680,6 +680,29 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_EventSubscriptionCannotBeRenewedAndTheConnectionEnds_ReconnectsInsteadOfSpinning()
+    {
+        // A broken subscription fails every wait at once: with the connection's end also done, the serve loop must
+        // take the end, not renew again and again (one netlink open per pass, without delay).
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.OpenNetlinkFailures = int.MaxValue;
+        _kernel.Netlink!.LoseEvents();
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("netlink open failed"));
+        _kernel.EndSocket(connector.Sessions.Single().Socket, "the server closed the connection");
+        await running.WaitForAsync(MappingState.Reconnecting);
+        await Task.Delay(200);
+
+        // One failed renewal in the serve loop, one in the next attempt (whose own failure is the retry's reason).
+        Assert.InRange(_kernel.Operations.Count(o => o == "netlink open failed"), 1, 3);
+        Assert.True(connector.Sessions.First().Disposed, "the ended connection was not released");
+        await running.StopAsync();
+    }
+
+    [Fact]
     public async Task RunAsync_EventSubscriptionLostWhileServing_SubscribesAgainAndServesOnThenSeesTheNextLinkDead()
     {
         // ENOBUFS on the event socket: the subscription failed, not the connection. Treated as a loss it would tear the
