@@ -67,6 +67,7 @@ internal sealed class DeviceClaims
         }
     }
 
+    /// <summary>5 for /dev/nbd5 (a configured or opened device path, validated before), null for none.</summary>
     public static int? IndexOf(string? device) =>
         device is null ? null : int.Parse(device.AsSpan("/dev/nbd".Length), NumberStyles.None, CultureInfo.InvariantCulture);
 }

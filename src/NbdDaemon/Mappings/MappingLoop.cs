@@ -500,7 +500,7 @@ internal sealed class MappingLoop
             }
         }
 
-        int? wanted = _netlinkIndex ?? DeviceIndex(_options.Device) ?? PickNetlinkDevice();
+        int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device) ?? PickNetlinkDevice();
         int connected;
         try
         {
@@ -616,7 +616,7 @@ internal sealed class MappingLoop
     /// <summary>The configured device, or else any nbd device, that an earlier daemon left configured for this mapping.</summary>
     private KernelDeviceInfo? FindOwnDevice()
     {
-        IEnumerable<int> candidates = DeviceIndex(_options.Device) is int configured ? [configured] : _kernel.ListDevices();
+        IEnumerable<int> candidates = DeviceClaims.IndexOf(_options.Device) is int configured ? [configured] : _kernel.ListDevices();
         foreach (int candidate in candidates)
         {
             if (_kernel.ReadDevice(candidate) is { Connected: true } device && device.Backend == _options.BackendIdentifier)
@@ -977,7 +977,7 @@ internal sealed class MappingLoop
     /// </summary>
     private void RefuseDeviceInUse()
     {
-        if (DeviceIndex(_options.Device) is not int index || _kernel.ReadDevice(index) is not { } info)
+        if (DeviceClaims.IndexOf(_options.Device) is not int index || _kernel.ReadDevice(index) is not { } info)
         {
             return; // no configured device (OpenUnused checks), or no such device (the open fails and says so)
         }
@@ -1000,16 +1000,13 @@ internal sealed class MappingLoop
     /// </summary>
     private void RefuseHeldConfiguration()
     {
-        if (DeviceIndex(Device) is int index && _kernel.ReadDevice(index) is { Connected: true } info)
+        if (DeviceClaims.IndexOf(Device) is int index && _kernel.ReadDevice(index) is { Connected: true } info)
         {
             throw new MappingException(string.Create(
                 CultureInfo.InvariantCulture,
                 $"{info.Path} is still held open (mounted, or open in a process): the driver keeps its old connection until the last close, so it cannot take a new one; retrying until it is closed (Interface=Netlink reconnects under a holder)"));
         }
     }
-
-    private static int? DeviceIndex(string? device) =>
-        device is null ? null : int.Parse(device.AsSpan("/dev/nbd".Length), NumberStyles.None, CultureInfo.InvariantCulture);
 
     private string DeviceText => Device ?? "(unassigned)";
 
