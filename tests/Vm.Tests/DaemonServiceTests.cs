@@ -256,6 +256,30 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "freed", "yes");
     }
 
+    /// <summary>
+    /// The same Netlink mapping in a second daemon started by hand beside the one running it (an admin trying the
+    /// configuration while the service runs): the second touches neither server nor device and names the first one's
+    /// pid; its Ctrl-C leaves the first one's device connected and serving. Before the mapping lock, the second adopted
+    /// the device by its backend identifier and its stop disconnected it.
+    /// </summary>
+    [Fact]
+    public async Task Start_SameMappingInASecondProcess_RefusedAndItsStopLeavesTheDeviceServing()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("twin");
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.That(run, r, r.Long("refusals") >= 2, "the second process did not refuse the mapping at two logged attempts");
+        Expect.Equal(run, r, "holder", r["first_pid"]);
+        Expect.That(run, r, r.Long("conns_during") == r.Long("conns_before"), $"{r.Long("conns_during")} server connections while the second process ran, {r.Long("conns_before")} before: it connected");
+        Expect.Equal(run, r, "second_rc", 0);
+        Expect.Equal(run, r, "connected_after", "yes");
+        Expect.Equal(run, r, "backend", "nbd-daemon:twin");
+        Expect.Equal(run, r, "read", "ok");
+        Expect.Equal(run, r, "first_lost", 0);
+        Expect.Equal(run, r, "exit_rc", 0);
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

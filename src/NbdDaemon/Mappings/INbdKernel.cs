@@ -36,6 +36,12 @@ internal interface INbdKernel
     /// it down as it marks it dead), through duplicates of the descriptors: <c>Nbd.Kernel.NbdSocketWatch</c>.
     /// </summary>
     ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets);
+
+    /// <summary>
+    /// The host-wide lock of one mapping (by its backend identifier), held until disposed or the process ends:
+    /// <c>Linux.MappingLock</c>. Throws <see cref="MappingInUseException"/> when another process holds it.
+    /// </summary>
+    IDisposable LockMapping(string backendIdentifier);
 }
 
 /// <summary>A running <see cref="INbdKernel.WatchSockets"/>; disposing it stops watching (the sockets stay open).</summary>

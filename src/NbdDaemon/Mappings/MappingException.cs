@@ -106,3 +106,20 @@ internal sealed class DeviceMismatchException : MappingException
 
     public ExportDescription Export { get; }
 }
+
+/// <summary>
+/// Another process runs this mapping (it holds the mapping's lock: <c>Linux.MappingLock</c>), e.g. a daemon started by
+/// hand beside the service. Nothing is touched, neither server nor device; the attempt is retried with backoff, so the
+/// mapping takes over once that process ends.
+/// </summary>
+internal sealed class MappingInUseException : MappingException
+{
+    public MappingInUseException(string reason, int? holderPid)
+        : base(reason)
+    {
+        HolderPid = holderPid;
+    }
+
+    /// <summary>The holder's pid, when /proc showed it.</summary>
+    public int? HolderPid { get; }
+}

@@ -73,6 +73,9 @@ internal sealed class MappingLoop
     private int? _netlinkIndex;
     private bool _kernelHasSockets;
 
+    /// <summary>The host-wide lock of this mapping (<see cref="INbdKernel.LockMapping"/>), taken by the first attempt that gets it.</summary>
+    private IDisposable? _lock;
+
     /// <summary>The ioctl device took one of our sockets once: from then on it is this mapping's (see RefuseDeviceInUse).</summary>
     private bool _deviceClaimed;
     private ExportDescription? _established;
@@ -181,6 +184,8 @@ internal sealed class MappingLoop
         {
             _firstAttempt.TrySetResult();
             _claims.Release(Name);
+            _lock?.Dispose();
+            _lock = null;
         }
     }
 
@@ -216,9 +221,9 @@ internal sealed class MappingLoop
 
             int attempts = Interlocked.Increment(ref _failedAttempts);
             // While the kernel holds the I/O, retries are fast and do not count towards MaxAttempts: giving up
-            // would fail that I/O, and waiting longer only stalls it longer. A changed export is no connection
-            // problem: it keeps the normal schedule.
-            bool held = IsHeld() && failure is not (ExportChangedException or DeviceMismatchException);
+            // would fail that I/O, and waiting longer only stalls it longer. A changed export, or a mapping another
+            // process runs, is no connection problem: it keeps the normal schedule.
+            bool held = IsHeld() && failure is not (ExportChangedException or DeviceMismatchException or MappingInUseException);
             if (held)
             {
                 _heldAttempts++;
@@ -281,6 +286,9 @@ internal sealed class MappingLoop
         try
         {
             Transition(MappingState.Connecting, quiet: _quietAttempt);
+            // Before the server or the device is touched: another process running this mapping (a daemon started by
+            // hand beside the service) owns both, and an adoption here would let our stop disconnect its device.
+            _lock ??= _kernel.LockMapping(_options.BackendIdentifier);
             _sessions = await ConnectAllAsync(stop);
             stop.ThrowIfCancellationRequested();
 

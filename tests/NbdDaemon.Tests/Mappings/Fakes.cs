@@ -229,6 +229,39 @@ internal sealed class FakeKernel : INbdKernel
 
     public TimeSpan ReadSendTimeout(Socket socket) => _sendTimeouts.TryGetValue(socket, out TimeSpan value) ? value : TimeSpan.Zero;
 
+    /// <summary>Mapping locks held (by backend identifier), with the pid shown to a second taker.</summary>
+    public ConcurrentDictionary<string, int> Locks { get; } = new();
+
+    /// <summary>"lock NAME", "lock refused NAME", "unlock NAME" in order (kept out of <see cref="Operations"/>, which are the driver's).</summary>
+    public ConcurrentQueue<string> LockEvents { get; } = new();
+
+    /// <summary>Like the abstract socket name: one holder; released by disposing, as by the holder's exit.</summary>
+    public IDisposable LockMapping(string backendIdentifier)
+    {
+        if (!Locks.TryAdd(backendIdentifier, Environment.ProcessId))
+        {
+            LockEvents.Enqueue("lock refused " + backendIdentifier);
+            throw new MappingInUseException($"mapping is run by another nbd-daemon process (pid {Locks[backendIdentifier]})", Locks[backendIdentifier]);
+        }
+
+        LockEvents.Enqueue("lock " + backendIdentifier);
+        return new FakeLock(this, backendIdentifier);
+    }
+
+    private sealed class FakeLock(FakeKernel kernel, string name) : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+            {
+                kernel.Locks.TryRemove(name, out _);
+                kernel.LockEvents.Enqueue("unlock " + name);
+            }
+        }
+    }
+
     /// <summary>What nbd_start_device / nbd_reconnect_socket do to a socket they take.</summary>
     public void Take(Socket socket, TimeSpan timeout) => _sendTimeouts[socket] = timeout;
 

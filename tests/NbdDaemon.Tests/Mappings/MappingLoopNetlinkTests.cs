@@ -340,6 +340,51 @@ public sealed class MappingLoopNetlinkTests
     }
 
     [Fact]
+    public async Task RunAsync_AnotherProcessRunsTheMapping_TouchesNeitherServerNorDeviceAndItsStopLeavesTheDevice()
+    {
+        // The service's device, and its lock: this loop is a second daemon started by hand with the same configuration.
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
+        _kernel.Locks["nbd-daemon:data"] = 4242;
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Contains("another nbd-daemon process (pid 4242)", loop.LastFailure, StringComparison.Ordinal);
+        // The normal backoff, not the fast schedule of a held device: that device is the other process's to reconnect.
+        Assert.Equal(TimeSpan.FromMilliseconds(750), loop.LastDelay);
+        Assert.Empty(connector.Sessions);
+        await running.StopAsync();
+
+        Assert.Equal(MappingState.Stopped, loop.State);
+        Assert.Equal(["netlink open", "netlink close"], _kernel.Operations);
+        Assert.True(_kernel.NetlinkDevices.ContainsKey(2));
+        Assert.Equal(4242, _kernel.Locks["nbd-daemon:data"]);
+    }
+
+    [Fact]
+    public async Task RunAsync_LockFreedByTheOtherProcess_TakesItAdoptsAndReleasesItAtTheEnd()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
+        _kernel.Locks["nbd-daemon:data"] = 4242;
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        _kernel.Locks.TryRemove("nbd-daemon:data", out _); // that process ended
+        _time.Advance(TimeSpan.FromMilliseconds(750));
+        await running.WaitForAsync(MappingState.Serving);
+        Assert.Equal(["netlink open", "nl-reconfigure 2 socks 1 id nbd-daemon:data", "nl-timeout 2 30 s id nbd-daemon:data"], _kernel.Operations);
+        Assert.Equal(Environment.ProcessId, _kernel.Locks["nbd-daemon:data"]);
+
+        await running.StopAsync();
+        Assert.Contains("nl-disconnect 2", _kernel.Operations);
+        Assert.Empty(_kernel.Locks);
+        Assert.Equal(["lock refused nbd-daemon:data", "lock nbd-daemon:data", "unlock nbd-daemon:data"], _kernel.LockEvents);
+    }
+
+    [Fact]
     public async Task RunAsync_StopWithOnStopLeave_ClosesDescriptorsWithoutDisconnectOrShutdown()
     {
         var connector = new FakeConnector().ThenServe();

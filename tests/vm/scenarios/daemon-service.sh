@@ -5,6 +5,8 @@
 #  outage    one server SIGKILLed and restarted 2 s later on the same port and file: time until new I/O on its
 #            device succeeds, what a reader saw on that device meanwhile, and I/O on the two others throughout.
 #  stop      SIGTERM: exit code, time to exit, every device freed.
+#  twin      the same Netlink mapping in a second daemon beside the first: refused naming the first's pid; its Ctrl-C
+#            leaves the device serving.
 # Once: badconfig  Interface=Bogus / duplicate Device → exit 78, key named on stderr, no device touched, and a
 #            mapping made beforehand by `nbd-daemon connect` on nbd5 left alone.
 # ioctl is configured on the command line, netlink through /etc/nbd-daemon/appsettings.json (both sources used).
@@ -272,13 +274,13 @@ badconfig busydevice Nbd:Mappings:1:Interface nbd-daemon \
     --Nbd:Mappings:1:Name=y --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Interface=Bogus
 # a valid Ioctl mapping naming that device: refused at every attempt without an ioctl (SET_BLKSIZE, SET_SIZE have no
 # owner check, and the cleanup's NBD_CLEAR_SOCK would end the other client's connection)
-# kit_daemon NAME DEV LOG WHAT…: the daemon with one Ioctl mapping NAME of nbdkit's export on DEV, retried every
-# second, its output in LOG (first line: WHAT); DPID is its pid.
+# kit_daemon NAME DEV LOG WHAT…: the daemon with one mapping NAME of nbdkit's export on DEV (Interface $KIT_IFACE,
+# Ioctl unless set), retried every second, its output in LOG (first line: WHAT); DPID is its pid.
 kit_daemon() {
     local name=$1 dev=$2 log=$3; shift 3
     echo "nbd-daemon ($*)" > "$log"
     nbd-daemon --Nbd:Mappings:0:Name="$name" --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:0:Device="$dev" \
-        --Nbd:Mappings:0:Interface=Ioctl --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
+        --Nbd:Mappings:0:Interface="${KIT_IFACE:-Ioctl}" --Nbd:Mappings:0:Reconnect:InitialDelay=00:00:01 \
         --Nbd:Mappings:0:Reconnect:MaxDelay=00:00:01 >>"$log" 2>&1 &
     DPID=$!
 }
@@ -396,3 +398,41 @@ kill -CONT "$(cat /run/nbdkit.pid)"
 kill $WRITER 2>/dev/null; wait $WRITER 2>/dev/null
 result stallstop connected=$stall_ok send_queue=${stall_unsent:-none} exit_rc=$stall_rc exit_ms=$stall_ms freed=$stall_freed
 grep -v '^   at ' $stall_log | tail -n 8 | sed 's/^/LOG stall: /'
+
+# --- twin: the same mapping in a second daemon started by hand beside the one running it (Netlink) ---------------
+# The second process must touch neither server nor device (it would adopt the device by its backend identifier),
+# name the first one's pid, and its Ctrl-C must leave the first one's device serving.
+twin_log=/tmp/twin.log twin2_log=/tmp/twin2.log
+# A fresh nbdkit: after stallstop (SIGSTOP, the daemon's shutdown of its socket, SIGCONT) it refused connections in a
+# run. Whether that one still lived (not exited, nor a zombie), for the record.
+kit_alive=$(proc_gone "$(cat /run/nbdkit.pid)" && echo no || echo yes)
+kill -KILL "$(cat /run/nbdkit.pid)" 2>/dev/null
+sleep 0.5
+start_kit || note "nbdkit restart failed"
+KIT_IFACE=Netlink kit_daemon twin /dev/nbd4 $twin_log Netlink mapping on /dev/nbd4, the first process
+TWIN=$DPID
+wait_connected nbd4 60 $TWIN >/dev/null; twin_ok=$(yesno $?)
+twin_conns_before=$(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01"' /proc/net/tcp | wc -l)
+KIT_IFACE=Netlink kit_daemon twin /dev/nbd4 $twin2_log the same mapping started again by hand, the second process
+TWIN2=$DPID
+twin_t0=$(now_ms)
+while [ "$(grep -c 'Reconnecting; mapping is run by another nbd-daemon process' $twin2_log)" -lt 2 ] && [ $(( $(now_ms) - twin_t0 )) -lt 60000 ] \
+    && ! proc_gone $TWIN2; do
+    sleep 0.2
+done
+twin_refusals=$(grep -c 'Reconnecting; mapping is run by another nbd-daemon process' $twin2_log)
+twin_holder=$(grep -o 'another nbd-daemon process (pid [0-9]*)' $twin2_log | head -n 1 | tr -dc 0-9)
+twin_conns=$(awk 'NR > 1 && $3 ~ /:2A3A$/ && $4 == "01"' /proc/net/tcp | wc -l)
+daemon_kill $TWIN2 TERM   # as the admin's Ctrl-C (SIGINT is ignored in a background job of a script)
+twin2_rc=$EXIT_RC
+sleep 1
+twin_after=$([ -e /sys/block/nbd4/pid ] && [ "$(nbd_bytes nbd4)" != 0 ] && echo yes || echo no)
+twin_backend=$(cat /sys/block/nbd4/backend 2>/dev/null)
+twin_read=$(probe_read nbd4 twin && echo ok || echo "fail_$PROBE_ERR")
+twin_lost=$(grep -c -- '-> Reconnecting' $twin_log)
+daemon_kill $TWIN TERM
+result twin kit_was_alive=$kit_alive connected=$twin_ok first_pid=$TWIN refusals=$twin_refusals holder=${twin_holder:-none} \
+    conns_before=$twin_conns_before conns_during=$twin_conns second_rc=$twin2_rc connected_after=$twin_after \
+    backend=${twin_backend:-none} read=$twin_read first_lost=$twin_lost exit_rc=$EXIT_RC
+grep -v '^   at ' $twin_log | grep -m 12 'twin' | sed 's/^/LOG twin: /'
+grep -v '^   at ' $twin2_log | grep -m 6 'twin' | sed 's/^/LOG twin2: /'

@@ -32,6 +32,8 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
 
     public TimeSpan ReadSendTimeout(Socket socket) => NbdSocketTimeout.Read(socket);
 
+    public IDisposable LockMapping(string backendIdentifier) => MappingLock.Take(backendIdentifier);
+
     public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets) => new SocketWatch(NbdSocketWatch.Start(sockets), sockets.Count);
 
     private sealed class SocketWatch(NbdSocketWatch watch, int count) : ISocketWatch
