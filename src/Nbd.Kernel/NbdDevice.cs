@@ -157,9 +157,20 @@ public sealed partial class NbdDevice : IDisposable
     /// </summary>
     public ulong SetSizeBytes(ulong bytes)
     {
-        ulong blocks = bytes / _blockSize;
-        SetSizeBlocks(blocks);
-        return blocks * _blockSize;
+        ulong size = WholeBlocks(bytes, _blockSize);
+        SetSizeBlocks(size / _blockSize);
+        return size;
+    }
+
+    /// <summary>
+    /// <paramref name="bytes"/> rounded down to whole blocks: the size a device of that block size can have, by ioctl
+    /// (<see cref="SetSizeBytes"/>) or netlink (<c>NBD_ATTR_SIZE_BYTES</c>, which the driver does not round: a partial
+    /// last block would fail its reads).
+    /// </summary>
+    public static ulong WholeBlocks(ulong bytes, uint blockSize)
+    {
+        ArgumentOutOfRangeException.ThrowIfZero(blockSize);
+        return bytes - (bytes % blockSize);
     }
 
     /// <summary>NBD_SET_FLAGS with the raw transmission flags from the handshake (NBD_FLAG_READ_ONLY, SEND_FLUSH, ...).</summary>

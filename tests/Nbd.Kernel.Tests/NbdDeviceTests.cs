@@ -205,6 +205,22 @@ public sealed class NbdDeviceTests
         Assert.Equal((NbdConstants.NBD_SET_SIZE_BLOCKS, 5ul), control.Calls[^1]);
     }
 
+    [Theory]
+    [InlineData(1UL << 30, 4096u, 1UL << 30)]
+    [InlineData((1UL << 30) + 2048, 4096u, 1UL << 30)]
+    [InlineData(4095UL, 4096u, 0UL)]
+    [InlineData(ulong.MaxValue, 512u, ulong.MaxValue - 511)]
+    public void WholeBlocks_RoundsDownToTheBlockSize(ulong bytes, uint blockSize, ulong expected)
+    {
+        Assert.Equal(expected, NbdDevice.WholeBlocks(bytes, blockSize));
+    }
+
+    [Fact]
+    public void WholeBlocks_ZeroBlockSize_Refused()
+    {
+        Assert.Throws<ArgumentOutOfRangeException>(() => NbdDevice.WholeBlocks(4096, 0));
+    }
+
     [Fact]
     public void SetSizeBlocks_Overflow_RefusedBeforeKernel()
     {

@@ -207,7 +207,7 @@ internal static class ConnectCommand
         var index = netlink.Connect(new NbdNetlinkConnectRequest
         {
             Index = deviceIndex >= 0 ? deviceIndex : null,
-            SizeBytes = mapping.Size - mapping.Size % mapping.BlockSize,
+            SizeBytes = NbdDevice.WholeBlocks(mapping.Size, mapping.BlockSize),
             BlockSize = mapping.BlockSize,
             Timeout = mapping.Timeout,
             ServerFlags = (ushort)mapping.Flags,

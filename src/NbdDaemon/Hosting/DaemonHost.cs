@@ -28,6 +28,7 @@ internal static class DaemonHost
         IReadOnlyList<MappingOptions> mappings;
         try
         {
+            CheckAdminFileVisible(systemConfigPath);
             builder = CreateBuilder(hostArgs, systemConfigPath);
             mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(builder.Configuration);
             CheckLogging(builder.Configuration);
@@ -61,6 +62,35 @@ internal static class DaemonHost
     }
 
     private const string LoggingSection = "Serilog";
+
+    /// <summary>
+    /// The admin's file is optional, so "absent" must really mean absent: <see cref="File.Exists"/> is also false when
+    /// its directory may not be searched (EACCES: the unit keeps no CAP_DAC_OVERRIDE), when a symlink on the way loops,
+    /// or when the path is a directory, and the daemon would then run without the admin's mappings. Those throw here
+    /// (exit 78, the path named); only ENOENT passes.
+    /// </summary>
+    private static void CheckAdminFileVisible(string path)
+    {
+        if (File.Exists(path))
+        {
+            return;
+        }
+
+        FileAttributes attributes;
+        try
+        {
+            attributes = File.GetAttributes(path);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            return;
+        }
+
+        if (attributes.HasFlag(FileAttributes.Directory))
+        {
+            throw new IOException($"{path} is a directory, not the configuration file");
+        }
+    }
 
     /// <summary>
     /// Builds a throwaway logger from section <c>Serilog</c>, so that a bad value there (a level spelled <c>Warn</c>) is a

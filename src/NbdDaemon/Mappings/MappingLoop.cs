@@ -404,7 +404,7 @@ internal sealed class MappingLoop
     }
 
     /// <summary>The export in whole blocks: the driver's capacity has no partial block, and reads of one would fail.</summary>
-    private static ulong DeviceSize(ExportDescription export, uint blockSize) => export.Size - (export.Size % blockSize);
+    private static ulong DeviceSize(ExportDescription export, uint blockSize) => Nbd.Kernel.NbdDevice.WholeBlocks(export.Size, blockSize);
 
     private void ConfigureIoctl(ExportDescription export, uint blockSize, ushort flags)
     {
