@@ -877,8 +877,13 @@ internal sealed class MappingLoop
             if (_serviceLoop is { } loop)
             {
                 TryStep("NBD_CLEAR_QUE", device.ClearQueue);
-                TryStep("NBD_DISCONNECT", device.Disconnect);
-                TryStep("service loop stop", loop.Stop);
+                // The loop's stop is NBD_DISCONNECT (bounded) then NBD_CLEAR_SOCK, once each: a second NBD_DISCONNECT
+                // goes to a server that already closed on the first ("Send disconnect failed -32" in the kernel log).
+                if (TryStep("NBD_DISCONNECT and NBD_CLEAR_SOCK (service loop stop)", loop.Stop))
+                {
+                    _kernelHasSockets = false;
+                }
+
                 try
                 {
                     await loop.Completion.WaitAsync(StopGrace, _time);
@@ -937,17 +942,20 @@ internal sealed class MappingLoop
         _sessions = [];
     }
 
-    private void TryStep(string operation, Action step)
+    /// <summary>Runs one teardown step; false (logged with the operation) when it failed.</summary>
+    private bool TryStep(string operation, Action step)
     {
         try
         {
             step();
+            return true;
         }
 #pragma warning disable CA1031 // Teardown must run every step; failures are logged with the operation.
         catch (Exception ex)
 #pragma warning restore CA1031
         {
             MappingLog.ReleaseStepFailed(_logger, ex, Name, DeviceText, operation);
+            return false;
         }
     }
 

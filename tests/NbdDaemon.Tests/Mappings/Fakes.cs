@@ -423,7 +423,7 @@ internal sealed class FakeDevice : IIoctlDevice
     public INbdServiceLoop StartServiceLoop(string name)
     {
         _kernel.Record("do-it " + name);
-        Loop = new FakeServiceLoop(_kernel);
+        Loop = new FakeServiceLoop(_kernel, this);
         return Loop;
     }
 
@@ -449,9 +449,12 @@ internal sealed class FakeServiceLoop : INbdServiceLoop
     private readonly FakeKernel _kernel;
     private readonly TaskCompletionSource _done = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    public FakeServiceLoop(FakeKernel kernel)
+    private readonly FakeDevice _device;
+
+    public FakeServiceLoop(FakeKernel kernel, FakeDevice device)
     {
         _kernel = kernel;
+        _device = device;
     }
 
     public Task Completion => _done.Task;
@@ -459,7 +462,13 @@ internal sealed class FakeServiceLoop : INbdServiceLoop
     /// <summary>The connection died (or NBD_DISCONNECT took effect): NBD_DO_IT returns.</summary>
     public void End() => _done.TrySetResult();
 
-    public void Stop() => _kernel.Record("loop-stop");
+    /// <summary>As <c>IoctlDevice</c>'s: NBD_DISCONNECT then NBD_CLEAR_SOCK on the device.</summary>
+    public void Stop()
+    {
+        _kernel.Record("loop-stop");
+        _device.Disconnect();
+        _device.ClearSocket();
+    }
 }
 
 internal sealed class FakeNetlink : INbdNetlinkControl

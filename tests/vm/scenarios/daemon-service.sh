@@ -215,6 +215,8 @@ run_mode() { # MODE KILLED_INDEX
     local t0 f0 f1 f2
     # wall-clock markers in the daemon's own log (same clock as its timestamps; busybox date has whole seconds)
     echo "SCENARIO $(date +%H:%M:%S) SIGTERM sent" >> "$log"
+    local disc_failed0
+    disc_failed0=$(dmesg | grep -c 'Send disconnect failed')
     t0=$(now_ms)
     kill -TERM $pid
     wait_exit $pid 15 || { kill -KILL $pid; wait $pid; }
@@ -222,7 +224,8 @@ run_mode() { # MODE KILLED_INDEX
     local exit_rc=$EXIT_RC exit_ms=$EXIT_MS
     f0=$(wait_free nbd0 5 >/dev/null; yesno $?); f1=$(wait_free nbd1 5 >/dev/null; yesno $?); f2=$(wait_free nbd2 5 >/dev/null; yesno $?)
     result stop mode=$mode exit_rc=$exit_rc exit_ms=$exit_ms all_freed_ms=$(( $(now_ms) - t0 )) nbd0_freed=$f0 nbd1_freed=$f1 nbd2_freed=$f2 \
-        sizes=$(nbd_bytes nbd0),$(nbd_bytes nbd1),$(nbd_bytes nbd2)
+        sizes=$(nbd_bytes nbd0),$(nbd_bytes nbd1),$(nbd_bytes nbd2) \
+        disconnect_failed_lines=$(( $(dmesg | grep -c 'Send disconnect failed') - disc_failed0 ))
     # the daemon's log without stack frames: the start, and the end (outage and stop)
     grep -v '^   at \|^   --- End\|^ ---> ' "$log" > /tmp/log-short
     if [ "$(wc -l < /tmp/log-short)" -le 140 ]; then sed "s/^/LOG daemon-$mode: /" /tmp/log-short
