@@ -283,6 +283,23 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "exit_rc", 0);
     }
 
+    /// <summary>
+    /// A Netlink mapping without Device next to one naming nbd0 (so the daemon chooses the device, not the kernel), with
+    /// nbd1 open in another process without a configuration: sysfs shows nbd1 free, NBD_CMD_CONNECT to it fails EBUSY.
+    /// The next attempt takes another device (before: nbd1 again at every attempt, for as long as it stayed open).
+    /// </summary>
+    [Fact]
+    public async Task Start_NetlinkDeviceItWouldPickIsOpenElsewhere_TakesAnother()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("busypick");
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("busy_refusals") >= 1, "CONNECT to the open nbd1 was never refused: the case was not exercised");
+        Expect.That(run, r, r["device"] is not ("none" or "/dev/nbd0" or "/dev/nbd1"), $"the mapping ended on {r["device"]}");
+        Expect.Equal(run, r, "read", "ok");
+        Expect.Equal(run, r, "exit_rc", 0);
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

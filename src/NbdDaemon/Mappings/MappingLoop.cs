@@ -73,6 +73,13 @@ internal sealed class MappingLoop
     private int? _netlinkIndex;
     private bool _kernelHasSockets;
 
+    /// <summary>
+    /// Devices we picked (<see cref="PickNetlinkDevice"/>) whose CONNECT failed EBUSY: open in some process without a
+    /// configuration, which sysfs does not show (the driver gives an unconfigured device a configuration on open). The
+    /// kernel's own pick skips such a device, so ours does too, instead of trying the same one at every attempt.
+    /// </summary>
+    private readonly HashSet<int> _busyPicks = [];
+
     /// <summary>The host-wide lock of this mapping (<see cref="INbdKernel.LockMapping"/>), taken by the first attempt that gets it.</summary>
     private IDisposable? _lock;
 
@@ -508,15 +515,21 @@ internal sealed class MappingLoop
             }
         }
 
-        int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device) ?? PickNetlinkDevice();
+        int? picked = _netlinkIndex is null && DeviceClaims.IndexOf(_options.Device) is null ? PickNetlinkDevice() : null;
+        int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device) ?? picked;
         int connected;
         try
         {
             connected = _netlink.Connect(new NetlinkConnectParameters(
                 wanted, DeviceSize(export, blockSize), blockSize, _options.Timeout, _options.DeadConnectionTimeout, flags, [.. _sessions.Select(s => s.Socket)], _options.BackendIdentifier));
         }
-        catch
+        catch (Exception ex)
         {
+            if (picked is int busy && ex is Nbd.Kernel.NbdKernelException { ErrnoName: "EBUSY" })
+            {
+                _busyPicks.Add(busy);
+            }
+
             _claims.Release(Name, keep: _netlinkIndex); // a device this mapping has kept stays its own
             throw;
         }
@@ -606,14 +619,14 @@ internal sealed class MappingLoop
         IReadOnlyList<int> devices = _kernel.ListDevices();
         foreach (int index in devices)
         {
-            if (_kernel.ReadDevice(index) is { InUse: false } && _claims.TryClaim(index, Name))
+            if (!_busyPicks.Contains(index) && _kernel.ReadDevice(index) is { InUse: false } && _claims.TryClaim(index, Name))
             {
                 return index;
             }
         }
 
         int next = devices.Count == 0 ? 0 : devices[^1] + 1;
-        while (!_claims.TryClaim(next, Name))
+        while (_busyPicks.Contains(next) || !_claims.TryClaim(next, Name))
         {
             next++;
         }

@@ -229,6 +229,9 @@ internal sealed class FakeKernel : INbdKernel
 
     public TimeSpan ReadSendTimeout(Socket socket) => _sendTimeouts.TryGetValue(socket, out TimeSpan value) ? value : TimeSpan.Zero;
 
+    /// <summary>Devices open in another process without a configuration: sysfs shows them free, CONNECT fails EBUSY.</summary>
+    public HashSet<int> OpenedElsewhere { get; } = [];
+
     /// <summary>Mapping locks held (by backend identifier), with the pid shown to a second taker.</summary>
     public ConcurrentDictionary<string, int> Locks { get; } = new();
 
@@ -506,6 +509,11 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         LastConnect = parameters;
         int index = parameters.Index ?? 5;
         _kernel.Record($"nl-connect {index} size {parameters.SizeBytes} socks {parameters.Sockets.Count} id {parameters.BackendIdentifier}");
+        if (_kernel.OpenedElsewhere.Contains(index))
+        {
+            throw new Nbd.Kernel.NbdKernelException($"/dev/nbd{index}", "NBD_CMD_CONNECT", 16 /* EBUSY */, "nbd already in use");
+        }
+
         var device = new FakeNetlinkDevice(index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count);
         _kernel.NetlinkDevices[index] = device;
         for (int slot = 0; slot < parameters.Sockets.Count; slot++)

@@ -128,6 +128,39 @@ public sealed class MappingSupervisorTests
     }
 
     [Fact]
+    public async Task StartAsync_NetlinkWithoutDevice_PickedDeviceOpenElsewhere_NextAttemptPicksAnother()
+    {
+        // nbd7 is named by "pinned" (no server), so "any" picks itself; nbd8 looks free in sysfs but is open in some
+        // process, so CONNECT fails EBUSY: the retry must not pick nbd8 again (the kernel's own pick skips it too).
+        var kernel = new FakeKernel();
+        foreach (int free in new[] { 7, 8, 9 })
+        {
+            kernel.SysfsOnly[free] = new KernelDeviceInfo(free, 0, 512, null, Connected: false, ReadOnly: false);
+        }
+
+        kernel.OpenedElsewhere.Add(8);
+        var connector = new RoutingConnector(new() { ["pinned"] = new FakeConnector().ThenRefuse(), ["any"] = new FakeConnector().ThenServe() });
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("pinned", KernelInterface.Netlink, device: "/dev/nbd7"),
+            TestMappings.Create("any", KernelInterface.Netlink, device: null),
+        ];
+        var time = new FakeTimeProvider();
+        using var supervisor = new MappingSupervisor(mappings, connector, kernel, time, NullLoggerFactory.Instance, () => 0.0);
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        MappingLoop any = supervisor.Loops[1];
+        Assert.Equal(MappingState.Reconnecting, any.State);
+        Assert.Contains("EBUSY", any.LastFailure, StringComparison.Ordinal);
+
+        time.Advance(TimeSpan.FromSeconds(2));
+        await TestMappings.WaitUntilAsync(() => any.State == MappingState.Serving);
+
+        Assert.Equal("/dev/nbd9", any.Device);
+        Assert.Equal(["nl-connect 8", "nl-connect 9"], kernel.Operations.Where(o => o.StartsWith("nl-connect", StringComparison.Ordinal)).Select(o => string.Join(' ', o.Split(' ')[..2])));
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
+    [Fact]
     public async Task StartAsync_TwoIoctlMappingsWithoutDevice_EachGetsItsOwn()
     {
         // sysfs shows a device free until its NBD_DO_IT runs, and SET_BLKSIZE/SIZE/FLAGS have no owner check: two

@@ -7,6 +7,8 @@
 #  stop      SIGTERM: exit code, time to exit, every device freed.
 #  twin      the same Netlink mapping in a second daemon beside the first: refused naming the first's pid; its Ctrl-C
 #            leaves the device serving.
+#  busypick  a Netlink mapping without Device whose first choice (nbd1) is open elsewhere without a configuration
+#            (CONNECT: EBUSY): it takes another device.
 # Once: badconfig  Interface=Bogus / duplicate Device → exit 78, key named on stderr, no device touched, and a
 #            mapping made beforehand by `nbd-daemon connect` on nbd5 left alone.
 # ioctl is configured on the command line, netlink through /etc/nbd-daemon/appsettings.json (both sources used).
@@ -439,3 +441,29 @@ result twin kit_was_alive=$kit_alive connected=$twin_ok first_pid=$TWIN refusals
     backend=${twin_backend:-none} read=$twin_read first_lost=$twin_lost exit_rc=$EXIT_RC
 grep -v '^   at ' $twin_log | grep -m 12 'twin' | sed 's/^/LOG twin: /'
 grep -v '^   at ' $twin2_log | grep -m 6 'twin' | sed 's/^/LOG twin2: /'
+
+# --- busypick: a Netlink mapping without Device, and the device it would pick is open elsewhere ------------------
+# pin names nbd0 (no server), so pick chooses the device itself. nbd1, open in this shell without a configuration,
+# looks free in sysfs, but the driver gave it a configuration on open: NBD_CMD_CONNECT to it fails EBUSY. The next
+# attempt must choose another device, not nbd1 again (the kernel's own choice skips such a device).
+pick_log=/tmp/pick.log
+echo "nbd-daemon (pin on nbd0 with no server; pick without Device while nbd1 is open in the shell)" > $pick_log
+exec 8</dev/nbd1
+nbd-daemon --Nbd:Mappings:0:Name=pin --Nbd:Mappings:0:Uri=nbd://127.0.0.1:10899/none --Nbd:Mappings:0:Device=/dev/nbd0 \
+    --Nbd:Mappings:0:Interface=Netlink \
+    --Nbd:Mappings:1:Name=pick --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_KIT/kit --Nbd:Mappings:1:Interface=Netlink \
+    --Nbd:Mappings:1:Reconnect:InitialDelay=00:00:01 --Nbd:Mappings:1:Reconnect:MaxDelay=00:00:01 >>$pick_log 2>&1 &
+PICK=$!
+pick_t0=$(now_ms)
+while ! grep -q 'Mapping pick on /dev/nbd[0-9]* .*-> Serving' $pick_log && [ $(( $(now_ms) - pick_t0 )) -lt 30000 ] \
+    && ! proc_gone $PICK; do
+    sleep 0.2
+done
+pick_ms=$(( $(now_ms) - pick_t0 ))
+pick_dev=$(grep -o 'Mapping pick on /dev/nbd[0-9]* .*-> Serving' $pick_log | tail -n 1 | grep -o '/dev/nbd[0-9]*' | head -n 1)
+pick_busy=$(grep -c 'pick .*Reconnecting;.*EBUSY' $pick_log)
+pick_read=$( [ -n "$pick_dev" ] && probe_read "${pick_dev#/dev/}" pick && echo ok || echo fail)
+exec 8<&-
+daemon_kill $PICK TERM
+result busypick device=${pick_dev:-none} busy_refusals=$pick_busy serving_after_ms=$pick_ms read=$pick_read exit_rc=$EXIT_RC
+grep -v '^   at ' $pick_log | grep -m 8 'pick' | sed 's/^/LOG pick: /'
