@@ -17,8 +17,7 @@ internal sealed partial class NbdHandshake
         switch (Style)
         {
             case NegotiationStyle.Oldstyle:
-                var (size, flags) = OldstyleExport!.Value;
-                return new NbdExportInfo(exportName, size, flags, null, null);
+                return OldstyleInfo(exportName);
             case NegotiationStyle.Newstyle:
                 return await ExportNameAsync(exportName, ct);
             default:
@@ -38,12 +37,29 @@ internal sealed partial class NbdHandshake
     {
         if (Style == NegotiationStyle.Oldstyle)
         {
-            var (size, flags) = OldstyleExport!.Value;
-            return new NbdExportInfo(exportName, size, flags, null, null);
+            return OldstyleInfo(exportName);
         }
 
         RequireFixedNewstyle(NbdOption.Info);
         return await InfoOrGoAsync(NbdOption.Info, exportName, ct);
+    }
+
+    /// <summary>
+    /// proto.md "Oldstyle negotiation": the server serves its one export and the client has no way to name one. A
+    /// non-empty name asked for would silently get whatever that export is ("If the client is unhappy with what he
+    /// receives, he should disconnect"), so only the empty name is accepted.
+    /// </summary>
+    private NbdExportInfo OldstyleInfo(string exportName)
+    {
+        if (exportName.Length != 0)
+        {
+            throw new NbdProtocolException(
+                NbdProtocolError.Unsupported,
+                $"Server speaks the oldstyle handshake, which cannot select an export: refusing to serve its only export as '{exportName}' (use an empty export name for it).");
+        }
+
+        var (size, flags) = OldstyleExport!.Value;
+        return new NbdExportInfo(exportName, size, flags, null, null);
     }
 
     // proto.md "NBD_OPT_INFO and NBD_OPT_GO": zero or more NBD_REP_INFO, then NBD_REP_ACK or an error.

@@ -17,6 +17,12 @@ namespace Nbd.Protocol;
 /// </remarks>
 public sealed record NbdUri
 {
+    /// <summary>A DNS name's limit (RFC 1035: 255 octets on the wire, 253 characters written).</summary>
+    public const int MaxHostLength = 253;
+
+    /// <summary>sun_path holds 108 bytes with the terminating NUL (unix(7)).</summary>
+    public const int MaxSocketPathBytes = 107;
+
     private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
 
     /// <summary>Lower-case scheme: nbd, nbds, nbd+unix or nbds+unix.</summary>
@@ -178,13 +184,19 @@ public sealed record NbdUri
                     {
                         return $"'{hostText}' is not a valid host name";
                     }
+
+                    if (host.Length > MaxHostLength)
+                    {
+                        return $"the host name is longer than {MaxHostLength} characters (the limit of a DNS name)";
+                    }
                 }
             }
         }
 
-        if (portText is not null)
+        // RFC 3986 3.2.3: "port = *DIGIT"; an empty port ("host:") is the scheme's default.
+        if (portText is { Length: > 0 })
         {
-            if (portText.Length == 0 || portText.Length > 5 || !portText.All(char.IsAsciiDigit) ||
+            if (portText.Length > 5 || !portText.All(char.IsAsciiDigit) ||
                 !int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535)
             {
                 return $"port '{portText}' is not a number from 1 to 65535";
@@ -205,7 +217,7 @@ public sealed record NbdUri
                 return "a TCP URI needs a host (nbd://host[:port]/export)";
             }
 
-            if (portText is null)
+            if (string.IsNullOrEmpty(portText))
             {
                 port = NbdProtocol.DefaultPort;
             }
@@ -295,6 +307,11 @@ public sealed record NbdUri
         if (unix && string.IsNullOrEmpty(socket))
         {
             return $"a {scheme} URI needs ?socket=PATH";
+        }
+
+        if (socket is not null && Encoding.UTF8.GetByteCount(socket) > MaxSocketPathBytes)
+        {
+            return $"the socket path is longer than {MaxSocketPathBytes} bytes (the limit of a unix socket address)";
         }
 
         uri = new NbdUri

@@ -120,11 +120,22 @@ public sealed class NbdHandshakeTests
     {
         var server = ServerScript.Oldstyle(1UL << 40, 0x0001_0003);
 
-        var (info, stream) = await GoAsync(server);
+        var (info, stream) = await GoAsync(server, NbdUri.Parse("nbd://server.test"));
 
-        Assert.Equal(new NbdExportInfo("disk", 1UL << 40, TransmissionFlags.HasFlags | TransmissionFlags.ReadOnly, null, null), info);
+        Assert.Equal(new NbdExportInfo("", 1UL << 40, TransmissionFlags.HasFlags | TransmissionFlags.ReadOnly, null, null), info);
         Assert.Empty(stream.Written);
         Assert.Equal(152, stream.BytesRead);
+    }
+
+    [Fact]
+    public async Task Go_OldstyleWithAnExportNameAsked_RefusedInsteadOfServingItsOnlyExportUnderThatName()
+    {
+        // An oldstyle server cannot be told which export: nbd://server.test/disk would map whatever it serves.
+        var ex = await Assert.ThrowsAsync<NbdProtocolException>(() => GoAsync(ServerScript.Oldstyle(1UL << 40, 0x0001_0003)));
+
+        Assert.Equal(NbdProtocolError.Unsupported, ex.Error);
+        Assert.Contains("oldstyle", ex.Message, StringComparison.Ordinal);
+        Assert.Contains("'disk'", ex.Message, StringComparison.Ordinal);
     }
 
     public static TheoryData<NbdReplyType> ErrorCodes() =>
@@ -353,7 +364,7 @@ public sealed class NbdHandshakeTests
     {
         { "GO", ServerScript.Newstyle(3).InfoExport(NbdOption.Go, 1, Rw).InfoBlockSize(NbdOption.Go, 1, 4096, 65536).InfoString(NbdOption.Go, 1, "n").Ack(NbdOption.Go).ToArray(), 0 },
         { "fallback", ServerScript.Newstyle(1).Error(NbdOption.Go, NbdReplyType.ErrUnsup, "x").ExportNameReply(9, Rw, zeroes: true).ToArray(), 0 },
-        { "oldstyle", ServerScript.Oldstyle(9, 1).ToArray(), 0 },
+        { "oldstyle", ServerScript.Oldstyle(9, 1).ToArray(), 3 }, // GO for the empty name: the only one oldstyle serves
         { "newstyle", ServerScript.Newstyle(0).ExportNameReply(9, Rw, zeroes: true).ToArray(), 0 },
         { "list", ServerScript.Newstyle(3).Server("a", "b").Server("c").Ack(NbdOption.List).ToArray(), 1 },
         { "info", ServerScript.Newstyle(3).InfoExport(NbdOption.Info, 1, Rw).InfoString(NbdOption.Info, 2, "d").Ack(NbdOption.Info).ToArray(), 2 },
@@ -377,6 +388,7 @@ public sealed class NbdHandshakeTests
         {
             0 => NbdClient.NegotiateAsync(s, Disk, Options, CancellationToken.None),
             1 => NbdClient.NegotiateListAsync(s, Disk, Options, CancellationToken.None),
+            3 => NbdClient.NegotiateAsync(s, NbdUri.Parse("nbd://server.test"), Options, CancellationToken.None),
             _ => NbdClient.NegotiateInfoAsync(s, Disk, Options, CancellationToken.None),
         };
     }

@@ -2,6 +2,11 @@ namespace Nbd.Protocol.Tests.Uri;
 
 public sealed class NbdUriTests
 {
+    private const string MaxHost = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    private const string LongHost = MaxHost + "a";
+    private const string MaxSocket = "ssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss";
+    private const string LongSocket = MaxSocket + "s";
+
     [Theory]
     // The examples table of uri.md "NBD URI export name".
     [InlineData("nbd://example.com/disk", "nbd", false, "example.com", 10809, null, "disk")]
@@ -23,6 +28,11 @@ public sealed class NbdUriTests
     [InlineData("nbd+unix://?socket=/s", "nbd+unix", false, null, 0, "/s", "")]
     [InlineData("nbd://h/caf%C3%A9", "nbd", false, "h", 10809, null, "café")]
     [InlineData("nbd://h/e?tls-type=x509&tls-verify-peer=0&tls-hostname=a&x-mine=1", "nbd", false, "h", 10809, null, "e")]
+    // RFC 3986 3.2.3: an empty port is the default one.
+    [InlineData("nbd://host:/x", "nbd", false, "host", 10809, null, "x")]
+    // The limits: a DNS name of 253 characters, a socket path of 107 bytes (sun_path with its NUL).
+    [InlineData("nbd://" + MaxHost + "/x", "nbd", false, MaxHost, 10809, null, "x")]
+    [InlineData("nbd+unix:///x?socket=/" + MaxSocket, "nbd+unix", false, null, 0, "/" + MaxSocket, "x")]
     public void Parse_Valid_HasComponents(string text, string scheme, bool tls, string? host, int port, string? socket, string export)
     {
         var uri = NbdUri.Parse(text);
@@ -46,7 +56,8 @@ public sealed class NbdUriTests
     [InlineData("nbd://host:0/x", "port '0' is not a number from 1 to 65535")]
     [InlineData("nbd://host:65536/x", "port '65536'")]
     [InlineData("nbd://host:abc/x", "port 'abc'")]
-    [InlineData("nbd://host:/x", "port ''")]
+    [InlineData("nbd://" + LongHost + "/x", "longer than 253 characters")]
+    [InlineData("nbd+unix:///x?socket=/" + LongSocket, "longer than 107 bytes")]
     [InlineData("nbd://host:-1/x", "port '-1'")]
     [InlineData("nbd://[::1/x", "missing its closing ']'")]
     [InlineData("nbd://[1.2.3.4]/x", "not a valid IPv6 literal")]

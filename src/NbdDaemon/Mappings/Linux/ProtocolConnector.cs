@@ -42,11 +42,14 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
     /// <summary>The few words for STATUS= and the journal; the full exception travels as the inner exception.</summary>
     internal static string Reason(NbdException e) => e switch
     {
-        NbdTlsRequiredException => "server requires TLS (use an nbds:// URI)",
+        // proto.md: a server not in TLS mode MAY answer NBD_REP_ERR_TLS_REQD for an export it does not have, so that
+        // its exports cannot be probed; and this version cannot run TLS (nbds:// is refused), so no URI would help.
+        NbdTlsRequiredException => "server requires TLS, which this version does not support (or has no such export: a server may answer so for one it does not have)",
         NbdTlsNotSupportedException => "TLS is not supported by this version",
         NbdConnectException c => FailureText.Describe(c),
         NbdTimeoutException t => t.Phase == NbdTimeoutPhase.Connect ? "connect timed out" : "handshake timed out",
         NbdServerErrorException s => $"server refused: {s.ReplyType}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + s.ServerMessage + ")")}",
+        NbdProtocolException { Error: NbdProtocolError.Unsupported } p => p.Message, // what the server cannot do, e.g. select an export
         NbdProtocolException p => $"protocol error: {p.Error}",
         _ => e.Message,
     };
