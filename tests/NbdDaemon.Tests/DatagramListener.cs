@@ -30,6 +30,18 @@ internal sealed class DatagramListener : IDisposable
         }
     }
 
+    /// <summary>Blocking receive, for a reader that must not depend on the thread pool.</summary>
+    public byte[] Receive(TimeSpan timeout)
+    {
+        var buffer = new byte[256 * 1024];
+        if (!_socket.Poll(timeout, SelectMode.SelectRead))
+        {
+            throw new TimeoutException($"no datagram on {Path} within {timeout}");
+        }
+
+        return buffer[.._socket.Receive(buffer)];
+    }
+
     public async Task<string> ReceiveTextAsync(TimeSpan? timeout = null) => System.Text.Encoding.UTF8.GetString(await ReceiveAsync(timeout));
 
     /// <summary>Asserts nothing else arrives within a short window.</summary>

@@ -20,6 +20,13 @@ internal sealed class SystemdNotifications : BackgroundService
     private readonly Lock _statusLock = new();
     private string? _lastStatus;
     private bool _reportedUnhealthy;
+    private int _reportedSendFailure;
+
+    /// <summary>
+    /// systemd ignores a notification datagram longer than its buffer (NOTIFY_BUFFER_MAX, 4096 bytes): a STATUS= line
+    /// listing many failing mappings is cut to this many characters (at most 4 UTF-8 bytes each), ending in "…".
+    /// </summary>
+    public const int MaxStatusChars = 1000;
     private PeriodicTimer? _timer;
 
     public SystemdNotifications(ISystemdNotifier notifier, MappingSupervisor supervisor, TimeProvider time, WatchdogSettings watchdog, ILogger<SystemdNotifications> logger)
@@ -68,9 +75,41 @@ internal sealed class SystemdNotifications : BackgroundService
                 return;
             }
 
-            _lastStatus = status;
             // STATUS is one line; a newline would start a new assignment in the datagram.
-            _notifier.Notify(new ServiceState("STATUS=" + status.ReplaceLineEndings(" ")));
+            string line = status.ReplaceLineEndings(" ");
+            if (line.Length > MaxStatusChars)
+            {
+                line = line[..(MaxStatusChars - 1)] + "…";
+            }
+
+            if (TryNotify("STATUS=" + line))
+            {
+                _lastStatus = status;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Sends one notification; false when the socket refused it. The stock notifier throws then (NOTIFY_SOCKET gone, or
+    /// a supervisor that stopped reading), and this runs inside mapping transitions and watchdog ticks: an exception
+    /// there would skip a mapping's teardown or stop the host. Logged once per series of failures.
+    /// </summary>
+    private bool TryNotify(string state)
+    {
+        try
+        {
+            _notifier.Notify(new ServiceState(state));
+            Interlocked.Exchange(ref _reportedSendFailure, 0);
+            return true;
+        }
+        catch (Exception ex) when (ex is System.Net.Sockets.SocketException or ObjectDisposedException or IOException)
+        {
+            if (Interlocked.Exchange(ref _reportedSendFailure, 1) == 0)
+            {
+                _logger.LogWarning(ex, "systemd notification not sent ({State}); NOTIFY_SOCKET refused it", state.Split('=')[0]);
+            }
+
+            return false;
         }
     }
 
@@ -80,8 +119,7 @@ internal sealed class SystemdNotifications : BackgroundService
         if (_supervisor.IsHealthy())
         {
             _reportedUnhealthy = false;
-            _notifier.Notify(new ServiceState("WATCHDOG=1"));
-            return true;
+            return TryNotify("WATCHDOG=1");
         }
 
         if (!_reportedUnhealthy)

@@ -42,6 +42,52 @@ public sealed class JournaldSinkTests
     }
 
     [Fact]
+    public async Task Emit_JournaldNotReading_NeverBlocksThenSaysHowManyWereDropped()
+    {
+        // A bound socket nobody reads: its queue fills (as a stopped or restarting journald's does).
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        using var sink = new JournaldSink(journal.Path);
+        using Serilog.Core.Logger serilog = new LoggerConfiguration().MinimumLevel.Verbose().WriteTo.Sink(sink).CreateLogger();
+
+        var emitting = new Thread(() =>
+        {
+            for (int i = 0; i < 3000; i++)
+            {
+                serilog.Information("record {Index}", i);
+            }
+        });
+        emitting.Start();
+
+        // Blocked for good before (a blocking send on a socket whose queue holds far fewer), with this thread in it.
+        Assert.True(emitting.Join(TimeSpan.FromSeconds(10)), "Emit blocked on a journald that does not read");
+        long dropped = sink.Dropped;
+        Assert.InRange(dropped, 1, 2999);
+        int delivered = 0;
+        try
+        {
+            while (true)
+            {
+                journal.Receive(TimeSpan.FromMilliseconds(200));
+                delivered++;
+            }
+        }
+        catch (TimeoutException)
+        {
+        }
+
+        Assert.Equal(3000, delivered + dropped);
+        serilog.Information("after");
+        (Dictionary<string, string> notice, _) = Parse(await journal.ReceiveAsync());
+        Assert.Equal($"{dropped} log records dropped: journald was not reading", notice["MESSAGE"]);
+        Assert.Equal("4", notice["PRIORITY"]);
+        (Dictionary<string, string> after, _) = Parse(await journal.ReceiveAsync());
+        Assert.Equal("after", after["MESSAGE"]);
+        Assert.Equal(0, sink.Dropped);
+
+    }
+
+    [Fact]
     public async Task Emit_MappingTransitionThroughMicrosoftLogging_FieldsOnTheWire()
     {
         using var dir = new TempDirectory();

@@ -1,6 +1,7 @@
 using Microsoft.Extensions.Hosting.Systemd;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Time.Testing;
+using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 using NbdDaemon.Systemd;
 using NbdDaemon.Tests.Mappings;
@@ -87,6 +88,81 @@ public sealed class SystemdNotificationsTests
         await start.WaitAsync(TestTimeout);
         Assert.True(notifications.Tick());
         Assert.Equal("WATCHDOG=1", await systemd.ReceiveTextAsync());
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task Notifications_NotifySocketGone_TransitionsAndStopRunAndTheDeviceIsReleased()
+    {
+        // The stock notifier throws when the socket refuses a datagram; STATUS= is sent inside each mapping transition.
+        using var dir = new TempDirectory();
+        string path = dir.File("notify");
+        var systemd = new DatagramListener(path);
+        var time = new FakeTimeProvider();
+        var kernel = new FakeKernel();
+        using var supervisor = new MappingSupervisor(
+            [TestMappings.Create("data")], new FakeConnector().ThenServe(), kernel, time, NullLoggerFactory.Instance);
+        using var notifications = new SystemdNotifications(
+            NotifierFor(path), supervisor, time, new WatchdogSettings(TimeSpan.FromSeconds(30)), NullLogger<SystemdNotifications>.Instance);
+        await notifications.StartAsync(CancellationToken.None);
+        systemd.Dispose();
+        File.Delete(path);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.Equal(MappingState.Serving, supervisor.Loops[0].State);
+        Assert.False(notifications.Tick());
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        await notifications.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Stopped, supervisor.Loops[0].State);
+        Assert.Contains("disconnect", kernel.Operations);
+        Assert.Equal("close /dev/nbd3", kernel.Operations[^1]);
+    }
+
+    [Fact]
+    public async Task SendStatus_ManyFailingMappings_DatagramFitsSystemdsBuffer()
+    {
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        var time = new FakeTimeProvider();
+        MappingOptions[] mappings = [.. Enumerable.Range(0, 40).Select(i => TestMappings.Create(
+            new string('m', 60) + i.ToString("00", System.Globalization.CultureInfo.InvariantCulture), device: null))];
+        var refusal = new MappingException(new string('r', 100));
+        using var supervisor = new MappingSupervisor(
+            mappings, new FakeConnector().Then(_ => Task.FromException<INbdSession>(refusal)), new FakeKernel(), time, NullLoggerFactory.Instance);
+        using var notifications = new SystemdNotifications(
+            NotifierFor(systemd.Path), supervisor, time, new WatchdogSettings((TimeSpan?)null), NullLogger<SystemdNotifications>.Instance);
+        // Read as systemd does, all along, on a thread of its own: the stock notifier's send blocks once the socket's
+        // queue is full, and 40 loops blocked there would leave no pool thread for a reader on the pool.
+        var datagrams = new List<byte[]>();
+        using var reading = new CancellationTokenSource();
+        var readerThread = new Thread(() =>
+        {
+            while (!reading.IsCancellationRequested)
+            {
+                try
+                {
+                    datagrams.Add(systemd.Receive(TimeSpan.FromMilliseconds(500)));
+                }
+                catch (TimeoutException)
+                {
+                }
+            }
+        });
+        readerThread.Start();
+
+        await notifications.StartAsync(CancellationToken.None);
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.True(supervisor.StatusText.Length > 4096, "the case needs a status longer than systemd's buffer");
+        await Task.Delay(1000);
+        reading.Cancel();
+        Assert.True(readerThread.Join(TestTimeout));
+
+        Assert.All(datagrams, d => Assert.InRange(d.Length, 1, 4096));
+        string text = System.Text.Encoding.UTF8.GetString(datagrams[^1]);
+        Assert.StartsWith("STATUS=0 of 40 mappings serving; failing: ", text, StringComparison.Ordinal);
+        Assert.EndsWith("…", text, StringComparison.Ordinal);
+        Assert.Equal(SystemdNotifications.MaxStatusChars, text.Length - "STATUS=".Length);
         await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
     }
 
