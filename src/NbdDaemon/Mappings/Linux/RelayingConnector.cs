@@ -213,20 +213,37 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
         public void Attach(NbdRelay relay) => _relay = relay;
 
-        /// <summary>Keeps a reconnect's session for disposal; one arriving after Dispose is closed at once.</summary>
+        /// <summary>
+        /// Keeps a reconnect's session for disposal; one arriving after Dispose is closed at once. The relay reconnects
+        /// only after it closed the previous connection, so the sessions held so far are dead: they are released here,
+        /// or a relay that outlives months of connection cuts would keep one per cut.
+        /// </summary>
         public void Adopt(INbdSession next)
         {
+            List<INbdSession> dead;
             lock (_lock)
             {
                 if (!_disposed)
                 {
+                    dead = [.. _connections];
+                    _connections.Clear();
                     _connections.Add(next);
-                    return;
+                }
+                else
+                {
+                    dead = [next];
                 }
             }
 
-            next.Dispose();
-            throw new ObjectDisposedException(nameof(RelaySession));
+            foreach (INbdSession connection in dead)
+            {
+                connection.Dispose();
+            }
+
+            if (dead.Contains(next))
+            {
+                throw new ObjectDisposedException(nameof(RelaySession));
+            }
         }
 
         /// <summary>Ends the kernel's connection (the relay then sees its end close and stops).</summary>

@@ -120,6 +120,68 @@ public sealed class RelayingConnectorTests : IDisposable
     }
 
     [Fact]
+    public async Task ServerKilledThreeTimes_EachDeadConnectionsSessionIsReleased()
+    {
+        // The relay hides connection cuts from the mapping, so its session may live for months: a session kept per cut
+        // would grow without bound.
+        await StartServerAsync(DiskSize);
+        var counting = new CountingConnector(new ProtocolConnector(TimeProvider.System));
+        var connector = new RelayingConnector(counting, NullLoggerFactory.Instance, TimeProvider.System, new FakeFileDescriptorStore());
+        using INbdSession session = await connector.ConnectAsync(Mapping(relay: true), CancellationToken.None);
+        byte[] data = Pattern(4096, 5);
+
+        for (ulong round = 1; round <= 3; round++)
+        {
+            Kill();
+            await StartServerAsync(DiskSize);
+            Write(session.Socket, round, 4096 * round, data); // answered once the relay reconnected
+        }
+
+        Assert.Equal(4, counting.Opened);
+        Assert.Equal(1, counting.Open);
+    }
+
+    /// <summary>Counts the server sessions the relay got, and those not yet disposed.</summary>
+    private sealed class CountingConnector(INbdConnector inner) : INbdConnector
+    {
+        private int _opened;
+        private int _open;
+
+        public int Opened => Volatile.Read(ref _opened);
+
+        public int Open => Volatile.Read(ref _open);
+
+        public async Task<INbdSession> ConnectAsync(MappingOptions mapping, CancellationToken cancellationToken)
+        {
+            INbdSession session = await inner.ConnectAsync(mapping, cancellationToken);
+            Interlocked.Increment(ref _opened);
+            Interlocked.Increment(ref _open);
+            return new Counted(session, this);
+        }
+
+        private sealed class Counted(INbdSession inner, CountingConnector owner) : INbdSession
+        {
+            private int _disposed;
+
+            public ExportDescription Export => inner.Export;
+
+            public Socket Socket => inner.Socket;
+
+            public void Shutdown() => inner.Shutdown();
+
+            public void Dispose()
+            {
+                if (Interlocked.Exchange(ref _disposed, 1) == 0)
+                {
+                    Interlocked.Decrement(ref owner._open);
+                }
+
+                inner.Dispose();
+            }
+        }
+    }
+
+    [Fact]
     public async Task Dispose_StopsTheRelayAndClosesTheServerConnection()
     {
         await StartServerAsync(DiskSize);
