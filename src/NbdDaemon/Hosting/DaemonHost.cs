@@ -166,6 +166,7 @@ internal static class DaemonHost
         if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
         {
             services.AddSingleton<IHostLifetime, SystemdLifetime>();
+            services.AddHostedService<InterruptSignalStop>();
         }
 
         services.AddSingleton(WatchdogSettings.FromEnvironment(getVariable, Environment.ProcessId));

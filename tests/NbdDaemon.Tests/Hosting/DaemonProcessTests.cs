@@ -36,11 +36,41 @@ public sealed class DaemonProcessTests
         return Process.Start(psi)!;
     }
 
-    private static async Task SignalTerm(Process process)
+    private static Task SignalTerm(Process process) => Signal(process, "TERM");
+
+    private static async Task Signal(Process process, string signal)
     {
-        using var kill = Process.Start("kill", ["-TERM", process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        using var kill = Process.Start("kill", ["-" + signal, process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
         await kill.WaitForExitAsync();
         Assert.Equal(0, kill.ExitCode);
+    }
+
+    [Fact]
+    public async Task Run_UnderNotifySocket_CtrlCStopsCleanlyAsSigtermDoes()
+    {
+        // NOTIFY_SOCKET (systemd-run -t, run0) selects systemd's lifetime, which handles SIGTERM only: Ctrl-C killed the
+        // process (exit 130) without a single mapping torn down.
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path });
+        Task<string> stderr = p.StandardError.ReadToEndAsync();
+        Task<string> stdout = p.StandardOutput.ReadToEndAsync();
+        string note;
+        do
+        {
+            note = await systemd.ReceiveTextAsync(TimeSpan.FromSeconds(30));
+        }
+        while (note != "READY=1");
+
+        await Signal(p, "INT");
+        Assert.Equal("STOPPING=1", await systemd.ReceiveTextAsync());
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
+
+        string log = await stderr;
+        Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
+        Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
     }
 
     [Fact]
