@@ -20,6 +20,14 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     private readonly IFileDescriptorStore? _store;
     private Task[] _running = [];
 
+    /// <summary>
+    /// The longest the start waits for every mapping's first attempt (each bounded by its own Timeout, which has no
+    /// upper limit): READY=1 must come before systemd's start timeout (TimeoutStartSec, 90 s by default), or the unit
+    /// fails and Restart= starts it over, again and again while a server drops packets. Mappings still trying then go
+    /// on in the background, as after any failed first attempt.
+    /// </summary>
+    public static readonly TimeSpan ReadyDeadline = TimeSpan.FromSeconds(60);
+
     public MappingSupervisor(
         IReadOnlyList<MappingOptions> mappings, INbdConnector connector, INbdKernel kernel, TimeProvider time, ILoggerFactory loggerFactory,
         Func<double>? unitRandom = null, IFileDescriptorStore? store = null)
@@ -58,7 +66,14 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         _running = [.. _loops.Select((l, i) => Task.Run(() => l.RunAsync(_stopping[i].Token), CancellationToken.None))];
         try
         {
-            await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(cancellationToken);
+            await Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).WaitAsync(ReadyDeadline, _time, cancellationToken);
+        }
+        catch (TimeoutException)
+        {
+            _logger.LogWarning("Not every mapping finished its first attempt within {Seconds} s; ready anyway, they go on trying: {Status}", ReadyDeadline.TotalSeconds, StatusText);
+            // What they did not take back is released once they all had their chance, as below.
+            _ = Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).ContinueWith(_ => _store?.ReleaseUnclaimed(), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            return;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
         {

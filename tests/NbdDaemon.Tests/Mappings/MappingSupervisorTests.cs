@@ -128,6 +128,37 @@ public sealed class MappingSupervisorTests
     }
 
     [Fact]
+    public async Task StartAsync_FirstAttemptOutlastsTheReadyDeadline_ReturnsAtTheDeadlineAndTheMappingGoesOn()
+    {
+        // A Timeout of minutes and a server that drops packets: READY=1 must still come before systemd's start timeout.
+        var time = new FakeTimeProvider();
+        var connector = new RoutingConnector(new()
+        {
+            ["fast"] = new FakeConnector().ThenServe(),
+            ["slow"] = new FakeConnector().Then(async ct =>
+            {
+                await Task.Delay(Timeout.InfiniteTimeSpan, ct);
+                throw new InvalidOperationException("unreachable");
+            }),
+        });
+        MappingOptions[] mappings = [TestMappings.Create("fast", device: "/dev/nbd1"), TestMappings.Create("slow", device: "/dev/nbd2", timeout: TimeSpan.FromMinutes(5))];
+        using var supervisor = new MappingSupervisor(mappings, connector, new FakeKernel(), time, NullLoggerFactory.Instance, () => 0.0);
+
+        Task start = supervisor.StartAsync(CancellationToken.None);
+        await TestMappings.WaitUntilAsync(() => supervisor.Loops[0].State == MappingState.Serving);
+        Assert.False(start.IsCompleted);
+        time.Advance(MappingSupervisor.ReadyDeadline - TimeSpan.FromSeconds(1));
+        await Task.Delay(100);
+        Assert.False(start.IsCompleted);
+        time.Advance(TimeSpan.FromSeconds(1));
+        await start.WaitAsync(TestTimeout);
+
+        Assert.Equal(MappingState.Connecting, supervisor.Loops[1].State);
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        Assert.Equal(MappingState.Stopped, supervisor.Loops[1].State);
+    }
+
+    [Fact]
     public async Task StartAsync_NetlinkWithoutDevice_PickedDeviceOpenElsewhere_NextAttemptPicksAnother()
     {
         // nbd7 is named by "pinned" (no server), so "any" picks itself; nbd8 looks free in sysfs but is open in some

@@ -85,7 +85,8 @@ public sealed class SystemdNotificationsTests
         await systemd.AssertSilentAsync(TimeSpan.FromMilliseconds(200));
 
         release.Set();
-        await start.WaitAsync(TestTimeout);
+        await start.WaitAsync(TestTimeout); // returned at the ready deadline already (the 2 minutes passed it)
+        await states.WaitForAsync(MappingState.Serving);
         Assert.True(notifications.Tick());
         Assert.Equal("WATCHDOG=1", await systemd.ReceiveTextAsync());
         await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
