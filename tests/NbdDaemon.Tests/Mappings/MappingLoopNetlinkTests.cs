@@ -339,16 +339,26 @@ public sealed class MappingLoopNetlinkTests
         Assert.DoesNotContain("nl-disconnect 1", _kernel.Operations);
     }
 
-    [Fact]
-    public async Task RunAsync_AnotherProcessRunsTheMapping_TouchesNeitherServerNorDeviceAndItsStopLeavesTheDevice()
+    /// <summary>
+    /// The service's device, and its lock held by pid 4242: the loop started is a second daemon with the same
+    /// configuration (started by hand). Returns once its first attempt was refused.
+    /// </summary>
+    private async Task<(MappingLoop Loop, RunningLoop Running, FakeConnector Connector)> StartBesideTheServiceAsync()
     {
-        // The service's device, and its lock: this loop is a second daemon started by hand with the same configuration.
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
         _kernel.Locks["nbd-daemon:data"] = 4242;
         var connector = new FakeConnector().ThenServe();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
-        await using var running = RunningLoop.Start(loop);
+        var running = RunningLoop.Start(loop);
         await running.WaitForAsync(MappingState.Reconnecting);
+        return (loop, running, connector);
+    }
+
+    [Fact]
+    public async Task RunAsync_AnotherProcessRunsTheMapping_TouchesNeitherServerNorDeviceAndItsStopLeavesTheDevice()
+    {
+        (MappingLoop loop, RunningLoop started, FakeConnector connector) = await StartBesideTheServiceAsync();
+        await using RunningLoop running = started;
 
         Assert.Contains("another nbd-daemon process (pid 4242)", loop.LastFailure, StringComparison.Ordinal);
         // The normal backoff, not the fast schedule of a held device: that device is the other process's to reconnect.
@@ -365,12 +375,8 @@ public sealed class MappingLoopNetlinkTests
     [Fact]
     public async Task RunAsync_LockFreedByTheOtherProcess_TakesItAdoptsAndReleasesItAtTheEnd()
     {
-        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1);
-        _kernel.Locks["nbd-daemon:data"] = 4242;
-        var connector = new FakeConnector().ThenServe();
-        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, () => 0.5);
-        await using var running = RunningLoop.Start(loop);
-        await running.WaitForAsync(MappingState.Reconnecting);
+        (MappingLoop loop, RunningLoop started, _) = await StartBesideTheServiceAsync();
+        await using RunningLoop running = started;
 
         _kernel.Locks.TryRemove("nbd-daemon:data", out _); // that process ended
         _time.Advance(TimeSpan.FromMilliseconds(750));
