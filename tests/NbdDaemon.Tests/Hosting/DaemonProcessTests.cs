@@ -9,15 +9,27 @@ public sealed class DaemonProcessTests
 {
     private static readonly string Executable = Path.Combine(AppContext.BaseDirectory, "nbd-daemon");
 
-    private static Process Start(IEnumerable<string> args, IDictionary<string, string?> environment)
+    /// <param name="args">The daemon's command line.</param>
+    /// <param name="environment">Set in the daemon's environment (the systemd variables are cleared first).</param>
+    /// <param name="defaultSigint">
+    /// Through <c>env --default-signal=INT</c>: a test run started in the background of a script inherits SIGINT
+    /// ignored, and a process started with SIGINT ignored keeps ignoring it (as it should), so Ctrl-C needs it reset.
+    /// </param>
+    private static Process Start(IEnumerable<string> args, IDictionary<string, string?> environment, bool defaultSigint = false)
     {
         Assert.True(File.Exists(Executable), $"daemon executable missing: {Executable}");
-        var psi = new ProcessStartInfo(Executable)
+        var psi = new ProcessStartInfo(defaultSigint ? "env" : Executable)
         {
             RedirectStandardError = true,
             RedirectStandardOutput = true,
             UseShellExecute = false,
         };
+        if (defaultSigint)
+        {
+            psi.ArgumentList.Add("--default-signal=INT");
+            psi.ArgumentList.Add(Executable);
+        }
+
         foreach (string a in args)
         {
             psi.ArgumentList.Add(a);
@@ -54,7 +66,7 @@ public sealed class DaemonProcessTests
         using var systemd = new DatagramListener(dir.File("notify"));
         using Process p = Start(
             ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
-            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path });
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path }, defaultSigint: true);
         Task<string> stderr = p.StandardError.ReadToEndAsync();
         Task<string> stdout = p.StandardOutput.ReadToEndAsync();
         string note;
