@@ -74,6 +74,12 @@ internal static class ConnectCommand
             return CliExit.UsageError(stderr, $"--timeout must be 0 or more seconds, not {request.TimeoutSeconds}");
         }
 
+        // A block size the kernel cannot take is a bad argument whatever the server says: refused before connecting.
+        if (request.BlockSize is uint requested && !BlockSizePolicy.IsValid(requested))
+        {
+            return CliExit.UsageError(stderr, $"--block-size {requested} is not a power of two from 512 to 4096");
+        }
+
         NbdConnection connection;
         try
         {
@@ -98,7 +104,9 @@ internal static class ConnectCommand
             var export = connection.Export;
             if (!TryChooseBlockSize(request.BlockSize, export.BlockSizes, out var blockSize, out why))
             {
-                return CliExit.UsageError(stderr, $"{uri}: {why}");
+                // The user's --block-size outside the server's range is a bad argument (2); the server's own preference
+                // or range not fitting the kernel's is a failure (1): there was no argument to fix.
+                return request.BlockSize is null ? CliExit.Error(stderr, $"{uri}: {why}") : CliExit.UsageError(stderr, $"{uri}: {why}");
             }
 
             var flags = export.Flags;
@@ -254,5 +262,5 @@ internal static class ConnectCommand
 
     private static string Connected(string path, NbdUri uri, KernelMapping mapping, string iface) =>
         string.Create(CultureInfo.InvariantCulture,
-            $"{path}: connected to {uri} over {iface} (size {mapping.Size - mapping.Size % mapping.BlockSize} bytes, block size {mapping.BlockSize}{((mapping.Flags & TransmissionFlags.ReadOnly) != 0 ? ", read-only" : "")})");
+            $"{path}: connected to {uri} over {iface} (size {NbdDevice.WholeBlocks(mapping.Size, mapping.BlockSize)} bytes, block size {mapping.BlockSize}{((mapping.Flags & TransmissionFlags.ReadOnly) != 0 ? ", read-only" : "")})");
 }

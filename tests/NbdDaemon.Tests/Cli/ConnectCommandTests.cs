@@ -34,4 +34,29 @@ public sealed class ConnectCommandTests
         Assert.Contains("Handshake timed out after 1000 ms", stderr.ToString(), StringComparison.Ordinal);
         Assert.Equal("", stdout.ToString());
     }
+
+    [Theory]
+    [InlineData(1000u)]
+    [InlineData(8192u)]
+    [InlineData(256u)]
+    public async Task RunAsync_BlockSizeTheKernelCannotTake_Exit2BeforeConnecting(uint blockSize)
+    {
+        // A server that would only time out: the refusal must come first, without waiting for it.
+        using var silent = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        silent.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        silent.Listen();
+        int port = ((IPEndPoint)silent.LocalEndPoint!).Port;
+        var stderr = new StringWriter();
+
+        var clock = Stopwatch.StartNew();
+        int exit = await ConnectCommand.RunAsync(
+            new ConnectCommand.ConnectRequest($"nbd://127.0.0.1:{port}/x", Device: null, Netlink: false, BlockSize: blockSize, TimeoutSeconds: 5, ReadOnly: false),
+            new StringWriter(),
+            stderr,
+            CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(8));
+
+        Assert.Equal(2, exit);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(2), $"took {clock.Elapsed}: it connected first");
+        Assert.Contains($"--block-size {blockSize} is not a power of two from 512 to 4096", stderr.ToString(), StringComparison.Ordinal);
+    }
 }
