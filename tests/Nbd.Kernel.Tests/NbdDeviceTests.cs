@@ -245,7 +245,7 @@ public sealed class NbdDeviceTests
     }
 
     [Fact]
-    public async Task Disconnect_ServerStoppedReading_SocketsShutDownAfterTheGraceSoItReturns()
+    public void Disconnect_ServerStoppedReading_SocketsShutDownAfterTheGraceSoItReturns()
     {
         // The driver's NBD_CMD_DISC waits behind a request send that a server which stopped reading blocks (for ever
         // when no request timeout is set): the socket shut down under it is what lets the disconnect, and a stop, end.
@@ -258,18 +258,22 @@ public sealed class NbdDeviceTests
             device.SetSocket(client);
             device.DisconnectGrace = TimeSpan.FromMilliseconds(300);
             control.DisconnectRelease = release;
-            Task<int> peer = Task.Run(() =>
+            // The peer on a thread of its own, already blocked in recv: on the pool it could start later than the 300 ms
+            // the disconnect then waits for the (fake) kernel to return, and the disconnect would time out (a CI flake).
+            int received = -1;
+            var peer = new Thread(() =>
             {
-                int n = server.Receive(new byte[1]);
+                received = server.Receive(new byte[1]);
                 release.Set();
-                return n;
             });
+            peer.Start();
 
             var stopwatch = System.Diagnostics.Stopwatch.StartNew();
             device.Disconnect();
 
             Assert.InRange(stopwatch.Elapsed, TimeSpan.FromMilliseconds(280), TimeSpan.FromSeconds(10));
-            Assert.Equal(0, await peer.WaitAsync(TimeSpan.FromSeconds(10))); // the server saw our FIN
+            Assert.True(peer.Join(TimeSpan.FromSeconds(10)));
+            Assert.Equal(0, received); // the server saw our FIN
         }
     }
 
