@@ -515,8 +515,9 @@ internal sealed class MappingLoop
             }
         }
 
-        int? picked = _netlinkIndex is null && DeviceClaims.IndexOf(_options.Device) is null ? PickNetlinkDevice() : null;
-        int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device) ?? picked;
+        int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device);
+        int? picked = wanted is null ? PickNetlinkDevice() : null;
+        wanted ??= picked;
         int connected;
         try
         {
