@@ -106,6 +106,12 @@ internal static class JournaldFormat
     {
         byte[] bytes = Encoding.UTF8.GetBytes(value);
         int length = Math.Min(bytes.Length, MaxValueBytes);
+        // Cut where a character starts: half a UTF-8 sequence would make journalctl show the field as a binary blob.
+        while (length < bytes.Length && length > 0 && (bytes[length] & 0xC0) == 0x80)
+        {
+            length--;
+        }
+
         Write(buffer, Encoding.ASCII.GetBytes(name));
         if (value.Contains('\n', StringComparison.Ordinal))
         {

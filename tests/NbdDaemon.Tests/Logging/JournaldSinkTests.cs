@@ -139,6 +139,26 @@ public sealed class JournaldSinkTests
         Assert.Equal("3", f["COUNT"]);
     }
 
+    [Theory]
+    [InlineData("é")]
+    [InlineData("€")]
+    [InlineData("😀")]
+    public void Format_ValueLongerThanTheCap_CutBeforeACharacterNotInsideIt(string character)
+    {
+        // The cap falls on the character's second byte.
+        string message = new string('a', JournaldFormat.MaxValueBytes - 1) + character + " and the rest";
+        var logEvent = new Serilog.Events.LogEvent(DateTimeOffset.UtcNow, Serilog.Events.LogEventLevel.Warning, null,
+            new Serilog.Events.MessageTemplate([new Serilog.Parsing.TextToken(message)]), []);
+
+        byte[] datagram = JournaldFormat.Format(logEvent, "nbd-daemon");
+
+        Assert.True(datagram.AsSpan().StartsWith("MESSAGE="u8));
+        int newline = Array.IndexOf(datagram, (byte)'\n');
+        byte[] value = datagram["MESSAGE=".Length..newline];
+        Assert.Equal(JournaldFormat.MaxValueBytes - 1, value.Length);
+        Assert.Equal(new string('a', JournaldFormat.MaxValueBytes - 1), new UTF8Encoding(false, throwOnInvalidBytes: true).GetString(value));
+    }
+
     [Fact]
     public void Emit_JournaldAbsent_DoesNotThrow()
     {
