@@ -1,4 +1,5 @@
 using NbdDaemon.Configuration;
+using NbdDaemon.Mappings.Linux;
 using NbdDaemon.Systemd;
 
 namespace NbdDaemon.Mappings;
@@ -42,6 +43,10 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         foreach (MappingLoop loop in _loops)
         {
             loop.StateChanged += (_, _) => StatusChanged?.Invoke();
+            if (store is not null && RelayingConnector.ResumablePrefix(loop.Options) is string prefix)
+            {
+                loop.StateChanged += (_, state) => ReleaseHandedOver(state, prefix);
+            }
         }
     }
 
@@ -62,6 +67,13 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     /// </summary>
     public async Task StartAsync(CancellationToken cancellationToken)
     {
+        // Relay ends handed over by the previous process for mappings that can no longer take them back (removed from the
+        // configuration, no longer Relay or Netlink) would only hold kernel connections open that nobody reads. Those of
+        // the other mappings stay until their mapping serves or fails (ReleaseHandedOver): a server down across the
+        // restart must not cost the requests the kernel queued in them (they would wait for the hand-over timeout).
+        string[] resumable = [.. _loops.Select(l => RelayingConnector.ResumablePrefix(l.Options)).OfType<string>()];
+        _store?.ReleaseUnclaimed(name => !resumable.Any(p => name.StartsWith(p, StringComparison.Ordinal)));
+
         // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
         _running = [.. _loops.Select((l, i) => Task.Run(() => l.RunAsync(_stopping[i].Token), CancellationToken.None))];
         try
@@ -71,8 +83,6 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         catch (TimeoutException)
         {
             _logger.LogWarning("Not every mapping finished its first attempt within {Seconds} s; ready anyway, they go on trying: {Status}", ReadyDeadline.TotalSeconds, StatusText);
-            // What they did not take back is released once they all had their chance, as below.
-            _ = Task.WhenAll(_loops.Select(l => l.FirstAttemptCompleted)).ContinueWith(_ => _store?.ReleaseUnclaimed(), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             return;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
@@ -84,10 +94,20 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
             return;
         }
 
-        // Every mapping had its chance to take back what it handed over; the rest would only hold kernel connections
-        // open that nobody reads (a mapping removed from the configuration, or one whose first attempt failed).
-        _store?.ReleaseUnclaimed();
         _logger.LogInformation("All {Count} mappings tried once: {Status}", _loops.Length, StatusText);
+    }
+
+    /// <summary>
+    /// A mapping that serves has taken back every relay end it resumes on (what is left is surplus: fewer Connections
+    /// than before); one that failed or gave up takes none. Either way its remaining ends are closed. A mapping still
+    /// trying keeps them, and a stop leaves them in systemd's store for the next start.
+    /// </summary>
+    private void ReleaseHandedOver(MappingState state, string prefix)
+    {
+        if (state is MappingState.Serving or MappingState.Failed or MappingState.GaveUp)
+        {
+            _store?.ReleaseUnclaimed(name => name.StartsWith(prefix, StringComparison.Ordinal));
+        }
     }
 
     public async Task StopAsync(CancellationToken cancellationToken)

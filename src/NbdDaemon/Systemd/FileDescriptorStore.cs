@@ -25,8 +25,11 @@ internal interface IFileDescriptorStore
     /// </summary>
     Socket? Take(string prefix);
 
-    /// <summary>Removes and closes every inherited descriptor nobody took; returns their names.</summary>
-    IReadOnlyList<string> ReleaseUnclaimed();
+    /// <summary>
+    /// Removes from systemd's store and closes the inherited descriptors not taken yet whose name <paramref name="which"/>
+    /// selects; returns their names. Those it does not select stay, in the store too (a stop leaves them to the next start).
+    /// </summary>
+    IReadOnlyList<string> ReleaseUnclaimed(Func<string, bool> which);
 }
 
 /// <summary>The store over $NOTIFY_SOCKET and the descriptors inherited at start (<see cref="FromEnvironment"/>).</summary>
@@ -131,13 +134,13 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         }
     }
 
-    public IReadOnlyList<string> ReleaseUnclaimed()
+    public IReadOnlyList<string> ReleaseUnclaimed(Func<string, bool> which)
     {
         List<(string Name, int Fd)> left;
         lock (_lock)
         {
-            left = [.. _inherited];
-            _inherited.Clear();
+            left = [.. _inherited.Where(i => which(i.Name))];
+            _inherited.RemoveAll(i => which(i.Name));
         }
 
         foreach ((string name, int fd) in left)

@@ -1,7 +1,10 @@
+using System.Net.Sockets;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Time.Testing;
+using Nbd.Kernel;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
+using NbdDaemon.Tests.Systemd;
 
 namespace NbdDaemon.Tests.Mappings;
 
@@ -189,6 +192,95 @@ public sealed class MappingSupervisorTests
         Assert.Equal("/dev/nbd9", any.Device);
         Assert.Equal(["nl-connect 8", "nl-connect 9"], kernel.Operations.Where(o => o.StartsWith("nl-connect", StringComparison.Ordinal)).Select(o => string.Join(' ', o.Split(' ')[..2])));
         await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+    }
+
+    [Fact]
+    public async Task StartAsync_RelayEndsHandedOver_KeptWhileTheirMappingTriesReleasedOnceItServes()
+    {
+        // A server down across `systemctl restart`: the first attempt fails before the relay took its end back. Closing the
+        // end then would leave the requests the kernel queued in it waiting for the hand-over timeout (60 s).
+        using var store = new FakeFileDescriptorStore();
+        var kernelEnds = new List<Socket>();
+        foreach (string name in new[] { "nbd-relay/fs/0", "nbd-relay/fs/1", "nbd-relay/gone/0", "nbd-relay/plain/0" })
+        {
+            (Socket kernelEnd, Socket relayEnd) = NbdSocketPair.Create();
+            store.Store(name, relayEnd);
+            relayEnd.Dispose();
+            kernelEnds.Add(kernelEnd);
+        }
+
+        Socket? taken = null;
+        var connector = new RoutingConnector(new()
+        {
+            ["fs"] = new FakeConnector().ThenRefuse().Then(_ =>
+            {
+                taken = store.Take("nbd-relay/fs/");
+                return Task.FromResult<INbdSession>(new FakeSession(FakeConnector.DefaultExport));
+            }),
+            ["plain"] = new FakeConnector().ThenServe(),
+        });
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("fs", KernelInterface.Netlink, device: "/dev/nbd0") with { Relay = true },
+            TestMappings.Create("plain", KernelInterface.Netlink, device: "/dev/nbd1"),
+        ];
+        var time = new FakeTimeProvider();
+        using var supervisor = new MappingSupervisor(mappings, connector, new FakeKernel(), time, NullLoggerFactory.Instance, () => 0.0, store);
+
+        await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+        // Those of no relay mapping are gone at once; "fs" is still trying, and keeps both of its own.
+        Assert.Equal(MappingState.Reconnecting, supervisor.Loops[0].State);
+        Assert.Equal(["nbd-relay/fs/0", "nbd-relay/fs/1"], store.Names);
+        Assert.Equal(0, ReceiveOrEnd(kernelEnds[2]));
+        Assert.Equal(0, ReceiveOrEnd(kernelEnds[3]));
+
+        time.Advance(TimeSpan.FromSeconds(2));
+        await TestMappings.WaitUntilAsync(() => supervisor.Loops[0].State == MappingState.Serving);
+
+        // It took one back; the other is surplus (fewer connections than before) and closed.
+        using (taken)
+        {
+            Assert.NotNull(taken);
+            Assert.Empty(store.Names);
+            Assert.Equal(0, ReceiveOrEnd(kernelEnds[1]));
+            taken.Send([1]);
+            Assert.Equal(1, ReceiveOrEnd(kernelEnds[0]));
+        }
+
+        await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+        kernelEnds.ForEach(k => k.Dispose());
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task StopAsync_RelayEndHandedOver_MappingNeverServed_LeftForTheNextStartUnlessItGaveUp(bool givesUp)
+    {
+        using var store = new FakeFileDescriptorStore();
+        (Socket kernelEnd, Socket relayEnd) = NbdSocketPair.Create();
+        using (kernelEnd)
+        {
+            store.Store("nbd-relay/fs/0", relayEnd);
+            relayEnd.Dispose();
+            var connector = new RoutingConnector(new() { ["fs"] = new FakeConnector().ThenRefuse() });
+            MappingOptions fs = TestMappings.Create("fs", KernelInterface.Netlink, device: "/dev/nbd0",
+                reconnect: new ReconnectOptions(true, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60), givesUp ? 1 : 0)) with { Relay = true };
+            using var supervisor = new MappingSupervisor([fs], connector, new FakeKernel(), new FakeTimeProvider(), NullLoggerFactory.Instance, () => 0.0, store);
+
+            await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
+            await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
+
+            Assert.Equal(givesUp ? MappingState.GaveUp : MappingState.Stopped, supervisor.Loops[0].State);
+            Assert.Equal(givesUp ? [] : ["nbd-relay/fs/0"], store.Names);
+        }
+    }
+
+    /// <summary>Bytes received (1 at most), or 0 when the other end was closed; fails after 5 s of neither.</summary>
+    private static int ReceiveOrEnd(Socket socket)
+    {
+        socket.ReceiveTimeout = 5000;
+        return socket.Receive(new byte[1]);
     }
 
     [Fact]

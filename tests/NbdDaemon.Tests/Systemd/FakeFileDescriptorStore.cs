@@ -50,13 +50,18 @@ internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescr
         }
     }
 
-    public IReadOnlyList<string> ReleaseUnclaimed()
+    public IReadOnlyList<string> ReleaseUnclaimed(Func<string, bool> which)
     {
         lock (_stored)
         {
-            List<string> names = [.. _stored.Select(s => s.Name)];
-            Dispose();
-            return names;
+            List<(string Name, Socket Socket)> released = [.. _stored.Where(s => which(s.Name))];
+            _stored.RemoveAll(s => which(s.Name));
+            foreach ((_, Socket socket) in released)
+            {
+                socket.Dispose();
+            }
+
+            return [.. released.Select(s => s.Name)];
         }
     }
 

@@ -138,18 +138,31 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     }
 
     [Fact]
-    public void ReleaseUnclaimed_RemovesAndClosesWhatNobodyTook()
+    public void ReleaseUnclaimed_RemovesAndClosesWhatNobodyTookAndItSelects()
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, int inherited) = Inherited();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/gone/0", inherited)], NullLogger.Instance);
+        (Socket keptKernel, int kept) = Inherited();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/gone/0", inherited), ("nbd-relay/fs/0", kept)], NullLogger.Instance);
 
-        Assert.Equal(["nbd-relay/gone/0"], store.ReleaseUnclaimed());
+        Assert.Equal(["nbd-relay/gone/0"], store.ReleaseUnclaimed(name => name.StartsWith("nbd-relay/gone/", StringComparison.Ordinal)));
 
         Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/gone/0", Descriptors.Receive(systemd).Text);
         kernel.ReceiveTimeout = 5000;
         Assert.Equal(0, kernel.Receive(new byte[1]));
-        Assert.Empty(store.ReleaseUnclaimed());
+        Assert.Empty(store.ReleaseUnclaimed(name => name.StartsWith("nbd-relay/gone/", StringComparison.Ordinal)));
+        Assert.Equal(["nbd-relay/fs/0"], store.Inherited);
+
+        // The one not selected is still open, and still takeable.
+        using Socket? taken = store.Take("nbd-relay/fs/");
+        Assert.NotNull(taken);
+        taken.Send([7]);
+        keptKernel.ReceiveTimeout = 5000;
+        byte[] one = new byte[1];
+        Assert.Equal(1, keptKernel.Receive(one));
+        Assert.Equal(7, one[0]);
+        keptKernel.Dispose();
+        kernel.Dispose();
     }
 
     private static SystemdFileDescriptorStore FromEnvironment(Dictionary<string, string?> variables) =>

@@ -239,6 +239,32 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
     }
 
     /// <summary>
+    /// The server down across `systemctl restart`: the stopping process hands both ends over, nbdkit is killed before the
+    /// new process connects, so its first attempts are refused while the writer's requests queue in the handed-over ends.
+    /// The ends stay with the mapping until it serves again (they used to be closed once every mapping had tried once,
+    /// and the requests queued in them then waited for the 60 s hand-over timeout), and it resumes on both.
+    /// </summary>
+    [Fact]
+    public void Relay_ServerDownAcrossRestart_EndsKeptUntilTheMappingServesAndResumed()
+    {
+        output.WriteLine($"nbdkit killed {vm.Value("relay_down_server_killed_after_ms")} ms after the restart was queued; " +
+                         $"{vm.Value("relay_down_refused")} refused attempts logged before it came back; writer stall after it was back {vm.Value("relay_down_stall_after_back_ms")} ms");
+        Assert.Equal("0", vm.Value("relay_down_restart_rc"));
+        Assert.True(vm.Number("relay_down_refused") >= 1, "the new process was never refused: the server was not down when it started");
+        Assert.Equal("yes", vm.Value("relay_down_server_back"));
+        Assert.Equal("yes", vm.Value("relay_down_active"));
+        Assert.True(vm.Number("relay_down_handed_over") == 2, $"the stopping process logged {vm.Value("relay_down_handed_over")} of 2 relay ends handed over");
+        Assert.Equal(0, vm.Number("relay_down_unclaimed"));
+        Assert.True(vm.Number("relay_down_resumed") == 2, $"the new process resumed {vm.Value("relay_down_resumed")} of 2 relays once the server was back");
+        Assert.Equal(0, vm.Number("relay_down_fdstore_after"));
+        Assert.Equal("0", vm.Value("relay_down_probe_rc"));
+        // Reconnect:MaxDelay does not apply (the held schedule retries every ~0.25 s) but a connect + handshake under TCG does.
+        Assert.True(vm.Number("relay_down_stall_after_back_ms") <= ReconnectBoundMs, $"the writer stalled {vm.Value("relay_down_stall_after_back_ms")} ms after the server was back (limit {ReconnectBoundMs})");
+        Assert.Equal(0, vm.Number("relay_down_kernel_io_errors"));
+        Assert.Equal(0, vm.Number("relay_down_kernel_nbd_lines"));
+    }
+
+    /// <summary>
     /// What a crash costs a relay mapping (documented, not hidden): its end of the kernel's connection closes with the
     /// process and nothing reaches the file descriptor store, so the next process adopts the device with new connections;
     /// requests in flight wait for their Timeout. No error reaches the writer or the kernel log.

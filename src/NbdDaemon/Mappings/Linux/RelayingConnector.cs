@@ -44,7 +44,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         try
         {
             // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
-            relayEnd = mapping.Interface == KernelInterface.Netlink ? _store.Take(DescriptorPrefix(mapping)) : null;
+            relayEnd = ResumablePrefix(mapping) is string prefix ? _store.Take(prefix) : null;
             if (relayEnd is null)
             {
                 (kernelEnd, relayEnd) = NbdSocketPair.Create();
@@ -85,6 +85,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     private static string DescriptorName(MappingOptions mapping, int slot) => DescriptorPrefix(mapping) + slot.ToString(CultureInfo.InvariantCulture);
 
     private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
+
+    /// <summary>
+    /// The prefix of the names under which <paramref name="mapping"/> takes back relay ends from systemd's store; null when
+    /// it takes none (no relay, or an ioctl device, which dies with the process that served it).
+    /// </summary>
+    public static string? ResumablePrefix(MappingOptions mapping) =>
+        mapping.Relay && mapping.Interface == KernelInterface.Netlink ? DescriptorPrefix(mapping) : null;
 
     private void HandOver(MappingOptions mapping, RelaySession session, Socket? kernelEnd, NbdRelay relay, int slot)
     {

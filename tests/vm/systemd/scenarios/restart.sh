@@ -20,6 +20,8 @@
 #                 to systemd's file descriptor store and the next process resuming on both; then `systemctl kill -s
 #                 KILL` (rs_relay_kill_*: nothing handed over, the next process adopts with new connections); the
 #                 writer, kernel log, e2fsck and checksums
+#   rs_relay_down_*  nbdkit SIGKILLed between the stopping and the new process of a `systemctl restart`, back once the
+#                 new process was refused: the handed-over ends are kept until the mapping serves again, and resumed
 set -u
 r() { echo "RESULT systemd rs_$1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -289,6 +291,50 @@ r relay_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay)"
 r relay_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay)"
 grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay | head -n 20 | sed 's/^/kernel: /'
 dmesg -C
+
+# (5a) the server down across `systemctl restart`: the stopping process hands both relay ends over (nbdkit still up, so
+# every reply is in), nbdkit is SIGKILLed as soon as that process is gone, so the new process's first attempts are
+# refused while the writer's requests queue in the handed-over ends; nbdkit comes back once the new process has logged
+# a refusal. The new process must keep the ends until its mapping serves, and resume on them: closing them would leave
+# the requests queued in them waiting for the hand-over's 60 s request timeout.
+# stall_after FROM_MS: the longest part after FROM_MS of a writer operation still running at FROM_MS or started after
+stall_after() { awk -v a="$1" '$2 >= a { s = ($1 > a ? $1 : a); if ($2 - s > m) m = $2 - s } END { print m + 0 }' $W.ops; }
+sleep 3
+timeout 30 systemctl restart --no-block nbd-daemon.service; r relay_down_restart_rc "$?"
+t0=$(now_ms)
+while kill -0 "$PREV" 2>/dev/null && [ $(( $(now_ms) - t0 )) -lt 90000 ]; do sleep 0.05; done
+kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
+r relay_down_server_killed_after_ms "$(( $(now_ms) - t0 ))"
+NEXT="" refused=0
+while [ $(( $(now_ms) - t0 )) -lt 180000 ]; do
+    pid=$(prop nbd-daemon MainPID)
+    if [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$PREV" ]; then
+        NEXT=$pid
+        refused=$(jcount "$NEXT" 'connection refused')
+        [ "$refused" -ge 1 ] && break
+    fi
+    sleep 0.2
+done
+r relay_down_refused "$refused"
+t_back=$(now_ms)
+start_kit; r relay_down_server_back "$([ $? = 0 ] && echo yes || echo no)"
+wait_active 180 "$PREV" >/dev/null; r relay_down_active "$([ $? = 0 ] && echo yes || echo no)"
+NEXT=$(prop nbd-daemon MainPID)
+read -r ms rc < <(probe); r relay_down_probe_rc "$rc"
+sleep 2
+r relay_down_stall_after_back_ms "$(stall_after "$t_back")"
+r relay_down_handed_over "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
+r relay_down_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
+# The store logs without a MAPPING field: every entry of the process.
+r relay_down_unclaimed "$(journalctl --no-pager -o cat -u nbd-daemon "_PID=$NEXT" 2>/dev/null | grep -c 'claimed by no mapping')"
+r relay_down_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
+PREV=$NEXT
+dmesg >/tmp/kmsg-relay-down
+r relay_down_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-down)"
+r relay_down_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-down)"
+grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-down | head -n 20 | sed 's/^/kernel (server down across restart): /'
+dmesg -C
+sleep 3
 
 # (5b) the relay mapping SIGKILLed under the writer: nothing is handed over, the relay's end closes with the process,
 # the driver sees a dead connection; Restart= brings the daemon back after RestartSec and it adopts the device with new
