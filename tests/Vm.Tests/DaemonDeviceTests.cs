@@ -120,6 +120,47 @@ public sealed class DaemonDeviceTests(VmFixture vm)
     }
 
     /// <summary>
+    /// Standard output refuses the "connected" line (/dev/full): the command fails with a message that says so, and
+    /// leaves no device configured that nobody serves (the netlink path used to exit with the device still connected).
+    /// </summary>
+    [Theory]
+    [InlineData("ioctl")]
+    [InlineData("netlink")]
+    public async Task Connect_StandardOutputFull_FailsAndLeavesNothingConfigured(string mode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("fullout", ("mode", mode));
+        Expect.Equal(run, r, "exit_rc", 1);
+        Expect.Equal(run, r, "said_stdout", "yes");
+        Expect.Equal(run, r, "freed", "yes");
+        Expect.Equal(run, r, "size_after", 0);
+        Expect.Equal(run, r, "pid_after", "absent");
+    }
+
+    /// <summary>
+    /// The server SIGKILLed under a `connect`: the command ends and the device is free again for the next `connect`. A
+    /// netlink device whose connection died stays configured in the kernel (every request failing) until someone
+    /// disconnects it; the command used to wait for that for ever. LINK_DEAD tells it the connection was lost: exit 1.
+    /// The ioctl NBD_DO_IT returns 0 for a lost connection as for a disconnect from elsewhere, so that path cannot tell
+    /// the two apart: exit 0, and its message names both.
+    /// </summary>
+    [Theory]
+    [InlineData("ioctl", 0)]
+    [InlineData("netlink", 1)]
+    public async Task Connect_ServerKilled_EndsAndFreesTheDevice(string mode, int exitCode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("lost", ("mode", mode));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "exit_rc", exitCode);
+        Expect.That(run, r, r.Long("exit_ms") <= 10000, $"connect ended {r["exit_ms"]} ms after the server was killed (limit 10000)");
+        Expect.Equal(run, r, "said_lost", "yes");
+        Expect.Equal(run, r, "freed", "yes");
+        Expect.Equal(run, r, "size_after", 0);
+        Expect.Equal(run, r, "pid_after", "absent");
+    }
+
+    /// <summary>
     /// A mapped, idle `connect` must cost ~no CPU: both interfaces leave it blocked in one system call (ioctl:
     /// NBD_DO_IT; netlink: poll(2) on the socket). The sysfs polling the netlink path used to do cost seconds of CPU
     /// per minute under TCG (README "Measured figures").

@@ -130,6 +130,12 @@ internal static class ConnectCommand
             {
                 return CliExit.Error(stderr, e.Message);
             }
+            catch (IOException e)
+            {
+                // Standard output refused the "connected" line (a full disk behind a redirection): the device was
+                // disconnected on the way out, as after any failure once it was set up.
+                return CliExit.Error(stderr, $"writing to standard output failed ({e.Message}); device disconnected");
+            }
         }
     }
 
@@ -212,6 +218,9 @@ internal static class ConnectCommand
     private static async Task<int> ServeNetlinkAsync(Socket socket, KernelMapping mapping, int deviceIndex, NbdUri uri, TextWriter stdout, CancellationToken ct)
     {
         using var netlink = NbdNetlink.Open();
+        // Joined before CONNECT, so a connection lost right after it is not missed. Without it (the group cannot be
+        // joined) a lost connection is not told from a disconnect elsewhere, and the command waits as for the latter.
+        using NbdNetlinkEvents? events = TrySubscribe();
         var index = netlink.Connect(new NbdNetlinkConnectRequest
         {
             Index = deviceIndex >= 0 ? deviceIndex : null,
@@ -223,40 +232,101 @@ internal static class ConnectCommand
             BackendIdentifier = $"nbd-daemon-cli:{uri}",
         });
         var path = NbdKernel.DevicePrefix + index.ToString(CultureInfo.InvariantCulture);
-        stdout.WriteLine(Connected(path, uri, mapping, "netlink"));
-        stdout.Flush();
-
-        // The kernel owns the socket now; we stay in the foreground so that a signal disconnects, and we leave when the
-        // device is disconnected by someone else. While the connection is up a thread blocked in poll(2) on a
-        // duplicate of the socket waits at no cost (the sysfs polling loop this replaces cost seconds of CPU per
-        // minute under emulation, see README "Measured figures"); only once the socket ended (NBD_CMD_DISCONNECT
-        // shuts it down, as does a lost connection) is sysfs read until the configuration is gone. The socket's end
-        // alone cannot tell the two apart: the configuration outlives a disconnect while anyone holds the device open.
-        using var watch = NbdSocketWatch.Start([socket]);
+        using var done = new CancellationTokenSource();
         try
         {
-            try
-            {
-                await watch.Ended.WaitAsync(ct);
-            }
-            catch (NbdKernelException)
-            {
-                // poll(2) failed: fall back to reading sysfs from now on.
-            }
+            stdout.WriteLine(Connected(path, uri, mapping, "netlink"));
+            stdout.Flush();
+
+            // The kernel owns the socket now; we stay in the foreground so that a signal disconnects, and we leave when
+            // the device is disconnected by someone else or its connection is lost. While the connection is up a thread
+            // blocked in poll(2) on a duplicate of the socket waits at no cost (the sysfs polling loop this replaces
+            // cost seconds of CPU per minute under emulation, see README "Measured figures"); only once the socket
+            // ended (NBD_CMD_DISCONNECT shuts it down, as does a lost connection) is sysfs read until the configuration
+            // is gone. The socket's end alone cannot tell the two apart, and neither can sysfs: the configuration
+            // outlives a disconnect while anyone holds the device open, and a lost connection for good (the kernel
+            // keeps a dead device configured, every request failing, until someone disconnects it). LINK_DEAD can: the
+            // kernel sends it for a lost connection only, never after a requested disconnect.
+            Task<bool> lost = events is null ? new TaskCompletionSource<bool>().Task : WaitForLinkDeadAsync(events, index, done.Token);
+            using var watch = NbdSocketWatch.Start([socket]);
+            // A failed poll(2) ends this wait too: sysfs is read from then on.
+            await Task.WhenAny(watch.Ended, lost).WaitAsync(ct);
 
             while (NbdSysfs.Read(index).IsConnected)
             {
-                await Task.Delay(TimeSpan.FromMilliseconds(250), ct);
+                if (lost is { IsCompletedSuccessfully: true, Result: true })
+                {
+                    // Without a dead-connection timeout nothing can bring it back: every request fails with EIO until
+                    // someone disconnects, and the device stays busy for a new `connect`. Freed here, as the ioctl path does.
+                    netlink.Disconnect(index);
+                    stdout.WriteLine($"{path}: the connection to {uri} was lost (NBD_CMD_LINK_DEAD); device disconnected");
+                    return CliExit.Failed;
+                }
+
+                await Task.WhenAny(Task.Delay(TimeSpan.FromMilliseconds(250), ct), lost);
+                ct.ThrowIfCancellationRequested();
             }
 
             stdout.WriteLine($"{path}: disconnected elsewhere");
             return CliExit.Ok;
         }
-        catch (OperationCanceledException)
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
         {
             netlink.Disconnect(index);
             stdout.WriteLine($"{path}: disconnected");
             return CliExit.Ok;
+        }
+        catch
+        {
+            // Whatever failed after CONNECT (stdout gone, out of descriptors for the watch) must not leave a device
+            // configured that nobody serves or watches.
+            TryDisconnect(netlink, index);
+            throw;
+        }
+        finally
+        {
+            await done.CancelAsync();
+        }
+    }
+
+    private static NbdNetlinkEvents? TrySubscribe()
+    {
+        try
+        {
+            return NbdNetlinkEvents.Subscribe();
+        }
+        catch (NbdKernelException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>True once the kernel reports the connection of device <paramref name="index"/> dead; false if the events fail.</summary>
+    private static async Task<bool> WaitForLinkDeadAsync(NbdNetlinkEvents events, int index, CancellationToken ct)
+    {
+        try
+        {
+            while (await events.WaitForLinkDeadAsync(ct) != index)
+            {
+            }
+
+            return true;
+        }
+        catch (Exception e) when (e is NbdKernelException or OperationCanceledException or ObjectDisposedException)
+        {
+            return false;
+        }
+    }
+
+    private static void TryDisconnect(NbdNetlink netlink, int index)
+    {
+        try
+        {
+            netlink.Disconnect(index);
+        }
+        catch (NbdKernelException)
+        {
+            // Already gone; the original failure is what the user needs to see.
         }
     }
 

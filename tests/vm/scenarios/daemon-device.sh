@@ -6,7 +6,11 @@
 #  autodev   connect without DEVICE picks an unused device while nbd0 is busy;
 #  stop      SIGTERM / SIGINT to `connect` (started with SIGINT at its default disposition, as from a terminal)
 #            frees the device; exit code and timings;
-#  idle      CPU ticks of a mapped, idle `connect` over 10 s (and its busiest thread).
+#  idle      CPU ticks of a mapped, idle `connect` over 10 s (and its busiest thread);
+#  fullout   `connect` with standard output on /dev/full: the "connected" line fails, and the device must not stay
+#            configured with nobody serving it;
+#  lost      the server SIGKILLed under a `connect`: it must notice, exit 1 and free the device (the kernel keeps a
+#            netlink device whose connection died configured, every request failing, until someone disconnects it).
 . /usr/local/lib/nbdvm.sh
 MiB=1048576
 truncate -s 64M /tmp/even.img
@@ -170,6 +174,52 @@ idle_cpu() { # MODE: CPU used by a mapped, idle `connect` over 10 s, after the s
     [ "$ok" = yes ] || show_log "$log"
 }
 
+# kill_cmdline TEXT: SIGKILL every process whose command line contains TEXT (nbd-server forks one per connection).
+kill_cmdline() {
+    local c
+    for c in /proc/[0-9]*/cmdline; do
+        tr '\0' ' ' < "$c" 2>/dev/null | grep -q -- "$1" && kill -KILL "$(basename "$(dirname "$c")")" 2>/dev/null
+    done
+}
+
+lost() { # MODE
+    local mode=$1 log=/tmp/lost-$1.log port=10812
+    start_nbd_server $port lost /tmp/even.img || note "nbd-server on $port did not start"
+    wait_handshake $port
+    daemon_connect "$log" "nbd://127.0.0.1:$port/lost" /dev/nbd0 --interface "$mode"
+    local lpid=$DPID
+    wait_connected nbd0 30 "$lpid" >/dev/null; ok=$(yesno $?)
+    kill_cmdline "nbd-server-$port.conf"
+    t0=$(now_ms)
+    wait_exit "$lpid" 30 || { kill -KILL "$lpid" 2>/dev/null; wait "$lpid" 2>/dev/null; }
+    ems=$(( $(now_ms) - t0 ))
+    wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+    said=$(grep -q 'was lost\|service loop ended' "$log" && echo yes || echo no)
+    result lost mode=$mode connected=$ok exit_rc=$EXIT_RC exit_ms=$ems freed=$freed said_lost=$said \
+        size_after=$(nbd_bytes nbd0) pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
+    show_log "$log"
+    # Nothing left configured for the next mode, whatever this build did.
+    nbd-daemon disconnect /dev/nbd0 >/dev/null 2>&1
+    wait_free nbd0 10 >/dev/null
+}
+
+full_stdout() { # MODE
+    local mode=$1 log=/tmp/fullout-$1.log
+    echo "nbd-daemon connect $URI/even /dev/nbd0 --interface $mode >/dev/full" > "$log"
+    nbd-daemon connect "$URI/even" /dev/nbd0 --interface "$mode" 2>>"$log" >/dev/full &
+    local fpid=$!
+    t0=$(now_ms)
+    wait_exit "$fpid" 30 || { kill -KILL "$fpid" 2>/dev/null; wait "$fpid" 2>/dev/null; }
+    ems=$(( $(now_ms) - t0 ))
+    wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+    said=$(grep -q 'standard output' "$log" && echo yes || echo no)
+    result fullout mode=$mode exit_rc=$EXIT_RC exit_ms=$ems freed=$freed said_stdout=$said \
+        size_after=$(nbd_bytes nbd0) pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
+    show_log "$log"
+    nbd-daemon disconnect /dev/nbd0 >/dev/null 2>&1
+    wait_free nbd0 10 >/dev/null
+}
+
 for mode in ioctl netlink; do
     geometry $mode
     readonly_and_check $mode
@@ -177,4 +227,6 @@ for mode in ioctl netlink; do
     stop $mode TERM
     stop $mode INT
     idle_cpu $mode
+    full_stdout $mode
+    lost $mode
 done
