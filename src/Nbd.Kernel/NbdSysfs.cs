@@ -38,6 +38,70 @@ public static class NbdSysfs
         };
     }
 
+    /// <summary>
+    /// Caps the requests the block layer makes for nbd<paramref name="index"/> (<c>queue/max_sectors_kb</c>) at
+    /// <paramref name="maxBytes"/>, a server's maximum payload (NBD_INFO_BLOCK_SIZE). The driver sends each request as
+    /// one NBD command, and a server may refuse a command over its maximum: an I/O error to whoever wrote. The limit is
+    /// only ever lowered (a higher value is kept: an earlier user of the device may have lowered it for its own server,
+    /// which costs larger requests, never correctness), in whole pages.
+    /// </summary>
+    /// <returns>The limit before and after, in KiB.</returns>
+    /// <exception cref="NbdKernelException">ENOENT: no such device; EINVAL: <paramref name="maxBytes"/> is below the
+    /// smallest limit the block layer takes (one page); EROFS and the like: sysfs could not be written.</exception>
+    public static (uint Before, uint After) LimitRequestSize(int index, uint maxBytes, string sysBlock = "/sys/block")
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(index);
+        string name = "nbd" + index.ToString(CultureInfo.InvariantCulture);
+        string dir = Path.Combine(sysBlock, name);
+        string file = Path.Combine(dir, "queue", "max_sectors_kb");
+        string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
+            ?? throw new NbdKernelException("/dev/" + name, "read " + file, Errno.ENOENT, "no such nbd device; is the nbd module loaded?");
+        uint before = checked((uint)ParseUInt64(text, dir, "queue/max_sectors_kb"));
+        // Whole pages: the block layer takes no less than one, and a multiple of every logical block size (≤ 4096)
+        // keeps requests from being cut inside a block.
+        uint page = (uint)Environment.SystemPageSize;
+        uint wanted = maxBytes / page * page / 1024;
+        if (before <= wanted)
+        {
+            return (before, before);
+        }
+
+        if (maxBytes < page)
+        {
+            throw new NbdKernelException("/dev/" + name, "write " + file, Errno.EINVAL,
+                $"the server takes requests of at most {maxBytes} bytes, and the block layer makes none smaller than a page ({page} bytes)");
+        }
+
+        WriteAttribute("/dev/" + name, file, wanted.ToString(CultureInfo.InvariantCulture));
+        return (before, wanted);
+    }
+
+    /// <summary>One write(2) of <paramref name="value"/> to a sysfs attribute, so the kernel's own errno is what is reported.</summary>
+    private static unsafe void WriteAttribute(string device, string file, string value)
+    {
+        int fd = Libc.Open(file, NbdConstants.O_WRONLY | NbdConstants.O_TRUNC | NbdConstants.O_CLOEXEC);
+        if (fd < 0)
+        {
+            throw new NbdKernelException(device, "open " + file, System.Runtime.InteropServices.Marshal.GetLastPInvokeError());
+        }
+
+        try
+        {
+            byte[] bytes = System.Text.Encoding.ASCII.GetBytes(value);
+            fixed (byte* p = bytes)
+            {
+                if (Libc.Write(fd, p, (nuint)bytes.Length) < 0)
+                {
+                    throw new NbdKernelException(device, "write " + file, System.Runtime.InteropServices.Marshal.GetLastPInvokeError());
+                }
+            }
+        }
+        finally
+        {
+            _ = Libc.Close(fd);
+        }
+    }
+
     /// <summary>Indexes of every nbdN under <paramref name="sysBlock"/>, ascending (partitions like nbd0p1 are not listed there).</summary>
     public static IReadOnlyList<int> ListDevices(string sysBlock = "/sys/block")
     {

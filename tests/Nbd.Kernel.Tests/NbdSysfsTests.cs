@@ -39,6 +39,50 @@ public sealed class NbdSysfsTests
         Assert.Equal(Errno.EBADMSG, Assert.Throws<NbdKernelException>(() => NbdSysfs.Read(1, sysfs.Root)).Errno);
     }
 
+    [Theory]
+    [InlineData(65536u, 128u, 64u, "64")]
+    [InlineData(100000u, 128u, 96u, "96")] // whole pages: 24 of 4 KiB
+    [InlineData(33554432u, 128u, 128u, "128\n")] // a server taking more than the driver asks: left as it was
+    [InlineData(1048576u, 64u, 64u, "64\n")] // lowered by an earlier user of the device: never raised
+    public void LimitRequestSize_ServerMaximum_LowersMaxSectorsKbOnly(uint maxBytes, uint before, uint after, string file)
+    {
+        using var sysfs = new FakeSysfs().Device(2, 0);
+        string path = MaxSectorsKb(sysfs, 2, before + "\n");
+
+        Assert.Equal((before, after), NbdSysfs.LimitRequestSize(2, maxBytes, sysfs.Root));
+        Assert.Equal(file, File.ReadAllText(path));
+    }
+
+    [Fact]
+    public void LimitRequestSize_MaximumBelowAPage_RefusedNamingBoth()
+    {
+        using var sysfs = new FakeSysfs().Device(2, 0);
+        string path = MaxSectorsKb(sysfs, 2, "128\n");
+
+        var ex = Assert.Throws<NbdKernelException>(() => NbdSysfs.LimitRequestSize(2, 2048, sysfs.Root));
+
+        Assert.Equal(Errno.EINVAL, ex.Errno);
+        Assert.Contains("at most 2048 bytes", ex.Message, StringComparison.Ordinal);
+        Assert.Contains($"a page ({Environment.SystemPageSize} bytes)", ex.Message, StringComparison.Ordinal);
+        Assert.Equal("128\n", File.ReadAllText(path));
+    }
+
+    [Fact]
+    public void LimitRequestSize_NoSuchDevice_Enoent()
+    {
+        using var sysfs = new FakeSysfs();
+        Assert.Equal(Errno.ENOENT, Assert.Throws<NbdKernelException>(() => NbdSysfs.LimitRequestSize(4, 65536, sysfs.Root)).Errno);
+    }
+
+    private static string MaxSectorsKb(FakeSysfs sysfs, int index, string value)
+    {
+        string queue = Path.Combine(sysfs.Root, "nbd" + index, "queue");
+        Directory.CreateDirectory(queue);
+        string path = Path.Combine(queue, "max_sectors_kb");
+        File.WriteAllText(path, value);
+        return path;
+    }
+
     [Fact]
     public void ListDevices_SortedNumerically_IgnoresOtherEntries()
     {

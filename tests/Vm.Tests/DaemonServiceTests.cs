@@ -300,6 +300,29 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, r, "exit_rc", 0);
     }
 
+    /// <summary>
+    /// A server that takes at most 64 KiB per request (NBD_INFO_BLOCK_SIZE, enforced by nbdkit's blocksize-policy
+    /// filter), half the driver's own 128 KiB: the daemon lowers the device's queue/max_sectors_kb before the kernel has
+    /// a socket (Ioctl) or right after CONNECT (Netlink), and 1 MiB direct writes and reads work. Before, the driver's
+    /// 128 KiB requests were refused: I/O errors.
+    /// </summary>
+    [Theory]
+    [InlineData("nbd6")]
+    [InlineData("nbd7")]
+    public async Task Start_ServerMaximumRequestBelowTheDrivers_RequestsCappedAndLargeIoWorks(string device)
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("maxreq", ("device", device));
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("before_kb") > 64, $"the device's limit was {r["before_kb"]} KiB already: the case was not exercised");
+        Expect.Equal(run, r, "max_sectors_kb", 64);
+        Expect.Equal(run, r, "said_capped", "yes");
+        Expect.Equal(run, r, "write_rc", 0);
+        Expect.Equal(run, r, "read_rc", 0);
+        Expect.Equal(run, r, "readback", "yes");
+        Expect.Equal(run, run.One("maxreq_kernel"), "io_errors", 0);
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

@@ -21,6 +21,7 @@ internal static class Errno
     public const int EINVAL = 22;
     public const int ENOTTY = 25;
     public const int ENOSPC = 28;
+    public const int EROFS = 30;
     public const int EPIPE = 32;
     public const int ERANGE = 34;
     public const int ENAMETOOLONG = 36;
@@ -44,7 +45,7 @@ internal static class Errno
         [EPERM] = nameof(EPERM), [ENOENT] = nameof(ENOENT), [EINTR] = nameof(EINTR), [EIO] = nameof(EIO),
         [ENXIO] = nameof(ENXIO), [EBADF] = nameof(EBADF), [EAGAIN] = nameof(EAGAIN), [ENOMEM] = nameof(ENOMEM),
         [EACCES] = nameof(EACCES), [EFAULT] = nameof(EFAULT), [EBUSY] = nameof(EBUSY), [EEXIST] = nameof(EEXIST),
-        [ENODEV] = nameof(ENODEV), [EINVAL] = nameof(EINVAL), [ENOTTY] = nameof(ENOTTY), [ENOSPC] = nameof(ENOSPC),
+        [ENODEV] = nameof(ENODEV), [EINVAL] = nameof(EINVAL), [ENOTTY] = nameof(ENOTTY), [ENOSPC] = nameof(ENOSPC), [EROFS] = nameof(EROFS),
         [EPIPE] = nameof(EPIPE), [ERANGE] = nameof(ERANGE), [ENAMETOOLONG] = nameof(ENAMETOOLONG), [ENOSYS] = nameof(ENOSYS), [EPROTO] = nameof(EPROTO),
         [EBADMSG] = nameof(EBADMSG), [EOVERFLOW] = nameof(EOVERFLOW), [ENOTSOCK] = nameof(ENOTSOCK),
         [EMSGSIZE] = nameof(EMSGSIZE), [EPROTONOSUPPORT] = nameof(EPROTONOSUPPORT), [EOPNOTSUPP] = nameof(EOPNOTSUPP),

@@ -37,7 +37,9 @@ internal static class NbdConstants
     /// <summary>nbd_is_valid_blksize / blk_validate_block_size: power of two, at least 512, at most PAGE_SIZE.</summary>
     public const uint MinBlockSize = 512;
 
-    // open(2) flags for the block device node.
+    // open(2) flags for the block device node (O_RDWR) and sysfs attributes (O_WRONLY | O_TRUNC, as a shell's `>` opens them).
+    public const int O_WRONLY = 1;
+    public const int O_TRUNC = 0x200;
     public const int O_RDWR = 2;
     public const int O_CLOEXEC = 0x80000;
 }

@@ -301,7 +301,11 @@ internal static class ConnectCommand
         }
     }
 
-    /// <summary>True once the kernel reports the connection of device <paramref name="index"/> dead; false if the events fail.</summary>
+    /// <summary>
+    /// True once the kernel reports the connection of device <paramref name="index"/> dead. Events that fail leave it
+    /// pending (as without a subscription) until <paramref name="ct"/>, then false: a task completing early would turn
+    /// the waits on it into busy loops.
+    /// </summary>
     private static async Task<bool> WaitForLinkDeadAsync(NbdNetlinkEvents events, int index, CancellationToken ct)
     {
         try
@@ -312,7 +316,12 @@ internal static class ConnectCommand
 
             return true;
         }
-        catch (Exception e) when (e is NbdKernelException or OperationCanceledException or ObjectDisposedException)
+        catch (Exception e) when (e is NbdKernelException or ObjectDisposedException && !ct.IsCancellationRequested)
+        {
+            await Task.Delay(Timeout.Infinite, ct).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            return false;
+        }
+        catch (OperationCanceledException)
         {
             return false;
         }

@@ -63,7 +63,8 @@ internal interface INbdSession : IDisposable
 /// <param name="TransmissionFlags">NBD_FLAG_* transmission flags as sent (proto.md "Transmission flags").</param>
 /// <param name="MinimumBlockSize">NBD_INFO_BLOCK_SIZE minimum, if the server sent block size constraints.</param>
 /// <param name="PreferredBlockSize">NBD_INFO_BLOCK_SIZE preferred, if sent.</param>
-internal sealed record ExportDescription(string Name, ulong Size, ushort TransmissionFlags, uint? MinimumBlockSize = null, uint? PreferredBlockSize = null)
+/// <param name="MaximumPayload">NBD_INFO_BLOCK_SIZE maximum payload, if sent: no request may carry more.</param>
+internal sealed record ExportDescription(string Name, ulong Size, ushort TransmissionFlags, uint? MinimumBlockSize = null, uint? PreferredBlockSize = null, uint? MaximumPayload = null)
 {
     /// <summary>NBD_FLAG_HAS_FLAGS, bit 0.</summary>
     public const ushort FlagHasFlags = 1;

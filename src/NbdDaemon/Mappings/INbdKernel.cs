@@ -38,6 +38,13 @@ internal interface INbdKernel
     ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets);
 
     /// <summary>
+    /// Caps the block layer's requests for nbd<paramref name="index"/> at <paramref name="maxBytes"/> (lowers
+    /// queue/max_sectors_kb, never raises it): <c>Nbd.Kernel.NbdSysfs.LimitRequestSize</c>. Returns the limit before and
+    /// after, in KiB.
+    /// </summary>
+    (uint Before, uint After) LimitRequestSize(int index, uint maxBytes);
+
+    /// <summary>
     /// The host-wide lock of one mapping (by its backend identifier), held until disposed or the process ends:
     /// <c>Linux.MappingLock</c>. Throws <see cref="MappingInUseException"/> when another process holds it.
     /// </summary>

@@ -42,6 +42,12 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 118, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the netlink event subscription failed; subscribed again and serving on (the connection's sockets are watched meanwhile)")]
     public static partial void EventsResubscribed(ILogger logger, Exception? exception, string mapping, string device);
 
+    [LoggerMessage(EventId = 123, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: requests capped at {Kib} KiB (queue/max_sectors_kb was {Before}): the server takes at most {MaxBytes} bytes per request")]
+    public static partial void RequestSizeLimited(ILogger logger, string mapping, string device, uint kib, uint before, uint maxBytes);
+
+    [LoggerMessage(EventId = 124, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the server takes at most {MaxBytes} bytes per request, and the device's requests could not be capped ({Reason}); a larger request may fail with an I/O error if the server enforces its maximum")]
+    public static partial void RequestSizeNotLimited(ILogger logger, string mapping, string device, uint maxBytes, string reason);
+
     [LoggerMessage(EventId = 119, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the netlink event subscription failed and subscribing again failed too; serving on, the connection's sockets watched, trying again in a second")]
     public static partial void EventsNotResubscribed(ILogger logger, Exception? exception, string mapping, string device);
 

@@ -85,6 +85,9 @@ internal sealed class MappingLoop
 
     /// <summary>The ioctl device took one of our sockets once: from then on it is this mapping's (see RefuseDeviceInUse).</summary>
     private bool _deviceClaimed;
+
+    /// <summary>Whether the server's maximum request size could not be applied, and that was said once already.</summary>
+    private bool _requestSizeWarned;
     private ExportDescription? _established;
     private MappingState _state = MappingState.Idle;
     // Monotonic timestamps (TimeProvider.GetTimestamp), never the wall clock: an NTP step at boot must neither make a
@@ -311,6 +314,7 @@ internal sealed class MappingLoop
             else
             {
                 await ConfigureNetlinkAsync(export, blockSize, flags, stop);
+                LimitRequestSize(_netlinkIndex!.Value, export);
             }
 
             // Only what the kernel actually has becomes the reference for later reconnects: an export refused
@@ -457,6 +461,11 @@ internal sealed class MappingLoop
         _device.SetSizeBytes(DeviceSize(export, blockSize));
         _device.SetFlags(flags);
         _device.SetTimeout(_options.Timeout);
+        if (DeviceClaims.IndexOf(_device.Path) is int index)
+        {
+            LimitRequestSize(index, export);
+        }
+
         foreach (INbdSession session in _sessions)
         {
             _device.SetSocket(session.Socket);
@@ -714,6 +723,38 @@ internal sealed class MappingLoop
         }
 
         _sessions = taken;
+    }
+
+    /// <summary>
+    /// NBD_INFO_BLOCK_SIZE's maximum payload, which the client MUST NOT exceed (proto.md "Block size constraints"): the
+    /// driver sends each block-layer request as one command, up to 128 KiB by default, so the block layer is told to
+    /// make none larger. Not fatal when sysfs refuses: most servers take more than they announce, and a mapping that
+    /// stopped over it would fail for certain what may well work.
+    /// </summary>
+    private void LimitRequestSize(int index, ExportDescription export)
+    {
+        if (export.MaximumPayload is not uint max)
+        {
+            return;
+        }
+
+        try
+        {
+            (uint before, uint after) = _kernel.LimitRequestSize(index, max);
+            if (after < before)
+            {
+                MappingLog.RequestSizeLimited(_logger, Name, DeviceText, after, before, max);
+            }
+        }
+        catch (Nbd.Kernel.NbdKernelException e) when (!_requestSizeWarned)
+        {
+            // Once: it would fail the same way at every reconnect.
+            _requestSizeWarned = true;
+            MappingLog.RequestSizeNotLimited(_logger, Name, DeviceText, max, e.Message);
+        }
+        catch (Nbd.Kernel.NbdKernelException)
+        {
+        }
     }
 
     private bool IsTaken(INbdSession session) => _kernel.ReadSendTimeout(session.Socket) > TimeSpan.Zero;

@@ -238,6 +238,26 @@ internal sealed class FakeKernel : INbdKernel
     /// <summary>"lock NAME", "lock refused NAME", "unlock NAME" in order (kept out of <see cref="Operations"/>, which are the driver's).</summary>
     public ConcurrentQueue<string> LockEvents { get; } = new();
 
+    /// <summary>queue/max_sectors_kb per device index; 128 (the driver's default) for a device not listed.</summary>
+    public ConcurrentDictionary<int, uint> MaxSectorsKb { get; } = new();
+
+    /// <summary>Thrown by <see cref="LimitRequestSize"/> when set (sysfs read-only under a sandbox, say).</summary>
+    public Exception? LimitRequestSizeFailure { get; set; }
+
+    public (uint Before, uint After) LimitRequestSize(int index, uint maxBytes)
+    {
+        Record($"limit-request {index} {maxBytes}");
+        if (LimitRequestSizeFailure is { } failure)
+        {
+            throw failure;
+        }
+
+        uint before = MaxSectorsKb.GetValueOrDefault(index, 128u);
+        uint after = Math.Min(before, maxBytes / 1024);
+        MaxSectorsKb[index] = after;
+        return (before, after);
+    }
+
     /// <summary>Like the abstract socket name: one holder; released by disposing, as by the holder's exit.</summary>
     public IDisposable LockMapping(string backendIdentifier)
     {

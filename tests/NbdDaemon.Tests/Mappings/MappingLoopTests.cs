@@ -26,6 +26,57 @@ public sealed class MappingLoopTests
         await running.StopAsync();
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task RunAsync_ServerAnnouncesAMaximumPayload_RequestsCappedAtIt(bool netlink)
+    {
+        KernelInterface kernelInterface = netlink ? KernelInterface.Netlink : KernelInterface.Ioctl;
+        // A server taking at most 64 KiB per request: the driver's 128 KiB requests would be refused (I/O errors).
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: kernelInterface), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Serving);
+
+        Assert.Equal(64u, _kernel.MaxSectorsKb[3]);
+        if (kernelInterface == KernelInterface.Ioctl)
+        {
+            // Before the kernel has a socket: no request goes out uncapped.
+            Assert.Equal(["open /dev/nbd3", "blksize 4096", "size 1073741824", "flags 257", "timeout 30", "limit-request 3 65536", "set-sock", "do-it data"], _kernel.Operations);
+        }
+        else
+        {
+            Assert.Equal("limit-request 3 65536", _kernel.Operations.SkipWhile(o => !o.StartsWith("nl-connect", StringComparison.Ordinal)).ElementAt(1));
+        }
+
+        await running.StopAsync();
+    }
+
+    [Fact]
+    public async Task RunAsync_RequestsCannotBeCapped_ServesAnywayAndSaysWhy()
+    {
+        var logger = new ListLogger();
+        _kernel.LimitRequestSizeFailure = new Nbd.Kernel.NbdKernelException("/dev/nbd3", "open /sys/block/nbd3/queue/max_sectors_kb", 30);
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Serving);
+
+        // Said once: a reconnect fails the same way and says nothing new.
+        _kernel.Devices[0].Loop!.End();
+        await running.WaitForAsync(MappingState.Reconnecting);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await running.WaitForAsync(MappingState.Serving, 2);
+        Assert.Equal(2, _kernel.Operations.Count(o => o.StartsWith("limit-request", StringComparison.Ordinal)));
+        var warning = Assert.Single(logger.Entries, e => e.Message.Contains("could not be capped", StringComparison.Ordinal));
+        Assert.Equal(Microsoft.Extensions.Logging.LogLevel.Warning, warning.Level);
+        Assert.Contains("takes at most 65536 bytes per request, and the device's requests could not be capped", warning.Message, StringComparison.Ordinal);
+        Assert.Contains("EROFS", warning.Message, StringComparison.Ordinal);
+        await running.StopAsync();
+    }
+
     [Fact]
     public async Task RunAsync_ServiceLoopEnds_ClearsClosesAndReopensSameDeviceAfterBackoff()
     {

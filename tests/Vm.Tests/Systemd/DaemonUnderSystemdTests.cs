@@ -45,6 +45,20 @@ public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelp
     public void DirectIo_EachMapping_ReadsBackWhatItWrote(string mapping) =>
         Assert.Equal("ok", vm.Value($"daemon3_io_{mapping}"));
 
+    /// <summary>
+    /// nbdkit (blocksize-policy filter) announces and enforces a 64 KiB maximum request, half the driver's own limit:
+    /// the daemon caps the device's requests through sysfs, which the unit's sandbox must leave writable, or the 1 MiB
+    /// direct writes above fail with I/O errors. The other servers announce 32 MiB: their devices keep the driver's limit.
+    /// </summary>
+    [Fact]
+    public void ServerMaximumRequest_DeviceRequestsCappedUnderTheSandbox()
+    {
+        Assert.Equal(64, vm.Number("daemon3_mem_max_sectors_kb"));
+        Assert.Equal("ok", vm.Value("daemon3_io_mem"));
+        Assert.Equal(128, vm.Number("daemon3_data_max_sectors_kb"));
+        Assert.Equal(128, vm.Number("daemon3_qemu_max_sectors_kb"));
+    }
+
     [Theory]
     [InlineData("data")]
     [InlineData("mem")]

@@ -9,6 +9,8 @@
 #            leaves the device serving.
 #  busypick  a Netlink mapping without Device whose first choice (nbd1) is open elsewhere without a configuration
 #            (CONNECT: EBUSY): it takes another device.
+#  maxreq    nbdkit announcing and enforcing a 64 KiB maximum request: the daemon caps the device's requests
+#            (queue/max_sectors_kb), for an Ioctl and a Netlink mapping, so 1 MiB direct I/O works.
 # Once: badconfig  Interface=Bogus / duplicate Device → exit 78, key named on stderr, no device touched, and a
 #            mapping made beforehand by `nbd-daemon connect` on nbd5 left alone.
 # ioctl is configured on the command line, netlink through /etc/nbd-daemon/appsettings.json (both sources used).
@@ -467,3 +469,41 @@ exec 8<&-
 daemon_kill $PICK TERM
 result busypick device=${pick_dev:-none} busy_refusals=$pick_busy serving_after_ms=$pick_ms read=$pick_read exit_rc=$EXIT_RC
 grep -v '^   at ' $pick_log | grep -m 8 'pick' | sed 's/^/LOG pick: /'
+
+# --- maxreq: a server announcing (NBD_INFO_BLOCK_SIZE) and enforcing a maximum request below the driver's -----------
+# nbdkit's blocksize-policy filter: at most 64 KiB per request, larger ones refused (EINVAL). The driver's requests go up
+# to 128 KiB (queue/max_sectors_kb), so a 1 MiB O_DIRECT write fails with an I/O error unless the daemon capped the
+# device at the server's maximum. One Ioctl mapping (nbd6) and one Netlink mapping (nbd7).
+PORT_MAX=10813
+truncate -s 16M /tmp/maxreq.img
+nbdkit -i 127.0.0.1 -p $PORT_MAX -P /run/nbdkit-max.pid --filter=blocksize-policy file /tmp/maxreq.img \
+    blocksize-maximum=64K blocksize-error-policy=error && wait_port $PORT_MAX 10 || note "nbdkit (blocksize-policy) did not start"
+max_log=/tmp/maxreq.log
+kmsg_before=$(dmesg | wc -l)
+echo "nbd-daemon (io on nbd6 Ioctl, nl on nbd7 Netlink, server maximum 64 KiB)" > $max_log
+before6=$(cat /sys/block/nbd6/queue/max_sectors_kb) before7=$(cat /sys/block/nbd7/queue/max_sectors_kb)
+nbd-daemon --Nbd:Mappings:0:Name=io --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_MAX/io --Nbd:Mappings:0:Device=/dev/nbd6 \
+    --Nbd:Mappings:0:Interface=Ioctl \
+    --Nbd:Mappings:1:Name=nl --Nbd:Mappings:1:Uri=nbd://127.0.0.1:$PORT_MAX/nl --Nbd:Mappings:1:Device=/dev/nbd7 \
+    --Nbd:Mappings:1:Interface=Netlink >>$max_log 2>&1 &
+MAXD=$!
+max_t0=$(now_ms)
+while [ "$(grep -c -- '-> Serving' $max_log)" -lt 2 ] && [ $(( $(now_ms) - max_t0 )) -lt 60000 ] && ! proc_gone $MAXD; do
+    sleep 0.2
+done
+for dev in nbd6 nbd7; do
+    head -c $((2 * MiB)) /dev/urandom > /tmp/max-data
+    timeout 60 dd if=/tmp/max-data of=/dev/$dev bs=1M oflag=direct 2>/tmp/max-err; wrc=$?
+    timeout 60 dd if=/dev/$dev of=/tmp/max-back bs=1M count=2 iflag=direct 2>>/tmp/max-err; rrc=$?
+    same=$([ "$(sha_file /tmp/max-data)" = "$(sha_file /tmp/max-back)" ] && echo yes || echo no)
+    result maxreq device=$dev before_kb=$([ $dev = nbd6 ] && echo $before6 || echo $before7) \
+        max_sectors_kb=$(cat /sys/block/$dev/queue/max_sectors_kb) write_rc=$wrc read_rc=$rrc readback=$same \
+        said_capped=$(grep -q "on /dev/$dev: requests capped at 64 KiB" $max_log && echo yes || echo no)
+    sed "s/^/LOG maxreq-$dev: /" /tmp/max-err | head -n 3
+done
+# This step's kernel lines only (stallstop used nbd7 before, with errors of its own).
+result maxreq_kernel io_errors=$(dmesg | tail -n +$((kmsg_before + 1)) | grep -c 'I/O error')
+dmesg | tail -n +$((kmsg_before + 1)) | grep 'nbd[67]' | head -n 5 | sed 's/^/LOG maxreq-kernel: /'
+daemon_kill $MAXD TERM
+kill "$(cat /run/nbdkit-max.pid)" 2>/dev/null
+grep -v '^   at ' $max_log | grep -m 8 'capped\|could not be capped\|Serving' | sed 's/^/LOG maxreq: /'

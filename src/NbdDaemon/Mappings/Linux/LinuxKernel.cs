@@ -32,6 +32,8 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
 
     public TimeSpan ReadSendTimeout(Socket socket) => NbdSocketTimeout.Read(socket);
 
+    public (uint Before, uint After) LimitRequestSize(int index, uint maxBytes) => NbdSysfs.LimitRequestSize(index, maxBytes, sysBlock);
+
     public IDisposable LockMapping(string backendIdentifier) => MappingLock.Take(backendIdentifier);
 
     public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets) => new SocketWatch(NbdSocketWatch.Start(sockets), sockets.Count);

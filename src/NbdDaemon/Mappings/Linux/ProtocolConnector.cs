@@ -61,7 +61,8 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
             connection.Export.Size,
             (ushort)connection.Export.Flags,
             connection.Export.BlockSizes?.Minimum,
-            connection.Export.BlockSizes?.Preferred);
+            connection.Export.BlockSizes?.Preferred,
+            connection.Export.BlockSizes?.Maximum);
 
         public Socket Socket => connection.Socket;
 
