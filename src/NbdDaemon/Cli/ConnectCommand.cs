@@ -130,10 +130,10 @@ internal static class ConnectCommand
             {
                 return CliExit.Error(stderr, e.Message);
             }
-            catch (IOException e)
+            catch (OutputFailedException e)
             {
-                // Standard output refused the "connected" line (a full disk behind a redirection): the device was
-                // disconnected on the way out, as after any failure once it was set up.
+                // Standard output refused a line (a full disk behind a redirection): the device was disconnected on the
+                // way out, as after any failure once it was set up (every later line comes after its disconnect).
                 return CliExit.Error(stderr, $"writing to standard output failed ({e.Message}); device disconnected");
             }
         }
@@ -195,8 +195,7 @@ internal static class ConnectCommand
         device.SetFlags((ushort)mapping.Flags);
         device.SetSocket(socket);
         var loop = device.StartServiceLoop($"nbd-do-it {device.Path}");
-        stdout.WriteLine(Connected(device.Path, uri, mapping, "ioctl"));
-        stdout.Flush();
+        Say(stdout, Connected(device.Path, uri, mapping, "ioctl"));
 
         var stopped = false;
         using (ct.Register(() => { stopped = true; loop.Stop(); }))
@@ -204,13 +203,13 @@ internal static class ConnectCommand
             var result = await loop.Completion;
             if (stopped || result.StoppedByRequest)
             {
-                stdout.WriteLine($"{device.Path}: disconnected");
+                Say(stdout, $"{device.Path}: disconnected");
                 return CliExit.Ok;
             }
 
             device.ClearQueue();
             device.ClearSocket();
-            stdout.WriteLine($"{device.Path}: the service loop ended ({result.ErrnoName ?? "the connection was closed: by the server, or NBD_DISCONNECT from elsewhere"}); device released");
+            Say(stdout, $"{device.Path}: the service loop ended ({result.ErrnoName ?? "the connection was closed: by the server, or NBD_DISCONNECT from elsewhere"}); device released");
             return result.Errno == 0 ? CliExit.Ok : CliExit.Failed;
         }
     }
@@ -233,10 +232,12 @@ internal static class ConnectCommand
         });
         var path = NbdKernel.DevicePrefix + index.ToString(CultureInfo.InvariantCulture);
         using var done = new CancellationTokenSource();
+        // Once the device is ours no more (disconnected, here or elsewhere), a failure must not disconnect by index:
+        // another client may have configured that index since.
+        var released = false;
         try
         {
-            stdout.WriteLine(Connected(path, uri, mapping, "netlink"));
-            stdout.Flush();
+            Say(stdout, Connected(path, uri, mapping, "netlink"));
 
             // The kernel owns the socket now; we stay in the foreground so that a signal disconnects, and we leave when
             // the device is disconnected by someone else or its connection is lost. While the connection is up a thread
@@ -259,7 +260,8 @@ internal static class ConnectCommand
                     // Without a dead-connection timeout nothing can bring it back: every request fails with EIO until
                     // someone disconnects, and the device stays busy for a new `connect`. Freed here, as the ioctl path does.
                     netlink.Disconnect(index);
-                    stdout.WriteLine($"{path}: the connection to {uri} was lost (NBD_CMD_LINK_DEAD); device disconnected");
+                    released = true;
+                    Say(stdout, $"{path}: the connection to {uri} was lost (NBD_CMD_LINK_DEAD); device disconnected");
                     return CliExit.Failed;
                 }
 
@@ -267,16 +269,17 @@ internal static class ConnectCommand
                 ct.ThrowIfCancellationRequested();
             }
 
-            stdout.WriteLine($"{path}: disconnected elsewhere");
+            released = true;
+            Say(stdout, $"{path}: disconnected elsewhere");
             return CliExit.Ok;
         }
         catch (OperationCanceledException) when (ct.IsCancellationRequested)
         {
             netlink.Disconnect(index);
-            stdout.WriteLine($"{path}: disconnected");
+            Say(stdout, $"{path}: disconnected");
             return CliExit.Ok;
         }
-        catch
+        catch (Exception) when (!released)
         {
             // Whatever failed after CONNECT (stdout gone, out of descriptors for the watch) must not leave a device
             // configured that nobody serves or watches.
@@ -310,14 +313,28 @@ internal static class ConnectCommand
     {
         try
         {
-            while (await events.WaitForLinkDeadAsync(ct) != index)
+            while (true)
             {
-            }
+                int dead;
+                try
+                {
+                    dead = await events.WaitForLinkDeadAsync(ct);
+                }
+                catch (SocketException e) when (e.SocketErrorCode == SocketError.NoBufferSpaceAvailable)
+                {
+                    continue; // ENOBUFS: the kernel dropped events for a full socket; the socket itself goes on
+                }
 
-            return true;
+                if (dead == index)
+                {
+                    return true;
+                }
+            }
         }
-        catch (Exception e) when (e is NbdKernelException or ObjectDisposedException && !ct.IsCancellationRequested)
+        catch (Exception) when (!ct.IsCancellationRequested)
         {
+            // NbdKernelException, another SocketException, ObjectDisposedException: no more events, so no LINK_DEAD to
+            // wait for.
             await Task.Delay(Timeout.Infinite, ct).ContinueWith(_ => { }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             return false;
         }
@@ -338,6 +355,23 @@ internal static class ConnectCommand
             // Already gone; the original failure is what the user needs to see.
         }
     }
+
+    /// <summary>One line to standard output, flushed; a refusal (ENOSPC behind a redirection) becomes <see cref="OutputFailedException"/>.</summary>
+    private static void Say(TextWriter stdout, string line)
+    {
+        try
+        {
+            stdout.WriteLine(line);
+            stdout.Flush();
+        }
+        catch (IOException e)
+        {
+            throw new OutputFailedException(e.Message, e);
+        }
+    }
+
+    /// <summary>Standard output refused a line: told apart from every other I/O failure (a sysfs read, say).</summary>
+    private sealed class OutputFailedException(string message, Exception inner) : Exception(message, inner);
 
     private static string Connected(string path, NbdUri uri, KernelMapping mapping, string iface) =>
         string.Create(CultureInfo.InvariantCulture,

@@ -527,6 +527,13 @@ internal sealed class MappingLoop
         int? wanted = _netlinkIndex ?? DeviceClaims.IndexOf(_options.Device);
         int? picked = wanted is null ? PickNetlinkDevice() : null;
         wanted ??= picked;
+        // Before CONNECT as well as after: the driver starts the device at CONNECT, and udev's probe, readahead or a
+        // partition scan may send a request of the driver's size before the limit written afterwards applies.
+        if (wanted is int target)
+        {
+            LimitRequestSize(target, export, quiet: true);
+        }
+
         int connected;
         try
         {
@@ -731,29 +738,33 @@ internal sealed class MappingLoop
     /// make none larger. Not fatal when sysfs refuses: most servers take more than they announce, and a mapping that
     /// stopped over it would fail for certain what may well work.
     /// </summary>
-    private void LimitRequestSize(int index, ExportDescription export)
+    /// <param name="index">The device.</param>
+    /// <param name="export">The server's answer.</param>
+    /// <param name="quiet">A failure is not reported (a try before CONNECT: the device may not exist yet).</param>
+    private void LimitRequestSize(int index, ExportDescription export, bool quiet = false)
     {
         if (export.MaximumPayload is not uint max)
         {
             return;
         }
 
+        string device = "/dev/nbd" + index.ToString(CultureInfo.InvariantCulture);
         try
         {
             (uint before, uint after) = _kernel.LimitRequestSize(index, max);
             if (after < before)
             {
-                MappingLog.RequestSizeLimited(_logger, Name, DeviceText, after, before, max);
+                MappingLog.RequestSizeLimited(_logger, Name, device, after, before, max);
             }
         }
-        catch (Nbd.Kernel.NbdKernelException e) when (!_requestSizeWarned)
+        catch (Exception e) when (e is Nbd.Kernel.NbdKernelException or IOException or UnauthorizedAccessException or OverflowException)
         {
-            // Once: it would fail the same way at every reconnect.
-            _requestSizeWarned = true;
-            MappingLog.RequestSizeNotLimited(_logger, Name, DeviceText, max, e.Message);
-        }
-        catch (Nbd.Kernel.NbdKernelException)
-        {
+            if (!quiet && !_requestSizeWarned)
+            {
+                // Once: it would fail the same way at every reconnect.
+                _requestSizeWarned = true;
+                MappingLog.RequestSizeNotLimited(_logger, Name, device, max, e.Message);
+            }
         }
     }
 

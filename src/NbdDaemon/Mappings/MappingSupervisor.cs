@@ -115,10 +115,13 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         // Each loop's stop on its own thread, and not awaited here: a cancellation runs the loop's teardown inline, and
         // a teardown can block in the kernel (NBD_CMD_DISCONNECT to a server that stopped reading, a relay hand-over
         // waiting for owed replies). One token for all would run them one after another, and the host's timeout
-        // below would only start counting after the last.
-        foreach (CancellationTokenSource stop in _stopping)
+        // below would only start counting after the last. A thread of its own, not the pool's: with teardowns blocked
+        // on pool threads the pool adds threads about two a second, and the 16th mapping's teardown would start
+        // seconds late (a loaded test run once failed StopAsync_TeardownsThatBlock_*, most likely so).
+        for (int i = 0; i < _stopping.Length; i++)
         {
-            _ = Task.Run(() => CancelQuietly(stop), CancellationToken.None);
+            CancellationTokenSource stop = _stopping[i];
+            new Thread(() => CancelQuietly(stop)) { IsBackground = true, Name = "nbd-stop " + _loops[i].Name }.Start();
         }
 
         try

@@ -479,7 +479,8 @@ truncate -s 16M /tmp/maxreq.img
 nbdkit -i 127.0.0.1 -p $PORT_MAX -P /run/nbdkit-max.pid --filter=blocksize-policy file /tmp/maxreq.img \
     blocksize-maximum=64K blocksize-error-policy=error && wait_port $PORT_MAX 10 || note "nbdkit (blocksize-policy) did not start"
 max_log=/tmp/maxreq.log
-kmsg_before=$(dmesg | wc -l)
+# A marker in the kernel log: a count of lines would stop growing once the ring buffer is full.
+echo "nbdvm: maxreq step starts" > /dev/kmsg
 echo "nbd-daemon (io on nbd6 Ioctl, nl on nbd7 Netlink, server maximum 64 KiB)" > $max_log
 before6=$(cat /sys/block/nbd6/queue/max_sectors_kb) before7=$(cat /sys/block/nbd7/queue/max_sectors_kb)
 nbd-daemon --Nbd:Mappings:0:Name=io --Nbd:Mappings:0:Uri=nbd://127.0.0.1:$PORT_MAX/io --Nbd:Mappings:0:Device=/dev/nbd6 \
@@ -502,8 +503,9 @@ for dev in nbd6 nbd7; do
     sed "s/^/LOG maxreq-$dev: /" /tmp/max-err | head -n 3
 done
 # This step's kernel lines only (stallstop used nbd7 before, with errors of its own).
-result maxreq_kernel io_errors=$(dmesg | tail -n +$((kmsg_before + 1)) | grep -c 'I/O error')
-dmesg | tail -n +$((kmsg_before + 1)) | grep 'nbd[67]' | head -n 5 | sed 's/^/LOG maxreq-kernel: /'
+dmesg | sed -n '/nbdvm: maxreq step starts/,$p' > /tmp/maxreq-kmsg
+result maxreq_kernel marker=$(grep -c 'nbdvm: maxreq step starts' /tmp/maxreq-kmsg) io_errors=$(grep -c 'I/O error' /tmp/maxreq-kmsg)
+grep 'nbd[67]' /tmp/maxreq-kmsg | head -n 5 | sed 's/^/LOG maxreq-kernel: /'
 daemon_kill $MAXD TERM
 kill "$(cat /run/nbdkit-max.pid)" 2>/dev/null
 grep -v '^   at ' $max_log | grep -m 8 'capped\|could not be capped\|Serving' | sed 's/^/LOG maxreq: /'

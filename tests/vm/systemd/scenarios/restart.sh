@@ -125,7 +125,8 @@ mount -t ext4 -o errors=remount-ro /dev/nbd0 "$MNT"; MOUNT_RC=$?
 r mount_rc "$MOUNT_RC"
 [ "$MOUNT_RC" = 0 ] || { journalctl --no-pager -u nbd-daemon | tail -n 30; exit 0; }
 
-# op START_MS END_MS RC KIND N BYTES -> one line in $W.ops
+# op START_MS END_MS RC KIND N BYTES -> one line in $W.ops; $W.cur holds the start of the operation in progress (an
+# operation still blocked shows nowhere else)
 writer() {
     local n=0 size sum t0 rc old
     : >$W.ops; : >$W.manifest; : >$W.err
@@ -134,22 +135,23 @@ writer() {
         size=$(( 4096 + (RANDOM * 32768 + RANDOM) % (2 * 1048576 - 4096 + 1) ))
         head -c $size /dev/urandom >$W.dat
         sum=$(sha256sum $W.dat | cut -d' ' -f1)
-        t0=$(now_ms); cat $W.dat >"$MNT/f$n" 2>>$W.err; rc=$?
-        echo "$t0 $(now_ms) $rc write $n $size" >>$W.ops
+        t0=$(now_ms); echo "$t0" >$W.cur; cat $W.dat >"$MNT/f$n" 2>>$W.err; rc=$?
+        echo "$t0 $(now_ms) $rc write $n $size" >>$W.ops; : >$W.cur
         [ $rc = 0 ] && echo "$sum  f$n" >>$W.manifest
         if [ $((n % 4)) = 0 ]; then
-            t0=$(now_ms); sync -f "$MNT/f$n" 2>>$W.err; rc=$?
-            echo "$t0 $(now_ms) $rc sync $n 0" >>$W.ops
+            t0=$(now_ms); echo "$t0" >$W.cur; sync -f "$MNT/f$n" 2>>$W.err; rc=$?
+            echo "$t0 $(now_ms) $rc sync $n 0" >>$W.ops; : >$W.cur
         fi
         old=$((n - 120))
         if [ $old -ge 1 ]; then
-            t0=$(now_ms); rm "$MNT/f$old" 2>>$W.err; rc=$?
-            echo "$t0 $(now_ms) $rc rm $old 0" >>$W.ops
+            t0=$(now_ms); echo "$t0" >$W.cur; rm "$MNT/f$old" 2>>$W.err; rc=$?
+            echo "$t0 $(now_ms) $rc rm $old 0" >>$W.ops; : >$W.cur
             [ $rc = 0 ] && sed -i "/  f$old\$/d" $W.manifest
         fi
     done
-    t0=$(now_ms); sync -f "$MNT" 2>>$W.err; rc=$?
-    echo "$t0 $(now_ms) $rc sync final 0" >>$W.ops
+    t0=$(now_ms); echo "$t0" >$W.cur; sync -f "$MNT" 2>>$W.err; rc=$?
+    echo "$t0 $(now_ms) $rc sync final 0" >>$W.ops; : >$W.cur
+    rm -f $W.cur
 }
 # monitor: one line "size pid backend" per 0.1 s until $W.stopmon exists. A disconnect alone does not show here:
 # while the filesystem holds the device open the kernel keeps size, pid and backend (seen with a daemon that
@@ -297,8 +299,15 @@ dmesg -C
 # refused while the writer's requests queue in the handed-over ends; nbdkit comes back once the new process has logged
 # a refusal. The new process must keep the ends until its mapping serves, and resume on them: closing them would leave
 # the requests queued in them waiting for the hand-over's 60 s request timeout.
-# stall_after FROM_MS: the longest part after FROM_MS of a writer operation still running at FROM_MS or started after
-stall_after() { awk -v a="$1" '$2 >= a { s = ($1 > a ? $1 : a); if ($2 - s > m) m = $2 - s } END { print m + 0 }' $W.ops; }
+# stall_after FROM_MS: the longest part after FROM_MS of a writer operation still running at FROM_MS or started after,
+# the one in progress now included (a request stuck until its timeout would otherwise show only once it ended)
+stall_after() {
+    local cur=""
+    [ -s $W.cur ] && cur=$(cat $W.cur 2>/dev/null)
+    awk -v a="$1" -v now="$(now_ms)" -v cur="$cur" '
+        $2 >= a { s = ($1 > a ? $1 : a); if ($2 - s > m) m = $2 - s }
+        END { if (cur != "") { s = (cur + 0 > a ? cur + 0 : a); if (now - s > m) m = now - s }; print m + 0 }' $W.ops
+}
 sleep 3
 timeout 30 systemctl restart --no-block nbd-daemon.service; r relay_down_restart_rc "$?"
 t0=$(now_ms)
