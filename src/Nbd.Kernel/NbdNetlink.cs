@@ -1,4 +1,3 @@
-using System.Globalization;
 using Nbd.Kernel.Interop;
 using Nbd.Kernel.Netlink;
 using static Nbd.Kernel.Interop.NetlinkConstants;
@@ -133,7 +132,7 @@ public sealed class NbdNetlink : IDisposable
 
     public void Dispose() => _client.Dispose();
 
-    internal static string DeviceName(int index) => "/dev/nbd" + index.ToString(CultureInfo.InvariantCulture);
+    internal static string DeviceName(int index) => NbdKernel.DevicePath(index);
 
     private static T Parse<T>(Func<T> parse, string device, string operation)
     {

@@ -13,16 +13,9 @@ public static class NbdSysfs
     /// <exception cref="NbdKernelException">ENOENT when the device does not exist; EBADMSG when a file is malformed.</exception>
     public static NbdDeviceStatus Read(int index, string sysBlock = "/sys/block")
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(index);
-        string name = "nbd" + index.ToString(CultureInfo.InvariantCulture);
-        string dir = Path.Combine(sysBlock, name);
-        if (!Directory.Exists(dir))
-        {
-            throw new NbdKernelException("/dev/" + name, "read " + dir, Errno.ENOENT, "no such nbd device; is the nbd module loaded?");
-        }
-
+        (string device, string dir) = DeviceDirectory(index, sysBlock);
         string? sizeText = ReadOptional(dir, "size")
-            ?? throw new NbdKernelException("/dev/" + name, "read " + Path.Combine(dir, "size"), Errno.ENOENT);
+            ?? throw new NbdKernelException(device, "read " + Path.Combine(dir, "size"), Errno.ENOENT);
         ulong sectors = ParseUInt64(sizeText, dir, "size");
         string? pidText = ReadOptional(dir, "pid");
         int? pid = pidText is null ? null : checked((int)ParseUInt64(pidText, dir, "pid"));
@@ -50,12 +43,10 @@ public static class NbdSysfs
     /// smallest limit the block layer takes (one page); EROFS and the like: sysfs could not be written.</exception>
     public static (uint Before, uint After) LimitRequestSize(int index, uint maxBytes, string sysBlock = "/sys/block")
     {
-        ArgumentOutOfRangeException.ThrowIfNegative(index);
-        string name = "nbd" + index.ToString(CultureInfo.InvariantCulture);
-        string dir = Path.Combine(sysBlock, name);
+        (string device, string dir) = DeviceDirectory(index, sysBlock);
         string file = Path.Combine(dir, "queue", "max_sectors_kb");
         string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
-            ?? throw new NbdKernelException("/dev/" + name, "read " + file, Errno.ENOENT, "no such nbd device; is the nbd module loaded?");
+            ?? throw new NbdKernelException(device, "read " + file, Errno.ENOENT);
         uint before = checked((uint)ParseUInt64(text, dir, "queue/max_sectors_kb"));
         // Whole pages: the block layer takes no less than one, and a multiple of every logical block size (≤ 4096)
         // keeps requests from being cut inside a block.
@@ -68,12 +59,25 @@ public static class NbdSysfs
 
         if (maxBytes < page)
         {
-            throw new NbdKernelException("/dev/" + name, "write " + file, Errno.EINVAL,
+            throw new NbdKernelException(device, "write " + file, Errno.EINVAL,
                 $"the server takes requests of at most {maxBytes} bytes, and the block layer makes none smaller than a page ({page} bytes)");
         }
 
-        WriteAttribute("/dev/" + name, file, wanted.ToString(CultureInfo.InvariantCulture));
+        WriteAttribute(device, file, wanted.ToString(CultureInfo.InvariantCulture));
         return (before, wanted);
+    }
+
+    /// <summary>/sys/block/nbd<paramref name="index"/> and the device's /dev path (for errors); ENOENT when there is no such device.</summary>
+    private static (string Device, string Dir) DeviceDirectory(int index, string sysBlock)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(index);
+        string dir = Path.Combine(sysBlock, "nbd" + index.ToString(CultureInfo.InvariantCulture));
+        if (!Directory.Exists(dir))
+        {
+            throw new NbdKernelException(NbdKernel.DevicePath(index), "read " + dir, Errno.ENOENT, "no such nbd device; is the nbd module loaded?");
+        }
+
+        return (NbdKernel.DevicePath(index), dir);
     }
 
     /// <summary>One write(2) of <paramref name="value"/> to a sysfs attribute, so the kernel's own errno is what is reported.</summary>

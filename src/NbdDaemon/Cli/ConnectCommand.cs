@@ -230,7 +230,7 @@ internal static class ConnectCommand
             Sockets = [socket],
             BackendIdentifier = $"nbd-daemon-cli:{uri}",
         });
-        var path = NbdKernel.DevicePrefix + index.ToString(CultureInfo.InvariantCulture);
+        var path = NbdKernel.DevicePath(index);
         using var done = new CancellationTokenSource();
         // Once the device is ours no more (disconnected, here or elsewhere), a failure must not disconnect by index:
         // another client may have configured that index since.

@@ -20,7 +20,7 @@ internal static class DeviceArgument
             return false;
         }
 
-        path = NbdKernel.DevicePrefix + index.ToString(CultureInfo.InvariantCulture);
+        path = NbdKernel.DevicePath(index);
         error = null;
         return true;
     }

@@ -67,7 +67,7 @@ internal interface ISocketWatch : IDisposable
 /// <param name="ReadOnly">sysfs <c>ro</c>.</param>
 internal sealed record KernelDeviceInfo(int Index, ulong SizeBytes, uint LogicalBlockSize, string? Backend, bool Connected, bool ReadOnly)
 {
-    public string Path => "/dev/nbd" + Index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+    public string Path => Nbd.Kernel.NbdKernel.DevicePath(Index);
 
     /// <summary><c>Nbd.Kernel.NbdDeviceStatus.IsInUse</c> over these fields: set up by some client.</summary>
     public bool InUse => Connected || SizeBytes != 0;

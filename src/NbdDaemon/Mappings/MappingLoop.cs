@@ -554,7 +554,7 @@ internal sealed class MappingLoop
         _claims.TryClaim(connected, Name);
         _claims.Release(Name, keep: connected);
         _netlinkIndex = connected;
-        Volatile.Write(ref _devicePath, "/dev/nbd" + connected.ToString(CultureInfo.InvariantCulture));
+        Volatile.Write(ref _devicePath, Nbd.Kernel.NbdKernel.DevicePath(connected));
         int taken = _sessions.Count(IsTaken);
         MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_CONNECT", taken, _sessions.Count, ReadBack());
     }
@@ -748,7 +748,7 @@ internal sealed class MappingLoop
             return;
         }
 
-        string device = "/dev/nbd" + index.ToString(CultureInfo.InvariantCulture);
+        string device = Nbd.Kernel.NbdKernel.DevicePath(index);
         try
         {
             (uint before, uint after) = _kernel.LimitRequestSize(index, max);
