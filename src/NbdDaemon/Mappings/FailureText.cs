@@ -25,6 +25,20 @@ internal static class FailureText
         return exception.Message;
     }
 
+    /// <summary>
+    /// The first <paramref name="length"/> UTF-16 units of <paramref name="text"/> (all of it when shorter), one fewer
+    /// when the cut would split a surrogate pair: half a pair is encoded as U+FFFD, a character the server never sent.
+    /// </summary>
+    public static string Prefix(string text, int length)
+    {
+        if (text.Length <= length)
+        {
+            return text;
+        }
+
+        return length > 0 && char.IsHighSurrogate(text[length - 1]) ? text[..(length - 1)] : text[..length];
+    }
+
     public static FailureKind KindOf(Exception exception) => exception is MappingException m ? m.Kind : FailureKind.Transient;
 
     private static string? Describe(SocketError error) => error switch

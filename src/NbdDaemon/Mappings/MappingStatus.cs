@@ -30,7 +30,7 @@ internal static class MappingStatus
                 continue;
             }
 
-            string reason = failure.Length > MaxReasonLength ? failure[..MaxReasonLength] + "…" : failure;
+            string reason = failure.Length > MaxReasonLength ? FailureText.Prefix(failure, MaxReasonLength) + "…" : failure;
             string prefix = state switch
             {
                 MappingState.GaveUp => "gave up: ",

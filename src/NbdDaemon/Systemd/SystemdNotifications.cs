@@ -75,18 +75,21 @@ internal sealed class SystemdNotifications : BackgroundService
                 return;
             }
 
-            // STATUS is one line; a newline would start a new assignment in the datagram.
-            string line = status.ReplaceLineEndings(" ");
-            if (line.Length > MaxStatusChars)
-            {
-                line = line[..(MaxStatusChars - 1)] + "…";
-            }
-
-            if (TryNotify("STATUS=" + line))
+            if (TryNotify("STATUS=" + StatusLine(status)))
             {
                 _lastStatus = status;
             }
         }
+    }
+
+    /// <summary>
+    /// The STATUS= value for <paramref name="status"/>: one line (a newline would start a new assignment in the
+    /// datagram), at most <see cref="MaxStatusChars"/> characters ending in "…" when cut, never half a surrogate pair.
+    /// </summary>
+    internal static string StatusLine(string status)
+    {
+        string line = status.ReplaceLineEndings(" ");
+        return line.Length > MaxStatusChars ? FailureText.Prefix(line, MaxStatusChars - 1) + "…" : line;
     }
 
     /// <summary>

@@ -405,4 +405,22 @@ public sealed class MappingStatusTests
         string text = MappingStatus.Format([("a", MappingState.Reconnecting, new string('x', 500))]);
         Assert.Equal("0 of 1 mappings serving; failing: a (" + new string('x', MappingStatus.MaxReasonLength) + "…)", text);
     }
+
+    [Fact]
+    public void Format_LongReasonCutInsideASurrogatePair_PairDroppedWhole()
+    {
+        // "😀" is two UTF-16 units; placed so that the cut at MaxReasonLength falls between them.
+        string failure = new string('x', MappingStatus.MaxReasonLength - 1) + "😀" + new string('y', 10);
+        string text = MappingStatus.Format([("a", MappingState.Reconnecting, failure)]);
+        Assert.Equal("0 of 1 mappings serving; failing: a (" + new string('x', MappingStatus.MaxReasonLength - 1) + "…)", text);
+        Assert.DoesNotContain("\uFFFD", System.Text.Encoding.UTF8.GetString(System.Text.Encoding.UTF8.GetBytes(text)), StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Format_LongReasonEndingOnAWholePair_PairKept()
+    {
+        string failure = new string('x', MappingStatus.MaxReasonLength - 2) + "😀" + new string('y', 10);
+        string text = MappingStatus.Format([("a", MappingState.Reconnecting, failure)]);
+        Assert.Equal("0 of 1 mappings serving; failing: a (" + new string('x', MappingStatus.MaxReasonLength - 2) + "😀…)", text);
+    }
 }

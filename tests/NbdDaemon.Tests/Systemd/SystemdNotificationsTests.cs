@@ -182,4 +182,25 @@ public sealed class SystemdNotificationsTests
             name => name switch { "WATCHDOG_USEC" => usec, "WATCHDOG_PID" => pidValue, _ => null }, self);
         Assert.Equal(expectedSeconds, settings.PingInterval?.TotalSeconds);
     }
+
+    [Fact]
+    public void StatusLine_CutInsideASurrogatePair_PairDroppedWhole()
+    {
+        int cut = SystemdNotifications.MaxStatusChars - 1;
+        string status = new string('x', cut - 1) + "😀" + new string('y', 50);
+        string line = SystemdNotifications.StatusLine(status);
+        Assert.Equal(new string('x', cut - 1) + "…", line);
+        Assert.DoesNotContain("\uFFFD", System.Text.Encoding.UTF8.GetString(System.Text.Encoding.UTF8.GetBytes(line)), StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void StatusLine_LongStatus_CutToTheLimitWithAnEllipsis()
+    {
+        string line = SystemdNotifications.StatusLine(new string('x', 5000));
+        Assert.Equal(new string('x', SystemdNotifications.MaxStatusChars - 1) + "…", line);
+    }
+
+    [Fact]
+    public void StatusLine_NewlinesInTheStatus_OneLine() =>
+        Assert.Equal("a b c", SystemdNotifications.StatusLine("a\nb\r\nc"));
 }
