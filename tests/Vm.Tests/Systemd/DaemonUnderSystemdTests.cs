@@ -97,6 +97,26 @@ public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelp
         Assert.InRange(sixteen, 1, 30_000);
     }
 
+    /// <summary>
+    /// Every start failing for 15 s (a drop-in adds ExecStartPre=/bin/false): the unit restarts about once a second
+    /// (RestartSec=1) and never gives up (StartLimitIntervalSec=0; systemd's default limit would leave it failed with
+    /// start-limit-hit after 5 starts in 10 s); once the cause is gone it comes back by itself and maps the device.
+    /// </summary>
+    [Fact]
+    public void CrashLoop_UnitKeepsRestarting_RecoversByItselfOnceTheCauseIsGone()
+    {
+        output.WriteLine($"crash loop: {vm.Value("crashloop_NRestarts_delta")} restarts in 15 s, then " +
+                         $"{vm.Value("crashloop_recovered_ActiveState")} {vm.Value("crashloop_recovered_ms")} ms after the drop-in was removed");
+        // About 1.6 s a cycle under TCG (RestartSec=1 plus the failed start); RestartSec=5 would give 2 or 3.
+        Assert.True(vm.Number("crashloop_NRestarts_delta") >= 5, "fewer than 5 restarts in 15 s: RestartSec is not about 1 s");
+        Assert.NotEqual("failed", vm.Value("crashloop_ActiveState"));
+        Assert.NotEqual("start-limit-hit", vm.Value("crashloop_Result"));
+        Assert.Equal("active", vm.Value("crashloop_recovered_ActiveState"));
+        Assert.True(vm.Number("crashloop_recovered_data_size") > 0, "the recovered daemon did not map /dev/nbd0");
+        Assert.Equal("0", vm.Value("crashloop_stop_rc"));
+        Assert.Equal("inactive", vm.Value("crashloop_after_stop_ActiveState"));
+    }
+
     [Fact]
     public void Memory_DaemonRss_OneAndSixteenMappings_ComparedWithNbdClient()
     {

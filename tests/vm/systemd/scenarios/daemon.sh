@@ -8,6 +8,7 @@
 #   server_*    nbd-server / nbdkit memory (64 KiB maximum request) / qemu-nbd on loopback
 #   client_*    nbd-client (ioctl mode) against the same servers: the baseline for I/O and RSS
 #   daemon3_*, daemon1_*, daemon16_*   nbd-daemon under systemd with 3, 1 and 16 mappings
+#   crashloop_*  every start failing for 15 s: the unit keeps restarting, then recovers by itself
 set -u
 r() { echo "RESULT systemd $1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -214,4 +215,33 @@ main=$(prop nbd-daemon MainPID)
 n=0; for d in "${devs[@]}"; do [ "$(dev_size "$d")" != 0 ] && [ "$(dev_owner "$d" "$main")" = daemon ] && n=$((n + 1)); done
 r daemon16_connected "$n"
 stop_daemon daemon16 "${devs[@]}"
+
+# A crash loop: a drop-in makes every start fail at once (as a daemon crashing at start would), for 15 s. The unit
+# must keep restarting (RestartSec=1: NRestarts grows by about one a second) and must not give up (systemd's default
+# start limit, 5 starts in 10 s, would leave it failed with start-limit-hit: the devices would then wait for a daemon
+# that never comes back); once the drop-in is gone, it recovers by itself, with no `systemctl reset-failed`.
+mark crashloop
+echo "d1 nbd://127.0.0.1:10809/data /dev/nbd0" | write_config
+mkdir -p /run/systemd/system/nbd-daemon.service.d
+printf '[Service]\nExecStartPre=/bin/false\n' >/run/systemd/system/nbd-daemon.service.d/crashloop.conf
+systemctl daemon-reload
+systemctl reset-failed nbd-daemon.service 2>/dev/null
+nr0=$(prop nbd-daemon NRestarts)
+timeout 10 systemctl start --no-block nbd-daemon.service
+sleep 15
+r crashloop_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - nr0 ))"
+r crashloop_ActiveState "$(prop nbd-daemon ActiveState)"
+r crashloop_Result "$(prop nbd-daemon Result)"
+rm -f /run/systemd/system/nbd-daemon.service.d/crashloop.conf
+systemctl daemon-reload
+t0=$(now_ms); state=
+for i in $(seq 1 600); do
+    state=$(prop nbd-daemon ActiveState)
+    [ "$state" = active ] || [ "$state" = failed ] || [ "$state" = inactive ] && break
+    sleep 0.1
+done
+r crashloop_recovered_ActiveState "$state"
+r crashloop_recovered_ms "$(( $(now_ms) - t0 ))"
+r crashloop_recovered_data_size "$(dev_size /dev/nbd0)"
+stop_daemon crashloop /dev/nbd0
 mark done
