@@ -76,6 +76,9 @@ internal static partial class RelayLog
     [LoggerMessage(EventId = 115, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay not handed over ({Reason}); the kernel's connection ends with this process, and the next start adopts the device with a new one")]
     public static partial void NotHandedOver(ILogger logger, Exception? exception, string mapping, string device, string reason);
 
+    [LoggerMessage(EventId = 126, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay end {Name} handed over by the previous process not used by this attempt: back in systemd's file descriptor store, untouched, for the next attempt or start")]
+    public static partial void GivenBack(ILogger logger, string mapping, string device, string name);
+
     [LoggerMessage(EventId = 116, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped")]
     public static partial void Resumed(ILogger logger, string mapping, string device);
 }

@@ -497,7 +497,13 @@ internal sealed class MappingLoop
 
         if (_sessions.Any(s => s.Resumed))
         {
-            // Its other end belongs to a kernel connection of no device of ours: nothing to carry on.
+            // Its other end belongs to a kernel connection of no device of ours: nothing to carry on. Shut down, it is
+            // closed with the session (an end merely not used by an attempt would go back to the store for the next).
+            foreach (INbdSession resumed in _sessions.Where(s => s.Resumed))
+            {
+                resumed.Shutdown();
+            }
+
             throw new MappingException($"a relay connection handed over by the previous process, but no device is left configured for backend {_options.BackendIdentifier}; starting with a new connection");
         }
 

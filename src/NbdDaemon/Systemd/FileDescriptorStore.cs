@@ -20,10 +20,17 @@ internal interface IFileDescriptorStore
     void Store(string name, Socket socket);
 
     /// <summary>
-    /// An inherited descriptor whose name starts with <paramref name="prefix"/>, removed from systemd's store before it is
-    /// returned (so a later start never gets it again); null when there is none (left).
+    /// An inherited descriptor whose name starts with <paramref name="prefix"/>, with its name, removed from systemd's
+    /// store before it is returned (so a later start never gets it again); null when there is none (left).
     /// </summary>
-    Socket? Take(string prefix);
+    (string Name, Socket Socket)? Take(string prefix);
+
+    /// <summary>
+    /// Gives back a descriptor <see cref="Take"/> returned and nobody read from or wrote to: into systemd's store again
+    /// under <paramref name="name"/> (so a stop from here on leaves it to the next start, as before it was taken) and
+    /// to a later <see cref="Take"/> in this process. Takes ownership of <paramref name="socket"/>; never throws.
+    /// </summary>
+    void GiveBack(string name, Socket socket);
 
     /// <summary>
     /// Removes from systemd's store and closes the inherited descriptors not taken yet whose name <paramref name="which"/>
@@ -42,13 +49,13 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
     private readonly bool _storeDisabled;
     private readonly ILogger _logger;
     private readonly Lock _lock = new();
-    private readonly List<(string Name, int Fd)> _inherited;
+    private readonly List<Entry> _inherited;
 
     public SystemdFileDescriptorStore(string? notifySocket, bool storeDisabled, IEnumerable<(string Name, int Fd)> inherited, ILogger logger)
     {
         _notifySocket = string.IsNullOrEmpty(notifySocket) ? null : notifySocket;
         _storeDisabled = storeDisabled;
-        _inherited = [.. inherited];
+        _inherited = [.. inherited.Select(i => new Entry(i.Name, i.Fd, null))];
         _logger = logger;
     }
 
@@ -97,11 +104,11 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         UnixDescriptorPassing.Send(_notifySocket!, "FDSTORE=1\nFDNAME=" + name, socket.SafeHandle);
     }
 
-    public Socket? Take(string prefix)
+    public (string Name, Socket Socket)? Take(string prefix)
     {
         while (true)
         {
-            (string Name, int Fd) entry;
+            Entry entry;
             lock (_lock)
             {
                 int index = _inherited.FindIndex(i => i.Name.StartsWith(prefix, StringComparison.Ordinal));
@@ -118,39 +125,82 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
             // process had read from it, in the middle of a request.
             if (!TryRemoveFromStore(entry.Name))
             {
-                UnixDescriptorPassing.Close(entry.Fd);
+                entry.Close();
                 continue;
+            }
+
+            if (entry.Socket is Socket givenBack)
+            {
+                return (entry.Name, givenBack);
             }
 
             try
             {
-                return UnixDescriptorPassing.AdoptInheritedStreamSocket(entry.Fd);
+                return (entry.Name, UnixDescriptorPassing.AdoptInheritedStreamSocket(entry.Fd));
             }
             catch (NbdKernelException e)
             {
                 SystemdLog.InheritedRefused(_logger, entry.Name, e.Message);
-                UnixDescriptorPassing.Close(entry.Fd);
+                entry.Close();
             }
+        }
+    }
+
+    public void GiveBack(string name, Socket socket)
+    {
+        // Into systemd's store first: from here on a stop leaves it to the next start. If that fails it is still kept
+        // for this process (which would otherwise close it, ending the kernel's connection at once).
+        if (CanStore)
+        {
+            try
+            {
+                Store(name, socket);
+            }
+            catch (NbdKernelException e)
+            {
+                SystemdLog.GiveBackFailed(_logger, name, e.Message);
+            }
+        }
+
+        lock (_lock)
+        {
+            _inherited.Add(new Entry(name, (int)socket.Handle, socket));
         }
     }
 
     public IReadOnlyList<string> ReleaseUnclaimed(Func<string, bool> which)
     {
-        List<(string Name, int Fd)> left;
+        List<Entry> left;
         lock (_lock)
         {
             left = [.. _inherited.Where(i => which(i.Name))];
             _inherited.RemoveAll(i => which(i.Name));
         }
 
-        foreach ((string name, int fd) in left)
+        foreach (Entry entry in left)
         {
-            TryRemoveFromStore(name);
-            UnixDescriptorPassing.Close(fd);
-            SystemdLog.InheritedUnclaimed(_logger, name);
+            TryRemoveFromStore(entry.Name);
+            entry.Close();
+            SystemdLog.InheritedUnclaimed(_logger, entry.Name);
         }
 
         return [.. left.Select(l => l.Name)];
+    }
+
+    /// <summary>A descriptor held for a <see cref="Take"/>: inherited (a bare descriptor), or given back (its socket).</summary>
+    private sealed record Entry(string Name, int Fd, Socket? Socket)
+    {
+        public void Close()
+        {
+            if (Socket is not null)
+            {
+                Socket.Dispose();
+            }
+            else
+            {
+                UnixDescriptorPassing.Close(Fd);
+            }
+        }
     }
 
     private bool TryRemoveFromStore(string name)
@@ -183,4 +233,7 @@ internal static partial class SystemdLog
 
     [LoggerMessage(EventId = 122, Level = LogLevel.Warning, Message = "Inherited descriptor {Name} not used: removing it from systemd's file descriptor store failed ({Reason}); a later start could get it back mid-stream")]
     public static partial void StoreRemoveFailed(ILogger logger, string name, string reason);
+
+    [LoggerMessage(EventId = 125, Level = LogLevel.Warning, Message = "Descriptor {Name} could not go back to systemd's file descriptor store ({Reason}): kept for this process only, a stop now closes it")]
+    public static partial void GiveBackFailed(ILogger logger, string name, string reason);
 }

@@ -536,6 +536,8 @@ public sealed class MappingLoopNetlinkTests
         await running.WaitForAsync(MappingState.Reconnecting);
 
         FakeSession resumed = connector.Sessions.Single();
+        // Shut down, not merely disposed: a disposed resumed end that was never relayed on goes back to the store.
+        Assert.True(resumed.ShutDown);
         Assert.True(resumed.Disposed);
         Assert.Equal("a relay connection handed over by the previous process, but no device is left configured for backend nbd-daemon:data; starting with a new connection", loop.LastFailure);
         Assert.Equal(["netlink open"], _kernel.Operations);

@@ -214,7 +214,7 @@ public sealed class MappingSupervisorTests
         {
             ["fs"] = new FakeConnector().ThenRefuse().Then(_ =>
             {
-                taken = store.Take("nbd-relay/fs/");
+                taken = store.Take("nbd-relay/fs/")?.Socket;
                 return Task.FromResult<INbdSession>(new FakeSession(FakeConnector.DefaultExport));
             }),
             ["plain"] = new FakeConnector().ThenServe(),

@@ -34,7 +34,7 @@ internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescr
         }
     }
 
-    public Socket? Take(string prefix)
+    public (string Name, Socket Socket)? Take(string prefix)
     {
         lock (_stored)
         {
@@ -44,9 +44,17 @@ internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescr
                 return null;
             }
 
-            Socket socket = _stored[index].Socket;
+            (string Name, Socket Socket) entry = _stored[index];
             _stored.RemoveAt(index);
-            return socket;
+            return entry;
+        }
+    }
+
+    public void GiveBack(string name, Socket socket)
+    {
+        lock (_stored)
+        {
+            _stored.Add((name, socket));
         }
     }
 

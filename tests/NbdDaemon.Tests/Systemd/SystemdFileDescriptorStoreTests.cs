@@ -92,7 +92,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         (Socket kernel, int inherited) = Inherited();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs2/0", -1), ("nbd-relay/fs/0", inherited)], NullLogger.Instance);
 
-        using Socket? taken = store.Take("nbd-relay/fs/");
+        using Socket? taken = store.Take("nbd-relay/fs/")?.Socket;
 
         Assert.NotNull(taken);
         Assert.Equal(("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/0", 0), Text(Descriptors.Receive(systemd)));
@@ -127,7 +127,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         var logs = new ListLogger();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", Descriptors.Dup((int)datagram.Handle)), ("nbd-relay/fs/1", good)], logs);
 
-        using Socket? taken = store.Take("nbd-relay/fs/");
+        using Socket? taken = store.Take("nbd-relay/fs/")?.Socket;
 
         Assert.NotNull(taken);
         Assert.Equal(good, (int)taken.Handle);
@@ -154,7 +154,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         Assert.Equal(["nbd-relay/fs/0"], store.Inherited);
 
         // The one not selected is still open, and still takeable.
-        using Socket? taken = store.Take("nbd-relay/fs/");
+        using Socket? taken = store.Take("nbd-relay/fs/")?.Socket;
         Assert.NotNull(taken);
         taken.Send([7]);
         keptKernel.ReceiveTimeout = 5000;
@@ -163,6 +163,77 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         Assert.Equal(7, one[0]);
         keptKernel.Dispose();
         kernel.Dispose();
+    }
+
+    [Fact]
+    public void GiveBack_TakenEnd_StoredAgainUnderItsNameAndTakenAgainUntouched()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, int inherited) = Inherited();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/1", inherited)], NullLogger.Instance);
+        (string name, Socket socket) = Assert.NotNull(store.Take("nbd-relay/fs/"));
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/1", Descriptors.Receive(systemd).Text);
+        kernel.Send("queued"u8); // a request the kernel sent meanwhile: it must reach whoever takes the end next
+
+        store.GiveBack(name, socket);
+
+        // Back in systemd's store, a descriptor for the same connection: a stop from here on leaves it to the next start.
+        (string text, int[] fds) = Descriptors.Receive(systemd);
+        Assert.Equal("FDSTORE=1\nFDNAME=nbd-relay/fs/1", text);
+        new Socket(new SafeSocketHandle(Assert.Single(fds), ownsHandle: true)).Dispose();
+        Assert.Equal(["nbd-relay/fs/1"], store.Inherited);
+
+        (string againName, Socket again) = Assert.NotNull(store.Take("nbd-relay/fs/"));
+        using Socket taken = again;
+        Assert.Equal("nbd-relay/fs/1", againName);
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/1", Descriptors.Receive(systemd).Text);
+        byte[] buffer = new byte[16];
+        Assert.Equal(6, taken.Receive(buffer));
+        Assert.Equal("queued"u8.ToArray(), buffer[..6]);
+        Assert.Empty(store.Inherited);
+    }
+
+    [Fact]
+    public void GiveBack_ThenReleaseUnclaimed_ClosedAndRemovedFromTheStore()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, int inherited) = Inherited();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", inherited)], NullLogger.Instance);
+        (string name, Socket socket) = Assert.NotNull(store.Take("nbd-relay/fs/"));
+        store.GiveBack(name, socket);
+        Descriptors.Receive(systemd); // FDSTOREREMOVE
+        new Socket(new SafeSocketHandle(Assert.Single(Descriptors.Receive(systemd).Fds), ownsHandle: true)).Dispose(); // FDSTORE
+
+        Assert.Equal(["nbd-relay/fs/0"], store.ReleaseUnclaimed(_ => true));
+
+        Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/0", Descriptors.Receive(systemd).Text);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[1]));
+    }
+
+    [Fact]
+    public void GiveBack_StoreRefuses_KeptForThisProcessAndLogged()
+    {
+        (Socket kernel, int inherited) = Inherited();
+        var logs = new ListLogger();
+        // Taking needs the removal to work; giving back then finds nobody listening.
+        string notify = _dir.File("notify");
+        SystemdFileDescriptorStore store;
+        (string Name, Socket Socket) taken;
+        using (Descriptors.BindDatagram(notify))
+        {
+            store = new SystemdFileDescriptorStore(notify, false, [("nbd-relay/fs/0", inherited)], logs);
+            taken = Assert.NotNull(store.Take("nbd-relay/fs/"));
+        }
+
+        File.Delete(notify);
+        store.GiveBack(taken.Name, taken.Socket);
+
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith("Descriptor nbd-relay/fs/0 could not go back to systemd's file descriptor store (", StringComparison.Ordinal));
+        Assert.Equal(["nbd-relay/fs/0"], store.Inherited);
+        kernel.Send([9]);
+        using Socket socket = taken.Socket;
+        Assert.Equal(1, socket.Receive(new byte[1])); // still open
     }
 
     private static SystemdFileDescriptorStore FromEnvironment(Dictionary<string, string?> variables) =>

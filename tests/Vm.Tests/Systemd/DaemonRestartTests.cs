@@ -136,7 +136,9 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
     public void Unit_RestartPolicy_RestartsAfterAKill()
     {
         Assert.Equal("on-failure", vm.Value("unit_Restart"));
-        output.WriteLine($"RestartUSec={vm.Value("unit_RestartUSec")}");
+        // A crash costs RestartSec plus the start as a pause on every device (see the unit file).
+        Assert.Equal("1s", vm.Value("unit_RestartUSec"));
+        Assert.Equal("0", vm.Value("unit_StartLimitIntervalUSec"));
     }
 
     [Fact]
@@ -262,6 +264,32 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
         Assert.True(vm.Number("relay_down_stall_after_back_ms") <= ReconnectBoundMs, $"the writer stalled {vm.Value("relay_down_stall_after_back_ms")} ms after the server was back (limit {ReconnectBoundMs})");
         Assert.Equal(0, vm.Number("relay_down_kernel_io_errors"));
         Assert.Equal(0, vm.Number("relay_down_kernel_nbd_lines"));
+    }
+
+    /// <summary>
+    /// The server back across `systemctl restart` but taking one connection at a time (nbdkit's limit filter): each
+    /// attempt of the new process takes a handed-over end with its first connection and is refused the second. The end
+    /// goes back to the store untouched (it used to be closed, ending one of the kernel's two connections: "Receive
+    /// control failed" and a dead connection in the kernel log), and once nbdkit takes both again, both ends resume.
+    /// </summary>
+    [Fact]
+    public void Relay_SecondConnectionRefusedAcrossRestart_TakenEndGivenBackAndBothResumed()
+    {
+        output.WriteLine($"{vm.Value("relay_partial_failed_attempts")} failed attempts, {vm.Value("relay_partial_given_back")} ends given back; " +
+                         $"writer stall after nbdkit took both connections again {vm.Value("relay_partial_stall_after_back_ms")} ms");
+        Assert.Equal("0", vm.Value("relay_partial_restart_rc"));
+        Assert.Equal("up", vm.Value("relay_partial_limited_server"));
+        Assert.True(vm.Number("relay_partial_failed_attempts") >= 2, "the new process did not fail twice against the one-connection server");
+        Assert.True(vm.Number("relay_partial_given_back") >= 1, "no taken relay end was given back after a partial failure");
+        Assert.Equal("yes", vm.Value("relay_partial_server_back"));
+        Assert.Equal("yes", vm.Value("relay_partial_active"));
+        Assert.True(vm.Number("relay_partial_handed_over") == 2, $"the stopping process logged {vm.Value("relay_partial_handed_over")} of 2 relay ends handed over");
+        Assert.True(vm.Number("relay_partial_resumed") == 2, $"the new process resumed {vm.Value("relay_partial_resumed")} of 2 relays");
+        Assert.Equal(0, vm.Number("relay_partial_fdstore_after"));
+        Assert.Equal("0", vm.Value("relay_partial_probe_rc"));
+        Assert.True(vm.Number("relay_partial_stall_after_back_ms") <= ReconnectBoundMs, $"the writer stalled {vm.Value("relay_partial_stall_after_back_ms")} ms after the server was back (limit {ReconnectBoundMs})");
+        Assert.Equal(0, vm.Number("relay_partial_kernel_io_errors"));
+        Assert.Equal(0, vm.Number("relay_partial_kernel_nbd_lines"));
     }
 
     /// <summary>

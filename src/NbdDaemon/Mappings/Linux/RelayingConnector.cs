@@ -40,12 +40,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         }
 
         Socket? kernelEnd = null;
-        Socket? relayEnd;
+        Socket relayEnd;
+        string? takenName = null;
         try
         {
             // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
-            relayEnd = ResumablePrefix(mapping) is string prefix ? _store.Take(prefix) : null;
-            if (relayEnd is null)
+            if (ResumablePrefix(mapping) is string prefix && _store.Take(prefix) is { } taken)
+            {
+                (takenName, relayEnd) = taken;
+            }
+            else
             {
                 (kernelEnd, relayEnd) = NbdSocketPair.Create();
             }
@@ -56,7 +60,21 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             throw new MappingException("could not create the relay's socket pair: " + e.Message, FailureKind.Transient, e);
         }
 
-        var session = new RelaySession(this, mapping, first, kernelEnd, relayEnd);
+        var session = new RelaySession(this, mapping, first, kernelEnd, relayEnd, takenName);
+
+        // A resumed relay starts once the mapping adopted the device with it (Serves): until the export was checked
+        // against the device, no request of the kernel's goes to this server, and the end can go back to the store
+        // untouched should this attempt fail.
+        if (!session.Resumed)
+        {
+            session.Start();
+        }
+
+        return session;
+    }
+
+    private NbdRelay CreateRelay(MappingOptions mapping, INbdSession first, Socket relayEnd, RelaySession session)
+    {
         var relay = new NbdRelay(relayEnd, first.Socket, new NbdRelayOptions
         {
             Reconnect = ct => ReconnectAsync(mapping, first.Export, session, ct),
@@ -68,17 +86,8 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             Name = "nbd-relay " + mapping.Name,
             TimeProvider = time,
         });
-        session.Attach(relay);
         _ = relay.Completion.ContinueWith(t => Log(mapping, session.Device, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-
-        // A resumed relay starts once the mapping adopted the device with it (Serves): until the export was checked
-        // against the device, no request of the kernel's goes to this server.
-        if (!session.Resumed)
-        {
-            relay.Start();
-        }
-
-        return session;
+        return relay;
     }
 
     /// <summary>The name a mapping's relay ends have in systemd's store: "nbd-relay/NAME/SLOT" (names have no '/').</summary>
@@ -133,6 +142,17 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     }
 
     /// <summary>
+    /// A handed-over end this process took but never relayed on (the attempt failed before the mapping served, or the
+    /// daemon stopped meanwhile): nothing was read from it or written to it, so it goes back to the store as it came,
+    /// for the next attempt or the next start, instead of ending the kernel's connection.
+    /// </summary>
+    private void GiveBack(MappingOptions mapping, string name, Socket relayEnd)
+    {
+        _store.GiveBack(name, relayEnd);
+        RelayLog.GivenBack(_logger, mapping.Name, mapping.Device ?? "(unassigned)", name);
+    }
+
+    /// <summary>
     /// A new connection for the relay, refused (permanently: the relay gives up at once) when the export is no longer
     /// the disk the kernel has been writing to (<see cref="ExportChangedException.Compare"/>).
     /// </summary>
@@ -180,14 +200,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// A resumed session has no kernel end (the kernel holds the only one): its socket is the relay's end, which shows
     /// the connection's end to a watch just as well, and shutting it down ends the kernel's connection the same way.
     /// </summary>
-    private sealed class RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, Socket? kernelEnd, Socket relayEnd) : INbdSession
+    private sealed class RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, Socket? kernelEnd, Socket relayEnd, string? takenName) : INbdSession
     {
         private readonly Lock _lock = new();
         private readonly List<INbdSession> _connections = [first];
         private NbdRelay? _relay;
         private bool _disposed;
         private string? _device;
-        private int _started;
+        private bool _started;
+        private bool _ending;
+        private volatile bool _shutDown;
 
         public ExportDescription Export => first.Export;
 
@@ -195,7 +217,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
         public bool Resumed => kernelEnd is null;
 
-        public bool CanHandOver => _relay is { Completion.IsCompleted: false } && owner._store.CanStore;
+        public bool CanHandOver => Volatile.Read(ref _relay) is { Completion.IsCompleted: false } && owner._store.CanStore;
 
         /// <summary>The device for the relay's log lines; null until the mapping serves.</summary>
         public string? Device => Volatile.Read(ref _device);
@@ -203,22 +225,39 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         public void Serves(string device)
         {
             Volatile.Write(ref _device, device);
-            if (Resumed && _relay is { } relay && Interlocked.Exchange(ref _started, 1) == 0)
+            if (Resumed && Start())
             {
-                relay.Start();
                 RelayLog.Resumed(owner._logger, mapping.Name, device);
             }
         }
 
+        /// <summary>Creates and starts the relay over the session's end; false when it was started already.</summary>
+        public bool Start()
+        {
+            NbdRelay relay;
+            lock (_lock)
+            {
+                if (_started || _ending)
+                {
+                    return false;
+                }
+
+                _started = true;
+                relay = owner.CreateRelay(mapping, first, relayEnd, this);
+                _relay = relay;
+            }
+
+            relay.Start();
+            return true;
+        }
+
         public void HandOver(int slot)
         {
-            if (_relay is { } relay)
+            if (Volatile.Read(ref _relay) is { } relay)
             {
                 owner.HandOver(mapping, this, kernelEnd, relay, slot);
             }
         }
-
-        public void Attach(NbdRelay relay) => _relay = relay;
 
         /// <summary>
         /// Keeps a reconnect's session for disposal; one arriving after Dispose is closed at once. The relay reconnects
@@ -256,6 +295,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         /// <summary>Ends the kernel's connection (the relay then sees its end close and stops).</summary>
         public void Shutdown()
         {
+            _shutDown = true;
             try
             {
                 Socket.Shutdown(SocketShutdown.Both);
@@ -268,7 +308,33 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
         public void Dispose()
         {
-            _relay?.Dispose();
+            // Not under the lock while the relay stops: its reconnect thread may be waiting for it in Adopt.
+            NbdRelay? relay;
+            bool first;
+            lock (_lock)
+            {
+                first = !_ending;
+                _ending = true;
+                relay = _relay;
+            }
+
+            if (relay is not null)
+            {
+                relay.Dispose(); // closes our end too
+            }
+            else if (first)
+            {
+                // Never relayed on. A taken end goes back untouched, unless Shutdown ended the kernel's connection.
+                if (takenName is not null && !_shutDown)
+                {
+                    owner.GiveBack(mapping, takenName, relayEnd);
+                }
+                else
+                {
+                    relayEnd.Dispose();
+                }
+            }
+
             kernelEnd?.Dispose();
             List<INbdSession> connections;
             lock (_lock)

@@ -247,6 +247,62 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Contains(logs.Entries, e => e.Message == "Mapping data on /dev/nbd5: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped");
     }
 
+    /// <summary>
+    /// A handed-over end taken by an attempt that then fails before the mapping serves (a second connection refused, a
+    /// stop): nothing was read from it, so it goes back to the store, the kernel's connection stays, and the next attempt
+    /// takes it and relays the request that waited meanwhile.
+    /// </summary>
+    [Fact]
+    public async Task ResumedSession_DisposedBeforeItServed_EndBackInTheStoreAndTheNextAttemptRelaysOnIt()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        (Socket kernelEnd, Socket relayEnd) = Nbd.Kernel.NbdSocketPair.Create();
+        using Socket kernel = kernelEnd;
+        store.Store("nbd-relay/data/1", relayEnd);
+        relayEnd.Dispose();
+        byte[] data = Pattern(4096, 5);
+        Send(kernel, [.. Request(1, 1, 8192, 4096), .. data]); // a write the kernel sent while no process relayed
+
+        INbdSession attempt = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(attempt.Resumed);
+        Assert.Empty(store.Names);
+        attempt.Dispose();
+
+        Assert.Equal(["nbd-relay/data/1"], store.Names);
+        Assert.Contains(logs.Entries, e => e.Message == "Mapping data on /dev/nbd3: relay end nbd-relay/data/1 handed over by the previous process not used by this attempt: back in systemd's file descriptor store, untouched, for the next attempt or start");
+        await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
+        Assert.Equal(0, kernel.Available); // not answered, not closed: the request still waits
+
+        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(next.Resumed);
+        next.Serves("/dev/nbd0");
+        ReceiveReply(kernel, 1, 0);
+        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+    }
+
+    [Fact]
+    public async Task ResumedSession_ShutDownThenDisposed_NotGivenBackAndTheKernelsConnectionEnds()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        (Socket kernelEnd, Socket relayEnd) = Nbd.Kernel.NbdSocketPair.Create();
+        using Socket kernel = kernelEnd;
+        store.Store("nbd-relay/data/0", relayEnd);
+        relayEnd.Dispose();
+
+        INbdSession attempt = await Connector(store).ConnectAsync(mapping, CancellationToken.None);
+        attempt.Shutdown();
+        attempt.Dispose();
+
+        Assert.Empty(store.Names);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
     [Fact]
     public async Task HandOver_NoStore_LoggedAndTheKernelsConnectionEndsWithTheSession()
     {

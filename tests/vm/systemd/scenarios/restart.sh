@@ -22,6 +22,8 @@
 #                 writer, kernel log, e2fsck and checksums
 #   rs_relay_down_*  nbdkit SIGKILLed between the stopping and the new process of a `systemctl restart`, back once the
 #                 new process was refused: the handed-over ends are kept until the mapping serves again, and resumed
+#   rs_relay_partial_*  likewise, but nbdkit back taking one connection at a time for a while: each attempt takes an
+#                 end with its first connection and is refused the second; the end goes back to the store, and both resume
 set -u
 r() { echo "RESULT systemd rs_$1=$2"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -89,6 +91,7 @@ fi
 r daemon_installed yes
 r unit_Restart "$(prop nbd-daemon Restart)"
 r unit_RestartUSec "$(prop nbd-daemon RestartUSec)"
+r unit_StartLimitIntervalUSec "$(prop nbd-daemon StartLimitIntervalUSec)"
 timeout 30 systemctl stop nbd-daemon.service 2>/dev/null
 
 mkdir -p "$MNT" /etc/nbd-daemon
@@ -342,6 +345,48 @@ dmesg >/tmp/kmsg-relay-down
 r relay_down_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-down)"
 r relay_down_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-down)"
 grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-down | head -n 20 | sed 's/^/kernel (server down across restart): /'
+dmesg -C
+sleep 3
+
+# (5c) the server back across `systemctl restart`, but taking one connection at a time (nbdkit's limit filter) for a
+# while: each attempt of the new process takes a handed-over end with its first connection and is refused its second.
+# The end taken must go back to the store untouched, not be closed (which ends one of the kernel's two connections);
+# once nbdkit takes both connections again, both ends resume.
+timeout 30 systemctl restart --no-block nbd-daemon.service; r relay_partial_restart_rc "$?"
+t0=$(now_ms)
+while kill -0 "$PREV" 2>/dev/null && [ $(( $(now_ms) - t0 )) -lt 90000 ]; do sleep 0.05; done
+kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
+nbdkit -f --ipaddr 127.0.0.1 --port 10809 --filter=limit file "$IMG" limit=1 >>/tmp/nbdkit.log 2>&1 &
+KIT=$!
+wait_port 10809; r relay_partial_limited_server "$([ $? = 0 ] && echo up || echo down)"
+NEXT="" failed=0
+while [ $(( $(now_ms) - t0 )) -lt 180000 ]; do
+    pid=$(prop nbd-daemon MainPID)
+    if [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$PREV" ]; then
+        NEXT=$pid
+        failed=$(jcount "$NEXT" '-> Reconnecting')
+        [ "$failed" -ge 2 ] && break
+    fi
+    sleep 0.2
+done
+r relay_partial_failed_attempts "$failed"
+r relay_partial_given_back "$(jcount "$NEXT" 'back in systemd.s file descriptor store, untouched')"
+kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
+t_back=$(now_ms)
+start_kit; r relay_partial_server_back "$([ $? = 0 ] && echo yes || echo no)"
+wait_active 180 "$PREV" >/dev/null; r relay_partial_active "$([ $? = 0 ] && echo yes || echo no)"
+NEXT=$(prop nbd-daemon MainPID)
+read -r ms rc < <(probe); r relay_partial_probe_rc "$rc"
+sleep 2
+r relay_partial_stall_after_back_ms "$(stall_after "$t_back")"
+r relay_partial_handed_over "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
+r relay_partial_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
+r relay_partial_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
+PREV=$NEXT
+dmesg >/tmp/kmsg-relay-partial
+r relay_partial_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-partial)"
+r relay_partial_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-partial)"
+grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-partial | head -n 20 | sed 's/^/kernel (server one connection at a time): /'
 dmesg -C
 sleep 3
 
