@@ -15,6 +15,9 @@ internal static class DaemonHost
     /// <summary>sysexits.h EX_CONFIG; the unit's RestartPreventExitStatus=78 keeps systemd from looping on it.</summary>
     public const int ExitConfigurationError = 78;
 
+    /// <summary>stderr: where the console log goes, and what $JOURNAL_STREAM must name for the journal to be used.</summary>
+    private const int StandardErrorFd = 2;
+
     public const string SystemConfigPath = "/etc/nbd-daemon/appsettings.json";
 
     /// <summary>Kept below the unit's TimeoutStopSec=30 so we finish (or give up) before systemd sends SIGKILL.</summary>
@@ -162,7 +165,7 @@ internal static class DaemonHost
 
         // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
         // (and lets tests and `systemd-run`-like supervisors receive the same notifications).
-        services.AddSingleton<ISystemdNotifier>(_ => new StopAwareSystemdNotifier(new SystemdNotifier()));
+        services.AddSingleton<ISystemdNotifier>(_ => new StopAwareSystemdNotifier(BoundedSystemdNotifier.FromEnvironment(getVariable)));
         if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
         {
             services.AddSingleton<IHostLifetime, SystemdLifetime>();
@@ -175,7 +178,7 @@ internal static class DaemonHost
         services.AddHostedService<SystemdNotifications>();
         services.AddHostedService(sp => sp.GetRequiredService<MappingSupervisor>());
 
-        bool journald = LoggingSetup.UseJournald(getVariable);
+        bool journald = LoggingSetup.UseJournald(getVariable, () => Nbd.Kernel.FileIdentity.Of(StandardErrorFd));
         IConfiguration configuration = builder.Configuration;
         services.AddSerilog((_, logger) => LoggingSetup.Configure(logger, configuration, journald));
     }

@@ -93,8 +93,9 @@ internal sealed class SystemdNotifications : BackgroundService
     }
 
     /// <summary>
-    /// Sends one notification; false when the socket refused it. The stock notifier throws then (NOTIFY_SOCKET gone, or
-    /// a supervisor that stopped reading), and this runs inside mapping transitions and watchdog ticks: an exception
+    /// Sends one notification; false when the socket refused it. The notifier throws then (NOTIFY_SOCKET gone, or a
+    /// supervisor that stopped reading: <see cref="BoundedSystemdNotifier"/>), and this runs inside mapping transitions
+    /// and watchdog ticks: an exception
     /// there would skip a mapping's teardown or stop the host. Logged once per series of failures.
     /// </summary>
     private bool TryNotify(string state)
@@ -109,7 +110,7 @@ internal sealed class SystemdNotifications : BackgroundService
         {
             if (Interlocked.Exchange(ref _reportedSendFailure, 1) == 0)
             {
-                _logger.LogWarning(ex, "systemd notification not sent ({State}); NOTIFY_SOCKET refused it", state.Split('=')[0]);
+                _logger.LogWarning(ex, "systemd notification not sent ({State}): NOTIFY_SOCKET refused it, or systemd read nothing for {LimitSeconds} s", state.Split('=')[0], BoundedSystemdNotifier.StatusSendLimit.TotalSeconds);
             }
 
             return false;

@@ -13,7 +13,7 @@ public sealed class HeaderConstantsTests
 {
     private static readonly string[] Headers =
     [
-        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h",
+        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h", "sys/stat.h", "stddef.h",
     ];
 
     // Names whose C spelling differs from a field name, or that are not #defines/enums in a header we include.
@@ -59,6 +59,11 @@ public sealed class HeaderConstantsTests
         source.AppendLine("  printf(\"NBD_GENL_FAMILY_NAME=%s\\n\", NBD_GENL_FAMILY_NAME);");
         source.AppendLine("  printf(\"NBD_GENL_MCAST_GROUP_NAME=%s\\n\", NBD_GENL_MCAST_GROUP_NAME);");
         source.AppendLine("  printf(\"SIZEOF_SOCKADDR_NL=%zu\\n\", sizeof(struct sockaddr_nl));");
+        source.AppendLine("  printf(\"SIZEOF_STAT=%zu\\n\", sizeof(struct stat));");
+        source.AppendLine("  printf(\"OFFSETOF_ST_DEV=%zu\\n\", offsetof(struct stat, st_dev));");
+        source.AppendLine("  printf(\"OFFSETOF_ST_INO=%zu\\n\", offsetof(struct stat, st_ino));");
+        source.AppendLine("  printf(\"SIZEOF_ST_DEV=%zu\\n\", sizeof(((struct stat *)0)->st_dev));");
+        source.AppendLine("  printf(\"SIZEOF_ST_INO=%zu\\n\", sizeof(((struct stat *)0)->st_ino));");
         source.AppendLine("  return 0;\n}");
 
         var printed = CompileAndRun(source.ToString());
@@ -79,6 +84,12 @@ public sealed class HeaderConstantsTests
         Assert.Equal(NetlinkConstants.NBD_GENL_FAMILY_NAME, printed["NBD_GENL_FAMILY_NAME"]);
         Assert.Equal(NetlinkConstants.NBD_GENL_MCAST_GROUP_NAME, printed["NBD_GENL_MCAST_GROUP_NAME"]);
         Assert.Equal(System.Runtime.InteropServices.Marshal.SizeOf<Libc.SockAddrNetlink>().ToString(CultureInfo.InvariantCulture), printed["SIZEOF_SOCKADDR_NL"]);
+        // FileIdentity reads st_dev and st_ino as 8-byte values at fixed offsets of a StatBufferSize buffer.
+        Assert.True(int.Parse(printed["SIZEOF_STAT"], CultureInfo.InvariantCulture) <= Libc.StatBufferSize, $"struct stat is {printed["SIZEOF_STAT"]} bytes");
+        Assert.Equal(Libc.StatDeviceOffset.ToString(CultureInfo.InvariantCulture), printed["OFFSETOF_ST_DEV"]);
+        Assert.Equal(Libc.StatInodeOffset.ToString(CultureInfo.InvariantCulture), printed["OFFSETOF_ST_INO"]);
+        Assert.Equal("8", printed["SIZEOF_ST_DEV"]);
+        Assert.Equal("8", printed["SIZEOF_ST_INO"]);
         Assert.True(ours.Count > 80, $"only {ours.Count} constants were compared");
     }
 

@@ -179,12 +179,43 @@ public sealed class JournaldSinkTests
         Assert.Equal(expected, JournaldFormat.FieldName(property));
 
     [Fact]
-    public void UseJournald_OnlyWithJournalStreamAndSocket()
+    public void UseJournald_OnlyWithJournalStreamNamingStderrAndSocket()
     {
         using var dir = new TempDirectory();
         using var journal = new DatagramListener(dir.File("journal"));
-        Assert.True(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, journal.Path));
-        Assert.False(LoggingSetup.UseJournald(_ => null, journal.Path));
-        Assert.False(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, dir.File("absent")));
+        (ulong, ulong)? stderr = (8, 1234);
+        Assert.True(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, () => stderr, journal.Path));
+        Assert.False(LoggingSetup.UseJournald(_ => null, () => stderr, journal.Path));
+        Assert.False(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, () => stderr, dir.File("absent")));
     }
+
+    /// <summary>systemd.exec(5): a process whose stderr was redirected since it inherited the variable is not on the journal.</summary>
+    [Theory]
+    [InlineData("8:1235")] // another stream: stderr was redirected
+    [InlineData("9:1234")]
+    [InlineData("8:1234:0")]
+    [InlineData("8")]
+    [InlineData(":1234")]
+    [InlineData("8:")]
+    [InlineData("-8:1234")]
+    [InlineData(" 8:1234")]
+    [InlineData("x")]
+    public void UseJournald_JournalStreamNotStderrOrMalformed_Console(string variable)
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        Assert.False(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? variable : null, () => (8, 1234), journal.Path));
+    }
+
+    [Fact]
+    public void UseJournald_StderrClosed_Console()
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        Assert.False(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, () => null, journal.Path));
+    }
+
+    [Fact]
+    public void ParseJournalStream_LargestNumbers_Parsed() =>
+        Assert.Equal((ulong.MaxValue, 1UL), LoggingSetup.ParseJournalStream("18446744073709551615:1"));
 }

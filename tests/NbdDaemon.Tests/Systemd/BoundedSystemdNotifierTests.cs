@@ -1,0 +1,125 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using Microsoft.Extensions.Hosting.Systemd;
+using NbdDaemon.Systemd;
+
+namespace NbdDaemon.Tests.Systemd;
+
+/// <summary>
+/// The notifier against a stand-in for systemd's notification socket. "Full" is what PID 1 busy or stuck looks like
+/// from here: a datagram socket whose queue nobody reads (net.unix.max_dgram_qlen datagrams, 10 by default, 512 under
+/// systemd's sysctl.d), after which a plain send waits until the reader comes back.
+/// </summary>
+public sealed class BoundedSystemdNotifierTests : IDisposable
+{
+    private readonly TempDirectory _dir = new();
+
+    public void Dispose() => _dir.Dispose();
+
+    [Fact]
+    public async Task Notify_SendsTheTextAsOneDatagram()
+    {
+        using var systemd = new DatagramListener(_dir.File("notify"));
+        var notifier = new BoundedSystemdNotifier(systemd.Path);
+
+        notifier.Notify(new ServiceState("STATUS=1 of 1 mappings serving"));
+
+        Assert.True(notifier.IsEnabled);
+        Assert.Equal("STATUS=1 of 1 mappings serving", await systemd.ReceiveTextAsync());
+    }
+
+    [Fact]
+    public async Task Notify_AbstractSocketName_SentThere()
+    {
+        string name = "nbd-daemon-test-" + Guid.NewGuid().ToString("N");
+        using var systemd = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
+        systemd.Bind(new UnixDomainSocketEndPoint("\0" + name));
+
+        new BoundedSystemdNotifier("@" + name).Notify(new ServiceState("WATCHDOG=1"));
+
+        byte[] buffer = new byte[64];
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        int n = await systemd.ReceiveAsync(buffer, SocketFlags.None, cts.Token);
+        Assert.Equal("WATCHDOG=1", System.Text.Encoding.UTF8.GetString(buffer, 0, n));
+    }
+
+    [Fact]
+    public void Notify_NoSocket_DisabledAndNothingSent()
+    {
+        var notifier = BoundedSystemdNotifier.FromEnvironment(_ => "");
+        Assert.False(notifier.IsEnabled);
+        notifier.Notify(new ServiceState("STATUS=x")); // no exception
+    }
+
+    [Theory]
+    [InlineData("STATUS=0 of 1 mappings serving")]
+    [InlineData("WATCHDOG=1")]
+    public void Notify_SystemdNotReading_StatusAndWatchdogGiveUpAfterTheLimit(string state)
+    {
+        using var systemd = new DatagramListener(_dir.File("notify"));
+        FillQueue(systemd.Path);
+        var notifier = new BoundedSystemdNotifier(systemd.Path);
+        var clock = Stopwatch.StartNew();
+
+        var refused = Assert.Throws<SocketException>(() => notifier.Notify(new ServiceState(state)));
+
+        // The stock notifier would still be waiting here, holding the mapping transition that sent it.
+        Assert.InRange(clock.Elapsed, BoundedSystemdNotifier.StatusSendLimit * 0.9, BoundedSystemdNotifier.StatusSendLimit + TimeSpan.FromSeconds(5));
+        Assert.Contains(refused.SocketErrorCode, new[] { SocketError.TimedOut, SocketError.WouldBlock });
+    }
+
+    [Theory]
+    [InlineData("READY=1")]
+    [InlineData("STOPPING=1")]
+    public void Notify_SystemdNotReading_ReadyAndStoppingWaitUntilItReadsAgain(string state)
+    {
+        using var systemd = new DatagramListener(_dir.File("notify"));
+        int queued = FillQueue(systemd.Path);
+        var notifier = new BoundedSystemdNotifier(systemd.Path);
+        Exception? failure = null;
+        var sender = new Thread(() =>
+        {
+            try
+            {
+                notifier.Notify(new ServiceState(state));
+            }
+            catch (SocketException e)
+            {
+                failure = e;
+            }
+        });
+        sender.Start();
+
+        Assert.False(sender.Join(BoundedSystemdNotifier.StatusSendLimit * 2), "a lifecycle notification gave up instead of waiting");
+        for (int i = 0; i < queued; i++)
+        {
+            systemd.Receive(TimeSpan.FromSeconds(5));
+        }
+
+        Assert.True(sender.Join(TimeSpan.FromSeconds(10)));
+        Assert.Null(failure);
+        Assert.Equal(state, System.Text.Encoding.UTF8.GetString(systemd.Receive(TimeSpan.FromSeconds(5))));
+    }
+
+    /// <summary>Sends without waiting until the reader's queue refuses more; returns how many datagrams it holds.</summary>
+    private static int FillQueue(string path)
+    {
+        using var filler = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
+        filler.Blocking = false;
+        var endpoint = new UnixDomainSocketEndPoint(path);
+        for (int sent = 0; sent < 100_000; sent++)
+        {
+            try
+            {
+                filler.SendTo("FILL=1"u8, endpoint);
+            }
+            catch (SocketException e) when (e.SocketErrorCode == SocketError.WouldBlock)
+            {
+                Assert.True(sent > 0, "the queue refused the first datagram");
+                return sent;
+            }
+        }
+
+        throw new InvalidOperationException("the datagram queue never filled");
+    }
+}
