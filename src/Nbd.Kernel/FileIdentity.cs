@@ -10,10 +10,21 @@ namespace Nbd.Kernel;
 public static class FileIdentity
 {
     /// <summary>The device and inode of descriptor <paramref name="fd"/>; null when fstat fails (not an open descriptor).</summary>
+    /// <exception cref="PlatformNotSupportedException">The C library exports no fstat (glibc before 2.33).</exception>
     public static unsafe (ulong Device, ulong Inode)? Of(int fd)
     {
         byte* buffer = stackalloc byte[Libc.StatBufferSize];
-        if (Libc.Fstat(fd, buffer) < 0)
+        int result;
+        try
+        {
+            result = Libc.Fstat(fd, buffer);
+        }
+        catch (EntryPointNotFoundException e)
+        {
+            throw new PlatformNotSupportedException("the C library has no fstat symbol (glibc before 2.33 exports only __fxstat)", e);
+        }
+
+        if (result < 0)
         {
             return null;
         }

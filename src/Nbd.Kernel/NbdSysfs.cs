@@ -67,6 +67,26 @@ public static class NbdSysfs
         return (before, wanted);
     }
 
+    /// <summary>
+    /// Undoes <see cref="LimitRequestSize"/> when the device is given up: writes <paramref name="restoreKb"/> back to
+    /// queue/max_sectors_kb, but only while it still holds <paramref name="expectedKb"/> (what the limit wrote): a value
+    /// someone else set meanwhile is theirs. Returns whether it wrote.
+    /// </summary>
+    public static bool RestoreRequestSize(int index, uint expectedKb, uint restoreKb, string sysBlock = "/sys/block")
+    {
+        (string device, string dir) = DeviceDirectory(index, sysBlock);
+        string file = Path.Combine(dir, "queue", "max_sectors_kb");
+        string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
+            ?? throw new NbdKernelException(device, "read " + file, Errno.ENOENT);
+        if (ParseUInt64(text, dir, "queue/max_sectors_kb") != expectedKb)
+        {
+            return false;
+        }
+
+        WriteAttribute(device, file, restoreKb.ToString(CultureInfo.InvariantCulture));
+        return true;
+    }
+
     /// <summary>/sys/block/nbd<paramref name="index"/> and the device's /dev path (for errors); ENOENT when there is no such device.</summary>
     private static (string Device, string Dir) DeviceDirectory(int index, string sysBlock)
     {

@@ -74,6 +74,18 @@ public sealed class NbdSysfsTests
         Assert.Equal(Errno.ENOENT, Assert.Throws<NbdKernelException>(() => NbdSysfs.LimitRequestSize(4, 65536, sysfs.Root)).Errno);
     }
 
+    [Theory]
+    [InlineData("64\n", true, "128")] // still what the limit wrote: put back
+    [InlineData("32\n", false, "32\n")] // changed by someone else since: theirs
+    public void RestoreRequestSize_OnlyWhileTheLimitIsStillThere(string current, bool restored, string file)
+    {
+        using var sysfs = new FakeSysfs().Device(2, 0);
+        string path = MaxSectorsKb(sysfs, 2, current);
+
+        Assert.Equal(restored, NbdSysfs.RestoreRequestSize(2, 64, 128, sysfs.Root));
+        Assert.Equal(file, File.ReadAllText(path));
+    }
+
     private static string MaxSectorsKb(FakeSysfs sysfs, int index, string value)
     {
         string queue = Path.Combine(sysfs.Root, "nbd" + index, "queue");

@@ -325,6 +325,19 @@ public sealed class DaemonServiceTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, kernel, "io_errors", 0);
     }
 
+    /// <summary>Stopped (OnStop=Disconnect), both devices get back the limit they had before the mapping lowered it.</summary>
+    [Fact]
+    public async Task Stop_ServerMaximumRequest_DevicesGetTheirLimitBack()
+    {
+        var run = await vm.RunAsync(DaemonServiceScenario.Spec);
+        var r = run.One("maxreq_after_stop");
+        output.WriteLine(r.Raw);
+        Expect.That(run, r, r.Long("before6_kb") > 64 && r.Long("before7_kb") > 64, "the devices' limits were 64 KiB already: the case was not exercised");
+        Expect.Equal(run, r, "nbd6_kb", r.Long("before6_kb"));
+        Expect.Equal(run, r, "nbd7_kb", r.Long("before7_kb"));
+        Expect.Equal(run, r, "said_restored", 2);
+    }
+
     [Fact]
     public async Task Connect_AfterBadConfigurations_StillStopsCleanly()
     {

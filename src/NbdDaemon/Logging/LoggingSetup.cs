@@ -12,8 +12,22 @@ internal static class LoggingSetup
     /// whose stderr was redirected since (a shell started from a unit, `nbd-daemon list 2>file`) must not send its
     /// output to the journal instead of where the user pointed it.
     /// </summary>
-    public static bool UseJournald(Func<string, string?> getVariable, Func<(ulong Device, ulong Inode)?> standardError, string socketPath = JournaldSink.DefaultSocketPath) =>
-        ParseJournalStream(getVariable("JOURNAL_STREAM")) is { } stream && standardError() == stream && Path.Exists(socketPath);
+    public static bool UseJournald(Func<string, string?> getVariable, Func<(ulong Device, ulong Inode)?> standardError, string socketPath = JournaldSink.DefaultSocketPath)
+    {
+        if (ParseJournalStream(getVariable("JOURNAL_STREAM")) is not { } stream || !Path.Exists(socketPath))
+        {
+            return false;
+        }
+
+        try
+        {
+            return standardError() == stream;
+        }
+        catch (PlatformNotSupportedException)
+        {
+            return true; // stderr cannot be checked here (a C library without fstat): the variable is all there is
+        }
+    }
 
     /// <summary>$JOURNAL_STREAM: device and inode numbers in decimal, separated by a colon; null when it is anything else.</summary>
     public static (ulong Device, ulong Inode)? ParseJournalStream(string? value)

@@ -45,6 +45,12 @@ internal interface INbdKernel
     (uint Before, uint After) LimitRequestSize(int index, uint maxBytes);
 
     /// <summary>
+    /// Puts back the request size <see cref="LimitRequestSize"/> found (<paramref name="restoreKb"/>) if the device still
+    /// has the one it set (<paramref name="expectedKb"/>): <c>Nbd.Kernel.NbdSysfs.RestoreRequestSize</c>.
+    /// </summary>
+    bool RestoreRequestSize(int index, uint expectedKb, uint restoreKb);
+
+    /// <summary>
     /// The host-wide lock of one mapping (by its backend identifier), held until disposed or the process ends:
     /// <c>Linux.MappingLock</c>. Throws <see cref="MappingInUseException"/> when another process holds it.
     /// </summary>

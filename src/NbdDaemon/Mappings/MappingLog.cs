@@ -45,6 +45,9 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 123, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: requests capped at {Kib} KiB (queue/max_sectors_kb was {Before}): the server takes at most {MaxBytes} bytes per request")]
     public static partial void RequestSizeLimited(ILogger logger, string mapping, string device, uint kib, uint before, uint maxBytes);
 
+    [LoggerMessage(EventId = 127, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: device given up, queue/max_sectors_kb back to {Kib}")]
+    public static partial void RequestSizeRestored(ILogger logger, string mapping, string device, uint kib);
+
     [LoggerMessage(EventId = 124, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the server takes at most {MaxBytes} bytes per request, and the device's requests could not be capped ({Reason}); a larger request may fail with an I/O error if the server enforces its maximum")]
     public static partial void RequestSizeNotLimited(ILogger logger, string mapping, string device, uint maxBytes, string reason);
 
@@ -76,7 +79,7 @@ internal static partial class RelayLog
     [LoggerMessage(EventId = 115, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay not handed over ({Reason}); the kernel's connection ends with this process, and the next start adopts the device with a new one")]
     public static partial void NotHandedOver(ILogger logger, Exception? exception, string mapping, string device, string reason);
 
-    [LoggerMessage(EventId = 126, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay end {Name} handed over by the previous process not used by this attempt: back in systemd's file descriptor store, untouched, for the next attempt or start")]
+    [LoggerMessage(EventId = 126, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay end handed over by the previous process not used by this attempt: given back untouched, as {Name}, for the next attempt or start")]
     public static partial void GivenBack(ILogger logger, string mapping, string device, string name);
 
     [LoggerMessage(EventId = 116, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped")]

@@ -88,6 +88,9 @@ internal sealed class MappingLoop
 
     /// <summary>Whether the server's maximum request size could not be applied, and that was said once already.</summary>
     private bool _requestSizeWarned;
+
+    /// <summary>Devices whose queue/max_sectors_kb this loop lowered: what it found there, and what it wrote.</summary>
+    private readonly Dictionary<int, (uint Before, uint After)> _loweredRequestSizes = [];
     private ExportDescription? _established;
     private MappingState _state = MappingState.Idle;
     // Monotonic timestamps (TimeProvider.GetTimestamp), never the wall clock: an NTP step at boot must neither make a
@@ -761,6 +764,8 @@ internal sealed class MappingLoop
             if (after < before)
             {
                 MappingLog.RequestSizeLimited(_logger, Name, device, after, before, max);
+                // The first value found is the one to put back when the device is given up.
+                _loweredRequestSizes[index] = (_loweredRequestSizes.TryGetValue(index, out var earlier) ? earlier.Before : before, after);
             }
         }
         catch (Exception e) when (e is Nbd.Kernel.NbdKernelException or IOException or UnauthorizedAccessException or OverflowException)
@@ -772,6 +777,32 @@ internal sealed class MappingLoop
                 MappingLog.RequestSizeNotLimited(_logger, Name, device, max, e.Message);
             }
         }
+    }
+
+    /// <summary>
+    /// The device is given up (a final release without Leave, or an ioctl device closed to reconnect): every request-size
+    /// limit this loop wrote goes back to what it found, so the next user of the device (another mapping, nbd-client)
+    /// does not inherit this server's maximum. A value changed by someone else since is left alone. Never throws.
+    /// </summary>
+    private void RestoreRequestSizes()
+    {
+        foreach ((int index, (uint before, uint after)) in _loweredRequestSizes)
+        {
+            string device = Nbd.Kernel.NbdKernel.DevicePath(index);
+            try
+            {
+                if (_kernel.RestoreRequestSize(index, after, before))
+                {
+                    MappingLog.RequestSizeRestored(_logger, Name, device, before);
+                }
+            }
+            catch (Exception e) when (e is Nbd.Kernel.NbdKernelException or IOException or UnauthorizedAccessException or OverflowException)
+            {
+                MappingLog.ReleaseStepFailed(_logger, e, Name, device, "restoring queue/max_sectors_kb");
+            }
+        }
+
+        _loweredRequestSizes.Clear();
     }
 
     private bool IsTaken(INbdSession session) => _kernel.ReadSendTimeout(session.Socket) > TimeSpan.Zero;
@@ -931,6 +962,7 @@ internal sealed class MappingLoop
             TryStep("close device", _device.Dispose);
             _device = null;
             _kernelHasSockets = false;
+            RestoreRequestSizes();
         }
 
         DisposeAll(_sessions);
@@ -987,7 +1019,9 @@ internal sealed class MappingLoop
                 if (stopRequested && _options.OnStop == StopAction.Leave)
                 {
                     MappingLog.LeftConfigured(_logger, Name, DeviceText);
-                    if (_sessions.Any(s => s.CanHandOver))
+                    // A resumed end not relayed on yet (a stop between adoption and serving) goes back to the store
+                    // too, and adoption had already set the mapping's own Timeout on the device.
+                    if (_sessions.Any(s => s.CanHandOver || s.Resumed))
                     {
                         // Before the relays stop reading: every request started from here on gets the longer deadline.
                         TryStep("NBD_CMD_RECONFIGURE timeout for the hand-over", () => netlink.SetTimeout(index, HandOverTimeout, _options.BackendIdentifier));
@@ -1001,6 +1035,12 @@ internal sealed class MappingLoop
                 else
                 {
                     TryStep("NBD_CMD_DISCONNECT", () => netlink.Disconnect(index));
+
+                    // The kernel's connections are gone with the device: a resumed end is no longer worth keeping.
+                    foreach (INbdSession resumed in _sessions.Where(s => s.Resumed))
+                    {
+                        resumed.Shutdown();
+                    }
                 }
 
                 _netlinkIndex = null;
@@ -1008,6 +1048,12 @@ internal sealed class MappingLoop
 
             TryStep("close netlink", netlink.Dispose);
             _netlink = null;
+        }
+
+        // Left configured (OnStop=Leave), the device keeps its server and so its limit.
+        if (!(stopRequested && _options.OnStop == StopAction.Leave))
+        {
+            RestoreRequestSizes();
         }
 
         DisposeAll(_sessions);

@@ -216,6 +216,14 @@ public sealed class JournaldSinkTests
     }
 
     [Fact]
+    public void UseJournald_StderrCannotBeChecked_TheVariableDecides()
+    {
+        using var dir = new TempDirectory();
+        using var journal = new DatagramListener(dir.File("journal"));
+        Assert.True(LoggingSetup.UseJournald(n => n == "JOURNAL_STREAM" ? "8:1234" : null, () => throw new PlatformNotSupportedException(), journal.Path));
+    }
+
+    [Fact]
     public void ParseJournalStream_LargestNumbers_Parsed() =>
         Assert.Equal((ulong.MaxValue, 1UL), LoggingSetup.ParseJournalStream("18446744073709551615:1"));
 }

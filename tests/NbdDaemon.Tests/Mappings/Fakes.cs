@@ -258,6 +258,18 @@ internal sealed class FakeKernel : INbdKernel
         return (before, after);
     }
 
+    public bool RestoreRequestSize(int index, uint expectedKb, uint restoreKb)
+    {
+        Record($"restore-request {index} {expectedKb} {restoreKb}");
+        if (MaxSectorsKb.GetValueOrDefault(index, 128u) != expectedKb)
+        {
+            return false;
+        }
+
+        MaxSectorsKb[index] = restoreKb;
+        return true;
+    }
+
     /// <summary>Like the abstract socket name: one holder; released by disposing, as by the holder's exit.</summary>
     public IDisposable LockMapping(string backendIdentifier)
     {

@@ -58,6 +58,75 @@ public sealed class MappingLoopTests
         await running.StopAsync();
     }
 
+    /// <summary>Given up, the device gets back the limit it had: its next user must not inherit this server's maximum.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task StopAsync_Disconnect_RequestSizeLimitPutBack(bool netlink)
+    {
+        KernelInterface kernelInterface = netlink ? KernelInterface.Netlink : KernelInterface.Ioctl;
+        _kernel.MaxSectorsKb[3] = 512;
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: kernelInterface), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        Assert.Equal(64u, _kernel.MaxSectorsKb[3]);
+
+        await running.StopAsync();
+
+        Assert.Equal(512u, _kernel.MaxSectorsKb[3]);
+        Assert.Equal("restore-request 3 64 512", Assert.Single(_kernel.Operations, o => o.StartsWith("restore-request", StringComparison.Ordinal)));
+    }
+
+    [Fact]
+    public async Task StopAsync_Leave_RequestSizeLimitKept()
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, onStop: StopAction.Leave), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        await running.StopAsync();
+
+        Assert.Equal(64u, _kernel.MaxSectorsKb[3]);
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("restore-request", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task StopAsync_LimitChangedBySomeoneElse_LeftAsTheySetIt()
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        _kernel.MaxSectorsKb[3] = 32; // an admin's echo into sysfs
+
+        await running.StopAsync();
+
+        Assert.Equal(32u, _kernel.MaxSectorsKb[3]);
+    }
+
+    /// <summary>An ioctl reconnect closes the device (another client may open it meanwhile): put back, then capped again.</summary>
+    [Fact]
+    public async Task RunAsync_IoctlReconnect_LimitPutBackWhileClosedAndCappedAgain()
+    {
+        var export = FakeConnector.DefaultExport with { MaximumPayload = 65536 };
+        var connector = new FakeConnector().ThenServe(export);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(), connector, _kernel, _time, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.Devices[0].Loop!.End();
+        await running.WaitForAsync(MappingState.Reconnecting);
+        Assert.Equal(128u, _kernel.MaxSectorsKb[3]);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        await running.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.Equal(64u, _kernel.MaxSectorsKb[3]);
+        await running.StopAsync();
+        Assert.Equal(128u, _kernel.MaxSectorsKb[3]);
+    }
+
     [Fact]
     public async Task RunAsync_RequestsCannotBeCapped_ServesAnywayAndSaysWhy()
     {

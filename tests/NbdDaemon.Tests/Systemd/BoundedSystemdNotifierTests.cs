@@ -101,22 +101,50 @@ public sealed class BoundedSystemdNotifierTests : IDisposable
         Assert.Equal(state, System.Text.Encoding.UTF8.GetString(systemd.Receive(TimeSpan.FromSeconds(5))));
     }
 
-    /// <summary>Sends without waiting until the reader's queue refuses more; returns how many datagrams it holds.</summary>
+    /// <summary>
+    /// Sends without waiting until the reader's queue refuses more; returns how many datagrams it holds. A sender also
+    /// gets EAGAIN when its own send buffer is full of datagrams nobody read (about 270 of these), before a queue of 512
+    /// (systemd's net.unix.max_dgram_qlen) is full: so senders are added until a fresh one is refused its first.
+    /// </summary>
     private static int FillQueue(string path)
     {
-        using var filler = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
-        filler.Blocking = false;
         var endpoint = new UnixDomainSocketEndPoint(path);
-        for (int sent = 0; sent < 100_000; sent++)
+        var senders = new List<Socket>();
+        int sent = 0;
+        try
         {
-            try
+            for (int s = 0; s < 64; s++)
             {
-                filler.SendTo("FILL=1"u8, endpoint);
+                var sender = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified) { Blocking = false };
+                senders.Add(sender);
+                int bySender = 0;
+                while (true)
+                {
+                    try
+                    {
+                        sender.SendTo("FILL=1"u8, endpoint);
+                        bySender++;
+                        sent++;
+                    }
+                    catch (SocketException e) when (e.SocketErrorCode == SocketError.WouldBlock)
+                    {
+                        break;
+                    }
+                }
+
+                if (bySender == 0)
+                {
+                    Assert.True(sent > 0, "the queue refused the first datagram");
+                    return sent; // the reader's queue itself is full
+                }
             }
-            catch (SocketException e) when (e.SocketErrorCode == SocketError.WouldBlock)
+        }
+        finally
+        {
+            // Datagrams already queued stay queued when their sender closes.
+            foreach (Socket sender in senders)
             {
-                Assert.True(sent > 0, "the queue refused the first datagram");
-                return sent;
+                sender.Dispose();
             }
         }
 

@@ -507,5 +507,8 @@ dmesg | sed -n '/nbdvm: maxreq step starts/,$p' > /tmp/maxreq-kmsg
 result maxreq_kernel marker=$(grep -c 'nbdvm: maxreq step starts' /tmp/maxreq-kmsg) io_errors=$(grep -c 'I/O error' /tmp/maxreq-kmsg)
 grep 'nbd[67]' /tmp/maxreq-kmsg | head -n 5 | sed 's/^/LOG maxreq-kernel: /'
 daemon_kill $MAXD TERM
+# Stopped (OnStop=Disconnect), the devices get back the limit they had: their next user must not inherit this server's.
+result maxreq_after_stop nbd6_kb=$(cat /sys/block/nbd6/queue/max_sectors_kb) nbd7_kb=$(cat /sys/block/nbd7/queue/max_sectors_kb) \
+    before6_kb=$before6 before7_kb=$before7 said_restored=$(grep -c 'device given up, queue/max_sectors_kb back to' $max_log)
 kill "$(cat /run/nbdkit-max.pid)" 2>/dev/null
-grep -v '^   at ' $max_log | grep -m 8 'capped\|could not be capped\|Serving' | sed 's/^/LOG maxreq: /'
+grep -v '^   at ' $max_log | grep -m 10 'capped\|could not be capped\|Serving\|back to' | sed 's/^/LOG maxreq: /'

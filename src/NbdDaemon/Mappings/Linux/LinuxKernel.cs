@@ -34,6 +34,8 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
 
     public (uint Before, uint After) LimitRequestSize(int index, uint maxBytes) => NbdSysfs.LimitRequestSize(index, maxBytes, sysBlock);
 
+    public bool RestoreRequestSize(int index, uint expectedKb, uint restoreKb) => NbdSysfs.RestoreRequestSize(index, expectedKb, restoreKb, sysBlock);
+
     public IDisposable LockMapping(string backendIdentifier) => MappingLock.Take(backendIdentifier);
 
     public ISocketWatch WatchSockets(IReadOnlyList<Socket> sockets) => new SocketWatch(NbdSocketWatch.Start(sockets), sockets.Count);

@@ -95,6 +95,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
 
+    /// <summary>Marks an end given back (nbd-relay/NAME/returned-SLOT), apart from the ends a stop hands over (…/SLOT).</summary>
+    private const string GivenBackMark = "returned-";
+
     /// <summary>
     /// The prefix of the names under which <paramref name="mapping"/> takes back relay ends from systemd's store; null when
     /// it takes none (no relay, or an ioctl device, which dies with the process that served it).
@@ -146,8 +149,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// daemon stopped meanwhile): nothing was read from it or written to it, so it goes back to the store as it came,
     /// for the next attempt or the next start, instead of ending the kernel's connection.
     /// </summary>
-    private void GiveBack(MappingOptions mapping, string name, Socket relayEnd)
+    private void GiveBack(MappingOptions mapping, string taken, Socket relayEnd)
     {
+        // Not under its slot name: a stop may hand the mapping's other relays over under "SLOT" names right now, and a
+        // duplicate name would let one FDSTOREREMOVE take both out of systemd's store. Take matches the prefix.
+        string prefix = DescriptorPrefix(mapping);
+        string suffix = taken.StartsWith(prefix, StringComparison.Ordinal) ? taken[prefix.Length..] : taken;
+        string name = suffix.StartsWith(GivenBackMark, StringComparison.Ordinal) ? prefix + suffix : prefix + GivenBackMark + suffix;
         _store.GiveBack(name, relayEnd);
         RelayLog.GivenBack(_logger, mapping.Name, mapping.Device ?? "(unassigned)", name);
     }
@@ -245,9 +253,12 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                 _started = true;
                 relay = owner.CreateRelay(mapping, first, relayEnd, this);
                 _relay = relay;
+
+                // Under the lock, so that a Dispose never meets a relay created but not started (it would not wait
+                // for threads that start afterwards on closed sockets). The relay's threads take the lock only later.
+                relay.Start();
             }
 
-            relay.Start();
             return true;
         }
 

@@ -370,7 +370,7 @@ while [ $(( $(now_ms) - t0 )) -lt 180000 ]; do
     sleep 0.2
 done
 r relay_partial_failed_attempts "$failed"
-r relay_partial_given_back "$(jcount "$NEXT" 'back in systemd.s file descriptor store, untouched')"
+r relay_partial_given_back "$(jcount "$NEXT" 'given back untouched')"
 kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
 t_back=$(now_ms)
 start_kit; r relay_partial_server_back "$([ $? = 0 ] && echo yes || echo no)"
