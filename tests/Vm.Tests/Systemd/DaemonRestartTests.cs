@@ -285,6 +285,7 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
         Assert.Equal("yes", vm.Value("relay_partial_active"));
         Assert.True(vm.Number("relay_partial_handed_over") == 2, $"the stopping process logged {vm.Value("relay_partial_handed_over")} of 2 relay ends handed over");
         Assert.True(vm.Number("relay_partial_resumed") == 2, $"the new process resumed {vm.Value("relay_partial_resumed")} of 2 relays");
+        Assert.Equal(0, vm.Number("relay_partial_unclaimed"));
         Assert.Equal(0, vm.Number("relay_partial_fdstore_after"));
         Assert.Equal("0", vm.Value("relay_partial_probe_rc"));
         Assert.True(vm.Number("relay_partial_stall_after_back_ms") <= ReconnectBoundMs, $"the writer stalled {vm.Value("relay_partial_stall_after_back_ms")} ms after the server was back (limit {ReconnectBoundMs})");

@@ -311,83 +311,72 @@ stall_after() {
         $2 >= a { s = ($1 > a ? $1 : a); if ($2 - s > m) m = $2 - s }
         END { if (cur != "") { s = (cur + 0 > a ? cur + 0 : a); if (now - s > m) m = now - s }; print m + 0 }' $W.ops
 }
+# restart_server_gone P: `systemctl restart`, and nbdkit SIGKILLed as soon as the stopping process is gone (it handed its
+# ends over with nbdkit still up, so every reply was in); sets T0
+restart_server_gone() {
+    timeout 30 systemctl restart --no-block nbd-daemon.service; r "$1_restart_rc" "$?"
+    T0=$(now_ms)
+    while kill -0 "$PREV" 2>/dev/null && [ $(( $(now_ms) - T0 )) -lt 90000 ]; do sleep 0.05; done
+    kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
+}
+# logged_by_next PATTERN N: waits (from T0, 180 s at most) until the new process has logged PATTERN N times; sets NEXT
+# and COUNT (not in a subshell: the caller needs NEXT)
+logged_by_next() {
+    local pid n=0
+    NEXT="" COUNT=0
+    while [ $(( $(now_ms) - T0 )) -lt 180000 ]; do
+        pid=$(prop nbd-daemon MainPID)
+        if [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$PREV" ]; then
+            NEXT=$pid
+            n=$(jcount "$NEXT" "$1")
+            [ "$n" -ge "$2" ] && break
+        fi
+        sleep 0.2
+    done
+    COUNT=$n
+}
+# server_back P LABEL: nbdkit started again (plain), then what the new process made of the handed-over ends: probe,
+# writer stall after nbdkit was back, ends handed over and resumed, the store afterwards, the kernel log; PREV=NEXT
+server_back() {
+    local t_back ms rc
+    t_back=$(now_ms)
+    start_kit; r "$1_server_back" "$([ $? = 0 ] && echo yes || echo no)"
+    wait_active 180 "$PREV" >/dev/null; r "$1_active" "$([ $? = 0 ] && echo yes || echo no)"
+    NEXT=$(prop nbd-daemon MainPID)
+    read -r ms rc < <(probe); r "$1_probe_rc" "$rc"
+    sleep 2
+    r "$1_stall_after_back_ms" "$(stall_after "$t_back")"
+    r "$1_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
+    r "$1_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
+    # The store logs without a MAPPING field: every entry of the process.
+    r "$1_unclaimed" "$(journalctl --no-pager -o cat -u nbd-daemon "_PID=$NEXT" 2>/dev/null | grep -c 'claimed by no mapping')"
+    r "$1_fdstore_after" "$(prop nbd-daemon NFileDescriptorStore)"
+    PREV=$NEXT
+    dmesg >"/tmp/kmsg-$1"
+    r "$1_kernel_nbd_lines" "$(grep -c 'nbd0' "/tmp/kmsg-$1")"
+    r "$1_kernel_io_errors" "$(grep -c 'I/O error' "/tmp/kmsg-$1")"
+    grep 'nbd0\|EXT4\|I/O error' "/tmp/kmsg-$1" | head -n 20 | sed "s/^/kernel ($2): /"
+    dmesg -C
+}
 sleep 3
-timeout 30 systemctl restart --no-block nbd-daemon.service; r relay_down_restart_rc "$?"
-t0=$(now_ms)
-while kill -0 "$PREV" 2>/dev/null && [ $(( $(now_ms) - t0 )) -lt 90000 ]; do sleep 0.05; done
-kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
-r relay_down_server_killed_after_ms "$(( $(now_ms) - t0 ))"
-NEXT="" refused=0
-while [ $(( $(now_ms) - t0 )) -lt 180000 ]; do
-    pid=$(prop nbd-daemon MainPID)
-    if [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$PREV" ]; then
-        NEXT=$pid
-        refused=$(jcount "$NEXT" 'connection refused')
-        [ "$refused" -ge 1 ] && break
-    fi
-    sleep 0.2
-done
-r relay_down_refused "$refused"
-t_back=$(now_ms)
-start_kit; r relay_down_server_back "$([ $? = 0 ] && echo yes || echo no)"
-wait_active 180 "$PREV" >/dev/null; r relay_down_active "$([ $? = 0 ] && echo yes || echo no)"
-NEXT=$(prop nbd-daemon MainPID)
-read -r ms rc < <(probe); r relay_down_probe_rc "$rc"
-sleep 2
-r relay_down_stall_after_back_ms "$(stall_after "$t_back")"
-r relay_down_handed_over "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
-r relay_down_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
-# The store logs without a MAPPING field: every entry of the process.
-r relay_down_unclaimed "$(journalctl --no-pager -o cat -u nbd-daemon "_PID=$NEXT" 2>/dev/null | grep -c 'claimed by no mapping')"
-r relay_down_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
-PREV=$NEXT
-dmesg >/tmp/kmsg-relay-down
-r relay_down_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-down)"
-r relay_down_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-down)"
-grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-down | head -n 20 | sed 's/^/kernel (server down across restart): /'
-dmesg -C
+restart_server_gone relay_down
+r relay_down_server_killed_after_ms "$(( $(now_ms) - T0 ))"
+logged_by_next 'connection refused' 1; r relay_down_refused "$COUNT"
+server_back relay_down "server down across restart"
 sleep 3
 
 # (5c) the server back across `systemctl restart`, but taking one connection at a time (nbdkit's limit filter) for a
 # while: each attempt of the new process takes a handed-over end with its first connection and is refused its second.
 # The end taken must go back to the store untouched, not be closed (which ends one of the kernel's two connections);
 # once nbdkit takes both connections again, both ends resume.
-timeout 30 systemctl restart --no-block nbd-daemon.service; r relay_partial_restart_rc "$?"
-t0=$(now_ms)
-while kill -0 "$PREV" 2>/dev/null && [ $(( $(now_ms) - t0 )) -lt 90000 ]; do sleep 0.05; done
-kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
+restart_server_gone relay_partial
 nbdkit -f --ipaddr 127.0.0.1 --port 10809 --filter=limit file "$IMG" limit=1 >>/tmp/nbdkit.log 2>&1 &
 KIT=$!
 wait_port 10809; r relay_partial_limited_server "$([ $? = 0 ] && echo up || echo down)"
-NEXT="" failed=0
-while [ $(( $(now_ms) - t0 )) -lt 180000 ]; do
-    pid=$(prop nbd-daemon MainPID)
-    if [ "${pid:-0}" -gt 0 ] && [ "$pid" != "$PREV" ]; then
-        NEXT=$pid
-        failed=$(jcount "$NEXT" '-> Reconnecting')
-        [ "$failed" -ge 2 ] && break
-    fi
-    sleep 0.2
-done
-r relay_partial_failed_attempts "$failed"
+logged_by_next '-> Reconnecting' 2; r relay_partial_failed_attempts "$COUNT"
 r relay_partial_given_back "$(jcount "$NEXT" 'given back untouched')"
 kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
-t_back=$(now_ms)
-start_kit; r relay_partial_server_back "$([ $? = 0 ] && echo yes || echo no)"
-wait_active 180 "$PREV" >/dev/null; r relay_partial_active "$([ $? = 0 ] && echo yes || echo no)"
-NEXT=$(prop nbd-daemon MainPID)
-read -r ms rc < <(probe); r relay_partial_probe_rc "$rc"
-sleep 2
-r relay_partial_stall_after_back_ms "$(stall_after "$t_back")"
-r relay_partial_handed_over "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
-r relay_partial_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
-r relay_partial_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
-PREV=$NEXT
-dmesg >/tmp/kmsg-relay-partial
-r relay_partial_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay-partial)"
-r relay_partial_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay-partial)"
-grep 'nbd0\|EXT4\|I/O error' /tmp/kmsg-relay-partial | head -n 20 | sed 's/^/kernel (server one connection at a time): /'
-dmesg -C
+server_back relay_partial "server one connection at a time"
 sleep 3
 
 # (5b) the relay mapping SIGKILLed under the writer: nothing is handed over, the relay's end closes with the process,
