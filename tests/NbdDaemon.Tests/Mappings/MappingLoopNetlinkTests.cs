@@ -527,6 +527,63 @@ public sealed class MappingLoopNetlinkTests
         await running.StopAsync();
     }
 
+    /// <summary>
+    /// A stop (Leave) between the adoption with a resumed end and serving: the end was not relayed on, so it goes back to
+    /// the store (not handed over), and adoption had already set the mapping's short Timeout: the device still gets the
+    /// hand-over timeout, or requests the kernel sends during the restart would time out into a dead connection.
+    /// </summary>
+    [Fact]
+    public async Task StopAsync_LeaveBetweenAdoptionAndServing_ResumedEndKeptAndHandOverTimeoutSet()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
+        var connector = new FakeConnector().ThenResume();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time);
+        RunningLoop? running = null;
+        _kernel.OnOperation = op =>
+        {
+            if (op == "nl-timeout 2 30 s id nbd-daemon:data")
+            {
+                _ = running!.RequestStopAsync(); // the adoption's own timeout: the stop lands before Serves
+            }
+        };
+        await using (running = RunningLoop.Start(loop))
+        {
+            await running.EndedAsync();
+        }
+
+        FakeSession resumed = connector.Sessions.Single();
+        Assert.Null(resumed.Served);
+        Assert.False(resumed.ShutDown);
+        Assert.True(resumed.Disposed);
+        Assert.Equal(["netlink open", "nl-timeout 2 30 s id nbd-daemon:data", "nl-timeout 2 60 s id nbd-daemon:data", "netlink close"], _kernel.Operations);
+    }
+
+    [Fact]
+    public async Task StopAsync_DisconnectBetweenAdoptionAndServing_ResumedEndShutDown()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
+        var connector = new FakeConnector().ThenResume();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        RunningLoop? running = null;
+        _kernel.OnOperation = op =>
+        {
+            if (op == "nl-timeout 2 30 s id nbd-daemon:data")
+            {
+                _ = running!.RequestStopAsync();
+            }
+        };
+        await using (running = RunningLoop.Start(loop))
+        {
+            await running.EndedAsync();
+        }
+
+        // The device is disconnected: the kernel's connection on the resumed end is gone, nothing to give back.
+        FakeSession resumed = connector.Sessions.Single();
+        Assert.True(resumed.ShutDown);
+        Assert.True(resumed.Disposed);
+        Assert.Contains(_kernel.Operations, o => o.StartsWith("nl-disconnect 2", StringComparison.Ordinal));
+    }
+
     [Fact]
     public async Task RunAsync_ResumedRelayButNoDeviceOfOurs_RefusedAndClosedThenANewConnection()
     {

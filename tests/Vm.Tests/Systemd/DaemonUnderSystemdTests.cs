@@ -21,6 +21,14 @@ public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelp
         Assert.Equal("notify", vm.Value("daemon_unit_type"));
     }
 
+    /// <summary>systemd-analyze verify on the installed unit: no unknown key, bad value or missing executable.</summary>
+    [Fact]
+    public void Unit_SystemdAnalyzeVerify_NoComplaintAboutIt()
+    {
+        Assert.Equal("0", vm.Value("daemon_unit_verify_rc"));
+        Assert.Equal(0, vm.Number("daemon_unit_verify_lines"));
+    }
+
     [Fact]
     public void Start_ThreeMappings_ReturnsOnceReadyWithEveryDeviceConnected()
     {

@@ -133,6 +133,10 @@ if ! systemctl cat nbd-daemon.service >/dev/null 2>&1; then
 fi
 r daemon_installed yes
 r daemon_unit_type "$(prop nbd-daemon Type)"
+# The unit as installed, checked by systemd itself: unknown keys, bad values, missing executables are warnings here.
+timeout 60 systemd-analyze verify /etc/systemd/system/nbd-daemon.service >/tmp/unit-verify.out 2>&1; r daemon_unit_verify_rc "$?"
+r daemon_unit_verify_lines "$(grep -c 'nbd-daemon' /tmp/unit-verify.out)"
+sed 's/^/unit-verify: /' /tmp/unit-verify.out | head -n 20
 if systemctl is-active -q nbd-daemon.service; then
     r daemon_active_at_boot yes
     timeout 30 systemctl stop nbd-daemon.service
