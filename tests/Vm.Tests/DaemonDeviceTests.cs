@@ -158,6 +158,10 @@ public sealed class DaemonDeviceTests(VmFixture vm)
         Expect.Equal(run, r, "freed", "yes");
         Expect.Equal(run, r, "size_after", 0);
         Expect.Equal(run, r, "pid_after", "absent");
+        // The step's own kernel lines were found; an idle device fails no I/O. Netlink's disconnect of the dead device
+        // adds one "Send disconnect failed -32" (the driver sends NBD_CMD_DISC on every socket, dead ones too): in the raw line.
+        Expect.Equal(run, r, "kernel_marker", 1);
+        Expect.Equal(run, r, "kernel_io_errors", 0);
     }
 
     /// <summary>

@@ -186,6 +186,7 @@ lost() { # MODE
     local mode=$1 log=/tmp/lost-$1.log port=10812
     start_nbd_server $port lost /tmp/even.img || note "nbd-server on $port did not start"
     wait_handshake $port
+    echo "nbdvm: lost $mode starts" > /dev/kmsg
     daemon_connect "$log" "nbd://127.0.0.1:$port/lost" /dev/nbd0 --interface "$mode"
     local lpid=$DPID
     wait_connected nbd0 30 "$lpid" >/dev/null; ok=$(yesno $?)
@@ -195,8 +196,13 @@ lost() { # MODE
     ems=$(( $(now_ms) - t0 ))
     wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
     said=$(grep -q 'was lost\|service loop ended' "$log" && echo yes || echo no)
+    # The kernel's lines for this step: the disconnect of a device whose socket is dead ("Send disconnect failed").
+    dmesg | sed -n "/nbdvm: lost $mode starts/,\$p" > /tmp/lost-kmsg
+    grep 'nbd0' /tmp/lost-kmsg | head -n 6 | sed "s/^/LOG lost-$mode-kernel: /"
     result lost mode=$mode connected=$ok exit_rc=$EXIT_RC exit_ms=$ems freed=$freed said_lost=$said \
-        size_after=$(nbd_bytes nbd0) pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent)
+        size_after=$(nbd_bytes nbd0) pid_after=$([ -e /sys/block/nbd0/pid ] && echo present || echo absent) \
+        kernel_marker=$(grep -c "nbdvm: lost $mode starts" /tmp/lost-kmsg) kernel_nbd0_lines=$(grep -c 'nbd0' /tmp/lost-kmsg) \
+        kernel_disconnect_failed=$(grep -c 'Send disconnect failed' /tmp/lost-kmsg) kernel_io_errors=$(grep -c 'I/O error' /tmp/lost-kmsg)
     show_log "$log"
     # Nothing left configured for the next mode, whatever this build did.
     nbd-daemon disconnect /dev/nbd0 >/dev/null 2>&1
