@@ -43,11 +43,7 @@ public static class NbdSysfs
     /// smallest limit the block layer takes (one page); EROFS and the like: sysfs could not be written.</exception>
     public static (uint Before, uint After) LimitRequestSize(int index, uint maxBytes, string sysBlock = "/sys/block")
     {
-        (string device, string dir) = DeviceDirectory(index, sysBlock);
-        string file = Path.Combine(dir, "queue", "max_sectors_kb");
-        string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
-            ?? throw new NbdKernelException(device, "read " + file, Errno.ENOENT);
-        uint before = checked((uint)ParseUInt64(text, dir, "queue/max_sectors_kb"));
+        (string device, string file, uint before) = ReadMaxSectorsKb(index, sysBlock);
         // Whole pages: the block layer takes no less than one, and a multiple of every logical block size (≤ 4096)
         // keeps requests from being cut inside a block.
         uint page = (uint)Environment.SystemPageSize;
@@ -74,17 +70,24 @@ public static class NbdSysfs
     /// </summary>
     public static bool RestoreRequestSize(int index, uint expectedKb, uint restoreKb, string sysBlock = "/sys/block")
     {
-        (string device, string dir) = DeviceDirectory(index, sysBlock);
-        string file = Path.Combine(dir, "queue", "max_sectors_kb");
-        string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
-            ?? throw new NbdKernelException(device, "read " + file, Errno.ENOENT);
-        if (ParseUInt64(text, dir, "queue/max_sectors_kb") != expectedKb)
+        (string device, string file, uint current) = ReadMaxSectorsKb(index, sysBlock);
+        if (current != expectedKb)
         {
             return false;
         }
 
         WriteAttribute(device, file, restoreKb.ToString(CultureInfo.InvariantCulture));
         return true;
+    }
+
+    /// <summary>The device's /dev path, its queue/max_sectors_kb file and the value in it (ENOENT when either is missing).</summary>
+    private static (string Device, string File, uint Kb) ReadMaxSectorsKb(int index, string sysBlock)
+    {
+        (string device, string dir) = DeviceDirectory(index, sysBlock);
+        string file = Path.Combine(dir, "queue", "max_sectors_kb");
+        string text = ReadOptional(dir, Path.Combine("queue", "max_sectors_kb"))
+            ?? throw new NbdKernelException(device, "read " + file, Errno.ENOENT);
+        return (device, file, checked((uint)ParseUInt64(text, dir, "queue/max_sectors_kb")));
     }
 
     /// <summary>/sys/block/nbd<paramref name="index"/> and the device's /dev path (for errors); ENOENT when there is no such device.</summary>
