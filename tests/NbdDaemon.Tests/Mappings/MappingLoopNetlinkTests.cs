@@ -538,18 +538,7 @@ public sealed class MappingLoopNetlinkTests
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
         var connector = new FakeConnector().ThenResume();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave), connector, _kernel, _time);
-        RunningLoop? running = null;
-        _kernel.OnOperation = op =>
-        {
-            if (op == "nl-timeout 2 30 s id nbd-daemon:data")
-            {
-                _ = running!.RequestStopAsync(); // the adoption's own timeout: the stop lands before Serves
-            }
-        };
-        await using (running = RunningLoop.Start(loop))
-        {
-            await running.EndedAsync();
-        }
+        await RunStoppedAtAdoptionAsync(loop);
 
         FakeSession resumed = connector.Sessions.Single();
         Assert.Null(resumed.Served);
@@ -558,24 +547,37 @@ public sealed class MappingLoopNetlinkTests
         Assert.Equal(["netlink open", "nl-timeout 2 30 s id nbd-daemon:data", "nl-timeout 2 60 s id nbd-daemon:data", "netlink close"], _kernel.Operations);
     }
 
+    /// <summary>
+    /// Runs <paramref name="loop"/> with a stop requested from inside the adoption's own NBD_CMD_RECONFIGURE timeout
+    /// (the mapping's 30 s), so it lands after the adoption and before Serves; waits for the loop to end.
+    /// </summary>
+    private async Task RunStoppedAtAdoptionAsync(MappingLoop loop)
+    {
+        RunningLoop? running = null;
+        using var assigned = new ManualResetEventSlim();
+        _kernel.OnOperation = op =>
+        {
+            if (op == "nl-timeout 2 30 s id nbd-daemon:data")
+            {
+                // The loop runs as soon as Start is called, possibly before `running` is assigned.
+                Assert.True(assigned.Wait(TimeSpan.FromSeconds(10)));
+                _ = running!.RequestStopAsync();
+            }
+        };
+        await using (running = RunningLoop.Start(loop))
+        {
+            assigned.Set();
+            await running.EndedAsync();
+        }
+    }
+
     [Fact]
     public async Task StopAsync_DisconnectBetweenAdoptionAndServing_ResumedEndShutDown()
     {
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 0);
         var connector = new FakeConnector().ThenResume();
         MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
-        RunningLoop? running = null;
-        _kernel.OnOperation = op =>
-        {
-            if (op == "nl-timeout 2 30 s id nbd-daemon:data")
-            {
-                _ = running!.RequestStopAsync();
-            }
-        };
-        await using (running = RunningLoop.Start(loop))
-        {
-            await running.EndedAsync();
-        }
+        await RunStoppedAtAdoptionAsync(loop);
 
         // The device is disconnected: the kernel's connection on the resumed end is gone, nothing to give back.
         FakeSession resumed = connector.Sessions.Single();
