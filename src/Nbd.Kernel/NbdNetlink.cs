@@ -62,7 +62,7 @@ public sealed class NbdNetlink : IDisposable
         ulong? timeout = request.Timeout is { } t ? NbdValidation.ToWholeSeconds(t, nameof(request)) : null;
         ulong? dead = request.DeadConnectionTimeout is { } d ? NbdValidation.ToWholeSeconds(d, nameof(request)) : null;
 
-        string device = request.Index is int i ? DeviceName(i) : "netlink nbd";
+        string device = request.Index is int i ? NbdKernel.DevicePath(i) : "netlink nbd";
         using var lease = SocketDescriptorLease.Acquire(request.Sockets);
         uint sequence = _client.NextSequence();
         var replies = _client.Request(
@@ -83,7 +83,7 @@ public sealed class NbdNetlink : IDisposable
     {
         ArgumentOutOfRangeException.ThrowIfNegative(index);
         uint sequence = _client.NextSequence();
-        _client.Request(NbdNetlinkMessages.BuildDisconnect(_family.Id, sequence, index), sequence, DeviceName(index), "NBD_CMD_DISCONNECT");
+        _client.Request(NbdNetlinkMessages.BuildDisconnect(_family.Id, sequence, index), sequence, NbdKernel.DevicePath(index), "NBD_CMD_DISCONNECT");
     }
 
     /// <summary>
@@ -103,7 +103,7 @@ public sealed class NbdNetlink : IDisposable
         uint sequence = _client.NextSequence();
         _client.Request(
             NbdNetlinkMessages.BuildReconfigure(_family.Id, sequence, request, lease.Descriptors, timeout, dead),
-            sequence, DeviceName(request.Index), "NBD_CMD_RECONFIGURE",
+            sequence, NbdKernel.DevicePath(request.Index), "NBD_CMD_RECONFIGURE",
             errno => errno == Errno.EINVAL
                 ? "the device must exist, be netlink-connected and running, and BackendIdentifier must repeat the one given at connect"
                 : null);
@@ -116,7 +116,7 @@ public sealed class NbdNetlink : IDisposable
         {
             throw new ArgumentOutOfRangeException(nameof(index), index, "Index must not be negative.");
         }
-        string device = index is int i ? DeviceName(i) : "netlink nbd";
+        string device = index is int i ? NbdKernel.DevicePath(i) : "netlink nbd";
         uint sequence = _client.NextSequence();
         var replies = _client.Request(NbdNetlinkMessages.BuildStatus(_family.Id, sequence, index), sequence, device, "NBD_CMD_STATUS");
         var result = new List<NbdNetlinkDeviceStatus>();
@@ -131,8 +131,6 @@ public sealed class NbdNetlink : IDisposable
     }
 
     public void Dispose() => _client.Dispose();
-
-    internal static string DeviceName(int index) => NbdKernel.DevicePath(index);
 
     private static T Parse<T>(Func<T> parse, string device, string operation)
     {

@@ -93,6 +93,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// <summary>The name a mapping's relay ends have in systemd's store: "nbd-relay/NAME/SLOT" (names have no '/').</summary>
     private static string DescriptorName(MappingOptions mapping, int slot) => DescriptorPrefix(mapping) + slot.ToString(CultureInfo.InvariantCulture);
 
+    /// <summary>The device a relay's log line names: the one the mapping serves, else the configured one.</summary>
+    private static string DeviceText(MappingOptions mapping, string? served) => served ?? mapping.Device ?? "(unassigned)";
+
     private static string DescriptorPrefix(MappingOptions mapping) => "nbd-relay/" + mapping.Name + "/";
 
     /// <summary>Marks an end given back (nbd-relay/NAME/returned-SLOT), apart from the ends a stop hands over (…/SLOT).</summary>
@@ -107,7 +110,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     private void HandOver(MappingOptions mapping, RelaySession session, Socket? kernelEnd, NbdRelay relay, int slot)
     {
-        string device = session.Device ?? mapping.Device ?? "(unassigned)";
+        string device = DeviceText(mapping, session.Device);
         if (!_store.CanStore)
         {
             RelayLog.NotHandedOver(_logger, null, mapping.Name, device, "not run by systemd with a file descriptor store");
@@ -149,7 +152,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// daemon stopped meanwhile): nothing was read from it or written to it, so it goes back to the store as it came,
     /// for the next attempt or the next start, instead of ending the kernel's connection.
     /// </summary>
-    private void GiveBack(MappingOptions mapping, string taken, Socket relayEnd)
+    private void GiveBack(MappingOptions mapping, string? served, string taken, Socket relayEnd)
     {
         // Not under its slot name: a stop may hand the mapping's other relays over under "SLOT" names right now, and a
         // duplicate name would let one FDSTOREREMOVE take both out of systemd's store. Take matches the prefix.
@@ -157,7 +160,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         string suffix = taken.StartsWith(prefix, StringComparison.Ordinal) ? taken[prefix.Length..] : taken;
         string name = suffix.StartsWith(GivenBackMark, StringComparison.Ordinal) ? prefix + suffix : prefix + GivenBackMark + suffix;
         _store.GiveBack(name, relayEnd);
-        RelayLog.GivenBack(_logger, mapping.Name, mapping.Device ?? "(unassigned)", name);
+        RelayLog.GivenBack(_logger, mapping.Name, DeviceText(mapping, served), name);
     }
 
     /// <summary>
@@ -179,7 +182,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     private void Log(MappingOptions mapping, string? served, NbdRelayEvent relayEvent)
     {
-        string device = served ?? mapping.Device ?? "(unassigned)";
+        string device = DeviceText(mapping, served);
         switch (relayEvent)
         {
             case NbdRelayServerLost lost:
@@ -196,7 +199,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     private void Log(MappingOptions mapping, string? served, NbdRelayEnd end)
     {
-        string device = served ?? mapping.Device ?? "(unassigned)";
+        string device = DeviceText(mapping, served);
         LogLevel level = end.Reason is NbdRelayEndReason.Failed ? LogLevel.Error
             : end.Reason is NbdRelayEndReason.GaveUp or NbdRelayEndReason.KernelProtocolError ? LogLevel.Warning : LogLevel.Debug;
         RelayLog.Ended(_logger, level, end.Exception, mapping.Name, device, end.Reason, end.Detail);
@@ -215,7 +218,6 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         private NbdRelay? _relay;
         private bool _disposed;
         private string? _device;
-        private bool _started;
         private bool _ending;
         private volatile bool _shutDown;
 
@@ -245,12 +247,11 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             NbdRelay relay;
             lock (_lock)
             {
-                if (_started || _ending)
+                if (_relay is not null || _ending)
                 {
                     return false;
                 }
 
-                _started = true;
                 relay = owner.CreateRelay(mapping, first, relayEnd, this);
                 _relay = relay;
 
@@ -338,7 +339,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                 // Never relayed on. A taken end goes back untouched, unless Shutdown ended the kernel's connection.
                 if (takenName is not null && !_shutDown)
                 {
-                    owner.GiveBack(mapping, takenName, relayEnd);
+                    owner.GiveBack(mapping, Device, takenName, relayEnd);
                 }
                 else
                 {
