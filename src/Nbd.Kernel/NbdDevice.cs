@@ -19,8 +19,10 @@ namespace Nbd.Kernel;
 /// that another process is setting up or that netlink owns, fails with EBUSY. Call all SetSocket for one device
 /// from one thread.</item>
 /// <item>NBD_SET_BLKSIZE keeps the byte size, so set the block size first and the size second.</item>
-/// <item>A signal delivered to the thread blocked in NBD_DO_IT makes the kernel shut the sockets down; the dedicated
-/// thread of <see cref="StartServiceLoop"/> gets none from .NET.</item>
+/// <item>A handled signal delivered to the thread blocked in NBD_DO_IT makes the kernel shut the sockets down and fail
+/// every request in flight. A signal sent to the process may land on any thread that does not block it (.NET handles
+/// SIGCONT, which systemd sends after SIGTERM at every stop), so <see cref="RunServiceLoop"/> blocks them all on its
+/// thread while it waits in the kernel (<see cref="ThreadSignalMask"/>).</item>
 /// </list>
 /// </remarks>
 public sealed partial class NbdDevice : IDisposable
@@ -177,7 +179,10 @@ public sealed partial class NbdDevice : IDisposable
     public void SetFlags(ushort transmissionFlags) =>
         Ioctl(NbdConstants.NBD_SET_FLAGS, transmissionFlags, nameof(NbdConstants.NBD_SET_FLAGS));
 
-    /// <summary>NBD_DO_IT on the calling thread; blocks until the connection ends. Kernel errors are in the result.</summary>
+    /// <summary>
+    /// NBD_DO_IT on the calling thread; blocks until the connection ends. Kernel errors are in the result. Every signal is
+    /// blocked on the thread meanwhile (see the remarks on the class).
+    /// </summary>
     public NbdServiceLoopResult RunServiceLoop()
     {
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
@@ -187,7 +192,12 @@ public sealed partial class NbdDevice : IDisposable
         }
         try
         {
-            int errno = _control.Ioctl(NbdConstants.NBD_DO_IT, 0);
+            int errno;
+            using (ThreadSignalMask.BlockAll())
+            {
+                errno = _control.Ioctl(NbdConstants.NBD_DO_IT, 0);
+            }
+
             return new NbdServiceLoopResult(Volatile.Read(ref _stopRequested) != 0, errno, errno == 0 ? null : Errno.Name(errno));
         }
         finally

@@ -24,6 +24,9 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
 
     public bool DoItOnThreadPool { get; private set; }
 
+    /// <summary>When set, NBD_DO_IT runs this on the calling thread and answers what it returns (instead of waiting for NBD_CLEAR_SOCK).</summary>
+    public Func<int>? DoItBody { get; set; }
+
     public bool HasCall(uint request)
     {
         lock (Calls)
@@ -51,6 +54,11 @@ internal sealed class FakeNbdDeviceControl : INbdDeviceControl
         {
             DoItThreadName = Thread.CurrentThread.Name;
             DoItOnThreadPool = Thread.CurrentThread.IsThreadPoolThread;
+            if (DoItBody is { } body)
+            {
+                return body();
+            }
+
             if (!_socketsCleared.Wait(TimeSpan.FromSeconds(10)))
             {
                 return Nbd.Kernel.Interop.Errno.ETIMEDOUT;

@@ -1,6 +1,6 @@
 namespace Vm.Tests;
 
-/// <summary>Scenarios 2-4: geometry, read-only, check/disconnect, automatic device choice, stop by signal.</summary>
+/// <summary>Scenarios 2-4: geometry, read-only, check/disconnect, automatic device choice, stop by signal, signals to the NBD_DO_IT thread.</summary>
 [Collection(VmCollection.Name)]
 public sealed class DaemonDeviceTests(VmFixture vm)
 {
@@ -185,4 +185,31 @@ public sealed class DaemonDeviceTests(VmFixture vm)
     }
 
     private const long IdleCpuLimitMs = 1000;
+
+    /// <summary>
+    /// The driver waits in NBD_DO_IT interruptibly: a handled signal that lands on that thread makes it shut the sockets
+    /// down and clear the queue (the build before: "shutting down sockets", the device freed, `connect` exit 1). A
+    /// signal sent to the process can land there, and .NET handles SIGCONT, which systemd sends after SIGTERM at every
+    /// stop. Here the signals go to that very thread (tgkill), so nothing else could have taken them.
+    /// </summary>
+    [Fact]
+    public async Task Connect_Ioctl_HandledSignalsSentToTheDoItThread_DeviceKeepsServing()
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("doitsig");
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.That(run, r, r["doit_tid"] != "none", "no thread id in /sys/block/nbd0/pid");
+        // Proves nothing unless the process handles at least one of the signals sent (SIGCONT, for .NET 10).
+        Expect.That(run, r, r["caught"] != "none", "the process handles none of SIGCHLD, SIGCONT, SIGURG, SIGWINCH: the step shows nothing");
+        Expect.Equal(run, r, "tgkill_rc", 0);
+        Expect.Equal(run, r, "alive", "yes");
+        Expect.Equal(run, r, "pid_after_signals", r["doit_tid"]);
+        Expect.Equal(run, r, "read_rc", 0);
+        Expect.Equal(run, r, "read_bytes", 4 * 1024 * 1024);
+        Expect.Equal(run, r, "kernel_marker", 1);
+        // Only the connect's own "detected capacity change" line; no "shutting down sockets", no I/O error.
+        Expect.Equal(run, r, "kernel_nbd0_lines", 1);
+        Expect.Equal(run, r, "exit_rc", 0);
+        Expect.Equal(run, r, "freed", "yes");
+    }
 }

@@ -13,5 +13,5 @@ public sealed record ScenarioSpec(string Script, IReadOnlyList<string> Programs,
 
     public static readonly ScenarioSpec DaemonMap = new("daemon-map.sh", ["nbd-server", "nbdkit", "qemu-nbd"], true, 900);
 
-    public static readonly ScenarioSpec DaemonDevice = new("daemon-device.sh", ["nbd-server"], true, 900);
+    public static readonly ScenarioSpec DaemonDevice = new("daemon-device.sh", ["nbd-server"], true, 900) { NeedsTools = true };
 }

@@ -3,12 +3,12 @@ using Xunit.Sdk;
 namespace Vm.Tests;
 
 /// <summary>
-/// The VM tier's C tools (tests/vm/tools: nbd-verify, fault-proxy), built static by tools/build.sh into the test
+/// The VM tier's C tools (tests/vm/tools: nbd-verify, fault-proxy, thread-signal), built static by tools/build.sh into the test
 /// output folder and copied into the VM with <c>--add</c>. gcc or static glibc missing is a failure with the reason.
 /// </summary>
 internal static class VmTools
 {
-    public static readonly string[] Names = ["nbd-verify", "fault-proxy"];
+    public static readonly string[] Names = ["nbd-verify", "fault-proxy", "thread-signal"];
 
     public static async Task<string> BuildAsync(string repoRoot)
     {

@@ -13,7 +13,7 @@ public sealed class HeaderConstantsTests
 {
     private static readonly string[] Headers =
     [
-        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h", "sys/stat.h", "stddef.h",
+        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h", "sys/stat.h", "stddef.h", "signal.h",
     ];
 
     // Names whose C spelling differs from a field name, or that are not #defines/enums in a header we include.
@@ -27,7 +27,7 @@ public sealed class HeaderConstantsTests
     public void AllConstants_MatchInstalledKernelHeaders()
     {
         var ours = new SortedDictionary<string, ulong>(StringComparer.Ordinal);
-        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants), typeof(PollConstants), typeof(SocketConstants) })
+        foreach (var type in new[] { typeof(NbdConstants), typeof(NetlinkConstants), typeof(PollConstants), typeof(SocketConstants), typeof(SignalConstants) })
         {
             foreach (var field in type.GetFields(BindingFlags.Public | BindingFlags.Static | BindingFlags.NonPublic))
             {
@@ -64,6 +64,7 @@ public sealed class HeaderConstantsTests
         source.AppendLine("  printf(\"OFFSETOF_ST_INO=%zu\\n\", offsetof(struct stat, st_ino));");
         source.AppendLine("  printf(\"SIZEOF_ST_DEV=%zu\\n\", sizeof(((struct stat *)0)->st_dev));");
         source.AppendLine("  printf(\"SIZEOF_ST_INO=%zu\\n\", sizeof(((struct stat *)0)->st_ino));");
+        source.AppendLine("  printf(\"SIZEOF_SIGSET_T=%zu\\n\", sizeof(sigset_t));");
         source.AppendLine("  return 0;\n}");
 
         var printed = CompileAndRun(source.ToString());
@@ -90,6 +91,8 @@ public sealed class HeaderConstantsTests
         Assert.Equal(Libc.StatInodeOffset.ToString(CultureInfo.InvariantCulture), printed["OFFSETOF_ST_INO"]);
         Assert.Equal("8", printed["SIZEOF_ST_DEV"]);
         Assert.Equal("8", printed["SIZEOF_ST_INO"]);
+        // ThreadSignalMask passes pthread_sigmask a SigSetSize buffer.
+        Assert.True(int.Parse(printed["SIZEOF_SIGSET_T"], CultureInfo.InvariantCulture) <= Libc.SigSetSize, $"sigset_t is {printed["SIZEOF_SIGSET_T"]} bytes");
         Assert.True(ours.Count > 80, $"only {ours.Count} constants were compared");
     }
 

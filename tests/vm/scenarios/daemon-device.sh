@@ -10,7 +10,10 @@
 #  fullout   `connect` with standard output on /dev/full: the "connected" line fails, and the device must not stay
 #            configured with nobody serving it;
 #  lost      the server SIGKILLed under a `connect`: it must notice, exit 1 and free the device (the kernel keeps a
-#            netlink device whose connection died configured, every request failing, until someone disconnects it).
+#            netlink device whose connection died configured, every request failing, until someone disconnects it);
+#  doitsig   (ioctl) signals the process catches, sent to the very thread blocked in NBD_DO_IT (tgkill, our
+#            thread-signal tool): the driver shuts the sockets down when that wait is interrupted, so the device must
+#            keep serving only if that thread never takes a signal.
 . /usr/local/lib/nbdvm.sh
 MiB=1048576
 truncate -s 64M /tmp/even.img
@@ -226,6 +229,48 @@ full_stdout() { # MODE
     wait_free nbd0 10 >/dev/null
 }
 
+# caught_of PID SIGNAL...: the given signals that PID catches (its SigCgt mask), comma-separated, or "none".
+caught_of() {
+    local pid=$1 hex sig list=
+    shift
+    hex=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null)
+    for sig in "$@"; do
+        [ -n "$hex" ] && [ $(( (0x$hex >> (sig - 1)) & 1 )) = 1 ] && list=$list${list:+,}$sig
+    done
+    echo "${list:-none}"
+}
+
+doit_signal() {
+    local log=/tmp/doitsig.log
+    echo "nbdvm: doitsig starts" > /dev/kmsg
+    daemon_connect "$log" "$URI/even" /dev/nbd0 --interface ioctl
+    local spid=$DPID
+    wait_connected nbd0 30 "$spid" >/dev/null; ok=$(yesno $?)
+    local tid
+    tid=$(cat /sys/block/nbd0/pid 2>/dev/null)
+    # Signals whose default is to be ignored, so one the process does not catch changes nothing: SIGCHLD, SIGURG,
+    # SIGCONT, SIGWINCH. Only the caught ones can interrupt the thread's wait.
+    caught=$(caught_of "$spid" 17 18 23 28)
+    sent=$(thread-signal "$spid" "${tid:-0}" 17 18 23 28 2>&1); src=$?
+    echo "$sent" | sed 's/^/LOG doitsig-sent: /'
+    sleep 2
+    alive=$(kill -0 "$spid" 2>/dev/null && echo yes || echo no)
+    pid_now=$(cat /sys/block/nbd0/pid 2>/dev/null || echo absent)
+    timeout 30 dd if=/dev/nbd0 of=/tmp/doitsig-back bs=1M count=4 skip=8 iflag=direct 2>/tmp/doitsig-err; rrc=$?
+    rbytes=$(wc -c < /tmp/doitsig-back 2>/dev/null || echo 0)
+    dmesg | sed -n '/nbdvm: doitsig starts/,$p' > /tmp/doitsig-kmsg
+    grep 'nbd0' /tmp/doitsig-kmsg | head -n 6 | sed 's/^/LOG doitsig-kernel: /'
+    daemon_kill "$spid" TERM
+    wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+    result doitsig connected=$ok doit_tid=${tid:-none} caught=$caught tgkill_rc=$src alive=$alive \
+        pid_after_signals=$pid_now read_rc=$rrc read_bytes=$rbytes kernel_marker=$(grep -c 'nbdvm: doitsig starts' /tmp/doitsig-kmsg) \
+        kernel_nbd0_lines=$(grep -c 'nbd0' /tmp/doitsig-kmsg) exit_rc=$EXIT_RC freed=$freed
+    [ "$ok" = yes ] && [ "$rrc" = 0 ] || { show_log "$log"; sed 's/^/LOG doitsig-dd: /' /tmp/doitsig-err; }
+    nbd-daemon disconnect /dev/nbd0 >/dev/null 2>&1
+    wait_free nbd0 10 >/dev/null
+}
+
+doit_signal
 for mode in ioctl netlink; do
     geometry $mode
     readonly_and_check $mode

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Builds the VM tier's C tools (nbd-verify, fault-proxy) static, so they run in the busybox VM without libraries.
+# Builds the VM tier's C tools (nbd-verify, fault-proxy, thread-signal) static, so they run in the busybox VM without libraries.
 #
 #   build.sh [OUTDIR]     default OUTDIR: ${TMPDIR:-/tmp}/nbd-vm-tools; prints OUTDIR on stdout
 #
@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-${TMPDIR:-/tmp}/nbd-vm-tools}
 command -v gcc >/dev/null || { echo "build.sh: gcc is missing (Debian package gcc)" >&2; exit 1; }
 mkdir -p "$out"
-for tool in nbd-verify fault-proxy; do
+for tool in nbd-verify fault-proxy thread-signal; do
     src=$here/$tool.c
     bin=$out/$tool
     if [ ! -x "$bin" ] || [ "$src" -nt "$bin" ] || [ "$0" -nt "$bin" ]; then
