@@ -196,9 +196,21 @@ public static class NbdClient
         }
         catch (SocketException ex)
         {
-            throw AddContext(new NbdConnectException(endPoint, ex), uri);
+            throw AddContext(new NbdConnectException(endPoint, ex, uri.IsUnix ? UnixSocketFailure(uri.SocketPath!, ex.SocketErrorCode) : null), uri);
         }
     }
+
+    /// <summary>
+    /// What a failed connect(2) to a unix socket means, in words: .NET names ENOENT "AddressNotAvailable" ("Cannot assign
+    /// requested address"), which sends an admin looking at addresses instead of at a server that is not running.
+    /// </summary>
+    internal static string? UnixSocketFailure(string path, SocketError error) => error switch
+    {
+        SocketError.AddressNotAvailable => $"no such socket file (ENOENT): is the server running, and is {path} where it listens?",
+        SocketError.ConnectionRefused => "nothing listens on the socket file (ECONNREFUSED): a server that ended may have left it behind",
+        SocketError.AccessDenied => "permission denied (EACCES) on the socket file or a directory above it",
+        _ => null,
+    };
 
     /// <summary>
     /// Connects to the first of <paramref name="endPoints"/> that answers, in order. Each gets its share of what is left

@@ -158,14 +158,26 @@ public sealed class NbdTimeoutException : NbdException
 /// <summary>The TCP or unix-socket connection could not be established (or the host name did not resolve).</summary>
 public sealed class NbdConnectException : NbdException
 {
-    public NbdConnectException(string endPoint, System.Net.Sockets.SocketException innerException)
-        : base($"Cannot connect to {endPoint}: {innerException.SocketErrorCode} ({innerException.Message}).", innerException)
+    /// <param name="endPoint">The server as the URI named it: host:port, or unix:PATH.</param>
+    /// <param name="innerException">The connect failure.</param>
+    /// <param name="reason">What went wrong in words, when the socket error's own text would mislead (see <see cref="Reason"/>).</param>
+    public NbdConnectException(string endPoint, System.Net.Sockets.SocketException innerException, string? reason = null)
+        : base(reason is null
+            ? $"Cannot connect to {endPoint}: {innerException.SocketErrorCode} ({innerException.Message})."
+            : $"Cannot connect to {endPoint}: {reason}.", innerException)
     {
         EndPoint = endPoint;
         SocketError = innerException.SocketErrorCode;
+        Reason = reason;
     }
 
     public string EndPoint { get; }
+
+    /// <summary>
+    /// The failure in words, where .NET's own would mislead: connect(2) to a unix socket path that does not exist fails
+    /// with ENOENT, which .NET reports as AddressNotAvailable, "Cannot assign requested address". Null otherwise.
+    /// </summary>
+    public string? Reason { get; }
 
     public System.Net.Sockets.SocketError SocketError { get; }
 }

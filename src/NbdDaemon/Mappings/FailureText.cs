@@ -13,6 +13,8 @@ internal static class FailureText
             {
                 case MappingException m:
                     return m.Reason;
+                case Nbd.Protocol.NbdConnectException { Reason: not null, SocketError: SocketError.AddressNotAvailable }:
+                    return "no such socket file"; // a unix socket path; .NET's word for ENOENT would say "address not available"
                 case SocketException s:
                     return Describe(s.SocketErrorCode) ?? s.Message;
                 case TimeoutException:

@@ -187,6 +187,25 @@ public sealed class NbdClientTests
         var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
 
         Assert.Equal($"unix:{path}", ex.EndPoint);
+        // ENOENT, which .NET calls AddressNotAvailable ("Cannot assign requested address"): the message says what it is.
+        Assert.Equal(SocketError.AddressNotAvailable, ex.SocketError);
+        Assert.StartsWith($"Cannot connect to unix:{path}: no such socket file (ENOENT): is the server running, and is {path} where it listens?", ex.Message, StringComparison.Ordinal);
+        Assert.DoesNotContain("assign", ex.Message, StringComparison.OrdinalIgnoreCase);
+    }
+
+    [Fact]
+    public async Task ConnectAsync_UnixSocketFileNobodyListensOn_SaysNothingListens()
+    {
+        // Bound, never listening: what connect(2) finds at the file a crashed server left (ECONNREFUSED).
+        string path = Path.Combine(Path.GetTempPath(), $"nbd-stale-{Guid.NewGuid():N}.sock");
+        using var cleanup = new DeleteOnDispose(path);
+        using var bound = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        bound.Bind(new UnixDomainSocketEndPoint(path));
+
+        var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
+
+        Assert.Equal(SocketError.ConnectionRefused, ex.SocketError);
+        Assert.StartsWith($"Cannot connect to unix:{path}: nothing listens on the socket file (ECONNREFUSED): a server that ended may have left it behind.", ex.Message, StringComparison.Ordinal);
     }
 
     [Fact]
@@ -266,5 +285,10 @@ public sealed class NbdClientTests
         var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse("nbd://no-such-host.invalid/x")));
 
         Assert.Equal("no-such-host.invalid:10809", ex.EndPoint);
+    }
+
+    private sealed class DeleteOnDispose(string path) : IDisposable
+    {
+        public void Dispose() => File.Delete(path);
     }
 }

@@ -1,0 +1,35 @@
+using Nbd.Protocol;
+using NbdDaemon.Mappings;
+
+namespace NbdDaemon.Tests.Mappings;
+
+/// <summary>The few words STATUS= and the reconnect lines show for a failure, from real connect failures.</summary>
+public sealed class FailureTextTests
+{
+    [Fact]
+    public async Task Describe_MissingUnixSocket_NoSuchSocketFile()
+    {
+        using var dir = new TempDirectory();
+        string path = dir.File("absent.sock");
+
+        var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
+
+        // Not "address not available", .NET's word for ENOENT.
+        Assert.Equal("no such socket file", FailureText.Describe(ex));
+    }
+
+    [Fact]
+    public async Task Describe_TcpRefused_ConnectionRefused()
+    {
+        int port;
+        using (var probe = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.InterNetwork, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp))
+        {
+            probe.Bind(new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0));
+            port = ((System.Net.IPEndPoint)probe.LocalEndPoint!).Port;
+        }
+
+        var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd://127.0.0.1:{port}/x")));
+
+        Assert.Equal("connection refused", FailureText.Describe(ex));
+    }
+}
