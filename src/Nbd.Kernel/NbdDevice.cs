@@ -32,6 +32,7 @@ public sealed partial class NbdDevice : IDisposable
     private uint _blockSize = NbdConstants.DefaultBlockSize;
     private int _stopRequested;
     private int _loopRunning;
+    private bool _loopRan;
     private int _disposed;
 
     /// <summary>The sockets the kernel took from us (NBD_SET_SOCK), so that a disconnect that cannot be sent can be cut short.</summary>
@@ -192,13 +193,26 @@ public sealed partial class NbdDevice : IDisposable
         }
         try
         {
+            // The first run on sockets this instance set: the device is ours, so the driver's "already running" EBUSY
+            // can only come from the restart of an interrupted NBD_DO_IT (see NbdServiceLoopResult.Interrupted).
+            bool ours;
+            lock (_sockets)
+            {
+                ours = _sockets.Count > 0 && !_loopRan;
+                _loopRan = true;
+            }
+
             int errno;
             using (ThreadSignalMask.BlockAll())
             {
                 errno = _control.Ioctl(NbdConstants.NBD_DO_IT, 0);
             }
 
-            return new NbdServiceLoopResult(Volatile.Read(ref _stopRequested) != 0, errno, errno == 0 ? null : Errno.Name(errno));
+            bool stopped = Volatile.Read(ref _stopRequested) != 0;
+            return new NbdServiceLoopResult(stopped, errno, errno == 0 ? null : Errno.Name(errno))
+            {
+                Interrupted = ours && !stopped && errno == Errno.EBUSY,
+            };
         }
         finally
         {

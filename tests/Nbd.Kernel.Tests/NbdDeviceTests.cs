@@ -321,6 +321,44 @@ public sealed class NbdDeviceTests
         Assert.Equal([NbdConstants.NBD_DO_IT, NbdConstants.NBD_DISCONNECT, NbdConstants.NBD_CLEAR_SOCK], control.Calls.Select(c => c.Request));
     }
 
+    /// <summary>
+    /// The driver restarts an interrupted NBD_DO_IT (a stop signal, a tracer attaching), and the restarted call finds
+    /// the device still marked running: EBUSY (the VM step stopcont of daemon-device.sh, "shutting down sockets").
+    /// </summary>
+    [Fact]
+    public void RunServiceLoop_EbusyOnTheSocketsItSet_Interrupted()
+    {
+        var (device, control) = Create();
+        control.DoItBody = () => Errno.EBUSY;
+        var (client, server) = ConnectedTcpPair();
+        using (client)
+        using (server)
+        {
+            device.SetSocket(client);
+            var result = device.RunServiceLoop();
+
+            Assert.True(result.Interrupted);
+            Assert.False(result.StoppedByRequest);
+            Assert.StartsWith("interrupted: the process was stopped or traced", result.Description, StringComparison.Ordinal);
+
+            // A second run of the same session is the caller's misuse ("already running"), not an interruption.
+            Assert.False(device.RunServiceLoop().Interrupted);
+        }
+    }
+
+    [Fact]
+    public void RunServiceLoop_EbusyWithoutSocketsOfItsOwn_NotInterrupted()
+    {
+        var (device, control) = Create();
+        control.DoItBody = () => Errno.EBUSY;
+
+        var result = device.RunServiceLoop();
+
+        Assert.Equal(Errno.EBUSY, result.Errno);
+        Assert.False(result.Interrupted);
+        Assert.Null(result.Description);
+    }
+
     [Fact]
     public async Task StartServiceLoop_EndsOnItsOwn_NotStoppedByRequestWithErrno()
     {

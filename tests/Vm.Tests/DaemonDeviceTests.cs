@@ -212,4 +212,43 @@ public sealed class DaemonDeviceTests(VmFixture vm)
         Expect.Equal(run, r, "exit_rc", 0);
         Expect.Equal(run, r, "freed", "yes");
     }
+
+    /// <summary>
+    /// A stop (SIGSTOP, Ctrl-Z, a debugger or <c>strace -p</c> attaching) cannot be blocked. Netlink has no thread in the
+    /// kernel, so a stopped and continued `connect` changes nothing; over ioctl it interrupts NBD_DO_IT's wait, and the
+    /// 6.1 driver then shuts the sockets down (a driver property: see README "Choosing an interface"). What `connect` must
+    /// do then is say so and leave nothing configured.
+    /// </summary>
+    [Theory]
+    [InlineData("netlink")]
+    [InlineData("ioctl")]
+    public async Task Connect_ProcessStoppedAndContinued_NetlinkServesOn_IoctlSaysWhyAndFreesTheDevice(string mode)
+    {
+        var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);
+        var r = run.One("stopcont", ("mode", mode));
+        Expect.Equal(run, r, "connected", "yes");
+        Expect.Equal(run, r, "kernel_marker", 1);
+        Expect.Equal(run, r, "kernel_io_errors", 0);
+        if (mode == "netlink")
+        {
+            Expect.Equal(run, r, "alive", "yes");
+            Expect.Equal(run, r, "read_bytes", 4 * 1024 * 1024);
+            Expect.Equal(run, r, "kernel_shutting_down", 0);
+            Expect.Equal(run, r, "exit_rc", 0);
+        }
+        else if (r["alive"] == "no")
+        {
+            // The driver shut the connection down: the reason named, exit 1.
+            Expect.Equal(run, r, "said_interrupted", "yes");
+            Expect.Equal(run, r, "exit_rc", 1);
+        }
+        else
+        {
+            // A driver that keeps the connection across the stop: then it must really serve.
+            Expect.Equal(run, r, "read_bytes", 4 * 1024 * 1024);
+            Expect.Equal(run, r, "exit_rc", 0);
+        }
+
+        Expect.Equal(run, r, "freed", "yes");
+    }
 }

@@ -209,7 +209,7 @@ internal static class ConnectCommand
 
             device.ClearQueue();
             device.ClearSocket();
-            Say(stdout, $"{device.Path}: the service loop ended ({result.ErrnoName ?? "the connection was closed: by the server, or NBD_DISCONNECT from elsewhere"}); device released");
+            Say(stdout, $"{device.Path}: the service loop ended ({result.Description ?? result.ErrnoName ?? "the connection was closed: by the server, or NBD_DISCONNECT from elsewhere"}); device released");
             return result.Errno == 0 ? CliExit.Ok : CliExit.Failed;
         }
     }

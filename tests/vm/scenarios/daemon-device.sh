@@ -14,6 +14,8 @@
 #  doitsig   (ioctl) signals the process catches, sent to the very thread blocked in NBD_DO_IT (tgkill, our
 #            thread-signal tool): the driver shuts the sockets down when that wait is interrupted, so the device must
 #            keep serving only if that thread never takes a signal.
+#  stopcont  `connect` stopped (SIGSTOP) for 1 s and continued, as a debugger or `strace -p` attaching does: a stop
+#            cannot be blocked, and it interrupts NBD_DO_IT's wait too (ioctl); netlink has no such wait.
 . /usr/local/lib/nbdvm.sh
 MiB=1048576
 truncate -s 64M /tmp/even.img
@@ -270,7 +272,35 @@ doit_signal() {
     wait_free nbd0 10 >/dev/null
 }
 
+stop_cont() { # MODE
+    local mode=$1 log=/tmp/stopcont-$1.log
+    echo "nbdvm: stopcont $mode starts" > /dev/kmsg
+    daemon_connect "$log" "$URI/even" /dev/nbd0 --interface "$mode"
+    local spid=$DPID
+    wait_connected nbd0 30 "$spid" >/dev/null; ok=$(yesno $?)
+    kill -STOP "$spid"; sleep 1; kill -CONT "$spid"; sleep 2
+    alive=$(kill -0 "$spid" 2>/dev/null && echo yes || echo no)
+    rm -f /tmp/stopcont-back
+    timeout 30 dd if=/dev/nbd0 of=/tmp/stopcont-back bs=1M count=4 skip=8 iflag=direct 2>/dev/null; rrc=$?
+    rbytes=$(wc -c < /tmp/stopcont-back 2>/dev/null || echo 0)
+    dmesg | sed -n "/nbdvm: stopcont $mode starts/,\$p" > /tmp/stopcont-kmsg
+    grep 'nbd0' /tmp/stopcont-kmsg | head -n 6 | sed "s/^/LOG stopcont-$mode-kernel: /"
+    said=$(grep -q 'service loop ended\|was lost' "$log" && echo yes || echo no)
+    said_interrupted=$(grep -q 'service loop ended (interrupted: the process was stopped or traced' "$log" && echo yes || echo no)
+    [ "$alive" = yes ] && daemon_kill "$spid" TERM || { wait_exit "$spid" 15 || { kill -KILL "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; }; }
+    wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+    result stopcont mode=$mode connected=$ok alive=$alive read_rc=$rrc read_bytes=$rbytes said_ended=$said said_interrupted=$said_interrupted \
+        kernel_marker=$(grep -c "nbdvm: stopcont $mode starts" /tmp/stopcont-kmsg) \
+        kernel_shutting_down=$(grep -c 'shutting down sockets' /tmp/stopcont-kmsg) \
+        kernel_io_errors=$(grep -c 'I/O error' /tmp/stopcont-kmsg) exit_rc=$EXIT_RC freed=$freed
+    show_log "$log"
+    nbd-daemon disconnect /dev/nbd0 >/dev/null 2>&1
+    wait_free nbd0 10 >/dev/null
+}
+
 doit_signal
+stop_cont ioctl
+stop_cont netlink
 for mode in ioctl netlink; do
     geometry $mode
     readonly_and_check $mode

@@ -58,7 +58,7 @@ internal sealed class IoctlDevice : IIoctlDevice
         NbdServiceLoopResult result = _device.RunServiceLoop();
         if (result.Errno != 0 && !result.StoppedByRequest)
         {
-            throw new NbdKernelException(_device.Path, "NBD_DO_IT", result.Errno);
+            throw new NbdKernelException(_device.Path, "NBD_DO_IT", result.Errno, result.Description);
         }
     }));
 
