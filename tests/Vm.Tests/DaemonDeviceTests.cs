@@ -104,6 +104,8 @@ public sealed class DaemonDeviceTests(VmFixture vm)
     [InlineData("netlink", "TERM")]
     [InlineData("ioctl", "INT")]
     [InlineData("netlink", "INT")]
+    [InlineData("ioctl", "HUP")]
+    [InlineData("netlink", "HUP")]
     public async Task Connect_Signal_DeviceFreedWithin2sAndExitCode0(string mode, string signal)
     {
         var run = await vm.RunAsync(ScenarioSpec.DaemonDevice);

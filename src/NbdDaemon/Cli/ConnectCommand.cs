@@ -32,6 +32,9 @@ internal static class ConnectCommand
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
             using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
+            // The terminal closed (or the session ended): a clean disconnect, not the default death with the device
+            // left to the kernel.
+            using var sighup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, Stop);
             return await RunAsync(
                 new ConnectRequest(
                     result.GetValue(uri)!,

@@ -172,6 +172,8 @@ internal static class DaemonHost
             services.AddHostedService<InterruptSignalStop>();
         }
 
+        services.AddHostedService<HangupSignal>();
+
         services.AddSingleton(WatchdogSettings.FromEnvironment(getVariable, Environment.ProcessId));
         // Order matters: notifications first (watchdog pings during the first attempts), supervisor second
         // (its StartAsync returns when every mapping was tried; only then does the host signal READY=1).

@@ -85,6 +85,66 @@ public sealed class DaemonProcessTests
         Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// SIGHUP's default action ended the process at once, no mapping torn down (Ioctl devices die with it, and systemd
+    /// restarts the unit as after a crash); an admin sends it expecting a reload. It is ignored with a warning that says
+    /// what to do instead, under either lifetime.
+    /// </summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task Run_Sighup_IgnoredWithAWarning_KeepsRunning_SigtermStillStops(bool underNotifySocket)
+    {
+        using var dir = new TempDirectory();
+        using var systemd = new DatagramListener(dir.File("notify"));
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
+            underNotifySocket ? new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path } : new Dictionary<string, string?>());
+        var lines = new List<string>();
+        var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var warned = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Task reading = Task.Run(async () =>
+        {
+            while (await p.StandardError.ReadLineAsync() is { } line)
+            {
+                lock (lines)
+                {
+                    lines.Add(line);
+                }
+
+                if (line.Contains("Idle -> Connecting", StringComparison.Ordinal))
+                {
+                    started.TrySetResult(); // the supervisor starts after the signal handlers
+                }
+
+                if (line.Contains("SIGHUP ignored: there is no reload", StringComparison.Ordinal))
+                {
+                    warned.TrySetResult();
+                }
+            }
+        });
+        Task<string> stdout = p.StandardOutput.ReadToEndAsync();
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(30));
+
+        await Signal(p, "HUP");
+        await warned.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await Task.Delay(500);
+        Assert.False(p.HasExited, $"exited after SIGHUP with {(p.HasExited ? p.ExitCode : 0)}");
+
+        await SignalTerm(p);
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
+        await reading.WaitAsync(TimeSpan.FromSeconds(10));
+        string log;
+        lock (lines)
+        {
+            log = string.Join('\n', lines);
+        }
+
+        Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
+        Assert.Contains("systemctl restart nbd-daemon", log, StringComparison.Ordinal);
+        Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task Run_InvalidConfiguration_Exits78NamingKeyWithoutNotifying()
     {

@@ -67,6 +67,21 @@ public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelp
         Assert.Equal(128, vm.Number("daemon3_qemu_max_sectors_kb"));
     }
 
+    /// <summary>
+    /// An admin's `kill -HUP` (a reload the daemon does not have): the same process serves on, systemd restarts nothing,
+    /// and the journal says what to do instead. The default action would have ended the process at once.
+    /// </summary>
+    [Fact]
+    public void Sighup_IgnoredWithAJournalWarning_SameProcessServesOn()
+    {
+        Assert.Equal("active", vm.Value("daemon3_hup_ActiveState"));
+        Assert.Equal("yes", vm.Value("daemon3_hup_same_pid"));
+        Assert.Equal(0, vm.Number("daemon3_hup_NRestarts_delta"));
+        Assert.Equal("daemon", vm.Value("daemon3_hup_data_owner"));
+        Assert.Equal("ok", vm.Value("daemon3_hup_io_data"));
+        Assert.Equal(1, vm.Number("daemon3_hup_journal_warning"));
+    }
+
     [Theory]
     [InlineData("data")]
     [InlineData("mem")]

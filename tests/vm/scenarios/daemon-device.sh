@@ -4,8 +4,8 @@
 #  readonly  --read-only refuses writes; check/disconnect exit codes; the device is free after disconnect, and the
 #            `connect` process notices (exit code, time from `disconnect`, "disconnected elsewhere");
 #  autodev   connect without DEVICE picks an unused device while nbd0 is busy;
-#  stop      SIGTERM / SIGINT to `connect` (started with SIGINT at its default disposition, as from a terminal)
-#            frees the device; exit code and timings;
+#  stop      SIGTERM / SIGINT / SIGHUP (the terminal closed) to `connect` (started with SIGINT at its default
+#            disposition, as from a terminal) frees the device; exit code and timings;
 #  idle      CPU ticks of a mapped, idle `connect` over 10 s (and its busiest thread);
 #  fullout   `connect` with standard output on /dev/full: the "connected" line fails, and the device must not stay
 #            configured with nobody serving it;
@@ -307,6 +307,7 @@ for mode in ioctl netlink; do
     autodevice $mode
     stop $mode TERM
     stop $mode INT
+    stop $mode HUP
     idle_cpu $mode
     full_stdout $mode
     lost $mode

@@ -7,7 +7,8 @@
 #               journald native fields work in this image, independent of the daemon
 #   server_*    nbd-server / nbdkit memory (64 KiB maximum request) / qemu-nbd on loopback
 #   client_*    nbd-client (ioctl mode) against the same servers: the baseline for I/O and RSS
-#   daemon3_*, daemon1_*, daemon16_*   nbd-daemon under systemd with 3, 1 and 16 mappings
+#   daemon3_*, daemon1_*, daemon16_*   nbd-daemon under systemd with 3, 1 and 16 mappings (daemon3_hup_*: a SIGHUP
+#               to the running daemon is ignored with a warning)
 #   crashloop_*  every start failing for 15 s: the unit keeps restarting, then recovers by itself
 set -u
 r() { echo "RESULT systemd $1=$2"; }
@@ -204,6 +205,18 @@ journalctl --sync 2>/dev/null
 for name in data mem qemu; do
     r "daemon3_journal_${name}" "$(journalctl --no-pager -o json -u nbd-daemon "MAPPING=$name" | grep -c "\"MAPPING\":\"$name\"")"
 done
+# SIGHUP, as an admin expecting a reload sends it: ignored with a warning (its default action would end the
+# process at once, nothing torn down, and systemd would restart the unit as after a crash).
+pid_before=$(prop nbd-daemon MainPID) restarts_before=$(prop nbd-daemon NRestarts)
+kill -HUP "$pid_before" 2>/dev/null
+sleep 2
+r daemon3_hup_ActiveState "$(prop nbd-daemon ActiveState)"
+r daemon3_hup_same_pid "$([ "$(prop nbd-daemon MainPID)" = "$pid_before" ] && echo yes || echo no)"
+r daemon3_hup_NRestarts_delta "$(( $(prop nbd-daemon NRestarts) - restarts_before ))"
+r daemon3_hup_data_owner "$(dev_owner /dev/nbd0 "$pid_before")"
+r daemon3_hup_io_data "$(roundtrip /dev/nbd0 dhup)"
+journalctl --sync 2>/dev/null
+r daemon3_hup_journal_warning "$(journalctl --no-pager -o json -u nbd-daemon "_PID=$pid_before" | grep -c 'SIGHUP ignored: there is no reload')"
 stop_daemon daemon3 /dev/nbd0 /dev/nbd1 /dev/nbd2
 
 # One mapping, then sixteen: READY time and RSS.
