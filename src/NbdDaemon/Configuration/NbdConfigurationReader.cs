@@ -36,7 +36,13 @@ internal sealed partial class NbdConfigurationReader
     {
         var errors = new List<ConfigurationError>();
         var mappings = new List<MappingOptions>();
-        foreach (IConfigurationSection child in configuration.GetSection(SectionName).GetChildren())
+        IConfigurationSection root = configuration.GetSection(SectionName);
+        if (root.Value is { Length: > 0 })
+        {
+            errors.Add(new ConfigurationError(root.Path, "must be a section with a list of Mappings, not a single value"));
+        }
+
+        foreach (IConfigurationSection child in root.GetChildren())
         {
             if (!string.Equals(child.Key, "Mappings", StringComparison.OrdinalIgnoreCase))
             {
@@ -83,6 +89,10 @@ internal sealed partial class NbdConfigurationReader
             if (!s_mappingKeys.Contains(child.Key))
             {
                 errors.Add(new ConfigurationError(child.Path, "unknown key (a typo here would otherwise be silently ignored)"));
+            }
+            else if (!string.Equals(child.Key, "Reconnect", StringComparison.OrdinalIgnoreCase))
+            {
+                CheckSingleValue(child, errors);
             }
         }
 
@@ -221,6 +231,10 @@ internal sealed partial class NbdConfigurationReader
             {
                 errors.Add(new ConfigurationError(child.Path, "unknown key"));
             }
+            else
+            {
+                CheckSingleValue(child, errors);
+            }
         }
 
         ReconnectOptions d = ReconnectOptions.Default;
@@ -304,6 +318,18 @@ internal sealed partial class NbdConfigurationReader
 
     private static string Key(IConfigurationSection section, string key) => section.Path + ":" + key;
 
+    /// <summary>
+    /// A setting given as a JSON object or list (<c>"Device": ["/dev/nbd0"]</c>, <c>Timeout:Seconds=5</c>) has no value
+    /// of its own, only children: read as absent, its default would apply without a word (any free device, read-write).
+    /// </summary>
+    private static void CheckSingleValue(IConfigurationSection setting, List<ConfigurationError> errors)
+    {
+        if (setting.GetChildren().Any())
+        {
+            errors.Add(new ConfigurationError(setting.Path, "must be a single value, not an object or a list"));
+        }
+    }
+
     private static string? Optional(IConfigurationSection section, string key)
     {
         string? value = section[key];
@@ -334,12 +360,13 @@ internal sealed partial class NbdConfigurationReader
             return fallback;
         }
 
-        // A bare number would parse as days ("1" is a day): the format needs its colons.
-        if (!text.Contains(':', StringComparison.Ordinal)
+        // A bare number would parse as days ("1" is a day), and hours:minutes as just that ("00:30" is half an hour, where
+        // 30 seconds was likely meant): the format needs all three parts, hh:mm:ss.
+        if (text.Count(c => c == ':') < 2
             || !TimeSpan.TryParse(text, CultureInfo.InvariantCulture, out TimeSpan value) || value <= TimeSpan.Zero
             || value > TimeSpan.FromDays(1))
         {
-            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be a positive TimeSpan up to one day, e.g. 00:00:30"));
+            errors.Add(new ConfigurationError(Key(section, key), $"'{text}' must be a positive TimeSpan up to one day, as hh:mm:ss, e.g. 00:00:30"));
             return fallback;
         }
 

@@ -63,6 +63,44 @@ public sealed class NbdConfigurationReaderTests
     [Fact]
     public void Read_NoMappings_Empty() => Assert.Empty(Read());
 
+    /// <summary>
+    /// A setting given as an object or a list has no value of its own: it was read as absent, and its default applied
+    /// without a word (any free device, read-write, ioctl).
+    /// </summary>
+    [Theory]
+    [InlineData("Nbd:Mappings:0:Device:0", "/dev/nbd0", "Nbd:Mappings:0:Device")]
+    [InlineData("Nbd:Mappings:0:ReadOnly:0", "true", "Nbd:Mappings:0:ReadOnly")]
+    [InlineData("Nbd:Mappings:0:Interface:Name", "Netlink", "Nbd:Mappings:0:Interface")]
+    [InlineData("Nbd:Mappings:0:Timeout:Seconds", "5", "Nbd:Mappings:0:Timeout")]
+    [InlineData("Nbd:Mappings:0:Reconnect:MaxDelay:0", "00:00:05", "Nbd:Mappings:0:Reconnect:MaxDelay")]
+    public void Read_SettingGivenAsObjectOrList_ErrorNamesTheKey(string key, string value, string expectedKey)
+    {
+        ConfigurationError error = SingleError(("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://h/e"), (key, value));
+
+        Assert.Equal(expectedKey, error.Key);
+        Assert.Equal("must be a single value, not an object or a list", error.Reason);
+    }
+
+    [Fact]
+    public void Read_JsonListAsDevice_Refused()
+    {
+        const string json = """{ "Nbd": { "Mappings": [ { "Name": "data", "Uri": "nbd://h/e", "Device": [ "/dev/nbd0" ], "ReadOnly": [ true ] } ] } }""";
+        IConfiguration configuration = new ConfigurationBuilder().AddJsonStream(new MemoryStream(System.Text.Encoding.UTF8.GetBytes(json))).Build();
+
+        var errors = Assert.Throws<NbdConfigurationException>(() => new NbdConfigurationReader(new ProtocolUriParser()).Read(configuration)).Errors;
+
+        Assert.Equal(["Nbd:Mappings:0:Device", "Nbd:Mappings:0:ReadOnly"], errors.Select(e => e.Key).Order(StringComparer.Ordinal));
+    }
+
+    [Fact]
+    public void Read_NbdGivenAsSingleValue_Refused()
+    {
+        ConfigurationError error = SingleError(("Nbd", "foo"));
+
+        Assert.Equal("Nbd", error.Key);
+        Assert.Contains("not a single value", error.Reason, StringComparison.Ordinal);
+    }
+
     [Theory]
     [InlineData("Uri", "http://x/y", "Nbd:Mappings:1:Uri", "unsupported scheme 'http'")]
     [InlineData("Uri", "nbd://host:99999/e", "Nbd:Mappings:1:Uri", "not a number from 1 to 65535")]
@@ -75,6 +113,8 @@ public sealed class NbdConfigurationReaderTests
     [InlineData("BlockSize", "768", "Nbd:Mappings:1:BlockSize", "power of two")]
     [InlineData("Timeout", "30 seconds", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
     [InlineData("Timeout", "-00:00:01", "Nbd:Mappings:1:Timeout", "positive TimeSpan")]
+    [InlineData("Timeout", "00:30", "Nbd:Mappings:1:Timeout", "'00:30' must be a positive TimeSpan up to one day, as hh:mm:ss")]
+    [InlineData("Timeout", "1.00:00", "Nbd:Mappings:1:Timeout", "as hh:mm:ss")]
     [InlineData("Timeout", "00:00:02.5", "Nbd:Mappings:1:Timeout", "'00:00:02.5' must be whole seconds: the nbd driver takes this timeout in seconds")]
     [InlineData("Connections", "0", "Nbd:Mappings:1:Connections", "from 1 to 16")]
     [InlineData("Connections", "17", "Nbd:Mappings:1:Connections", "from 1 to 16")]
