@@ -77,6 +77,9 @@ public class NbdServerErrorException : NbdException
     /// <summary>The error reply code (may be a value this client does not know; bit 31 is always set).</summary>
     public NbdReplyType ReplyType { get; }
 
+    /// <summary>The reply's name in proto.md ("NBD_REP_ERR_UNKNOWN"), or "reply 0x…" for one this client does not know.</summary>
+    public string ReplyTypeName => ReplyName(ReplyType);
+
     /// <summary>The human-readable message the server attached, if any.</summary>
     public string? ServerMessage { get; }
 

@@ -56,6 +56,8 @@ internal static class ConnectCommand
         return command;
     }
 
+    private const int MaxTimeoutSeconds = 86400;
+
     internal sealed record ConnectRequest(string Uri, string? Device, bool Netlink, uint? BlockSize, int? TimeoutSeconds, bool ReadOnly);
 
     public static async Task<int> RunAsync(ConnectRequest request, TextWriter stdout, TextWriter stderr, CancellationToken ct)
@@ -72,9 +74,11 @@ internal static class ConnectCommand
             return CliExit.UsageError(stderr, why!);
         }
 
-        if (request.TimeoutSeconds is < 0)
+        // Up to a day, as a mapping's Timeout: a larger one overflowed the connect deadline's timer (an unhandled
+        // ArgumentOutOfRangeException above 4294967 s).
+        if (request.TimeoutSeconds is < 0 or > MaxTimeoutSeconds)
         {
-            return CliExit.UsageError(stderr, $"--timeout must be 0 or more seconds, not {request.TimeoutSeconds}");
+            return CliExit.UsageError(stderr, $"--timeout must be from 0 to {MaxTimeoutSeconds} seconds (one day), not {request.TimeoutSeconds}");
         }
 
         // A block size the kernel cannot take is a bad argument whatever the server says: refused before connecting.

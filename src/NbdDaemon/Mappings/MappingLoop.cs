@@ -371,7 +371,7 @@ internal sealed class MappingLoop
         catch (OperationCanceledException ex) when (!stop.IsCancellationRequested && deadline.IsCancellationRequested)
         {
             DisposeAll(sessions);
-            throw new MappingException(string.Create(CultureInfo.InvariantCulture, $"connect timed out after {_options.Timeout.TotalSeconds:0.###} s"), FailureKind.Transient, ex);
+            throw new MappingException(string.Create(CultureInfo.InvariantCulture, $"connect and handshake not done within {_options.Timeout.TotalSeconds:0.###} s (the mapping's Timeout)"), FailureKind.Transient, ex);
         }
         catch
         {

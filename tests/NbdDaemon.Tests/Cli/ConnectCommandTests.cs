@@ -59,4 +59,23 @@ public sealed class ConnectCommandTests
         Assert.True(clock.Elapsed < TimeSpan.FromSeconds(2), $"took {clock.Elapsed}: it connected first");
         Assert.Contains($"--block-size {blockSize} is not a power of two from 512 to 4096", stderr.ToString(), StringComparison.Ordinal);
     }
+
+    [Theory]
+    [InlineData(-1)]
+    [InlineData(86401)]
+    [InlineData(4294968)]
+    [InlineData(int.MaxValue)]
+    public async Task RunAsync_TimeoutOutOfRange_Exit2NamingTheRange(int seconds)
+    {
+        var stderr = new StringWriter();
+
+        int exit = await ConnectCommand.RunAsync(
+            new ConnectCommand.ConnectRequest("nbd://127.0.0.1:1/x", Device: null, Netlink: false, BlockSize: null, TimeoutSeconds: seconds, ReadOnly: false),
+            new StringWriter(),
+            stderr,
+            CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(8));
+
+        Assert.Equal(2, exit);
+        Assert.Contains($"--timeout must be from 0 to 86400 seconds (one day), not {seconds}", stderr.ToString(), StringComparison.Ordinal);
+    }
 }

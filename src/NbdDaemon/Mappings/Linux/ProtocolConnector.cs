@@ -48,10 +48,20 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
         NbdTlsNotSupportedException => "TLS is not supported by this version",
         NbdConnectException c => FailureText.Describe(c),
         NbdTimeoutException t => t.Phase == NbdTimeoutPhase.Connect ? "connect timed out" : "handshake timed out",
-        NbdServerErrorException s => $"server refused: {s.ReplyType}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + s.ServerMessage + ")")}",
+        NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + s.ServerMessage + ")")}",
         NbdProtocolException { Error: NbdProtocolError.Unsupported } p => p.Message, // what the server cannot do, e.g. select an export
         NbdProtocolException p => $"protocol error: {p.Error}",
         _ => e.Message,
+    };
+
+    /// <summary>What proto.md says a refusal means, where the reply's name alone would leave an admin guessing.</summary>
+    private static string Meaning(NbdReplyType reply) => reply switch
+    {
+        NbdReplyType.ErrUnknown => ", no such export",
+        NbdReplyType.ErrPolicy => ", forbidden by the server's policy",
+        NbdReplyType.ErrShutdown => ", the server is shutting down",
+        NbdReplyType.ErrBlockSizeReqd => ", the server requires block size negotiation",
+        _ => string.Empty,
     };
 
     private sealed class Session(NbdConnection connection) : INbdSession
