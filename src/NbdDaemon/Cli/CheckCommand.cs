@@ -24,19 +24,30 @@ internal static class CheckCommand
 
         if (!Directory.Exists(Path.Combine(sysBlock, "nbd" + index.ToString(CultureInfo.InvariantCulture))))
         {
-            stdout.WriteLine($"{path}: not connected: no such device (is the nbd module loaded, with enough nbds_max?)");
-            return CliExit.Failed;
+            return Say(stdout, stderr, $"{path}: not connected: no such device (is the nbd module loaded, with enough nbds_max?)", CliExit.Failed);
         }
 
         var status = NbdSysfs.Read(index, sysBlock);
         if (!status.IsConnected)
         {
-            stdout.WriteLine($"{path}: not connected: no client is attached (size {status.SizeBytes})");
-            return CliExit.Failed;
+            return Say(stdout, stderr, $"{path}: not connected: no client is attached (size {status.SizeBytes})", CliExit.Failed);
         }
 
-        stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
-            $"{path}: connected (pid {status.Pid}, size {status.SizeBytes} bytes, block size {status.LogicalBlockSize}{(status.Backend is { Length: > 0 } b ? ", backend " + b : "")})"));
-        return CliExit.Ok;
+        return Say(stdout, stderr, string.Create(CultureInfo.InvariantCulture,
+            $"{path}: connected (pid {status.Pid}, size {status.SizeBytes} bytes, block size {status.LogicalBlockSize}{(status.Backend is { Length: > 0 } b ? ", backend " + b : "")})"), CliExit.Ok);
+    }
+
+    /// <summary>The answer, and its exit code; 1 with a message on stderr when standard output refuses it.</summary>
+    private static int Say(TextWriter stdout, TextWriter stderr, string line, int exit)
+    {
+        try
+        {
+            StandardOutput.WriteLine(stdout, line);
+            return exit;
+        }
+        catch (OutputFailedException e)
+        {
+            return CliExit.Error(stderr, $"writing to standard output failed ({e.Message})");
+        }
     }
 }

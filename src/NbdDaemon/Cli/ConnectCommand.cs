@@ -364,21 +364,7 @@ internal static class ConnectCommand
     }
 
     /// <summary>One line to standard output, flushed; a refusal (ENOSPC behind a redirection) becomes <see cref="OutputFailedException"/>.</summary>
-    private static void Say(TextWriter stdout, string line)
-    {
-        try
-        {
-            stdout.WriteLine(line);
-            stdout.Flush();
-        }
-        catch (IOException e)
-        {
-            throw new OutputFailedException(e.Message, e);
-        }
-    }
-
-    /// <summary>Standard output refused a line: told apart from every other I/O failure (a sysfs read, say).</summary>
-    private sealed class OutputFailedException(string message, Exception inner) : Exception(message, inner);
+    private static void Say(TextWriter stdout, string line) => StandardOutput.WriteLine(stdout, line);
 
     private static string Connected(string path, NbdUri uri, KernelMapping mapping, string iface) =>
         string.Create(CultureInfo.InvariantCulture,

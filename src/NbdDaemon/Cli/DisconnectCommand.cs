@@ -34,7 +34,15 @@ internal static class DisconnectCommand
             return CliExit.Error(stderr, e.Message);
         }
 
-        stdout.WriteLine($"{path}: disconnected");
+        try
+        {
+            StandardOutput.WriteLine(stdout, $"{path}: disconnected");
+        }
+        catch (OutputFailedException e)
+        {
+            return CliExit.Error(stderr, $"{path}: disconnected, but writing to standard output failed ({e.Message})");
+        }
+
         return CliExit.Ok;
     }
 }

@@ -1,0 +1,25 @@
+namespace NbdDaemon.Cli;
+
+/// <summary>
+/// The verbs' lines to standard output, flushed one by one: a refusal (ENOSPC behind a redirection to a full disk, EPIPE
+/// behind a pipe whose reader left) becomes <see cref="OutputFailedException"/>, which each verb turns into a message
+/// on standard error and exit 1, instead of an unhandled exception and its stack trace.
+/// </summary>
+internal static class StandardOutput
+{
+    public static void WriteLine(TextWriter stdout, string line)
+    {
+        try
+        {
+            stdout.WriteLine(line);
+            stdout.Flush();
+        }
+        catch (IOException e)
+        {
+            throw new OutputFailedException(e.Message, e);
+        }
+    }
+}
+
+/// <summary>Standard output refused a line: told apart from every other I/O failure (a sysfs read, say).</summary>
+internal sealed class OutputFailedException(string message, Exception inner) : Exception(message, inner);

@@ -1,0 +1,126 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using NbdDaemon.Cli;
+using TestSupport;
+
+namespace NbdDaemon.Tests.Cli;
+
+/// <summary>`nbd-daemon list` against a real nbdkit whose export names and description carry control characters.</summary>
+public sealed class ListCommandTests : IDisposable
+{
+    private readonly TempDirectory _dir = new();
+    private Process? _server;
+
+    [Fact]
+    public async Task RunAsync_NamesWithControlCharacters_OneEscapedLinePerExport()
+    {
+        string socket = await StartNbdkitAsync("ta\tb", "nl\nx", "esc\u001b[31mred", "back\\slash", "plain");
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+
+        int exit = await ListCommand.RunAsync($"nbd+unix:///?socket={socket}", json: false, stdout, stderr, CancellationToken.None);
+
+        Assert.True(exit == 0, stderr.ToString());
+        // Before: the TAB split a name from the description, the newline split the record, ESC reached the terminal.
+        Assert.Equal(
+            [@"ta\u0009b	desc\u000aline2", @"nl\u000ax	desc\u000aline2", @"esc\u001b[31mred	desc\u000aline2", @"back\u005cslash	desc\u000aline2", @"plain	desc\u000aline2"],
+            stdout.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries));
+    }
+
+    [Fact]
+    public async Task RunAsync_Json_ExactStrings()
+    {
+        string socket = await StartNbdkitAsync("ta\tb");
+        var stdout = new StringWriter();
+
+        int exit = await ListCommand.RunAsync($"nbd+unix:///?socket={socket}", json: true, stdout, new StringWriter(), CancellationToken.None);
+
+        Assert.Equal(0, exit);
+        Assert.Equal("""[{"name":"ta\tb","description":"desc\nline2"}]""", stdout.ToString().TrimEnd('\n'));
+    }
+
+    /// <summary>Standard output refused (ENOSPC behind a redirection, EPIPE behind `| head`): a message, exit 1, no stack trace.</summary>
+    [Fact]
+    public async Task RunAsync_StandardOutputRefuses_Exit1WithAMessage()
+    {
+        string socket = await StartNbdkitAsync("plain");
+        var stderr = new StringWriter();
+
+        int exit = await ListCommand.RunAsync($"nbd+unix:///?socket={socket}", json: false, new RefusingWriter(), stderr, CancellationToken.None);
+
+        Assert.Equal(1, exit);
+        Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", stderr.ToString());
+    }
+
+    [Fact]
+    public void CheckCommand_StandardOutputRefuses_Exit1WithAMessage()
+    {
+        string sysBlock = _dir.File("sys-block");
+        Directory.CreateDirectory(Path.Combine(sysBlock, "nbd3"));
+        File.WriteAllText(Path.Combine(sysBlock, "nbd3", "size"), "0\n");
+        var stderr = new StringWriter();
+
+        int exit = CheckCommand.Run("/dev/nbd3", sysBlock, new RefusingWriter(), stderr);
+
+        Assert.Equal(1, exit);
+        Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", stderr.ToString());
+    }
+
+    public void Dispose()
+    {
+        if (_server is { HasExited: false } server)
+        {
+            server.Kill();
+            server.WaitForExit(5000);
+        }
+
+        _server?.Dispose();
+        _dir.Dispose();
+    }
+
+    private async Task<string> StartNbdkitAsync(params string[] names)
+    {
+        string socket = _dir.File("nbdkit.sock");
+        string log = _dir.File("nbdkit.log");
+        var start = new ProcessStartInfo("sh") { UseShellExecute = false };
+        var args = new List<string> { "-c", "exec nbdkit \"$@\" 2>>\"$0\" >&2", log, "--foreground", "-U", socket, "--filter=exportname", "memory", "1M", "exportname-list=explicit", "exportdesc=fixed:desc\nline2" };
+        args.AddRange(names.Select(n => "exportname=" + n));
+        foreach (string arg in args)
+        {
+            start.ArgumentList.Add(arg);
+        }
+
+        _server = ProcessLauncher.Start(start);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(15);
+        while (DateTime.UtcNow < deadline && !_server.HasExited)
+        {
+            if (File.Exists(socket))
+            {
+                using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    await probe.ConnectAsync(new UnixDomainSocketEndPoint(socket));
+                    return socket;
+                }
+                catch (SocketException)
+                {
+                    // not accepting yet
+                }
+            }
+
+            await Task.Delay(50);
+        }
+
+        throw new InvalidOperationException($"nbdkit did not accept on {socket}: {(File.Exists(log) ? File.ReadAllText(log) : "no log")}");
+    }
+
+    /// <summary>What a redirection to a full disk does to every write.</summary>
+    private sealed class RefusingWriter : StringWriter
+    {
+        public override void Write(char value) => throw new IOException("No space left on device");
+
+        public override void Write(string? value) => throw new IOException("No space left on device");
+
+        public override void WriteLine(string? value) => throw new IOException("No space left on device");
+    }
+}
