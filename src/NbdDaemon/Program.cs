@@ -75,7 +75,9 @@ internal static class Program
                 continue;
             }
 
-            if (!token.Contains('=', StringComparison.Ordinal))
+            // Key=Value: not "=value" (no key), and not "-x=1" (a short switch, which the host's provider refuses only
+            // after the command line was accepted, as a configuration error: exit 78 instead of 2).
+            if (!token.Contains('=', StringComparison.Ordinal) || token.StartsWith('=') || token.StartsWith('-'))
             {
                 return $"unknown command or argument '{token}'";
             }

@@ -60,6 +60,8 @@ public sealed class ProgramTests
     [InlineData("/dev/nbd0", "/dev/nbd0")]                          // the verb forgotten: no setting has a '/' in its name
     [InlineData("--Nbd:Mappings:0:Name=data /dev/nbd0", "/dev/nbd0")]
     [InlineData("--=x", "--=x")]
+    [InlineData("-x=1", "-x=1")]                                    // a short switch: the host would refuse it as a configuration error (78)
+    [InlineData("=foo", "=foo")]                                    // no key
     public async Task Invoke_UnknownVerb_Exit2WithoutRunningTheDaemon(string commandLine, string stray)
     {
         (int exit, string[]? hostArgs) = await InvokeAsync(commandLine.Split(' '));
