@@ -119,7 +119,7 @@ internal sealed partial class NbdConfigurationReader
         string? device = Optional(entry, "Device");
         if (device is not null && !DevicePattern().IsMatch(device))
         {
-            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN"));
+            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN (N of up to 6 digits, no leading zero), as `connect` takes"));
         }
 
         KernelInterface kernelInterface = KernelInterface.Ioctl;
@@ -418,6 +418,6 @@ internal sealed partial class NbdConfigurationReader
     private static partial Regex NamePattern();
 
     // One spelling per device (no leading zero): /dev/nbd01 is no device node, and would escape the duplicate check.
-    [GeneratedRegex("^/dev/nbd(0|[1-9][0-9]{0,3})$")]
+    [GeneratedRegex("^/dev/nbd(0|[1-9][0-9]{0,5})$")]
     private static partial Regex DevicePattern();
 }

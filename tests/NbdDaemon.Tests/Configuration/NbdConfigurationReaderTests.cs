@@ -63,6 +63,10 @@ public sealed class NbdConfigurationReaderTests
     [Fact]
     public void Read_NoMappings_Empty() => Assert.Empty(Read());
 
+    [Fact]
+    public void Read_FiveDigitDevice_AcceptedAsConnectTakesIt() =>
+        Assert.Equal("/dev/nbd10000", Assert.Single(Read(("Nbd:Mappings:0:Name", "d"), ("Nbd:Mappings:0:Uri", "nbd://h/e"), ("Nbd:Mappings:0:Device", "/dev/nbd10000"))).Device);
+
     /// <summary>
     /// A setting given as an object or a list has no value of its own: it was read as absent, and its default applied
     /// without a word (any free device, read-write, ioctl).
@@ -108,6 +112,7 @@ public sealed class NbdConfigurationReaderTests
     [InlineData("Interface", "Ioctl2", "Nbd:Mappings:1:Interface", "unknown interface 'Ioctl2'")]
     [InlineData("Interface", "1", "Nbd:Mappings:1:Interface", "unknown interface '1'")]
     [InlineData("Device", "/dev/sda", "Nbd:Mappings:1:Device", "must be /dev/nbdN")]
+    [InlineData("Device", "/dev/nbd1000000", "Nbd:Mappings:1:Device", "'/dev/nbd1000000' must be /dev/nbdN (N of up to 6 digits, no leading zero)")]
     [InlineData("BlockSize", "1024x", "Nbd:Mappings:1:BlockSize", "power of two")]
     [InlineData("BlockSize", "8192", "Nbd:Mappings:1:BlockSize", "power of two from 512 to 4096")]
     [InlineData("BlockSize", "768", "Nbd:Mappings:1:BlockSize", "power of two")]
