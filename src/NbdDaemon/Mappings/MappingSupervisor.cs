@@ -67,6 +67,13 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     /// </summary>
     public async Task StartAsync(CancellationToken cancellationToken)
     {
+        if (_loops.Length == 0)
+        {
+            // Most likely a misspelled section ("Nbdd:Mappings" is not read) or a config file in another place: a daemon
+            // that maps nothing should say where mappings come from, not look like one that works.
+            _logger.LogWarning("No mappings configured: nothing to map. Mappings are read from Nbd:Mappings in appsettings.json next to the executable, /etc/nbd-daemon/appsettings.json, the environment (Nbd__Mappings__0__Uri=…) and the command line (--Nbd:Mappings:0:Uri=…)");
+        }
+
         // Relay ends handed over by the previous process for mappings that can no longer take them back (removed from the
         // configuration, no longer Relay or Netlink) would only hold kernel connections open that nobody reads. Those of
         // the other mappings stay until their mapping serves or fails (ReleaseHandedOver): a server down across the

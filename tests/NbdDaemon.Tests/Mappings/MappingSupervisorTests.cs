@@ -368,11 +368,14 @@ public sealed class MappingSupervisorTests
     [Fact]
     public async Task StartAsync_NoMappings_ReadyImmediately()
     {
-        using var supervisor = new MappingSupervisor([], new FakeConnector(), new FakeKernel(), TimeProvider.System, NullLoggerFactory.Instance);
+        using var logger = new ListLogger();
+        using var supervisor = new MappingSupervisor([], new FakeConnector(), new FakeKernel(), TimeProvider.System, logger);
 
         await supervisor.StartAsync(CancellationToken.None).WaitAsync(TestTimeout);
 
         Assert.Equal("no mappings configured", supervisor.StatusText);
+        // A misspelled section leaves a daemon that maps nothing: it says so, and where mappings come from.
+        Assert.Contains(logger.Entries, e => e.Level == Microsoft.Extensions.Logging.LogLevel.Warning && e.Message.StartsWith("No mappings configured: nothing to map. Mappings are read from Nbd:Mappings in", StringComparison.Ordinal));
         await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
     }
 }
