@@ -194,7 +194,7 @@ public sealed partial class NbdDevice : IDisposable
         try
         {
             // The first run on sockets this instance set: the device is ours, so the driver's "already running" EBUSY
-            // can only come from the restart of an interrupted NBD_DO_IT (see NbdServiceLoopResult.Interrupted).
+            // comes from the restart of an interrupted NBD_DO_IT (see NbdServiceLoopResult.Interrupted for the rare other case).
             bool ours;
             lock (_sockets)
             {

@@ -11,15 +11,17 @@ namespace Nbd.Kernel;
 public sealed record NbdServiceLoopResult(bool StoppedByRequest, int Errno, string? ErrnoName)
 {
     /// <summary>
-    /// NBD_DO_IT was interrupted while the device served: the process was stopped (SIGSTOP, Ctrl-Z) or a tracer attached
-    /// (a debugger, <c>strace -p</c>, a dump tool), which no signal mask keeps out. The driver's wait there is
-    /// interruptible, and on any interruption it shuts the sockets down and fails the requests in flight; the call is then
-    /// restarted and finds the device still marked running: EBUSY, on a device whose sockets this instance had set.
+    /// NBD_DO_IT was most likely interrupted while the device served: the process was stopped (SIGSTOP, Ctrl-Z), a
+    /// tracer attached (a debugger, <c>strace -p</c>, a dump tool) or the process was frozen (system suspend, the cgroup
+    /// freezer), none of which a signal mask keeps out. The driver's wait there is interruptible, and on any interruption
+    /// it shuts the sockets down and fails the requests in flight; the call is then restarted and finds the device still
+    /// marked running: EBUSY, on a device whose sockets this instance had set. (Another root process starting NBD_DO_IT
+    /// on the device between our SET_SOCK and ours would look the same.)
     /// </summary>
     public bool Interrupted { get; init; }
 
     /// <summary>What ended the loop, in words, for a loop not stopped by request (null when nothing more is known).</summary>
     public string? Description => Interrupted
-        ? "interrupted: the process was stopped or traced (SIGSTOP, Ctrl-Z, a debugger, strace -p), and the driver shut the connection down"
+        ? "interrupted: the process was stopped, traced or frozen (SIGSTOP, Ctrl-Z, a debugger, strace -p, system suspend, cgroup freezer), and the driver shut the connection down"
         : null;
 }

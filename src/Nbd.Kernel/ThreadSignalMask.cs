@@ -12,7 +12,8 @@ namespace Nbd.Kernel;
 /// kernel delivers to that thread ends the wait with the sockets shut down and the queue cleared: every request in
 /// flight fails. A signal sent to the process goes to any thread that does not block it, and the .NET runtime handles
 /// SIGCONT (which systemd sends right after SIGTERM at every stop), among others. Blocked here, such a signal goes to
-/// another thread. SIGKILL and SIGSTOP cannot be blocked; glibc keeps its own internal signals unblocked.
+/// another thread. SIGKILL and SIGSTOP cannot be blocked; glibc keeps its own internal signals unblocked; and the
+/// signals of the thread's own faults (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP) stay deliverable, for the runtime.
 /// The thread is in native code for the whole ioctl, so the runtime has no reason to signal it meanwhile.
 /// </remarks>
 internal readonly struct ThreadSignalMask : IDisposable
@@ -26,7 +27,12 @@ internal readonly struct ThreadSignalMask : IDisposable
     {
         SigSet all = default;
         SigSet previous = default;
-        ((Span<byte>)all).Fill(0xff);
+        _ = Libc.SigFillSet((byte*)&all);
+        foreach (int fault in (ReadOnlySpan<int>)[SignalConstants.SIGILL, SignalConstants.SIGTRAP, SignalConstants.SIGBUS, SignalConstants.SIGFPE, SignalConstants.SIGSEGV])
+        {
+            _ = Libc.SigDelSet((byte*)&all, fault);
+        }
+
         int error = Libc.PthreadSigMask(SignalConstants.SIG_BLOCK, (byte*)&all, (byte*)&previous);
         if (error != 0)
         {

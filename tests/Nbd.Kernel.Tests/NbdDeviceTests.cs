@@ -339,7 +339,7 @@ public sealed class NbdDeviceTests
 
             Assert.True(result.Interrupted);
             Assert.False(result.StoppedByRequest);
-            Assert.StartsWith("interrupted: the process was stopped or traced", result.Description, StringComparison.Ordinal);
+            Assert.StartsWith("interrupted: the process was stopped, traced or frozen", result.Description, StringComparison.Ordinal);
 
             // A second run of the same session is the caller's misuse ("already running"), not an interruption.
             Assert.False(device.RunServiceLoop().Interrupted);

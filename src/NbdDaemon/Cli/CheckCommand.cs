@@ -37,17 +37,21 @@ internal static class CheckCommand
             $"{path}: connected (pid {status.Pid}, size {status.SizeBytes} bytes, block size {status.LogicalBlockSize}{(status.Backend is { Length: > 0 } b ? ", backend " + b : "")})"), CliExit.Ok);
     }
 
-    /// <summary>The answer, and its exit code; 1 with a message on stderr when standard output refuses it.</summary>
+    /// <summary>
+    /// The answer, and its exit code, which stays the device's state (0 connected, 1 not) when standard output refuses
+    /// the line: scripts test the code; the refusal goes to standard error.
+    /// </summary>
     private static int Say(TextWriter stdout, TextWriter stderr, string line, int exit)
     {
         try
         {
             StandardOutput.WriteLine(stdout, line);
-            return exit;
         }
         catch (OutputFailedException e)
         {
-            return CliExit.Error(stderr, $"writing to standard output failed ({e.Message})");
+            CliExit.Error(stderr, $"writing to standard output failed ({e.Message})");
         }
+
+        return exit;
     }
 }

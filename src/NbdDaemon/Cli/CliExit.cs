@@ -11,15 +11,23 @@ internal static class CliExit
     /// <summary>The command line itself is wrong (bad URI, device name, block size…).</summary>
     public const int Usage = 2;
 
-    public static int Error(TextWriter stderr, string message)
-    {
-        stderr.WriteLine($"nbd-daemon: {message}");
-        return Failed;
-    }
+    public static int Error(TextWriter stderr, string message) => Tell(stderr, message, Failed);
 
-    public static int UsageError(TextWriter stderr, string message)
+    public static int UsageError(TextWriter stderr, string message) => Tell(stderr, message, Usage);
+
+    /// <summary>The message on standard error, if it can still be written (a closed terminal fails with EIO): the exit code says the rest.</summary>
+    private static int Tell(TextWriter stderr, string message, int exit)
     {
-        stderr.WriteLine($"nbd-daemon: {message}");
-        return Usage;
+        try
+        {
+            stderr.WriteLine($"nbd-daemon: {message}");
+            stderr.Flush();
+        }
+        catch (IOException)
+        {
+            // Nobody to tell.
+        }
+
+        return exit;
     }
 }

@@ -210,7 +210,7 @@ internal static class ConnectCommand
             var result = await loop.Completion;
             if (stopped || result.StoppedByRequest)
             {
-                Say(stdout, $"{device.Path}: disconnected");
+                SayAfterStop(stdout, $"{device.Path}: disconnected");
                 return CliExit.Ok;
             }
 
@@ -283,7 +283,7 @@ internal static class ConnectCommand
         catch (OperationCanceledException) when (ct.IsCancellationRequested)
         {
             netlink.Disconnect(index);
-            Say(stdout, $"{path}: disconnected");
+            SayAfterStop(stdout, $"{path}: disconnected");
             return CliExit.Ok;
         }
         catch (Exception) when (!released)
@@ -365,6 +365,22 @@ internal static class ConnectCommand
 
     /// <summary>One line to standard output, flushed; a refusal (ENOSPC behind a redirection) becomes <see cref="OutputFailedException"/>.</summary>
     private static void Say(TextWriter stdout, string line) => StandardOutput.WriteLine(stdout, line);
+
+    /// <summary>
+    /// The last line after a requested stop, best effort: after SIGHUP the terminal is gone (writes fail with EIO), and
+    /// the disconnect it asked for has been done, which is what the exit code reports.
+    /// </summary>
+    private static void SayAfterStop(TextWriter stdout, string line)
+    {
+        try
+        {
+            StandardOutput.WriteLine(stdout, line);
+        }
+        catch (OutputFailedException)
+        {
+            // Nobody to tell.
+        }
+    }
 
     private static string Connected(string path, NbdUri uri, KernelMapping mapping, string iface) =>
         string.Create(CultureInfo.InvariantCulture,

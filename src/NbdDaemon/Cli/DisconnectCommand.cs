@@ -40,7 +40,8 @@ internal static class DisconnectCommand
         }
         catch (OutputFailedException e)
         {
-            return CliExit.Error(stderr, $"{path}: disconnected, but writing to standard output failed ({e.Message})");
+            // The disconnect happened, and the exit code says so; the refused line goes to standard error.
+            CliExit.Error(stderr, $"{path}: disconnected, but writing to standard output failed ({e.Message})");
         }
 
         return CliExit.Ok;

@@ -1,9 +1,10 @@
 namespace NbdDaemon.Cli;
 
 /// <summary>
-/// The verbs' lines to standard output, flushed one by one: a refusal (ENOSPC behind a redirection to a full disk, EPIPE
-/// behind a pipe whose reader left) becomes <see cref="OutputFailedException"/>, which each verb turns into a message
-/// on standard error and exit 1, instead of an unhandled exception and its stack trace.
+/// The verbs' lines to standard output, flushed one by one: a refusal (ENOSPC behind a redirection to a full disk, EIO
+/// from a terminal that was closed) becomes <see cref="OutputFailedException"/>, which each verb turns into a message
+/// on standard error instead of an unhandled exception and its stack trace. (EPIPE never gets here: .NET's console
+/// stream ignores it, so `list | head` ends quietly.)
 /// </summary>
 internal static class StandardOutput
 {

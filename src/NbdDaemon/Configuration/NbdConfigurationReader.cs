@@ -36,12 +36,9 @@ internal sealed partial class NbdConfigurationReader
     {
         var errors = new List<ConfigurationError>();
         var mappings = new List<MappingOptions>();
+        // A value of "Nbd" itself is not refused: environment variables are read without a prefix, so one named NBD
+        // (or nbd) on the host would keep the daemon from starting.
         IConfigurationSection root = configuration.GetSection(SectionName);
-        if (root.Value is { Length: > 0 })
-        {
-            errors.Add(new ConfigurationError(root.Path, "must be a section with a list of Mappings, not a single value"));
-        }
-
         foreach (IConfigurationSection child in root.GetChildren())
         {
             if (!string.Equals(child.Key, "Mappings", StringComparison.OrdinalIgnoreCase))

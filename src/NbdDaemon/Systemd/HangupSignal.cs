@@ -5,7 +5,7 @@ namespace NbdDaemon.Systemd;
 /// <summary>
 /// SIGHUP is ignored, with a warning that says what to do instead. Its default action ends the process at once,
 /// without a single mapping torn down: Ioctl devices die with their NBD_DO_IT thread, a relay's connection with it,
-/// and systemd restarts the unit as after a crash. Admins send SIGHUP expecting a reload, and the daemon has none
+/// and systemd counts death by SIGHUP as a clean exit, so <c>Restart=on-failure</c> leaves the unit down. Admins send SIGHUP expecting a reload, and the daemon has none
 /// (the unit has no ExecReload=): the configuration is read at start.
 /// </summary>
 internal sealed partial class HangupSignal(ILogger<HangupSignal> logger) : IHostedService, IDisposable

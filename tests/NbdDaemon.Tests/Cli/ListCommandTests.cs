@@ -39,7 +39,7 @@ public sealed class ListCommandTests : IDisposable
         Assert.Equal("""[{"name":"ta\tb","description":"desc\nline2"}]""", stdout.ToString().TrimEnd('\n'));
     }
 
-    /// <summary>Standard output refused (ENOSPC behind a redirection, EPIPE behind `| head`): a message, exit 1, no stack trace.</summary>
+    /// <summary>Standard output refused (ENOSPC behind a redirection to a full disk): a message, exit 1, no stack trace.</summary>
     [Fact]
     public async Task RunAsync_StandardOutputRefuses_Exit1WithAMessage()
     {
@@ -52,17 +52,26 @@ public sealed class ListCommandTests : IDisposable
         Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", stderr.ToString());
     }
 
-    [Fact]
-    public void CheckCommand_StandardOutputRefuses_Exit1WithAMessage()
+    /// <summary>`check` answers with its exit code (0 connected, 1 not): a refused standard output does not change it.</summary>
+    [Theory]
+    [InlineData(true, 0)]
+    [InlineData(false, 1)]
+    public void CheckCommand_StandardOutputRefuses_ExitCodeStillTheStateRefusalOnStderr(bool connected, int expected)
     {
         string sysBlock = _dir.File("sys-block");
-        Directory.CreateDirectory(Path.Combine(sysBlock, "nbd3"));
-        File.WriteAllText(Path.Combine(sysBlock, "nbd3", "size"), "0\n");
+        Directory.CreateDirectory(Path.Combine(sysBlock, "nbd3", "queue"));
+        File.WriteAllText(Path.Combine(sysBlock, "nbd3", "size"), connected ? "131072\n" : "0\n");
+        File.WriteAllText(Path.Combine(sysBlock, "nbd3", "queue", "logical_block_size"), "4096\n");
+        if (connected)
+        {
+            File.WriteAllText(Path.Combine(sysBlock, "nbd3", "pid"), "4242\n");
+        }
+
         var stderr = new StringWriter();
 
         int exit = CheckCommand.Run("/dev/nbd3", sysBlock, new RefusingWriter(), stderr);
 
-        Assert.Equal(1, exit);
+        Assert.Equal(expected, exit);
         Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", stderr.ToString());
     }
 

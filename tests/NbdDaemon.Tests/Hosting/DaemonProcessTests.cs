@@ -87,7 +87,7 @@ public sealed class DaemonProcessTests
 
     /// <summary>
     /// SIGHUP's default action ended the process at once, no mapping torn down (Ioctl devices die with it, and systemd
-    /// restarts the unit as after a crash); an admin sends it expecting a reload. It is ignored with a warning that says
+    /// counts death by SIGHUP as a clean exit: Restart=on-failure left the unit down); an admin sends it expecting a reload. It is ignored with a warning that says
     /// what to do instead, under either lifetime.
     /// </summary>
     [Theory]

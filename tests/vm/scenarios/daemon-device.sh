@@ -286,7 +286,7 @@ stop_cont() { # MODE
     dmesg | sed -n "/nbdvm: stopcont $mode starts/,\$p" > /tmp/stopcont-kmsg
     grep 'nbd0' /tmp/stopcont-kmsg | head -n 6 | sed "s/^/LOG stopcont-$mode-kernel: /"
     said=$(grep -q 'service loop ended\|was lost' "$log" && echo yes || echo no)
-    said_interrupted=$(grep -q 'service loop ended (interrupted: the process was stopped or traced' "$log" && echo yes || echo no)
+    said_interrupted=$(grep -q 'service loop ended (interrupted: the process was stopped, traced or frozen' "$log" && echo yes || echo no)
     [ "$alive" = yes ] && daemon_kill "$spid" TERM || { wait_exit "$spid" 15 || { kill -KILL "$spid" 2>/dev/null; wait "$spid" 2>/dev/null; }; }
     wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
     result stopcont mode=$mode connected=$ok alive=$alive read_rc=$rrc read_bytes=$rbytes said_ended=$said said_interrupted=$said_interrupted \

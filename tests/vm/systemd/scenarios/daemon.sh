@@ -206,7 +206,7 @@ for name in data mem qemu; do
     r "daemon3_journal_${name}" "$(journalctl --no-pager -o json -u nbd-daemon "MAPPING=$name" | grep -c "\"MAPPING\":\"$name\"")"
 done
 # SIGHUP, as an admin expecting a reload sends it: ignored with a warning (its default action would end the
-# process at once, nothing torn down, and systemd would restart the unit as after a crash).
+# process at once, nothing torn down, and systemd counts that as a clean exit: the unit would stay down).
 pid_before=$(prop nbd-daemon MainPID) restarts_before=$(prop nbd-daemon NRestarts)
 kill -HUP "$pid_before" 2>/dev/null
 sleep 2
