@@ -18,14 +18,19 @@ internal static class Program
     /// option, which the parser lets through since the root takes unknown tokens for the host) exits <see cref="Cli.CliExit.Usage"/> (2) as the README says, not System.CommandLine's 1, which for
     /// <c>check</c> means "not connected".
     /// </summary>
-    internal static Task<int> InvokeAsync(RootCommand root, string[] args, InvocationConfiguration invocation)
+    internal static async Task<int> InvokeAsync(RootCommand root, string[] args, InvocationConfiguration invocation)
     {
+        // --help and --version write through the invocation's output: a refusal there (ENOSPC, a closed terminal) is a
+        // message and exit 1, not System.CommandLine's "Unhandled exception" with a stack trace.
+        var output = new GuardedOutput(invocation.Output, invocation.Error);
+        invocation.Output = output;
         ParseResult parsed = root.Parse(args);
         // The daemon's own tokens are host settings (checked by its action); a verb has none it does not know.
         bool daemon = parsed.CommandResult.Command == root || parsed.CommandResult.Command.Name == "run";
         if (parsed.Errors.Count == 0 && (daemon || parsed.UnmatchedTokens.Count == 0))
         {
-            return parsed.InvokeAsync(invocation);
+            int exit = await parsed.InvokeAsync(invocation);
+            return output.Failed ? Cli.CliExit.Failed : exit;
         }
 
         foreach (var error in parsed.Errors)
@@ -42,7 +47,43 @@ internal static class Program
         }
 
         invocation.Error.WriteLine("nbd-daemon: see nbd-daemon --help");
-        return Task.FromResult(Cli.CliExit.Usage);
+        return Cli.CliExit.Usage;
+    }
+
+    /// <summary>Standard output for System.CommandLine's own text; the first refused write is told on standard error, the rest dropped.</summary>
+    private sealed class GuardedOutput(TextWriter inner, TextWriter error) : TextWriter
+    {
+        public bool Failed { get; private set; }
+
+        public override System.Text.Encoding Encoding => inner.Encoding;
+
+        public override void Write(char value) => Guard(() => inner.Write(value));
+
+        public override void Write(string? value) => Guard(() => inner.Write(value));
+
+        public override void Write(char[] buffer, int index, int count) => Guard(() => inner.Write(buffer, index, count));
+
+        public override void WriteLine(string? value) => Guard(() => inner.WriteLine(value));
+
+        public override void Flush() => Guard(inner.Flush);
+
+        private void Guard(Action write)
+        {
+            if (Failed)
+            {
+                return;
+            }
+
+            try
+            {
+                write();
+            }
+            catch (IOException e)
+            {
+                Failed = true;
+                Cli.CliExit.Error(error, $"writing to standard output failed ({e.Message})");
+            }
+        }
     }
 
     /// <summary>

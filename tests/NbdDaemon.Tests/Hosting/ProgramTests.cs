@@ -44,6 +44,32 @@ public sealed class ProgramTests
         Assert.Equal([], Assert.IsType<string[]>(hostArgs));
     }
 
+    [Theory]
+    [InlineData("--version")]
+    [InlineData("--help")]
+    public async Task Invoke_StandardOutputRefuses_Exit1WithAMessageNotAStackTrace(string option)
+    {
+        var error = new StringWriter();
+
+        int exit = await Program.InvokeAsync(
+            Program.CreateRootCommand((_, _) => Task.FromResult(42)), [option],
+            new InvocationConfiguration { Output = new RefusingWriter(), Error = error, ProcessTerminationTimeout = null });
+
+        Assert.Equal(1, exit);
+        Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", error.ToString());
+    }
+
+    private sealed class RefusingWriter : StringWriter
+    {
+        public override void Write(char value) => throw new IOException("No space left on device");
+
+        public override void Write(string? value) => throw new IOException("No space left on device");
+
+        public override void Write(char[] buffer, int index, int count) => throw new IOException("No space left on device");
+
+        public override void WriteLine(string? value) => throw new IOException("No space left on device");
+    }
+
     [Fact]
     public async Task Invoke_Help_DoesNotRunDaemon()
     {
