@@ -122,14 +122,4 @@ public sealed class ListCommandTests : IDisposable
 
         throw new InvalidOperationException($"nbdkit did not accept on {socket}: {(File.Exists(log) ? File.ReadAllText(log) : "no log")}");
     }
-
-    /// <summary>What a redirection to a full disk does to every write.</summary>
-    private sealed class RefusingWriter : StringWriter
-    {
-        public override void Write(char value) => throw new IOException("No space left on device");
-
-        public override void Write(string? value) => throw new IOException("No space left on device");
-
-        public override void WriteLine(string? value) => throw new IOException("No space left on device");
-    }
 }

@@ -59,17 +59,6 @@ public sealed class ProgramTests
         Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", error.ToString());
     }
 
-    private sealed class RefusingWriter : StringWriter
-    {
-        public override void Write(char value) => throw new IOException("No space left on device");
-
-        public override void Write(string? value) => throw new IOException("No space left on device");
-
-        public override void Write(char[] buffer, int index, int count) => throw new IOException("No space left on device");
-
-        public override void WriteLine(string? value) => throw new IOException("No space left on device");
-    }
-
     [Fact]
     public async Task Invoke_Help_DoesNotRunDaemon()
     {
