@@ -24,6 +24,15 @@ internal static class Program
         // message and exit 1, not System.CommandLine's "Unhandled exception" with a stack trace.
         var output = new GuardedOutput(invocation.Output, invocation.Error);
         invocation.Output = output;
+        // A command line that does not start with a verb or one of the root's options is the daemon's, whatever follows:
+        // "--Key Value" takes the next token as its value even when that is a verb's name ("--Nbd:Mappings:0:Name run"),
+        // which the parser would otherwise take as the verb.
+        if (args is [string first, ..] && !root.Subcommands.Any(c => c.Name == first)
+            && !root.Options.Any(o => o.Name == first || o.Aliases.Contains(first)))
+        {
+            args = ["run", .. args];
+        }
+
         ParseResult parsed = root.Parse(args);
         // The daemon's own tokens are host settings (checked by its action); a verb has none it does not know.
         bool daemon = parsed.CommandResult.Command == root || parsed.CommandResult.Command.Name == "run";

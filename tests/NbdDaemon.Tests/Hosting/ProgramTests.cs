@@ -59,6 +59,18 @@ public sealed class ProgramTests
         Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", error.ToString());
     }
 
+    /// <summary>A setting's value that is also a verb's name was taken as the verb ("has no value", or the verb run).</summary>
+    [Theory]
+    [InlineData("run")]
+    [InlineData("list")]
+    [InlineData("check")]
+    public async Task Invoke_SettingWhoseValueIsAVerbName_RunsDaemonWithIt(string value)
+    {
+        (int exit, string[]? hostArgs) = await InvokeAsync("--Nbd:Mappings:0:Name", value, "--Nbd:Mappings:0:Uri=nbd://h/x");
+        Assert.Equal(42, exit);
+        Assert.Equal(["--Nbd:Mappings:0:Name", value, "--Nbd:Mappings:0:Uri=nbd://h/x"], Assert.IsType<string[]>(hostArgs));
+    }
+
     [Fact]
     public async Task Invoke_Help_DoesNotRunDaemon()
     {
