@@ -166,6 +166,7 @@ internal static class DaemonHost
         // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
         // (and lets tests and `systemd-run`-like supervisors receive the same notifications).
         services.AddSingleton<ISystemdNotifier>(_ => new StopAwareSystemdNotifier(BoundedSystemdNotifier.FromEnvironment(getVariable)));
+        services.AddHostedService(sp => new NotifySocket.Check(getVariable, sp.GetRequiredService<ILogger<NotifySocket.Check>>()));
         if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
         {
             services.AddSingleton<IHostLifetime, SystemdLifetime>();

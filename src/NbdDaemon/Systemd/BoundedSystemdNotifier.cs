@@ -19,8 +19,8 @@ internal sealed class BoundedSystemdNotifier(string? socketPath) : ISystemdNotif
 
     public bool IsEnabled => socketPath is not null;
 
-    public static BoundedSystemdNotifier FromEnvironment(Func<string, string?> getVariable) =>
-        new(getVariable("NOTIFY_SOCKET") is { Length: > 0 } path ? path : null);
+    /// <summary>Over $NOTIFY_SOCKET; disabled when it is unset or unusable (<see cref="NotifySocket.Problem"/>).</summary>
+    public static BoundedSystemdNotifier FromEnvironment(Func<string, string?> getVariable) => new(NotifySocket.Usable(getVariable));
 
     public void Notify(ServiceState state)
     {

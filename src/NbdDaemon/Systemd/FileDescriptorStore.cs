@@ -74,7 +74,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
     }
 
     /// <summary>
-    /// Reads $NOTIFY_SOCKET, $FDSTORE (systemd 254+: the store's size; "0" means the unit has none) and $LISTEN_PID,
+    /// Reads $NOTIFY_SOCKET (unusable is unset: <see cref="NotifySocket.Problem"/>), $FDSTORE (systemd 254+: the store's size; "0" means the unit has none) and $LISTEN_PID,
     /// $LISTEN_FDS, $LISTEN_FDNAMES (only when LISTEN_PID is this process, as sd_listen_fds(3) does). Unnamed
     /// descriptors are called "unknown", as systemd does.
     /// </summary>
@@ -91,7 +91,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
             }
         }
 
-        return new SystemdFileDescriptorStore(getVariable("NOTIFY_SOCKET"), getVariable("FDSTORE") == "0", inherited, logger);
+        return new SystemdFileDescriptorStore(NotifySocket.Usable(getVariable), getVariable("FDSTORE") == "0", inherited, logger);
     }
 
     public void Store(string name, Socket socket)

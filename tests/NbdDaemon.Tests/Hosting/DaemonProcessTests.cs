@@ -145,6 +145,57 @@ public sealed class DaemonProcessTests
         Assert.Contains("Mapping data on (unassigned) (127.0.0.1:1, export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// A NOTIFY_SOCKET set by hand that no socket address can hold (systemd never sets one) ended the start with an
+    /// unhandled ArgumentOutOfRangeException from the first STATUS=. It is a warning naming the problem, and the daemon runs
+    /// without notifications.
+    /// </summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task Run_UnusableNotifySocket_WarnsAndRunsWithoutNotifications(bool tooLong)
+    {
+        string notifySocket = tooLong ? "/run/" + new string('n', 120) : "run/notify";
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = notifySocket });
+        var lines = new List<string>();
+        var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Task reading = Task.Run(async () =>
+        {
+            while (await p.StandardError.ReadLineAsync() is { } line)
+            {
+                lock (lines)
+                {
+                    lines.Add(line);
+                }
+
+                if (line.Contains("Idle -> Connecting", StringComparison.Ordinal))
+                {
+                    started.TrySetResult();
+                }
+            }
+        });
+        Task<string> stdout = p.StandardOutput.ReadToEndAsync();
+        await Task.WhenAny(started.Task, p.WaitForExitAsync()).WaitAsync(TimeSpan.FromSeconds(30));
+        await Task.Delay(500);
+        Assert.False(p.HasExited, $"exited at start with {(p.HasExited ? p.ExitCode : 0)}: {string.Join('\n', lines)}");
+
+        await SignalTerm(p);
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
+        await reading.WaitAsync(TimeSpan.FromSeconds(10));
+        string log;
+        lock (lines)
+        {
+            log = string.Join('\n', lines);
+        }
+
+        Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
+        Assert.Contains($"NOTIFY_SOCKET={notifySocket} is unusable ({(tooLong ? "125 bytes, more than a socket address holds (107 at most)" : "not an absolute path nor '@' and an abstract name")})", log, StringComparison.Ordinal);
+        Assert.DoesNotContain("Unhandled exception", log, StringComparison.Ordinal);
+        Assert.Contains("Stopping -> Stopped", log, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task Run_InvalidConfiguration_Exits78NamingKeyWithoutNotifying()
     {

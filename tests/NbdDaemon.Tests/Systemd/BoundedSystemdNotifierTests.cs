@@ -52,6 +52,41 @@ public sealed class BoundedSystemdNotifierTests : IDisposable
     }
 
     [Theory]
+    [InlineData("/run/systemd/notify", null)]
+    [InlineData("@/org/freedesktop/systemd1/notify/123", null)]
+    [InlineData("/", "not an absolute path nor '@' and an abstract name")]
+    [InlineData("run/notify", "not an absolute path nor '@' and an abstract name")]
+    [InlineData("vsock:2:1234", "an AF_VSOCK address, which only a whole machine's init uses to notify its host; this daemon speaks AF_UNIX only")]
+    public void Problem_FollowsSdNotify(string value, string? problem) => Assert.Equal(problem, NotifySocket.Problem(value));
+
+    /// <summary>
+    /// The longest usable path (107 bytes: sun_path keeps room for the NUL, as sd_notify insists) is usable and a real
+    /// socket receives on it; one byte more, counted in UTF-8, is refused. A 125-byte value ended the start with an
+    /// unhandled exception from the first STATUS=.
+    /// </summary>
+    [Fact]
+    public async Task FromEnvironment_LongestPathWorks_OneByteMoreDisablesNotifications()
+    {
+        string prefix = _dir.File("s");
+        string longest = prefix + new string('n', NotifySocket.SunPathBytes - 1 - prefix.Length);
+        Assert.Equal(107, longest.Length);
+        using (var systemd = new DatagramListener(longest))
+        {
+            var notifier = BoundedSystemdNotifier.FromEnvironment(name => name == "NOTIFY_SOCKET" ? longest : null);
+            Assert.True(notifier.IsEnabled);
+            notifier.Notify(new ServiceState("STATUS=x"));
+            Assert.Equal("STATUS=x", await systemd.ReceiveTextAsync());
+        }
+
+        string over = longest[..^1] + "é"; // 108 bytes in 107 characters
+        Assert.Equal("108 bytes, more than a socket address holds (107 at most)", NotifySocket.Problem(over));
+        var disabled = BoundedSystemdNotifier.FromEnvironment(name => name == "NOTIFY_SOCKET" ? over : null);
+        Assert.False(disabled.IsEnabled);
+        disabled.Notify(new ServiceState("STATUS=x")); // no exception
+        Assert.Null(NotifySocket.Usable(name => name == "NOTIFY_SOCKET" ? over : null));
+    }
+
+    [Theory]
     [InlineData("STATUS=0 of 1 mappings serving")]
     [InlineData("WATCHDOG=1")]
     public void Notify_SystemdNotReading_StatusAndWatchdogGiveUpAfterTheLimit(string state)
