@@ -101,6 +101,24 @@ internal static class DaemonHost
     /// </summary>
     private static void CheckLogging(IConfiguration configuration)
     {
+        IConfigurationSection section = configuration.GetSection(LoggingSection);
+        var errors = new List<ConfigurationError>(LoggingSetup.LevelErrors(section));
+        if (errors.Count > 0)
+        {
+            throw new NbdConfigurationException(errors);
+        }
+
+        // Serilog.Settings.Configuration skips a WriteTo/Enrich/... entry it has no method for (a sink this build
+        // does not ship, an argument the sink does not take) with a SelfLog line only: logs the admin asked for would
+        // go nowhere. Its SelfLog is process-wide, so it listens during this probe only.
+        var unresolved = new List<string>();
+        Serilog.Debugging.SelfLog.Enable(line =>
+        {
+            lock (unresolved)
+            {
+                unresolved.Add(line);
+            }
+        });
         try
         {
             var probe = new LoggerConfiguration();
@@ -110,6 +128,20 @@ internal static class DaemonHost
         catch (Exception ex)
         {
             throw new LoggingConfigurationException(ex);
+        }
+        finally
+        {
+            Serilog.Debugging.SelfLog.Disable();
+        }
+
+        lock (unresolved)
+        {
+            errors.AddRange(LoggingSetup.UnresolvedMethodErrors(section, unresolved));
+        }
+
+        if (errors.Count > 0)
+        {
+            throw new NbdConfigurationException(errors);
         }
     }
 

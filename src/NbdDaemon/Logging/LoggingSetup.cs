@@ -40,6 +40,90 @@ internal static class LoggingSetup
             : null;
     }
 
+    /// <summary>The sections whose entries name a configuration method (a sink, an enricher, ...) of an assembly.</summary>
+    private static readonly string[] MethodSections = ["WriteTo", "AuditTo", "Enrich", "Filter", "Destructure"];
+
+    private const string Levels = "Verbose, Debug, Information, Warning, Error or Fatal";
+
+    /// <summary>
+    /// Level values Serilog would refuse, each with its key: Serilog's own message for a bad
+    /// <c>MinimumLevel:Override</c> value speaks of an undeclared level switch and names no key.
+    /// </summary>
+    public static IEnumerable<Configuration.ConfigurationError> LevelErrors(IConfigurationSection serilog)
+    {
+        IConfigurationSection minimum = serilog.GetSection("MinimumLevel");
+        bool switchesDeclared = serilog.GetSection("LevelSwitches").GetChildren().Any();
+        var candidates = new List<(IConfigurationSection Section, bool MayNameASwitch)>
+        {
+            (minimum, false),
+            (minimum.GetSection("Default"), false),
+        };
+        candidates.AddRange(minimum.GetSection("Override").GetChildren().Select(o => (o, true)));
+        candidates.AddRange(serilog.GetSection("LevelSwitches").GetChildren().Select(s => (s, false)));
+        foreach ((IConfigurationSection section, bool mayNameASwitch) in candidates)
+        {
+            if (!string.IsNullOrEmpty(section.Value) && !IsLevel(section.Value) && !(mayNameASwitch && switchesDeclared))
+            {
+                yield return new(section.Path, $"'{section.Value}' is not a level: {Levels}");
+            }
+        }
+    }
+
+    /// <summary>As Serilog reads a level: the name in any case (a number is accepted too, if it is one of the six).</summary>
+    private static bool IsLevel(string value) =>
+        Enum.TryParse(value, ignoreCase: true, out Serilog.Events.LogEventLevel level) && Enum.IsDefined(level);
+
+    /// <summary>
+    /// One error per <paramref name="selfLog"/> line in which Serilog.Settings.Configuration says it found no method for
+    /// an entry, keyed by the entries of <see cref="MethodSections"/> with that name.
+    /// </summary>
+    public static IEnumerable<Configuration.ConfigurationError> UnresolvedMethodErrors(IConfigurationSection serilog, IEnumerable<string> selfLog)
+    {
+        const string Marker = "Unable to find a method called ";
+        var reported = new HashSet<string>(StringComparer.Ordinal);
+        foreach (string line in selfLog)
+        {
+            int at = line.IndexOf(Marker, StringComparison.Ordinal);
+            if (at < 0)
+            {
+                continue;
+            }
+
+            string rest = line[(at + Marker.Length)..];
+            int end = rest.IndexOfAny([' ', '.', '\n', '\r']);
+            string name = end < 0 ? rest : rest[..end];
+            bool argumentsRefused = rest.AsSpan(end < 0 ? rest.Length : end).StartsWith(" for supplied arguments", StringComparison.Ordinal);
+            string reason = argumentsRefused
+                ? $"'{name}' cannot be called with the arguments given ({ArgumentList(rest)}); it takes {Candidates(rest)}"
+                : $"no sink, enricher or filter called '{name}' in this build (it has Serilog's own and the Console sink; under systemd it writes to the journal by itself)";
+            foreach (IConfigurationSection entry in MethodSections.SelectMany(s => serilog.GetSection(s).GetChildren()))
+            {
+                string? entryName = entry.Value ?? entry["Name"];
+                if (entryName == name && reported.Add(entry.Path))
+                {
+                    yield return new(entry.Path, reason);
+                }
+            }
+        }
+
+        static string ArgumentList(string rest)
+        {
+            const string Supplied = "for supplied arguments: ";
+            int at = rest.IndexOf(Supplied, StringComparison.Ordinal);
+            string list = at < 0 ? "" : rest[(at + Supplied.Length)..];
+            int end = list.IndexOfAny(['.', '\n', '\r']);
+            list = (end < 0 ? list : list[..end]).Trim();
+            return list.Length == 0 ? "none" : list;
+        }
+
+        static string Candidates(string rest)
+        {
+            const string Candidate = "Candidate methods are:";
+            int at = rest.IndexOf(Candidate, StringComparison.Ordinal);
+            return at < 0 ? "other arguments" : string.Join(" or ", rest[(at + Candidate.Length)..].Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+        }
+    }
+
     public static void Configure(LoggerConfiguration logger, IConfiguration configuration, bool journald)
     {
         logger.ReadFrom.Configuration(configuration)
