@@ -90,7 +90,7 @@ internal static class Program
             catch (IOException e)
             {
                 Failed = true;
-                Cli.CliExit.Error(error, $"writing to standard output failed ({e.Message})");
+                Cli.CliExit.Error(error, Cli.OutputFailedException.Describe(e));
             }
         }
     }

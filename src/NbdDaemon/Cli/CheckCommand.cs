@@ -49,7 +49,7 @@ internal static class CheckCommand
         }
         catch (OutputFailedException e)
         {
-            CliExit.Error(stderr, $"writing to standard output failed ({e.Message})");
+            CliExit.Error(stderr, e.Text);
         }
 
         return exit;

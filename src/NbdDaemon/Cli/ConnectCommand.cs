@@ -141,7 +141,7 @@ internal static class ConnectCommand
             {
                 // Standard output refused a line (a full disk behind a redirection): the device was disconnected on the
                 // way out, as after any failure once it was set up (every later line comes after its disconnect).
-                return CliExit.Error(stderr, $"writing to standard output failed ({e.Message}); device disconnected");
+                return CliExit.Error(stderr, $"{e.Text}; device disconnected");
             }
         }
     }

@@ -1,4 +1,3 @@
-using System.Globalization;
 using Nbd.Kernel;
 
 namespace NbdDaemon.Cli;
@@ -8,14 +7,9 @@ internal static class DeviceArgument
 {
     public static bool TryParse(string text, out string path, out int index, out string? error)
     {
-        var name = text.StartsWith("/dev/", StringComparison.Ordinal) ? text["/dev/".Length..] : text;
-        var digits = name.StartsWith("nbd", StringComparison.Ordinal) ? name[3..] : "";
-        // Up to six digits, as Nbd.Kernel's device names (the driver's nbds_max is far below that).
-        var canonical = digits.Length is > 0 and <= 6 && (digits.Length == 1 || digits[0] != '0');
-        if (!canonical || !int.TryParse(digits, NumberStyles.None, CultureInfo.InvariantCulture, out index))
+        if (!NbdKernel.TryParseDevicePath(text.StartsWith("/dev/", StringComparison.Ordinal) ? text : "/dev/" + text, out index))
         {
             path = text;
-            index = -1;
             error = $"'{text}' is not an nbd device: expected /dev/nbdN";
             return false;
         }

@@ -41,7 +41,7 @@ internal static class DisconnectCommand
         catch (OutputFailedException e)
         {
             // The disconnect happened, and the exit code says so; the refused line goes to standard error.
-            CliExit.Error(stderr, $"{path}: disconnected, but writing to standard output failed ({e.Message})");
+            CliExit.Error(stderr, $"{path}: disconnected, but {e.Text}");
         }
 
         return CliExit.Ok;

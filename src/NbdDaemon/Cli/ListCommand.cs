@@ -51,7 +51,7 @@ internal static class ListCommand
         }
         catch (OutputFailedException e)
         {
-            return CliExit.Error(stderr, $"writing to standard output failed ({e.Message})");
+            return CliExit.Error(stderr, e.Text);
         }
 
         return CliExit.Ok;

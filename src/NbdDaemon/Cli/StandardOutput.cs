@@ -23,4 +23,11 @@ internal static class StandardOutput
 }
 
 /// <summary>Standard output refused a line: told apart from every other I/O failure (a sysfs read, say).</summary>
-internal sealed class OutputFailedException(string message, Exception inner) : Exception(message, inner);
+internal sealed class OutputFailedException(string message, Exception inner) : Exception(message, inner)
+{
+    /// <summary>What every verb says on standard error about it.</summary>
+    public string Text => Describe(InnerException ?? this);
+
+    /// <summary>The same words for a refusal caught outside a verb (--help, --version).</summary>
+    public static string Describe(Exception refusal) => $"writing to standard output failed ({refusal.Message})";
+}

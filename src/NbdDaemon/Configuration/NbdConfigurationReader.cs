@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text.RegularExpressions;
+using Nbd.Kernel;
 using NbdDaemon.Mappings;
 
 namespace NbdDaemon.Configuration;
@@ -114,9 +115,9 @@ internal sealed partial class NbdConfigurationReader
         }
 
         string? device = Optional(entry, "Device");
-        if (device is not null && !DevicePattern().IsMatch(device))
+        if (device is not null && !NbdKernel.TryParseDevicePath(device, out _))
         {
-            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN (N of up to 6 digits, no leading zero), as `connect` takes"));
+            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN (N of up to {NbdKernel.MaxIndexDigits} digits, no leading zero), as `connect` takes"));
         }
 
         KernelInterface kernelInterface = KernelInterface.Ioctl;
@@ -414,7 +415,4 @@ internal sealed partial class NbdConfigurationReader
     [GeneratedRegex("^[A-Za-z0-9._-]{1,64}$")]
     private static partial Regex NamePattern();
 
-    // One spelling per device (no leading zero): /dev/nbd01 is no device node, and would escape the duplicate check.
-    [GeneratedRegex("^/dev/nbd(0|[1-9][0-9]{0,5})$")]
-    private static partial Regex DevicePattern();
 }
