@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Net.Sockets;
-using Nbd.Kernel.Interop;
 using TestSupport;
 using Xunit.Abstractions;
 
@@ -24,21 +23,21 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
         using (reader)
         {
             // Unset it is -1 and stays so: nothing counts until it is set.
-            Assert.Equal(-1, PeekOffset(reader));
-            SetPeekOffset(reader, Start);
+            Assert.Equal(-1, PeekOffsets.Get(reader));
+            PeekOffsets.Set(reader, Start);
             writer.Send(Stream(0, 5000));
             var buffer = new byte[5000];
             Assert.Equal(1234, reader.Receive(buffer.AsSpan(0, 1234)));
-            Assert.Equal(Start - 1234, PeekOffset(reader));
+            Assert.Equal(Start - 1234, PeekOffsets.Get(reader));
             Assert.Equal(5000 - 1234, reader.Receive(buffer));
-            Assert.Equal(Start - 5000, PeekOffset(reader));
+            Assert.Equal(Start - 5000, PeekOffsets.Get(reader));
             Assert.True(buffer.AsSpan(0, 5000 - 1234).SequenceEqual(Stream(1234, 5000 - 1234)));
 
             // Setting it again starts a new count; it stops at 0 rather than going negative (so a reader re-arms it).
-            SetPeekOffset(reader, 100);
+            PeekOffsets.Set(reader, 100);
             writer.Send(Stream(5000, 300));
             Assert.Equal(300, reader.Receive(buffer));
-            Assert.Equal(0, PeekOffset(reader));
+            Assert.Equal(0, PeekOffsets.Get(reader));
         }
     }
 
@@ -57,7 +56,7 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
             using (writer)
             using (reader)
             {
-                SetPeekOffset(reader, Start);
+                PeekOffsets.Set(reader, Start);
                 const long Total = 16L << 30; // far more than cat reads in 400 ms (≈ 0.6 GB/s here): the kill always lands mid-stream
                 var feed = new Thread(() =>
                 {
@@ -90,7 +89,7 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
                 {
                     // cat must have started reading (bash and exec take their time on a loaded host); then a random moment.
                     var started = Stopwatch.StartNew();
-                    while (PeekOffset(reader) == Start && started.Elapsed < TimeSpan.FromSeconds(10))
+                    while (PeekOffsets.Get(reader) == Start && started.Elapsed < TimeSpan.FromSeconds(10))
                     {
                         Thread.Sleep(1);
                     }
@@ -101,7 +100,7 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
                     Assert.True(cat.WaitForExit(10_000), "cat did not die");
                 }
 
-                long consumed = Start - PeekOffset(reader);
+                long consumed = Start - PeekOffsets.Get(reader);
                 output.WriteLine($"round {round}: cat was {state} when killed, had consumed {consumed} bytes");
                 Assert.True(consumed > 0, $"round {round}: cat consumed nothing before the kill; the test proves nothing");
                 Assert.True(consumed < Total, $"round {round}: cat read the whole stream before the kill; the test proves nothing");
@@ -149,15 +148,5 @@ public sealed class PeekOffsetCounterTests(ITestOutputHelper output)
         }
 
         return bytes;
-    }
-
-    private static void SetPeekOffset(Socket socket, int value) =>
-        socket.SetRawSocketOption(SocketConstants.SOL_SOCKET, SocketConstants.SO_PEEK_OFF, BitConverter.GetBytes(value));
-
-    private static int PeekOffset(Socket socket)
-    {
-        var value = new byte[sizeof(int)];
-        Assert.Equal(sizeof(int), socket.GetRawSocketOption(SocketConstants.SOL_SOCKET, SocketConstants.SO_PEEK_OFF, value));
-        return BitConverter.ToInt32(value);
     }
 }

@@ -1,7 +1,6 @@
 using System.Diagnostics;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
-using Nbd.Kernel.Interop;
 
 namespace Nbd.Kernel.Tests;
 
@@ -28,7 +27,7 @@ public sealed partial class PeekWaitTests
         using (driver)
         using (relay)
         {
-            SetPeekOffset(relay, 0);
+            PeekOffsets.Set(relay, 0);
             driver.Send(Bytes(0, 100));
             Assert.Equal(100, Peek(relay, 4096));
             Assert.Equal(0, Peek(relay, 4096)); // nothing new: EAGAIN
@@ -48,7 +47,7 @@ public sealed partial class PeekWaitTests
             try
             {
                 Assert.Equal(0, EpollAdd(epoll, relay, EPOLLIN | EPOLLET));
-                SetPeekOffset(relay, 0);
+                PeekOffsets.Set(relay, 0);
 
                 driver.Send(Bytes(0, 100));
                 Assert.Equal(1, EpollWait(epoll, 1000));
@@ -60,7 +59,7 @@ public sealed partial class PeekWaitTests
 
                 // Consuming (on this thread) does not wake it either, and keeps the peek position where it was.
                 Assert.Equal(40, Consume(relay, 40));
-                Assert.Equal(60, PeekOffset(relay));
+                Assert.Equal(60, PeekOffsets.Get(relay));
                 Assert.Equal(0, EpollWait(epoll, 100));
 
                 // New bytes from the driver wake it, and the next peek starts exactly at them.
@@ -80,7 +79,7 @@ public sealed partial class PeekWaitTests
                 Assert.True(peeked.AsSpan(0, n).SequenceEqual(Bytes(100, 50)));
 
                 // Every byte is still there for a reader after a crash: the 60 not consumed, then the 50.
-                SetPeekOffset(relay, 0);
+                PeekOffsets.Set(relay, 0);
                 Assert.Equal(110, Peek(relay, peeked));
                 Assert.True(peeked.AsSpan(0, 110).SequenceEqual(Bytes(40, 110)));
             }
@@ -152,15 +151,6 @@ public sealed partial class PeekWaitTests
         return EpollWaitNative(epoll, events, 4, timeoutMilliseconds);
     }
 
-    private static void SetPeekOffset(Socket socket, int value) =>
-        socket.SetRawSocketOption(SocketConstants.SOL_SOCKET, SocketConstants.SO_PEEK_OFF, BitConverter.GetBytes(value));
-
-    private static int PeekOffset(Socket socket)
-    {
-        var value = new byte[sizeof(int)];
-        Assert.Equal(sizeof(int), socket.GetRawSocketOption(SocketConstants.SOL_SOCKET, SocketConstants.SO_PEEK_OFF, value));
-        return BitConverter.ToInt32(value);
-    }
 
     [LibraryImport("libc", EntryPoint = "recv", SetLastError = true)]
     private static unsafe partial nint Recv(int fd, byte* buffer, nuint length, int flags);

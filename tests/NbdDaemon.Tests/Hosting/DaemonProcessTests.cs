@@ -100,45 +100,20 @@ public sealed class DaemonProcessTests
         using Process p = Start(
             ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
             underNotifySocket ? new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = systemd.Path } : new Dictionary<string, string?>());
-        var lines = new List<string>();
-        var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        var warned = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        Task reading = Task.Run(async () =>
-        {
-            while (await p.StandardError.ReadLineAsync() is { } line)
-            {
-                lock (lines)
-                {
-                    lines.Add(line);
-                }
-
-                if (line.Contains("Idle -> Connecting", StringComparison.Ordinal))
-                {
-                    started.TrySetResult(); // the supervisor starts after the signal handlers
-                }
-
-                if (line.Contains("SIGHUP ignored: there is no reload", StringComparison.Ordinal))
-                {
-                    warned.TrySetResult();
-                }
-            }
-        });
+        var stderr = new StderrLines(p);
+        Task started = stderr.Seen("Idle -> Connecting"); // the supervisor starts after the signal handlers
+        Task warned = stderr.Seen("SIGHUP ignored: there is no reload");
         Task<string> stdout = p.StandardOutput.ReadToEndAsync();
-        await started.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        await started.WaitAsync(TimeSpan.FromSeconds(30));
 
         await Signal(p, "HUP");
-        await warned.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await warned.WaitAsync(TimeSpan.FromSeconds(10));
         await Task.Delay(500);
         Assert.False(p.HasExited, $"exited after SIGHUP with {(p.HasExited ? p.ExitCode : 0)}");
 
         await SignalTerm(p);
         await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
-        await reading.WaitAsync(TimeSpan.FromSeconds(10));
-        string log;
-        lock (lines)
-        {
-            log = string.Join('\n', lines);
-        }
+        string log = await stderr.AllAsync();
 
         Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
         Assert.Contains("systemctl restart nbd-daemon", log, StringComparison.Ordinal);
@@ -159,36 +134,16 @@ public sealed class DaemonProcessTests
         using Process p = Start(
             ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
             new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = notifySocket });
-        var lines = new List<string>();
-        var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        Task reading = Task.Run(async () =>
-        {
-            while (await p.StandardError.ReadLineAsync() is { } line)
-            {
-                lock (lines)
-                {
-                    lines.Add(line);
-                }
-
-                if (line.Contains("Idle -> Connecting", StringComparison.Ordinal))
-                {
-                    started.TrySetResult();
-                }
-            }
-        });
+        var stderr = new StderrLines(p);
+        Task started = stderr.Seen("Idle -> Connecting");
         Task<string> stdout = p.StandardOutput.ReadToEndAsync();
-        await Task.WhenAny(started.Task, p.WaitForExitAsync()).WaitAsync(TimeSpan.FromSeconds(30));
+        await Task.WhenAny(started, p.WaitForExitAsync()).WaitAsync(TimeSpan.FromSeconds(30));
         await Task.Delay(500);
-        Assert.False(p.HasExited, $"exited at start with {(p.HasExited ? p.ExitCode : 0)}: {string.Join('\n', lines)}");
+        Assert.False(p.HasExited, $"exited at start with {(p.HasExited ? p.ExitCode : 0)}: {stderr.Text}");
 
         await SignalTerm(p);
         await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
-        await reading.WaitAsync(TimeSpan.FromSeconds(10));
-        string log;
-        lock (lines)
-        {
-            log = string.Join('\n', lines);
-        }
+        string log = await stderr.AllAsync();
 
         Assert.True(0 == p.ExitCode, $"exit {p.ExitCode}; stderr: {log}; stdout: {await stdout}");
         Assert.Contains($"NOTIFY_SOCKET={notifySocket} is unusable ({(tooLong ? "125 bytes, more than a socket address holds (107 at most)" : "not an absolute path nor '@' and an abstract name")})", log, StringComparison.Ordinal);
@@ -299,5 +254,66 @@ public sealed class DaemonProcessTests
         Assert.Contains("STOPPING=1", notes);
         Assert.DoesNotContain("READY=1", notes);
         Assert.Contains("Mapping data on (unassigned) (127.0.0.1:" + port + ", export 'data'): Stopping -> Stopped", log, StringComparison.Ordinal);
+    }
+
+    /// <summary>A daemon's stderr read line by line as it comes, so a test can wait for a line and read them all after.</summary>
+    private sealed class StderrLines
+    {
+        private readonly List<string> _lines = [];
+        private readonly List<(string Text, TaskCompletionSource Seen)> _awaited = [];
+        private readonly Task _reading;
+
+        public StderrLines(Process process) => _reading = Task.Run(async () =>
+        {
+            while (await process.StandardError.ReadLineAsync() is { } line)
+            {
+                lock (_lines)
+                {
+                    _lines.Add(line);
+                    foreach ((string text, TaskCompletionSource seen) in _awaited)
+                    {
+                        if (line.Contains(text, StringComparison.Ordinal))
+                        {
+                            seen.TrySetResult();
+                        }
+                    }
+                }
+            }
+        });
+
+        /// <summary>Completes once a line containing <paramref name="text"/> was read (also one read before this call).</summary>
+        public Task Seen(string text)
+        {
+            var seen = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            lock (_lines)
+            {
+                if (_lines.Any(l => l.Contains(text, StringComparison.Ordinal)))
+                {
+                    seen.TrySetResult();
+                }
+
+                _awaited.Add((text, seen));
+            }
+
+            return seen.Task;
+        }
+
+        public string Text
+        {
+            get
+            {
+                lock (_lines)
+                {
+                    return string.Join('\n', _lines);
+                }
+            }
+        }
+
+        /// <summary>Waits for the end of stderr (the process exited) and returns every line.</summary>
+        public async Task<string> AllAsync()
+        {
+            await _reading.WaitAsync(TimeSpan.FromSeconds(10));
+            return Text;
+        }
     }
 }
