@@ -18,6 +18,9 @@ public class NbdException : Exception
     /// <summary>The export asked for when known.</summary>
     public string? ExportName { get; internal set; }
 
+    /// <summary>What went wrong, without the server and export <see cref="Message"/> adds: for a line that names them already.</summary>
+    public string Detail => base.Message;
+
     public override string Message
     {
         get
@@ -80,7 +83,7 @@ public class NbdServerErrorException : NbdException
     /// <summary>The reply's name in proto.md ("NBD_REP_ERR_UNKNOWN"), or "reply 0x…" for one this client does not know.</summary>
     public string ReplyTypeName => ReplyName(ReplyType);
 
-    /// <summary>The human-readable message the server attached, if any.</summary>
+    /// <summary>The human-readable message the server attached, if any, as sent (<see cref="NbdText.Printable"/> before printing it).</summary>
     public string? ServerMessage { get; }
 
     internal static string ReplyName(NbdReplyType type) => type switch
@@ -112,7 +115,7 @@ public class NbdServerErrorException : NbdException
     private static string Describe(NbdOption option, NbdReplyType type, string? message) =>
         string.IsNullOrEmpty(message)
             ? $"Server answered {OptionName(option)} with {ReplyName(type)}."
-            : $"Server answered {OptionName(option)} with {ReplyName(type)}: {message}";
+            : $"Server answered {OptionName(option)} with {ReplyName(type)}: {NbdText.Printable(message)}";
 }
 
 /// <summary>The server answered NBD_REP_ERR_TLS_REQD: it will not go on (with this export) without TLS.</summary>

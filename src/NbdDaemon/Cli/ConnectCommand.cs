@@ -160,9 +160,9 @@ internal static class ConnectCommand
         {
             error = $"block size {blockSize} is not a power of two from 512 to 4096";
         }
-        else if (server is not null && (blockSize < server.Minimum || blockSize > server.Maximum))
+        else if (server is not null)
         {
-            error = $"block size {blockSize} is outside what the server accepts ({server.Minimum} to {server.Maximum})";
+            error = BlockSizePolicy.Conflict(requested, blockSize, server.Minimum, server.Maximum, "--block-size");
         }
 
         return error is null;

@@ -45,7 +45,7 @@ internal static class ListCommand
             {
                 foreach (var export in exports)
                 {
-                    StandardOutput.WriteLine(stdout, string.IsNullOrEmpty(export.Description) ? Printable(export.Name) : $"{Printable(export.Name)}\t{Printable(export.Description)}");
+                    StandardOutput.WriteLine(stdout, string.IsNullOrEmpty(export.Description) ? NbdText.Printable(export.Name) : $"{NbdText.Printable(export.Name)}\t{NbdText.Printable(export.Description)}");
                 }
             }
         }
@@ -55,34 +55,6 @@ internal static class ListCommand
         }
 
         return CliExit.Ok;
-    }
-
-    /// <summary>
-    /// A server's name or description as one line of plain text: control characters (a TAB would split the
-    /// name from the description, a newline the record, an escape sequence would drive the terminal) and a backslash
-    /// are written as <c>\uXXXX</c>, JSON's spelling; <c>--json</c> gives the exact strings.
-    /// </summary>
-    internal static string Printable(string text)
-    {
-        if (!text.Any(c => char.IsControl(c) || c == '\\'))
-        {
-            return text;
-        }
-
-        var escaped = new System.Text.StringBuilder(text.Length + 16);
-        foreach (char c in text)
-        {
-            if (char.IsControl(c) || c == '\\')
-            {
-                escaped.Append(System.Globalization.CultureInfo.InvariantCulture, $"\\u{(int)c:x4}");
-            }
-            else
-            {
-                escaped.Append(c);
-            }
-        }
-
-        return escaped.ToString();
     }
 }
 

@@ -15,6 +15,31 @@ internal static class BlockSizePolicy
 
     public static bool IsValid(uint blockSize) => blockSize is >= Minimum and <= Maximum && BitOperations.IsPow2(blockSize);
 
+    /// <summary>
+    /// Why <paramref name="chosen"/> (from <see cref="Choose"/>) cannot serve an export whose server takes blocks of
+    /// <paramref name="serverMinimum"/> to <paramref name="serverMaximum"/> bytes, worded for whoever can fix it: the
+    /// setting (<paramref name="setting"/>) when the user chose the size, the server when no size the kernel takes
+    /// fits; null when it fits.
+    /// </summary>
+    public static string? Conflict(uint? configured, uint chosen, uint? serverMinimum, uint? serverMaximum, string setting)
+    {
+        if (serverMinimum is uint minimum && minimum > chosen)
+        {
+            return configured is null || minimum > Maximum
+                ? $"the server's minimum block size {minimum} is above the largest the kernel takes ({Maximum}): this export cannot be mapped"
+                : $"the server's minimum block size {minimum} is above {setting} {chosen}: set {setting} to {minimum}";
+        }
+
+        if (serverMaximum is uint maximum && maximum < chosen)
+        {
+            // The spec has the maximum at least the preferred size, and the preferred at least 512: only a chosen size
+            // above both gets here.
+            return $"the server takes at most {maximum} bytes per request, less than one block of {chosen}: set {setting} to {Math.Max(Minimum, BitOperations.RoundUpToPowerOf2(maximum + 1) / 2)} or less";
+        }
+
+        return null;
+    }
+
     /// <summary>The configured size if any, else the server's preferred size if valid, else <see cref="Default"/>.</summary>
     public static uint Choose(uint? configured, uint? serverPreferred) =>
         configured ?? (serverPreferred is uint preferred && IsValid(preferred) ? preferred : Default);

@@ -12,6 +12,9 @@ internal static partial class MappingLog
         ILogger logger, LogLevel level, Exception? exception, string mapping, string device, string server, string export,
         MappingState previousState, MappingState state, string detail);
 
+    [LoggerMessage(EventId = 130, Level = LogLevel.Debug, Message = "Mapping {Mapping} on {Device}: the failure above, with its stack trace")]
+    public static partial void FailureTrace(ILogger logger, Exception exception, string mapping, string device);
+
     [LoggerMessage(EventId = 101, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: {Operation} failed while releasing the device")]
     public static partial void ReleaseStepFailed(ILogger logger, Exception exception, string mapping, string device, string operation);
 

@@ -402,9 +402,9 @@ internal sealed class MappingLoop
         }
 
         uint blockSize = BlockSizePolicy.Choose(_options.BlockSize, export.PreferredBlockSize);
-        if (export.MinimumBlockSize is uint minimum && minimum > blockSize)
+        if (BlockSizePolicy.Conflict(_options.BlockSize, blockSize, export.MinimumBlockSize, export.MaximumPayload, "BlockSize") is string conflict)
         {
-            throw new MappingException($"server minimum block size {minimum} exceeds block size {blockSize}");
+            throw new MappingException(conflict);
         }
 
         if (export.Size < blockSize)
@@ -1144,6 +1144,11 @@ internal sealed class MappingLoop
 
     private string DeviceText => Device ?? "(unassigned)";
 
+    /// <summary>A failure whose reason text says what happened: one of ours, the protocol's, a socket's, a kernel call's.</summary>
+    private static bool IsExplained(Exception exception) =>
+        exception is MappingException or Nbd.Protocol.NbdException or System.Net.Sockets.SocketException or TimeoutException
+            or Nbd.Kernel.NbdKernelException or IOException;
+
     private void Transition(MappingState next, Exception? exception = null, string detail = "", bool quiet = false)
     {
         MappingState previous;
@@ -1156,7 +1161,16 @@ internal sealed class MappingLoop
 
         LogLevel level = quiet ? LogLevel.Debug
             : next is MappingState.Reconnecting or MappingState.GaveUp or MappingState.Failed ? LogLevel.Warning : LogLevel.Information;
-        MappingLog.Transition(_logger, level, exception, Name, DeviceText, _options.Endpoint.Server, _options.Endpoint.Export, previous, next, detail);
+        // A failure the line's own words explain (connection refused, a server's refusal, a kernel call's errno) goes
+        // without the stack trace, which says nothing to an admin and is a dozen journal lines a time; it follows at
+        // Debug. Anything else, a bug, keeps it on the line.
+        Exception? trace = exception is not null && level > LogLevel.Debug && IsExplained(exception) ? null : exception;
+        MappingLog.Transition(_logger, level, trace, Name, DeviceText, _options.Endpoint.Server, _options.Endpoint.Export, previous, next, detail);
+        if (exception is not null && trace is null)
+        {
+            MappingLog.FailureTrace(_logger, exception, Name, DeviceText);
+        }
+
         StateChanged?.Invoke(this, next);
     }
 }

@@ -1,3 +1,5 @@
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging.Abstractions;
 using NbdDaemon.Configuration;
 using NbdDaemon.Mappings;
 
@@ -125,6 +127,58 @@ public sealed class MappingLoopTests
         Assert.Equal(64u, _kernel.MaxSectorsKb[3]);
         await running.StopAsync();
         Assert.Equal(128u, _kernel.MaxSectorsKb[3]);
+    }
+
+    /// <summary>
+    /// A refused connect came with a dozen lines of .NET stack trace at Warning; its reason says it all. The trace is
+    /// still there at Debug, and a failure nobody explained (a bug) keeps it on the Warning line.
+    /// </summary>
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task RunAsync_ExplainedFailure_WarningWithoutStackTrace_TraceAtDebug_AnUnexplainedOneKeepsIt(bool explained)
+    {
+        var logger = new ListLogger();
+        var connector = new FakeConnector().Then(_ => Task.FromException<INbdSession>(
+            explained ? new SocketException((int)SocketError.ConnectionRefused) : new InvalidOperationException("a bug")));
+        var loop = new MappingLoop(TestMappings.Create(), connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+        await running.StopAsync();
+
+        var failure = Assert.Single(logger.Records, r => r.Message.Contains(explained ? "-> Reconnecting; connection refused" : "-> Reconnecting; a bug", StringComparison.Ordinal));
+        Assert.Equal(Microsoft.Extensions.Logging.LogLevel.Warning, failure.Level);
+        var traces = logger.Records.Where(r => r.Message.Contains("the failure above, with its stack trace", StringComparison.Ordinal)).ToList();
+        if (explained)
+        {
+            Assert.Null(failure.Exception);
+            var trace = Assert.Single(traces);
+            Assert.Equal(Microsoft.Extensions.Logging.LogLevel.Debug, trace.Level);
+            Assert.IsType<SocketException>(trace.Exception);
+        }
+        else
+        {
+            Assert.IsType<InvalidOperationException>(failure.Exception);
+            Assert.Empty(traces);
+        }
+    }
+
+    [Theory]
+    [InlineData(null, 8192u, null, "the server's minimum block size 8192 is above the largest the kernel takes (4096): this export cannot be mapped")]
+    [InlineData(512u, 4096u, null, "the server's minimum block size 4096 is above BlockSize 512: set BlockSize to 4096")]
+    [InlineData(4096u, null, 2048u, "the server takes at most 2048 bytes per request, less than one block of 4096: set BlockSize to 2048 or less")]
+    [InlineData(4096u, null, 3000u, "the server takes at most 3000 bytes per request, less than one block of 4096: set BlockSize to 2048 or less")]
+    public async Task RunAsync_BlockSizeTheServerDoesNotTake_ReasonSaysWhatToChange(uint? configured, uint? minimum, uint? maximum, string expected)
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MinimumBlockSize = minimum, MaximumPayload = maximum });
+        var loop = new MappingLoop(TestMappings.Create() with { BlockSize = configured }, connector, _kernel, _time, NullLogger.Instance, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(expected, loop.LastFailure);
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("blksize", StringComparison.Ordinal));
+        await running.StopAsync();
     }
 
     [Fact]

@@ -48,11 +48,20 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
         NbdTlsNotSupportedException => "TLS is not supported by this version",
         NbdConnectException c => FailureText.Describe(c),
         NbdTimeoutException t => t.Phase == NbdTimeoutPhase.Connect ? "connect timed out" : "handshake timed out",
-        NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + s.ServerMessage + ")")}",
-        NbdProtocolException { Error: NbdProtocolError.Unsupported } p => p.Message, // what the server cannot do, e.g. select an export
-        NbdProtocolException p => $"protocol error: {p.Error}",
-        _ => e.Message,
+        NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + NbdText.Printable(s.ServerMessage) + ")")}",
+        // What the server cannot do (select an export), or a connection that ended mid-message: the words say it all.
+        NbdProtocolException { Error: NbdProtocolError.Unsupported or NbdProtocolError.Truncated } p => Clause(p.Detail),
+        // The detail (which field, which value) is what an admin needs in STATUS=; the error's kind alone said nothing.
+        NbdProtocolException p => "protocol error: " + Clause(p.Detail),
+        _ => Clause(e.Detail),
     };
+
+    /// <summary>A message as a clause inside a status line: no final period, a leading "Server" or "Connection" in lower case.</summary>
+    internal static string Clause(string message)
+    {
+        string text = NbdText.Printable(message.TrimEnd().TrimEnd('.'));
+        return text.Length > 1 && char.IsUpper(text[0]) && char.IsLower(text[1]) ? char.ToLowerInvariant(text[0]) + text[1..] : text;
+    }
 
     /// <summary>What proto.md says a refusal means, where the reply's name alone would leave an admin guessing.</summary>
     private static string Meaning(NbdReplyType reply) => reply switch

@@ -32,6 +32,30 @@ public sealed class ProtocolConnectorTests
     {
         var e = new NbdProtocolException(NbdProtocolError.Unsupported, "Server speaks the oldstyle handshake, which cannot select an export");
 
-        Assert.StartsWith("Server speaks the oldstyle handshake", ProtocolConnector.Reason(e), StringComparison.Ordinal);
+        Assert.StartsWith("server speaks the oldstyle handshake", ProtocolConnector.Reason(e), StringComparison.Ordinal);
     }
+
+    /// <summary>
+    /// A server's own text went raw into the journal, STATUS= and the verbs' stderr: a newline in it forged a log line
+    /// of its own, an escape sequence drove the admin's terminal.
+    /// </summary>
+    [Fact]
+    public void Reason_ServerTextWithControlCharacters_Escaped()
+    {
+        var e = new NbdServerErrorException(NbdOption.Go, NbdReplyType.ErrPolicy, "evil\u001b[31mRED\n16:35:00.000 [INF] fake\a\\");
+
+        Assert.Equal(
+            "server refused: NBD_REP_ERR_POLICY, forbidden by the server's policy (evil\\u001b[31mRED\\u000a16:35:00.000 [INF] fake\\u0007\\u005c)",
+            ProtocolConnector.Reason(e));
+        Assert.Equal("Server answered NBD_OPT_GO with NBD_REP_ERR_POLICY: evil\\u001b[31mRED\\u000a16:35:00.000 [INF] fake\\u0007\\u005c", e.Message);
+        Assert.Equal("evil\u001b[31mRED\n16:35:00.000 [INF] fake\a\\", e.ServerMessage); // kept as sent for a program
+    }
+
+    /// <summary>STATUS= said "protocol error: InvalidValue"; which field and which value were only in the stack trace.</summary>
+    [Theory]
+    [InlineData(NbdProtocolError.InvalidValue, "Preferred block size 3000 is not a power of 2 at least max(minimum 1, 512).", "protocol error: preferred block size 3000 is not a power of 2 at least max(minimum 1, 512)")]
+    [InlineData(NbdProtocolError.BadMagic, "NBD_OPT reply magic 0x0 is not 0x3e889045565a9.", "protocol error: NBD_OPT reply magic 0x0 is not 0x3e889045565a9")]
+    [InlineData(NbdProtocolError.Truncated, "Server closed the connection while the client was reading the greeting.", "server closed the connection while the client was reading the greeting")]
+    public void Reason_ProtocolViolation_SaysWhatWasWrong(NbdProtocolError error, string message, string expected) =>
+        Assert.Equal(expected, ProtocolConnector.Reason(new NbdProtocolException(error, message)));
 }

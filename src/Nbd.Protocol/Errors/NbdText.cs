@@ -1,0 +1,33 @@
+namespace Nbd.Protocol;
+
+/// <summary>Text a server sent (an error message, an export's name or description), made safe to print on one line.</summary>
+public static class NbdText
+{
+    /// <summary>
+    /// <paramref name="text"/> with control characters and the backslash written as <c>\uXXXX</c>, JSON's spelling: a
+    /// newline would start a line of its own in a log (one that could pass for the daemon's), a TAB split a field, an
+    /// escape sequence drive the terminal. Everything else, non-ASCII letters included, is kept.
+    /// </summary>
+    public static string Printable(string text)
+    {
+        if (!text.Any(c => char.IsControl(c) || c == '\\'))
+        {
+            return text;
+        }
+
+        var escaped = new System.Text.StringBuilder(text.Length + 16);
+        foreach (char c in text)
+        {
+            if (char.IsControl(c) || c == '\\')
+            {
+                escaped.Append(System.Globalization.CultureInfo.InvariantCulture, $"\\u{(int)c:x4}");
+            }
+            else
+            {
+                escaped.Append(c);
+            }
+        }
+
+        return escaped.ToString();
+    }
+}
