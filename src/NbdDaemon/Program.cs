@@ -87,7 +87,7 @@ internal static class Program
             {
                 write();
             }
-            catch (IOException e)
+            catch (Exception e) when (Cli.OutputFailedException.IsRefusal(e))
             {
                 Failed = true;
                 Cli.CliExit.Error(error, Cli.OutputFailedException.Describe(e));

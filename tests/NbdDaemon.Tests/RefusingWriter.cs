@@ -1,7 +1,11 @@
 namespace NbdDaemon.Tests;
 
-/// <summary>What a redirection to a full disk does to every write: ENOSPC.</summary>
-internal sealed class RefusingWriter : StringWriter
+/// <summary>
+/// What a refused standard output does to every write: a redirection to a full disk (ENOSPC, an IOException), or with
+/// <paramref name="closed"/> a closed one (<c>&gt;&amp;-</c>: EBADF, which .NET's console stream throws as an
+/// UnauthorizedAccessException around the IOException).
+/// </summary>
+internal sealed class RefusingWriter(bool closed = false) : StringWriter
 {
     public override void Write(char value) => throw Refused();
 
@@ -11,5 +15,10 @@ internal sealed class RefusingWriter : StringWriter
 
     public override void WriteLine(string? value) => throw Refused();
 
-    private static IOException Refused() => new("No space left on device");
+    /// <summary>What the verbs say about it.</summary>
+    public string Said => $"nbd-daemon: writing to standard output failed ({(closed ? "Bad file descriptor" : "No space left on device")})\n";
+
+    private Exception Refused() => closed
+        ? new UnauthorizedAccessException("Access to the path is denied.", new IOException("Bad file descriptor"))
+        : new IOException("No space left on device");
 }

@@ -23,7 +23,7 @@ internal static class CliExit
             stderr.WriteLine($"nbd-daemon: {message}");
             stderr.Flush();
         }
-        catch (IOException)
+        catch (Exception e) when (OutputFailedException.IsRefusal(e))
         {
             // Nobody to tell.
         }

@@ -15,9 +15,9 @@ internal static class StandardOutput
             stdout.WriteLine(line);
             stdout.Flush();
         }
-        catch (IOException e)
+        catch (Exception e) when (OutputFailedException.IsRefusal(e))
         {
-            throw new OutputFailedException(e.Message, e);
+            throw new OutputFailedException(OutputFailedException.Cause(e).Message, e);
         }
     }
 }
@@ -29,5 +29,14 @@ internal sealed class OutputFailedException(string message, Exception inner) : E
     public string Text => Describe(InnerException ?? this);
 
     /// <summary>The same words for a refusal caught outside a verb (--help, --version).</summary>
-    public static string Describe(Exception refusal) => $"writing to standard output failed ({refusal.Message})";
+    public static string Describe(Exception refusal) => $"writing to standard output failed ({Cause(refusal).Message})";
+
+    /// <summary>
+    /// Whether <paramref name="e"/> is a console stream refusing a write: an IOException (ENOSPC, EIO), or for EBADF
+    /// (standard output closed: <c>nbd-daemon list URI &gt;&amp;-</c>) .NET's UnauthorizedAccessException around one.
+    /// </summary>
+    public static bool IsRefusal(Exception e) => e is IOException or UnauthorizedAccessException { InnerException: IOException };
+
+    /// <summary>The IOException that says what the system refused ("Bad file descriptor", not "Access to the path is denied").</summary>
+    public static Exception Cause(Exception refusal) => refusal is UnauthorizedAccessException { InnerException: IOException io } ? io : refusal;
 }

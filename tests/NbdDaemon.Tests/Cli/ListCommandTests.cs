@@ -54,9 +54,11 @@ public sealed class ListCommandTests : IDisposable
 
     /// <summary>`check` answers with its exit code (0 connected, 1 not): a refused standard output does not change it.</summary>
     [Theory]
-    [InlineData(true, 0)]
-    [InlineData(false, 1)]
-    public void CheckCommand_StandardOutputRefuses_ExitCodeStillTheStateRefusalOnStderr(bool connected, int expected)
+    [InlineData(true, 0, false)]
+    [InlineData(false, 1, false)]
+    [InlineData(true, 0, true)]
+    [InlineData(false, 1, true)]
+    public void CheckCommand_StandardOutputRefuses_ExitCodeStillTheStateRefusalOnStderr(bool connected, int expected, bool closed)
     {
         string sysBlock = _dir.File("sys-block");
         Directory.CreateDirectory(Path.Combine(sysBlock, "nbd3", "queue"));
@@ -69,10 +71,12 @@ public sealed class ListCommandTests : IDisposable
 
         var stderr = new StringWriter();
 
-        int exit = CheckCommand.Run("/dev/nbd3", sysBlock, new RefusingWriter(), stderr);
+        var output = new RefusingWriter(closed);
+
+        int exit = CheckCommand.Run("/dev/nbd3", sysBlock, output, stderr);
 
         Assert.Equal(expected, exit);
-        Assert.Equal("nbd-daemon: writing to standard output failed (No space left on device)\n", stderr.ToString());
+        Assert.Equal(output.Said, stderr.ToString());
     }
 
     public void Dispose()
