@@ -1,3 +1,5 @@
+using Nbd.Protocol;
+
 namespace NbdDaemon.Cli;
 
 /// <summary>Exit codes of the one-shot verbs, documented in the README.</summary>
@@ -12,6 +14,14 @@ internal static class CliExit
     public const int Usage = 2;
 
     public static int Error(TextWriter stderr, string message) => Tell(stderr, message, Failed);
+
+    /// <summary>
+    /// A connect, handshake or listing that failed, in the daemon's words (<see cref="Mappings.Linux.ProtocolConnector.Reason"/>:
+    /// "server refused: NBD_REP_ERR_UNKNOWN, no such export"), except that a unix socket's own explanation is kept whole
+    /// ("is the server running, and is PATH where it listens?"): a terminal has room for it, STATUS= does not.
+    /// </summary>
+    public static int ServerFailure(TextWriter stderr, NbdUri uri, NbdException e) =>
+        Error(stderr, $"{uri}: {(e is NbdConnectException { Reason: string reason } ? reason : Mappings.Linux.ProtocolConnector.Reason(e))}");
 
     public static int UsageError(TextWriter stderr, string message) => Tell(stderr, message, Usage);
 

@@ -99,7 +99,7 @@ internal static class ConnectCommand
         }
         catch (NbdException e)
         {
-            return CliExit.Error(stderr, $"{uri}: {e.Message}");
+            return CliExit.ServerFailure(stderr, uri!, e);
         }
         catch (OperationCanceledException)
         {

@@ -31,7 +31,7 @@ internal static class ListCommand
         }
         catch (NbdException e)
         {
-            return CliExit.Error(stderr, $"{uri}: {e.Message}");
+            return CliExit.ServerFailure(stderr, uri!, e);
         }
 
         try

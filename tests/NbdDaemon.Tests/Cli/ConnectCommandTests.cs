@@ -31,7 +31,7 @@ public sealed class ConnectCommandTests
         // 1 s, not the client's default 10 s; the message names the phase and the deadline.
         Assert.Equal(1, exit);
         Assert.InRange(clock.Elapsed.TotalSeconds, 0.9, 5);
-        Assert.Contains("Handshake timed out after 1000 ms", stderr.ToString(), StringComparison.Ordinal);
+        Assert.Contains("/x: handshake timed out after 1 s", stderr.ToString(), StringComparison.Ordinal);
         Assert.Equal("", stdout.ToString());
     }
 

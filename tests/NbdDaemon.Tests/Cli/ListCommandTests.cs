@@ -39,6 +39,21 @@ public sealed class ListCommandTests : IDisposable
         Assert.Equal("""[{"name":"ta\tb","description":"desc\nline2"}]""", stdout.ToString().TrimEnd('\n'));
     }
 
+    /// <summary>
+    /// A failed listing in the daemon's words: it said "Cannot connect to 127.0.0.1:1: ConnectionRefused (Connection
+    /// refused 127.0.0.1:1). (server 127.0.0.1:1, export '')", naming an export a listing has none of.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_ServerRefusesTheConnection_SaysSoInTheDaemonsWords()
+    {
+        var stderr = new StringWriter();
+
+        int exit = await ListCommand.RunAsync("nbd://127.0.0.1:1", json: false, new StringWriter(), stderr, CancellationToken.None);
+
+        Assert.Equal(1, exit);
+        Assert.Equal("nbd-daemon: nbd://127.0.0.1:1/: connection refused\n", stderr.ToString());
+    }
+
     /// <summary>Standard output refused (ENOSPC behind a redirection to a full disk): a message, exit 1, no stack trace.</summary>
     [Fact]
     public async Task RunAsync_StandardOutputRefuses_Exit1WithAMessage()

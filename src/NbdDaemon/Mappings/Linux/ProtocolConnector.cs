@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Net.Sockets;
 using Nbd.Protocol;
 using NbdDaemon.Configuration;
@@ -47,7 +48,7 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
         NbdTlsRequiredException => "server requires TLS, which this version does not support (or has no such export: a server may answer so for one it does not have)",
         NbdTlsNotSupportedException => "TLS is not supported by this version",
         NbdConnectException c => FailureText.Describe(c),
-        NbdTimeoutException t => t.Phase == NbdTimeoutPhase.Connect ? "connect timed out" : "handshake timed out",
+        NbdTimeoutException t => string.Create(CultureInfo.InvariantCulture, $"{(t.Phase == NbdTimeoutPhase.Connect ? "connect" : "handshake")} timed out after {t.Timeout.TotalSeconds:0.###} s"),
         NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + NbdText.Printable(s.ServerMessage) + ")")}",
         // What the server cannot do (select an export), or a connection that ended mid-message: the words say it all.
         NbdProtocolException { Error: NbdProtocolError.Unsupported or NbdProtocolError.Truncated } p => Clause(p.Detail),
