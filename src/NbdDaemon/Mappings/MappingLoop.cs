@@ -1028,9 +1028,17 @@ internal sealed class MappingLoop
                     }
 
                     // Side by side: each relay may wait its limit for the replies it owes, and N of them one after
-                    // another would pass the host's shutdown timeout. HandOver never throws.
+                    // another would pass the host's shutdown timeout. One thread each: Parallel.For runs on the thread
+                    // pool, which every mapping stopping at once can exhaust, and then ran them one after another.
+                    // HandOver never throws.
                     List<INbdSession> sessions = _sessions;
-                    Parallel.For(0, sessions.Count, slot => sessions[slot].HandOver(slot));
+                    var handOvers = sessions.Select((session, slot) => new Thread(() => session.HandOver(slot))
+                    {
+                        IsBackground = true,
+                        Name = string.Create(CultureInfo.InvariantCulture, $"nbd-handover {Name}/{slot}"),
+                    }).ToList();
+                    handOvers.ForEach(t => t.Start());
+                    handOvers.ForEach(t => t.Join());
                 }
                 else
                 {

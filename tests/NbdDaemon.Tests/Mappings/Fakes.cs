@@ -99,8 +99,12 @@ internal sealed class FakeSession : INbdSession
     /// <summary>How long <see cref="HandOver"/> blocks, as a relay waiting for the replies it still owes the kernel.</summary>
     public TimeSpan HandOverDelay { get; init; }
 
+    /// <summary>Whether <see cref="HandOver"/> ran on a thread-pool thread (which a stop of every mapping can exhaust).</summary>
+    public bool HandedOverOnPoolThread { get; private set; }
+
     public void HandOver(int slot)
     {
+        HandedOverOnPoolThread |= Thread.CurrentThread.IsThreadPoolThread;
         Thread.Sleep(HandOverDelay);
         TimeoutOpsBeforeHandOver ??= Kernel?.Operations.Count(o => o.StartsWith("nl-timeout", StringComparison.Ordinal));
         HandOvers.Add((slot, !Disposed));

@@ -459,7 +459,8 @@ public sealed class MappingLoopNetlinkTests
     public async Task RunAsync_StopWithOnStopLeave_SlotsHandOverSideBySide()
     {
         // Each relay may wait up to its limit (5 s) for the replies it owes; four connections must not make that 20 s,
-        // past the host's shutdown timeout.
+        // past the host's shutdown timeout. Not on the thread pool: with it busy (every mapping stopping at once, or a
+        // loaded test run) Parallel.For ran the four one after another, and this test failed now and then.
         var connector = new FakeConnector().ThenServe(canHandOver: true, kernel: _kernel, handOverDelay: TimeSpan.FromSeconds(1));
         var options = TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, onStop: StopAction.Leave) with { Connections = 4 };
         MappingLoop loop = TestMappings.Loop(options, connector, _kernel, _time);
@@ -472,6 +473,7 @@ public sealed class MappingLoopNetlinkTests
         Assert.True(stopwatch.Elapsed < TimeSpan.FromSeconds(3), $"four 1 s hand-overs took {stopwatch.Elapsed}");
         Assert.Equal([0, 1, 2, 3], connector.Sessions.SelectMany(s => s.HandOvers).Select(h => h.Slot).Order());
         Assert.All(connector.Sessions, s => Assert.True(s.HandOvers.Single().BeforeDispose));
+        Assert.All(connector.Sessions, s => Assert.False(s.HandedOverOnPoolThread));
     }
 
     [Theory]
