@@ -253,7 +253,7 @@ internal static class NbdWire
             case NbdInfoType.Export:
                 RequireLength(payload, InfoExportLength, "NBD_INFO_EXPORT");
                 info.Size = BinaryPrimitives.ReadUInt64BigEndian(body);
-                info.Flags = (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(body[8..]);
+                info.Flags = RequireHasFlags((TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(body[8..]), "NBD_INFO_EXPORT");
                 break;
             case NbdInfoType.Name:
                 info.Name = DecodeString(CheckStringLength(body, "NBD_INFO_NAME"), "NBD_INFO_NAME");
@@ -333,5 +333,15 @@ internal static class NbdWire
     public const int ReservedZeroesLength = 124;
 
     public static (ulong Size, TransmissionFlags Flags) ParseExportNameReply(ReadOnlySpan<byte> reply) =>
-        (BinaryPrimitives.ReadUInt64BigEndian(reply), (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(reply[8..]));
+        (BinaryPrimitives.ReadUInt64BigEndian(reply), RequireHasFlags((TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(reply[8..]), "NBD_OPT_EXPORT_NAME reply"));
+
+    /// <summary>
+    /// proto.md: NBD_FLAG_HAS_FLAGS "MUST always be 1" in the transmission flags of the newstyle handshake. Without it
+    /// the bytes are no export's (a server answering another option there, or garbage), and their "size" would become
+    /// the device's. (The oldstyle handshake is not checked: servers before the flags field sent zeroes there.)
+    /// </summary>
+    private static TransmissionFlags RequireHasFlags(TransmissionFlags flags, string what) =>
+        (flags & TransmissionFlags.HasFlags) != 0
+            ? flags
+            : throw new NbdProtocolException(NbdProtocolError.InvalidValue, $"{what} has transmission flags 0x{(ushort)flags:x4} without NBD_FLAG_HAS_FLAGS, which proto.md requires: not an export's description.");
 }

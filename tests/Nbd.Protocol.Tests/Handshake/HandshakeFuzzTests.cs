@@ -29,7 +29,8 @@ public sealed class HandshakeFuzzTests
         _ => new string('n', r.Next(1, 300)),
     };
 
-    private static TransmissionFlags RandomFlags(Random r) => (TransmissionFlags)r.Next(0, 0x10000);
+    // NBD_FLAG_HAS_FLAGS always set: proto.md requires it, and the client refuses an export without it.
+    private static TransmissionFlags RandomFlags(Random r) => (TransmissionFlags)(r.Next(0, 0x10000) | 1);
 
     // A valid server stream for one of the client's three operations (0 = GO, 1 = LIST, 2 = INFO).
     private static (byte[] Bytes, int Kind) ValidStream(Random r)
