@@ -88,6 +88,10 @@ public class NbdServerErrorException : NbdException
 
     internal static string ReplyName(NbdReplyType type) => type switch
     {
+        NbdReplyType.Ack => "NBD_REP_ACK",
+        NbdReplyType.Server => "NBD_REP_SERVER",
+        NbdReplyType.Info => "NBD_REP_INFO",
+        NbdReplyType.MetaContext => "NBD_REP_META_CONTEXT",
         NbdReplyType.ErrUnsup => "NBD_REP_ERR_UNSUP",
         NbdReplyType.ErrPolicy => "NBD_REP_ERR_POLICY",
         NbdReplyType.ErrInvalid => "NBD_REP_ERR_INVALID",

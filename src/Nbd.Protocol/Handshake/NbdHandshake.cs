@@ -90,13 +90,16 @@ internal sealed partial class NbdHandshake
         bool isError = NbdWire.IsError(header.Type);
         if (!isError && Array.IndexOf(allowed, header.Type) < 0)
         {
-            throw new NbdProtocolException(NbdProtocolError.UnexpectedReply, $"Server sent reply type {(uint)header.Type} to {optionName}, which does not allow it.");
+            throw new NbdProtocolException(NbdProtocolError.UnexpectedReply, $"Server sent {NbdServerErrorException.ReplyName(header.Type)} to {optionName}, which does not allow it.");
         }
 
         uint max = NbdWire.MaxPayloadLength(header.Type);
         if (header.Length > max)
         {
-            throw new NbdProtocolException(NbdProtocolError.OversizedLength, $"Server announced a {header.Length}-byte {NbdServerErrorException.ReplyName(header.Type)} reply to {optionName}; at most {max} is accepted.");
+            string reply = NbdServerErrorException.ReplyName(header.Type);
+            throw new NbdProtocolException(NbdProtocolError.OversizedLength, max == 0
+                ? $"Server sent {reply} to {optionName} with {header.Length} bytes of data; it carries none."
+                : $"Server announced {header.Length} bytes of {reply} data for {optionName}; at most {max} are accepted.");
         }
 
         byte[] payload = await ReadExactAsync((int)header.Length, $"the reply data to {optionName}", ct);

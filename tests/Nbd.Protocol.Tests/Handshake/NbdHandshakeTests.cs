@@ -242,6 +242,21 @@ public sealed class NbdHandshakeTests
         Assert.Empty(list);
     }
 
+    /// <summary>It said "Server announced a 4294967280-byte reply 0x00000001 reply to NBD_OPT_LIST; at most 0 is accepted."</summary>
+    [Theory]
+    [InlineData(NbdReplyType.Ack, 0xFFFF_FFF0u, "Server sent NBD_REP_ACK to NBD_OPT_LIST with 4294967280 bytes of data; it carries none.")]
+    [InlineData(NbdReplyType.Server, 0xFFFF_FFF0u, "Server announced 4294967280 bytes of NBD_REP_SERVER data for NBD_OPT_LIST; at most ")]
+    public async Task List_OversizedReplyLength_NamesTheReplyAndTheLimit(NbdReplyType type, uint length, string expected)
+    {
+        var server = ServerScript.Newstyle(3).U64(ServerScript.ReplyMagic).U32((uint)NbdOption.List).U32((uint)type).U32(length);
+        var stream = new ScriptedStream(server.ToArray());
+
+        var ex = await Assert.ThrowsAsync<NbdProtocolException>(() => NbdClient.NegotiateListAsync(stream, Disk, Options, CancellationToken.None));
+
+        Assert.Equal(NbdProtocolError.OversizedLength, ex.Error);
+        Assert.StartsWith(expected, ex.Detail, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task List_MoreThanMaxEntries_OversizedLength()
     {
