@@ -207,7 +207,9 @@ public static class NbdClient
     internal static string? UnixSocketFailure(string path, SocketError error) => error switch
     {
         SocketError.AddressNotAvailable => $"no such socket file (ENOENT): is the server running, and is {path} where it listens?",
-        SocketError.ConnectionRefused => "nothing listens on the socket file (ECONNREFUSED): a server that ended may have left it behind",
+        // connect(2) says ECONNREFUSED for a path that is no socket at all, too.
+        SocketError.ConnectionRefused when Directory.Exists(path) => $"{path} is a directory, not a socket (ECONNREFUSED)",
+        SocketError.ConnectionRefused => $"nothing listens on {path} (ECONNREFUSED): a server that ended may have left its socket file behind, or the file is no socket",
         SocketError.AccessDenied => "permission denied (EACCES) on the socket file or a directory above it",
         _ => null,
     };

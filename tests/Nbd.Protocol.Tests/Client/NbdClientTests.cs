@@ -205,7 +205,25 @@ public sealed class NbdClientTests
         var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
 
         Assert.Equal(SocketError.ConnectionRefused, ex.SocketError);
-        Assert.StartsWith($"Cannot connect to unix:{path}: nothing listens on the socket file (ECONNREFUSED): a server that ended may have left it behind.", ex.Message, StringComparison.Ordinal);
+        Assert.StartsWith($"Cannot connect to unix:{path}: nothing listens on {path} (ECONNREFUSED): a server that ended may have left its socket file behind, or the file is no socket.", ex.Message, StringComparison.Ordinal);
+    }
+
+    /// <summary>connect(2) to a directory says ECONNREFUSED: it said "nothing listens on the socket file".</summary>
+    [Fact]
+    public async Task ConnectAsync_UnixSocketPathIsADirectory_SaysSo()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"nbd-dir-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(path);
+        try
+        {
+            var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
+
+            Assert.Equal($"{path} is a directory, not a socket (ECONNREFUSED)", ex.Reason);
+        }
+        finally
+        {
+            Directory.Delete(path);
+        }
     }
 
     [Fact]
