@@ -146,7 +146,7 @@ public static class NbdClient
 
         // After an ACK the spec allows nothing but a TLS handshake; without one the only way out is to hang up.
         throw new NbdTlsNotSupportedException(
-            "The server accepted NBD_OPT_STARTTLS, but this client does not implement TLS sessions yet; use an nbd:// URI for a plaintext connection.",
+            "The server accepted NBD_OPT_STARTTLS, but this client does not implement TLS sessions yet; only a server that also allows plaintext can be used, with an nbd:// URI.",
             serverAcceptedStartTls: true);
     }
 

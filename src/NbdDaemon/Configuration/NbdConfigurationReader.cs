@@ -112,6 +112,11 @@ internal sealed partial class NbdConfigurationReader
             {
                 errors.Add(new ConfigurationError(Key(entry, "Uri"), $"'{uri}' is not a valid NBD URI: {ex.Message}"));
             }
+            catch (NotSupportedException ex)
+            {
+                // Refused here rather than by a unit that starts "successfully" with a mapping Failed for good.
+                errors.Add(new ConfigurationError(Key(entry, "Uri"), $"'{uri}': {ex.Message}"));
+            }
         }
 
         string? device = Optional(entry, "Device");

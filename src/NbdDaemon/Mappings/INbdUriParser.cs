@@ -9,6 +9,7 @@ namespace NbdDaemon.Mappings;
 /// </summary>
 internal interface INbdUriParser
 {
-    /// <exception cref="FormatException">The URI is not a usable NBD URI; the message says why.</exception>
+    /// <exception cref="FormatException">The URI is not a valid NBD URI; the message says why.</exception>
+    /// <exception cref="NotSupportedException">A valid URI this version cannot connect to (TLS); the message says why.</exception>
     MappingEndpoint Parse(string uri);
 }

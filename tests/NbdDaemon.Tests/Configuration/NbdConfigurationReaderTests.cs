@@ -206,7 +206,7 @@ public sealed class NbdConfigurationReaderTests
     public void Read_JsonFile_SameRulesAsOtherSources()
     {
         string path = Path.Combine(Path.GetTempPath(), $"nbd-cfg-{Guid.NewGuid():N}.json");
-        File.WriteAllText(path, """{ "Nbd": { "Mappings": [ { "Name": "a", "Uri": "nbd://h/e", "Timeout": "00:00:05" }, { "Name": "b", "Uri": "nbds://[::1]:1234/x", "Connections": 20 } ] } }""");
+        File.WriteAllText(path, """{ "Nbd": { "Mappings": [ { "Name": "a", "Uri": "nbd://h/e", "Timeout": "00:00:05" }, { "Name": "b", "Uri": "nbd://[::1]:1234/x", "Connections": 20 } ] } }""");
         try
         {
             IConfigurationRoot config = new ConfigurationBuilder().AddJsonFile(path).Build();
@@ -225,10 +225,10 @@ public sealed class ProtocolUriParserTests
     [Theory]
     [InlineData("nbd://localhost", "localhost:10809", "")]
     [InlineData("nbd://localhost:10810/", "localhost:10810", "")]
-    [InlineData("nbds://10.0.0.1/disk%20one", "10.0.0.1:10809", "disk one")]
+    [InlineData("nbd://10.0.0.1/disk%20one", "10.0.0.1:10809", "disk one")]
     [InlineData("nbd://[::1]:7000/a/b", "[::1]:7000", "a/b")]
     [InlineData("nbd+unix:///exp?socket=/tmp/s.sock", "unix:/tmp/s.sock", "exp")]
-    [InlineData("NBDS+UNIX:///?socket=%2Frun%2Fx", "unix:/run/x", "")]
+    [InlineData("NBD+UNIX:///?socket=%2Frun%2Fx", "unix:/run/x", "")]
     public void Parse_ValidUris_ServerAndExport(string uri, string server, string export) =>
         Assert.Equal(new MappingEndpoint(server, export), new ProtocolUriParser().Parse(uri));
 
@@ -242,4 +242,26 @@ public sealed class ProtocolUriParserTests
     [InlineData("nbd+vsock://1/x")]
     public void Parse_InvalidUris_FormatException(string uri) =>
         Assert.ThrowsAny<FormatException>(() => new ProtocolUriParser().Parse(uri));
+
+    /// <summary>
+    /// A TLS URI passed the configuration and the unit started "successfully", with the mapping Failed for good at its
+    /// first attempt: this version has no TLS, so no such mapping can ever connect.
+    /// </summary>
+    [Theory]
+    [InlineData("nbds://10.0.0.1/disk")]
+    [InlineData("NBDS+UNIX:///?socket=%2Frun%2Fx")]
+    public void Read_TlsUri_RefusedSayingWhy(string uri)
+    {
+        IConfiguration config = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>
+        {
+            ["Nbd:Mappings:0:Name"] = "secure",
+            ["Nbd:Mappings:0:Uri"] = uri,
+        }).Build();
+
+        var ex = Assert.Throws<NbdConfigurationException>(() => new NbdConfigurationReader(new ProtocolUriParser()).Read(config));
+
+        ConfigurationError error = Assert.Single(ex.Errors);
+        Assert.Equal("Nbd:Mappings:0:Uri", error.Key);
+        Assert.Equal($"'{uri}': it asks for TLS (nbds), which this version does not implement, so the mapping could never connect; only a server that also allows plaintext can be mapped, with nbd://", error.Reason);
+    }
 }

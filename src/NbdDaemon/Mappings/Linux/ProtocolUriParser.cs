@@ -9,6 +9,8 @@ internal sealed class ProtocolUriParser : INbdUriParser
     public MappingEndpoint Parse(string uri)
     {
         var parsed = NbdUri.Parse(uri);
-        return new MappingEndpoint(parsed.EndPointDescription, parsed.ExportName);
+        return parsed.Tls
+            ? throw new NotSupportedException("it asks for TLS (nbds), which this version does not implement, so the mapping could never connect; only a server that also allows plaintext can be mapped, with nbd://")
+            : new MappingEndpoint(parsed.EndPointDescription, parsed.ExportName);
     }
 }
