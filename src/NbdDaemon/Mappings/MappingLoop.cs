@@ -336,7 +336,7 @@ internal sealed class MappingLoop
             }
 
             _servingSince = _time.GetTimestamp();
-            Transition(MappingState.Serving);
+            Transition(MappingState.Serving, detail: ServingDetail(export, blockSize));
             _firstAttempt.TrySetResult();
             return await ServeAsync(stop);
         }
@@ -1151,6 +1151,24 @@ internal sealed class MappingLoop
     }
 
     private string DeviceText => Device ?? "(unassigned)";
+
+    /// <summary>
+    /// What the device is, for the Serving line: its size in blocks (and what of the export a partial last block
+    /// leaves out), whether it is writable and why not, the connections. Before, nothing said that an export came
+    /// read-only from the server, or that its last bytes were not mapped.
+    /// </summary>
+    private string ServingDetail(ExportDescription export, uint blockSize)
+    {
+        ulong blocks = export.Size / blockSize;
+        ulong left = export.Size % blockSize;
+        string access = (export.TransmissionFlags & ExportDescription.FlagReadOnly) != 0 ? "read-only (the server exports it read-only)"
+            : _options.ReadOnly ? "read-only (ReadOnly)"
+            : "read-write";
+        return string.Create(CultureInfo.InvariantCulture, $"; {blocks * blockSize} bytes, {blocks} blocks of {blockSize}")
+            + (left > 0 ? string.Create(CultureInfo.InvariantCulture, $" (the export's last {left} bytes, less than a block, not mapped)") : "")
+            + ", " + access
+            + (_sessions.Count > 1 ? string.Create(CultureInfo.InvariantCulture, $", {_sessions.Count} connections") : "");
+    }
 
     /// <summary>A failure whose reason text says what happened: one of ours, the protocol's, a socket's, a kernel call's.</summary>
     private static bool IsExplained(Exception exception) =>

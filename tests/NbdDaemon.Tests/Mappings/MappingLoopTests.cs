@@ -163,6 +163,26 @@ public sealed class MappingLoopTests
         }
     }
 
+    /// <summary>Nothing said that an export came read-only from the server, or that a partial last block was left out.</summary>
+    [Theory]
+    [InlineData(1UL << 30, false, false, 1, "-> Serving; 1073741824 bytes, 262144 blocks of 4096, read-write")]
+    [InlineData((1UL << 30) + 1000, true, false, 1, "-> Serving; 1073741824 bytes, 262144 blocks of 4096 (the export's last 1000 bytes, less than a block, not mapped), read-only (the server exports it read-only)")]
+    [InlineData(1UL << 30, false, true, 2, "-> Serving; 1073741824 bytes, 262144 blocks of 4096, read-only (ReadOnly), 2 connections")]
+    public async Task RunAsync_Serving_LineSaysSizeAccessAndConnections(ulong size, bool serverReadOnly, bool readOnly, int connections, string expected)
+    {
+        var logger = new ListLogger();
+        ushort flags = (ushort)(FakeConnector.DefaultExport.TransmissionFlags | (serverReadOnly ? ExportDescription.FlagReadOnly : 0));
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { Size = size, TransmissionFlags = flags });
+        var options = TestMappings.Create(kernelInterface: connections > 1 ? KernelInterface.Netlink : KernelInterface.Ioctl, readOnly: readOnly, connections: connections);
+        var loop = new MappingLoop(options, connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+
+        await running.WaitForAsync(MappingState.Serving);
+
+        Assert.Single(logger.Entries, e => e.Message.EndsWith(expected, StringComparison.Ordinal));
+        await running.StopAsync();
+    }
+
     [Theory]
     [InlineData(null, 8192u, null, "the server's minimum block size 8192 is above the largest the kernel takes (4096): this export cannot be mapped")]
     [InlineData(512u, 4096u, null, "the server's minimum block size 4096 is above BlockSize 512: set BlockSize to 4096")]
