@@ -11,7 +11,7 @@ dotnet publish "$repo_root/src/NbdDaemon/NbdDaemon.csproj" \
   --runtime linux-x64 \
   --self-contained true \
   -p:PublishSingleFile=true \
-  -p:GenerateDocumentationFile=false \
+  -p:PublishDocumentationFiles=false \
   --output "$out"
 
 cp "$repo_root/README.md" "$out/README.md"

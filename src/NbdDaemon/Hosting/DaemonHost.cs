@@ -33,8 +33,23 @@ internal static class DaemonHost
         {
             CheckAdminFileVisible(systemConfigPath);
             builder = CreateBuilder(hostArgs, systemConfigPath);
-            mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(builder.Configuration);
-            CheckLogging(builder.Configuration);
+            // Every problem in one run: the mappings' and the logging's.
+            var errors = new List<ConfigurationError>();
+            mappings = [];
+            try
+            {
+                mappings = new NbdConfigurationReader(new ProtocolUriParser()).Read(builder.Configuration);
+            }
+            catch (NbdConfigurationException ex)
+            {
+                errors.AddRange(ex.Errors);
+            }
+
+            errors.AddRange(LoggingErrors(builder.Configuration));
+            if (errors.Count > 0)
+            {
+                throw new NbdConfigurationException(errors);
+            }
         }
         catch (NbdConfigurationException ex)
         {
@@ -50,11 +65,6 @@ internal static class DaemonHost
             // Malformed JSON (the inner exception has the line and position), a file we may not read (the unit keeps no
             // CAP_DAC_OVERRIDE), or a malformed command-line switch: restarting cannot help, so the same exit code.
             await error.WriteLineAsync($"nbd-daemon: configuration error: {Describe(ex)}");
-            return ExitConfigurationError;
-        }
-        catch (LoggingConfigurationException ex)
-        {
-            await error.WriteLineAsync($"nbd-daemon: configuration error: {LoggingSection}: {Describe(ex.InnerException!)}");
             return ExitConfigurationError;
         }
 
@@ -99,50 +109,52 @@ internal static class DaemonHost
     /// Builds a throwaway logger from section <c>Serilog</c>, so that a bad value there (a level spelled <c>Warn</c>) is a
     /// configuration error now, not an exception when the host builds its logger, which systemd would restart forever.
     /// </summary>
-    private static void CheckLogging(IConfiguration configuration)
+    /// <summary>
+    /// What Serilog would refuse or skip in the <c>Serilog</c> section, each with its key. Serilog.Settings.Configuration
+    /// skips a WriteTo/Enrich/... entry it has no method for (a sink this build does not ship, arguments the method
+    /// does not take) with a SelfLog line only: logs the admin asked for would go nowhere. Its SelfLog is
+    /// process-wide, so it listens during this probe only.
+    /// </summary>
+    private static List<ConfigurationError> LoggingErrors(IConfiguration configuration)
     {
         IConfigurationSection section = configuration.GetSection(LoggingSection);
         var errors = new List<ConfigurationError>(LoggingSetup.LevelErrors(section));
         if (errors.Count > 0)
         {
-            throw new NbdConfigurationException(errors);
+            return errors; // the probe would only stop at the first of them, with Serilog's words
         }
 
-        // Serilog.Settings.Configuration skips a WriteTo/Enrich/... entry it has no method for (a sink this build
-        // does not ship, an argument the sink does not take) with a SelfLog line only: logs the admin asked for would
-        // go nowhere. Its SelfLog is process-wide, so it listens during this probe only.
-        var unresolved = new List<string>();
+        var selfLog = new List<string>();
         Serilog.Debugging.SelfLog.Enable(line =>
         {
-            lock (unresolved)
+            lock (selfLog)
             {
-                unresolved.Add(line);
+                selfLog.Add(line);
             }
         });
         try
         {
             var probe = new LoggerConfiguration();
-            probe.ReadFrom.Configuration(configuration);
+            probe.ReadFrom.Configuration(configuration, LoggingSetup.ReaderOptions);
             probe.CreateLogger().Dispose();
         }
+#pragma warning disable CA1031 // Whatever Serilog throws at a configuration it refuses is that configuration's error.
         catch (Exception ex)
+#pragma warning restore CA1031
         {
-            throw new LoggingConfigurationException(ex);
+            errors.Add(new ConfigurationError(LoggingSection, Describe(ex)));
         }
         finally
         {
             Serilog.Debugging.SelfLog.Disable();
         }
 
-        lock (unresolved)
+        lock (selfLog)
         {
-            errors.AddRange(LoggingSetup.UnresolvedMethodErrors(section, unresolved));
+            errors.AddRange(LoggingSetup.UnresolvedMethodErrors(section, selfLog));
         }
 
-        if (errors.Count > 0)
-        {
-            throw new NbdConfigurationException(errors);
-        }
+        return errors;
     }
 
     /// <summary>The message and every inner message: the JSON provider's own only says which file failed.</summary>
@@ -157,7 +169,6 @@ internal static class DaemonHost
         return text;
     }
 
-    private sealed class LoggingConfigurationException(Exception inner) : Exception(inner.Message, inner);
 
     /// <summary>Configuration sources, later ones winning: shipped defaults, the admin's file, environment, command line.</summary>
     public static HostApplicationBuilder CreateBuilder(string[] hostArgs, string systemConfigPath = SystemConfigPath)

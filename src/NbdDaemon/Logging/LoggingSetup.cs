@@ -1,4 +1,5 @@
 using Serilog;
+using Serilog.Settings.Configuration;
 
 namespace NbdDaemon.Logging;
 
@@ -39,6 +40,16 @@ internal static class LoggingSetup
             ? (device, inode)
             : null;
     }
+
+    /// <summary>
+    /// Where Serilog looks for sinks, enrichers and filters, named here: its own assembly (with the settings reader,
+    /// which offers <c>With</c>, <c>Logger</c> and <c>FromLogContext</c> for it) and the Console sink's. Left to find
+    /// them, it reads the dependency manifest, which the single-file build (deploy/publish.sh) has not, and then
+    /// refused any <c>WriteTo</c>. With the list given, a <c>Using</c> section is not read: an entry for an assembly this
+    /// build lacks is then refused by name (<see cref="UnresolvedMethodErrors"/>).
+    /// </summary>
+    public static ConfigurationReaderOptions ReaderOptions =>
+        new(typeof(Serilog.ILogger).Assembly, typeof(ConfigurationReaderOptions).Assembly, typeof(ConsoleLoggerConfigurationExtensions).Assembly);
 
     /// <summary>The sections whose entries name a configuration method (a sink, an enricher, ...) of an assembly.</summary>
     private static readonly string[] MethodSections = ["WriteTo", "AuditTo", "Enrich", "Filter", "Destructure"];
@@ -96,13 +107,24 @@ internal static class LoggingSetup
             string reason = argumentsRefused
                 ? $"'{name}' cannot be called with the arguments given ({ArgumentList(rest)}); it takes {Candidates(rest)}"
                 : $"no sink, enricher or filter called '{name}' in this build (it has Serilog's own and the Console sink; under systemd it writes to the journal by itself)";
+            bool keyed = false;
             foreach (IConfigurationSection entry in MethodSections.SelectMany(s => serilog.GetSection(s).GetChildren()))
             {
                 string? entryName = entry.Value ?? entry["Name"];
-                if (entryName == name && reported.Add(entry.Path))
+                if (entryName == name)
                 {
-                    yield return new(entry.Path, reason);
+                    keyed = true;
+                    if (reported.Add(entry.Path))
+                    {
+                        yield return new(entry.Path, reason);
+                    }
                 }
+            }
+
+            // An entry nested deeper (a sub-logger's WriteTo) has no top-level key to name.
+            if (!keyed && reported.Add(serilog.Path + "\n" + name))
+            {
+                yield return new(serilog.Path, reason);
             }
         }
 
@@ -126,7 +148,7 @@ internal static class LoggingSetup
 
     public static void Configure(LoggerConfiguration logger, IConfiguration configuration, bool journald)
     {
-        logger.ReadFrom.Configuration(configuration)
+        logger.ReadFrom.Configuration(configuration, ReaderOptions)
             .Enrich.FromLogContext();
         if (journald)
         {

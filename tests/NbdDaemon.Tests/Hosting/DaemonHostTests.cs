@@ -123,6 +123,33 @@ public sealed class DaemonHostTests
             error);
     }
 
+    /// <summary>A sub-logger's sink has no top-level entry to name: the section is named, not nothing said.</summary>
+    [Fact]
+    public async Task Run_NestedSinkThisBuildDoesNotShip_Exits78NamingTheSection()
+    {
+        using var dir = new TempDirectory();
+
+        (int exit, string error) = await RunAsync(dir.File("absent.json"),
+            "--Serilog:WriteTo:0:Name=Logger", "--Serilog:WriteTo:0:Args:configureLogger:WriteTo:0:Name=File");
+
+        Assert.Equal(DaemonHost.ExitConfigurationError, exit);
+        Assert.StartsWith("nbd-daemon: configuration error: Serilog: no sink, enricher or filter called 'File' in this build", error, StringComparison.Ordinal);
+    }
+
+    /// <summary>Every problem in one run: a mapping's error hid the logging's, so an admin fixed them one start at a time.</summary>
+    [Fact]
+    public async Task Run_MappingAndLoggingErrors_AllReportedAtOnce()
+    {
+        using var dir = new TempDirectory();
+
+        (int exit, string error) = await RunAsync(dir.File("absent.json"),
+            "--Nbd:Mappings:0:Name=x", "--Nbd:Mappings:0:Uri=bogus://", "--Serilog:WriteTo:0=File");
+
+        Assert.Equal(DaemonHost.ExitConfigurationError, exit);
+        Assert.Contains("configuration error: Nbd:Mappings:0:Uri: ", error, StringComparison.Ordinal);
+        Assert.Contains("configuration error: Serilog:WriteTo:0: no sink, enricher or filter called 'File'", error, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task Run_SinkGivenAnArgumentItDoesNotTake_Exits78NamingTheEntryAndArgument()
     {

@@ -8,7 +8,10 @@ public sealed class LoggingSetupLevelTests
     private static IConfigurationSection Serilog(params (string Key, string Value)[] values) =>
         new ConfigurationBuilder().AddInMemoryCollection(values.Select(v => KeyValuePair.Create("Serilog:" + v.Key, (string?)v.Value))).Build().GetSection("Serilog");
 
-    /// <summary>What Serilog takes, so the check never refuses a configuration Serilog would have run with.</summary>
+    /// <summary>
+    /// What Serilog takes is taken: the names in any case, a number of one of the six. (A number beyond them, which
+    /// Serilog would take as a level above Fatal and so log nothing, is refused: see the next test.)
+    /// </summary>
     [Theory]
     [InlineData("MinimumLevel:Default", "Warning")]
     [InlineData("MinimumLevel:Default", "debug")]
