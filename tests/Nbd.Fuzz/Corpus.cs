@@ -88,7 +88,7 @@ internal static class Corpus
         }
 
         ulong size = RandomSize(ref r);
-        ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS: proto.md requires it, and the client refuses an export without it
+        ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS, as proto.md requires: never 0, which the client refuses
         w.ExportNameReply(size, flags, zeroes: handshakeFlags == 0);
         return new ValidStream(w, Outcome.Export(ExportName, size, flags, null, null), "newstyle+export-name");
     }
@@ -114,7 +114,7 @@ internal static class Corpus
             // ERR_UNSUP to GO: the client falls back to EXPORT_NAME.
             w.Error(NbdOption.Go, NbdReplyType.ErrUnsup, r.OneIn(2) ? null : "GO unsupported");
             ulong size = RandomSize(ref r);
-            ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS: proto.md requires it, and the client refuses an export without it
+            ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS, as proto.md requires: never 0, which the client refuses
             w.ExportNameReply(size, flags, zeroes: !noZeroes);
             return new ValidStream(w, Outcome.Export(ExportName, size, flags, null, null), "go-unsup-fallback");
         }
@@ -140,7 +140,7 @@ internal static class Corpus
         }
 
         ulong size = RandomSize(ref r);
-        ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS: proto.md requires it, and the client refuses an export without it
+        ushort flags = (ushort)(r.NextU32() | 1); // NBD_FLAG_HAS_FLAGS, as proto.md requires: never 0, which the client refuses
         BlockSizeConstraints? blockSizes = r.OneIn(2) ? RandomBlockSizes(ref r) : null;
         string? name = r.OneIn(3) ? RandomString(ref r, 30) : null;
         string? description = r.OneIn(3) ? RandomString(ref r, 60) : null;

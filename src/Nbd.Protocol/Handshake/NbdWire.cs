@@ -336,12 +336,14 @@ internal static class NbdWire
         (BinaryPrimitives.ReadUInt64BigEndian(reply), RequireHasFlags((TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(reply[8..]), "NBD_OPT_EXPORT_NAME reply"));
 
     /// <summary>
-    /// proto.md: NBD_FLAG_HAS_FLAGS "MUST always be 1" in the transmission flags of the newstyle handshake. Without it
-    /// the bytes are no export's (a server answering another option there, or garbage), and their "size" would become
-    /// the device's. (The oldstyle handshake is not checked: servers before the flags field sent zeroes there.)
+    /// proto.md: NBD_FLAG_HAS_FLAGS "MUST always be 1" in the transmission flags. Refused as libnbd refuses them: when
+    /// they are all zero, which is what bytes that are no export's description give (a server answering another
+    /// option there: the reply magic's size, then the option number's high bytes); their "size" would otherwise become
+    /// the device's. Other flags without the bit are taken, as libnbd takes them. (The oldstyle handshake is not
+    /// checked: servers before the flags field sent zeroes there.)
     /// </summary>
     private static TransmissionFlags RequireHasFlags(TransmissionFlags flags, string what) =>
-        (flags & TransmissionFlags.HasFlags) != 0
+        flags != TransmissionFlags.None
             ? flags
-            : throw new NbdProtocolException(NbdProtocolError.InvalidValue, $"{what} has transmission flags 0x{(ushort)flags:x4} without NBD_FLAG_HAS_FLAGS, which proto.md requires: not an export's description.");
+            : throw new NbdProtocolException(NbdProtocolError.InvalidValue, $"{what} has transmission flags 0x0000, without NBD_FLAG_HAS_FLAGS, which proto.md requires: not an export's description.");
 }

@@ -29,7 +29,7 @@ public sealed class HandshakeFuzzTests
         _ => new string('n', r.Next(1, 300)),
     };
 
-    // NBD_FLAG_HAS_FLAGS always set: proto.md requires it, and the client refuses an export without it.
+    // NBD_FLAG_HAS_FLAGS always set, as proto.md requires: never 0, which the client refuses.
     private static TransmissionFlags RandomFlags(Random r) => (TransmissionFlags)(r.Next(0, 0x10000) | 1);
 
     // A valid server stream for one of the client's three operations (0 = GO, 1 = LIST, 2 = INFO).

@@ -52,22 +52,27 @@ public sealed class NbdHandshakeTests
     }
 
     /// <summary>
-    /// proto.md: NBD_FLAG_HAS_FLAGS "MUST always be 1". A server that answered the fallback NBD_OPT_EXPORT_NAME with
+    /// proto.md: NBD_FLAG_HAS_FLAGS "MUST always be 1"; all-zero flags are refused, as libnbd refuses them. A server
+    /// that answered the fallback NBD_OPT_EXPORT_NAME with
     /// option-reply bytes had them taken as an export of 0x3e889045565a9 bytes (1.1 PB) and flags 0, and the daemon
     /// went on to configure the kernel with it.
     /// </summary>
     [Fact]
     public async Task Go_TransmissionFlagsWithoutHasFlags_RefusedAsNoExportsDescription()
     {
-        var (info, _) = await FailAsync<NbdProtocolException>(ServerScript.Newstyle(1).InfoExport(NbdOption.Go, 4096, TransmissionFlags.SendFlush).Ack(NbdOption.Go));
+        var (info, _) = await FailAsync<NbdProtocolException>(ServerScript.Newstyle(1).InfoExport(NbdOption.Go, 4096, TransmissionFlags.None).Ack(NbdOption.Go));
         Assert.Equal(NbdProtocolError.InvalidValue, info.Error);
-        Assert.Equal("NBD_INFO_EXPORT has transmission flags 0x0004 without NBD_FLAG_HAS_FLAGS, which proto.md requires: not an export's description.", info.Detail);
+        Assert.Equal("NBD_INFO_EXPORT has transmission flags 0x0000, without NBD_FLAG_HAS_FLAGS, which proto.md requires: not an export's description.", info.Detail);
+
+        // Other flags without the bit are taken, as libnbd takes them.
+        var (lenient, _) = await GoAsync(ServerScript.Newstyle(1).InfoExport(NbdOption.Go, 4096, TransmissionFlags.SendFlush).Ack(NbdOption.Go));
+        Assert.Equal(TransmissionFlags.SendFlush, lenient.Flags);
 
         // The fallback, with option-reply bytes where the export should be: magic 0x0003e889045565a9, then option 1.
         var (fallback, _) = await FailAsync<NbdProtocolException>(
             ServerScript.Newstyle(3).Error(NbdOption.Go, NbdReplyType.ErrUnsup).Reply(NbdOption.ExportName, NbdReplyType.Ack, []));
         Assert.Equal(NbdProtocolError.InvalidValue, fallback.Error);
-        Assert.StartsWith("NBD_OPT_EXPORT_NAME reply has transmission flags 0x0000 without NBD_FLAG_HAS_FLAGS", fallback.Detail, StringComparison.Ordinal);
+        Assert.StartsWith("NBD_OPT_EXPORT_NAME reply has transmission flags 0x0000, without NBD_FLAG_HAS_FLAGS", fallback.Detail, StringComparison.Ordinal);
     }
 
     /// <summary>Servers from before the flags field sent zeroes there; the oldstyle handshake is not checked.</summary>
