@@ -4,13 +4,14 @@ namespace Nbd.Protocol;
 public static class NbdText
 {
     /// <summary>
-    /// <paramref name="text"/> with control characters and the backslash written as <c>\uXXXX</c>, JSON's spelling: a
-    /// newline would start a line of its own in a log (one that could pass for the daemon's), a TAB split a field, an
-    /// escape sequence drive the terminal. Everything else, non-ASCII letters included, is kept.
+    /// <paramref name="text"/> with control characters, the backslash, line and paragraph separators and format
+    /// characters (bidirectional overrides, which reorder what a terminal shows) written as <c>\uXXXX</c>, JSON's
+    /// spelling: a newline would start a line of its own in a log (one that could pass for the daemon's), a TAB split
+    /// a field, an escape sequence drive the terminal. Everything else, non-ASCII letters included, is kept.
     /// </summary>
     public static string Printable(string text)
     {
-        if (!text.Any(c => char.IsControl(c) || c == '\\'))
+        if (!text.Any(Escaped))
         {
             return text;
         }
@@ -18,7 +19,7 @@ public static class NbdText
         var escaped = new System.Text.StringBuilder(text.Length + 16);
         foreach (char c in text)
         {
-            if (char.IsControl(c) || c == '\\')
+            if (Escaped(c))
             {
                 escaped.Append(System.Globalization.CultureInfo.InvariantCulture, $"\\u{(int)c:x4}");
             }
@@ -30,4 +31,8 @@ public static class NbdText
 
         return escaped.ToString();
     }
+
+    private static bool Escaped(char c) => char.IsControl(c) || c == '\\'
+        || char.GetUnicodeCategory(c) is System.Globalization.UnicodeCategory.Format
+            or System.Globalization.UnicodeCategory.LineSeparator or System.Globalization.UnicodeCategory.ParagraphSeparator;
 }

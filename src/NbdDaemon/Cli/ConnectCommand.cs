@@ -113,7 +113,8 @@ internal static class ConnectCommand
             {
                 // The user's --block-size outside the server's range is a bad argument (2); the server's own preference
                 // or range not fitting the kernel's is a failure (1): there was no argument to fix.
-                return request.BlockSize is null ? CliExit.Error(stderr, $"{uri}: {why}") : CliExit.UsageError(stderr, $"{uri}: {why}");
+                bool argumentFixes = request.BlockSize is not null && !(export.BlockSizes?.Minimum > BlockSizePolicy.Maximum);
+                return argumentFixes ? CliExit.UsageError(stderr, $"{uri}: {why}") : CliExit.Error(stderr, $"{uri}: {why}");
             }
 
             var flags = export.Flags;

@@ -26,7 +26,7 @@ internal static class BlockSizePolicy
         if (serverMinimum is uint minimum && minimum > chosen)
         {
             return configured is null || minimum > Maximum
-                ? $"the server's minimum block size {minimum} is above the largest the kernel takes ({Maximum}): this export cannot be mapped"
+                ? $"the server's minimum block size {minimum} is above {Maximum}, the largest nbd-daemon gives the kernel (the page size, the most every kernel's nbd driver takes): this export cannot be mapped"
                 : $"the server's minimum block size {minimum} is above {setting} {chosen}: set {setting} to {minimum}";
         }
 

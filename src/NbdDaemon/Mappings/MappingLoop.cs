@@ -1032,7 +1032,7 @@ internal sealed class MappingLoop
                     // pool, which every mapping stopping at once can exhaust, and then ran them one after another.
                     // HandOver never throws.
                     List<INbdSession> sessions = _sessions;
-                    var handOvers = sessions.Select((session, slot) => new Thread(() => session.HandOver(slot))
+                    var handOvers = sessions.Select((session, slot) => new Thread(() => HandOverGuarded(session, slot))
                     {
                         IsBackground = true,
                         Name = string.Create(CultureInfo.InvariantCulture, $"nbd-handover {Name}/{slot}"),
@@ -1152,6 +1152,21 @@ internal sealed class MappingLoop
 
     private string DeviceText => Device ?? "(unassigned)";
 
+    /// <summary>On a thread of its own, where an exception would end the process: HandOver is not meant to throw.</summary>
+    private void HandOverGuarded(INbdSession session, int slot)
+    {
+        try
+        {
+            session.HandOver(slot);
+        }
+#pragma warning disable CA1031 // A stop must finish whatever one relay does.
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            MappingLog.ReleaseStepFailed(_logger, ex, Name, DeviceText, string.Create(CultureInfo.InvariantCulture, $"relay hand-over of connection {slot}"));
+        }
+    }
+
     /// <summary>
     /// What the device is, for the Serving line: its size in blocks (and what of the export a partial last block
     /// leaves out), whether it is writable and why not, the connections. Before, nothing said that an export came
@@ -1170,10 +1185,23 @@ internal sealed class MappingLoop
             + (_sessions.Count > 1 ? string.Create(CultureInfo.InvariantCulture, $", {_sessions.Count} connections") : "");
     }
 
-    /// <summary>A failure whose reason text says what happened: one of ours, the protocol's, a socket's, a kernel call's.</summary>
-    private static bool IsExplained(Exception exception) =>
-        exception is MappingException or Nbd.Protocol.NbdException or System.Net.Sockets.SocketException or TimeoutException
-            or Nbd.Kernel.NbdKernelException or IOException;
+    /// <summary>
+    /// A failure whose reason text says what happened: one of ours, the protocol's, a socket's, a kernel call's, all
+    /// the way down (a MappingException around a NullReferenceException is a bug, and keeps its trace).
+    /// </summary>
+    private static bool IsExplained(Exception exception)
+    {
+        for (Exception? e = exception; e is not null; e = e.InnerException)
+        {
+            if (e is not (MappingException or Nbd.Protocol.NbdException or System.Net.Sockets.SocketException or TimeoutException
+                or Nbd.Kernel.NbdKernelException or IOException))
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
 
     private void Transition(MappingState next, Exception? exception = null, string detail = "", bool quiet = false)
     {

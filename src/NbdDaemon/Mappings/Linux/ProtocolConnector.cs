@@ -45,8 +45,11 @@ internal sealed class ProtocolConnector(TimeProvider time) : INbdConnector
     {
         // proto.md: a server not in TLS mode MAY answer NBD_REP_ERR_TLS_REQD for an export it does not have, so that
         // its exports cannot be probed; and this version cannot run TLS (nbds:// is refused), so no URI would help.
+        NbdTlsRequiredException { Option: NbdOption.List } => "server requires TLS, which this version does not support",
         NbdTlsRequiredException => "server requires TLS, which this version does not support (or has no such export: a server may answer so for one it does not have)",
-        NbdTlsNotSupportedException => "TLS is not supported by this version",
+        NbdTlsNotSupportedException t => Clause(t.Detail),
+        // A unix socket's failure in words that say where to look; a TCP one in the socket error's few words.
+        NbdConnectException { Reason: string reason } => reason,
         NbdConnectException c => FailureText.Describe(c),
         NbdTimeoutException t => string.Create(CultureInfo.InvariantCulture, $"{(t.Phase == NbdTimeoutPhase.Connect ? "connect" : "handshake")} timed out after {t.Timeout.TotalSeconds:0.###} s"),
         NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + NbdText.Printable(s.ServerMessage) + ")")}",

@@ -51,6 +51,29 @@ public sealed class ProtocolConnectorTests
         Assert.Equal("evil\u001b[31mRED\n16:35:00.000 [INF] fake\a\\", e.ServerMessage); // kept as sent for a program
     }
 
+    /// <summary>
+    /// A unix socket's failure keeps its words (where to look): with stack traces at Debug, the exception's message no
+    /// longer reaches the journal, so "no such socket file" alone would be all an admin saw.
+    /// </summary>
+    [Fact]
+    public void Reason_UnixSocketFailure_SaysWhereToLook()
+    {
+        var e = new NbdConnectException("unix:/run/x.sock", new System.Net.Sockets.SocketException((int)System.Net.Sockets.SocketError.AddressNotAvailable),
+            "no such socket file (ENOENT): is the server running, and is /run/x.sock where it listens?");
+
+        Assert.Equal("no such socket file (ENOENT): is the server running, and is /run/x.sock where it listens?", ProtocolConnector.Reason(e));
+    }
+
+    [Fact]
+    public void Reason_Tls_ListingNamesNoExport_StartTlsAcceptedSaysWhatCanBeUsed()
+    {
+        Assert.Equal("server requires TLS, which this version does not support", ProtocolConnector.Reason(new NbdTlsRequiredException(NbdOption.List, null)));
+        Assert.Equal(
+            "the server accepted NBD_OPT_STARTTLS, but this client does not implement TLS sessions yet; only a server that also allows plaintext can be used, with an nbd:// URI",
+            ProtocolConnector.Reason(new NbdTlsNotSupportedException(
+                "The server accepted NBD_OPT_STARTTLS, but this client does not implement TLS sessions yet; only a server that also allows plaintext can be used, with an nbd:// URI.", serverAcceptedStartTls: true)));
+    }
+
     /// <summary>STATUS= said "protocol error: InvalidValue"; which field and which value were only in the stack trace.</summary>
     [Theory]
     [InlineData(NbdProtocolError.InvalidValue, "Preferred block size 3000 is not a power of 2 at least max(minimum 1, 512).", "protocol error: preferred block size 3000 is not a power of 2 at least max(minimum 1, 512)")]
