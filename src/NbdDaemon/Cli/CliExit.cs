@@ -25,6 +25,9 @@ internal static class CliExit
 
     public static int UsageError(TextWriter stderr, string message) => Tell(stderr, message, Usage);
 
+    /// <summary>A remark on standard error that changes nothing (best effort, as every message).</summary>
+    public static void Note(TextWriter stderr, string message) => Tell(stderr, "note: " + message, Ok);
+
     /// <summary>The message on standard error, if it can still be written (a closed terminal fails with EIO): the exit code says the rest.</summary>
     private static int Tell(TextWriter stderr, string message, int exit)
     {

@@ -24,6 +24,12 @@ internal static class ListCommand
             return CliExit.UsageError(stderr, $"invalid NBD URI '{uriText}': {why}");
         }
 
+        if (uri!.ExportName.Length > 0)
+        {
+            // Said, not refused: the URI may have been copied from a mapping, and the listing is what was asked for.
+            CliExit.Note(stderr, $"the export '{NbdText.Printable(uri.ExportName)}' in the URI is ignored: list shows every export of the server");
+        }
+
         IReadOnlyList<NbdExportListing> exports;
         try
         {

@@ -54,6 +54,21 @@ public sealed class ListCommandTests : IDisposable
         Assert.Equal("nbd-daemon: nbd://127.0.0.1:1/: connection refused\n", stderr.ToString());
     }
 
+    /// <summary>An export name in the URI was ignored without a word: whoever typed it may have expected that export only.</summary>
+    [Fact]
+    public async Task RunAsync_UriNamesAnExport_ListsEveryExportAndSaysTheNameWasIgnored()
+    {
+        string socket = await StartNbdkitAsync("plain");
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+
+        int exit = await ListCommand.RunAsync($"nbd+unix:///other?socket={socket}", json: false, stdout, stderr, CancellationToken.None);
+
+        Assert.Equal(0, exit);
+        Assert.Equal("plain\tdesc\\u000aline2\n", stdout.ToString());
+        Assert.Equal("nbd-daemon: note: the export 'other' in the URI is ignored: list shows every export of the server\n", stderr.ToString());
+    }
+
     /// <summary>Standard output refused (ENOSPC behind a redirection to a full disk): a message, exit 1, no stack trace.</summary>
     [Fact]
     public async Task RunAsync_StandardOutputRefuses_Exit1WithAMessage()
