@@ -16,12 +16,11 @@ internal static class CliExit
     public static int Error(TextWriter stderr, string message) => Tell(stderr, message, Failed);
 
     /// <summary>
-    /// A connect, handshake or listing that failed, in the daemon's words (<see cref="Mappings.Linux.ProtocolConnector.Reason"/>:
-    /// "server refused: NBD_REP_ERR_UNKNOWN, no such export"), except that a unix socket's own explanation is kept whole
-    /// ("is the server running, and is PATH where it listens?"): a terminal has room for it, STATUS= does not.
+    /// A connect, handshake or listing that failed, in the daemon's words (<see cref="Mappings.FailureText.Describe(Exception)"/>:
+    /// "server refused: NBD_REP_ERR_UNKNOWN, no such export", "no such socket file (ENOENT): is the server running, and
+    /// is PATH where it listens?").
     /// </summary>
-    public static int ServerFailure(TextWriter stderr, NbdUri uri, NbdException e) =>
-        Error(stderr, $"{uri}: {(e is NbdConnectException { Reason: string reason } ? reason : Mappings.Linux.ProtocolConnector.Reason(e))}");
+    public static int ServerFailure(TextWriter stderr, NbdUri uri, NbdException e) => Error(stderr, $"{uri}: {Mappings.FailureText.Describe(e)}");
 
     public static int UsageError(TextWriter stderr, string message) => Tell(stderr, message, Usage);
 

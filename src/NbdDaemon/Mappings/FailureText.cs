@@ -1,8 +1,13 @@
+using System.Globalization;
 using System.Net.Sockets;
+using Nbd.Protocol;
 
 namespace NbdDaemon.Mappings;
 
-/// <summary>Turns a failure into the few words shown in STATUS= ("connection refused"), by type.</summary>
+/// <summary>
+/// Turns a failure into the few words shown in STATUS= and the journal ("connection refused", "server refused:
+/// NBD_REP_ERR_UNKNOWN, no such export"), by type: for a mapping's attempts, the relay's reconnects and the verbs alike.
+/// </summary>
 internal static class FailureText
 {
     public static string Describe(Exception exception)
@@ -13,8 +18,12 @@ internal static class FailureText
             {
                 case MappingException m:
                     return m.Reason;
-                case Nbd.Protocol.NbdConnectException { Reason: not null, SocketError: SocketError.AddressNotAvailable }:
-                    return "no such socket file"; // a unix socket path; .NET's word for ENOENT would say "address not available"
+                case NbdConnectException { Reason: string reason }:
+                    return reason; // a unix socket's failure in words that say where to look
+                case NbdConnectException:
+                    break; // its SocketException, next, says it in a few words
+                case NbdException n:
+                    return Words(n);
                 case SocketException s:
                     return Describe(s.SocketErrorCode) ?? s.Message;
                 case TimeoutException:
@@ -26,6 +35,38 @@ internal static class FailureText
 
         return exception.Message;
     }
+
+    private static string Words(NbdException e) => e switch
+    {
+        // proto.md: a server not in TLS mode MAY answer NBD_REP_ERR_TLS_REQD for an export it does not have, so that
+        // its exports cannot be probed; and this version cannot run TLS (nbds:// is refused), so no URI would help.
+        NbdTlsRequiredException { Option: NbdOption.List } => "server requires TLS, which this version does not support",
+        NbdTlsRequiredException => "server requires TLS, which this version does not support (or has no such export: a server may answer so for one it does not have)",
+        NbdTimeoutException t => string.Create(CultureInfo.InvariantCulture, $"{(t.Phase == NbdTimeoutPhase.Connect ? "connect" : "handshake")} timed out after {t.Timeout.TotalSeconds:0.###} s"),
+        NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + NbdText.Printable(s.ServerMessage) + ")")}",
+        // What the server cannot do (select an export), or a connection that ended mid-message: the words say it all.
+        NbdProtocolException { Error: NbdProtocolError.Unsupported or NbdProtocolError.Truncated } p => Clause(p.Detail),
+        // The detail (which field, which value) is what an admin needs in STATUS=; the error's kind alone said nothing.
+        NbdProtocolException p => "protocol error: " + Clause(p.Detail),
+        _ => Clause(e.Detail), // NbdTlsNotSupportedException among them: its text says what can be used instead
+    };
+
+    /// <summary>A message as a clause inside a status line: no final period, a leading "Server" or "Connection" in lower case.</summary>
+    internal static string Clause(string message)
+    {
+        string text = NbdText.Printable(message.TrimEnd().TrimEnd('.'));
+        return text.Length > 1 && char.IsUpper(text[0]) && char.IsLower(text[1]) ? char.ToLowerInvariant(text[0]) + text[1..] : text;
+    }
+
+    /// <summary>What proto.md says a refusal means, where the reply's name alone would leave an admin guessing.</summary>
+    private static string Meaning(NbdReplyType reply) => reply switch
+    {
+        NbdReplyType.ErrUnknown => ", no such export",
+        NbdReplyType.ErrPolicy => ", forbidden by the server's policy",
+        NbdReplyType.ErrShutdown => ", the server is shutting down",
+        NbdReplyType.ErrBlockSizeReqd => ", the server requires block size negotiation",
+        _ => string.Empty,
+    };
 
     /// <summary>
     /// The first <paramref name="length"/> UTF-16 units of <paramref name="text"/> (all of it when shorter), one fewer

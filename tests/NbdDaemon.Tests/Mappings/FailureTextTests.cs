@@ -7,7 +7,7 @@ namespace NbdDaemon.Tests.Mappings;
 public sealed class FailureTextTests
 {
     [Fact]
-    public async Task Describe_MissingUnixSocket_NoSuchSocketFile()
+    public async Task Describe_MissingUnixSocket_NoSuchSocketFileAndWhereToLook()
     {
         using var dir = new TempDirectory();
         string path = dir.File("absent.sock");
@@ -15,7 +15,7 @@ public sealed class FailureTextTests
         var ex = await Assert.ThrowsAsync<NbdConnectException>(() => NbdClient.ConnectAsync(NbdUri.Parse($"nbd+unix:///x?socket={path}")));
 
         // Not "address not available", .NET's word for ENOENT.
-        Assert.Equal("no such socket file", FailureText.Describe(ex));
+        Assert.Equal($"no such socket file (ENOENT): is the server running, and is {path} where it listens?", FailureText.Describe(ex));
     }
 
     [Fact]
