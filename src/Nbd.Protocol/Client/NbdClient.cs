@@ -117,7 +117,7 @@ public static class NbdClient
         }
         catch (OperationCanceledException ex) when (timeout.IsCancellationRequested && !ct.IsCancellationRequested)
         {
-            throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Handshake, options.HandshakeTimeout, ex), uri);
+            throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Handshake, options.HandshakeTimeout, ex, handshake.Awaiting) { NoGreeting = handshake.BytesReceived == 0 }, uri);
         }
         catch (NbdException ex)
         {

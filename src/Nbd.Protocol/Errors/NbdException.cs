@@ -153,16 +153,31 @@ public enum NbdTimeoutPhase
 /// <summary>The server did not connect or finish the handshake in time.</summary>
 public sealed class NbdTimeoutException : NbdException
 {
-    public NbdTimeoutException(NbdTimeoutPhase phase, TimeSpan timeout, Exception? innerException = null)
-        : base($"{(phase == NbdTimeoutPhase.Connect ? "Connecting" : "Handshake")} timed out after {timeout.TotalMilliseconds:0} ms.", innerException)
+    /// <param name="phase">Which bound ran out.</param>
+    /// <param name="timeout">Its length.</param>
+    /// <param name="innerException">The cancellation or socket timeout.</param>
+    /// <param name="awaiting">What the handshake was waiting for when it ran out ("the server greeting …"), if known.</param>
+    public NbdTimeoutException(NbdTimeoutPhase phase, TimeSpan timeout, Exception? innerException = null, string? awaiting = null)
+        : base($"{(phase == NbdTimeoutPhase.Connect ? "Connecting" : "Handshake")} timed out after {timeout.TotalMilliseconds:0} ms{(awaiting is null ? "" : " waiting for " + awaiting)}.", innerException)
     {
         Phase = phase;
         Timeout = timeout;
+        Awaiting = awaiting;
     }
 
     public NbdTimeoutPhase Phase { get; }
 
     public TimeSpan Timeout { get; }
+
+    /// <summary>
+    /// What the handshake was reading or sending when its time ran out, e.g. "the server greeting (NBDMAGIC + magic)":
+    /// a server that accepted the connection and never sent its greeting is no NBD server, or a stuck one. Null for
+    /// <see cref="NbdTimeoutPhase.Connect"/>.
+    /// </summary>
+    public string? Awaiting { get; }
+
+    /// <summary>True when the connection was accepted and not one byte of the greeting came.</summary>
+    public bool NoGreeting { get; init; }
 }
 
 /// <summary>The TCP or unix-socket connection could not be established (or the host name did not resolve).</summary>

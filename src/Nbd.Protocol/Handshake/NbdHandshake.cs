@@ -32,6 +32,12 @@ internal sealed partial class NbdHandshake
     /// <summary>Client flags we sent (newstyle only).</summary>
     public ClientFlags SentFlags { get; private set; }
 
+    /// <summary>What the handshake reads or sends right now, or last did ("the server greeting …"); null before it began.</summary>
+    public string? Awaiting { get; private set; }
+
+    /// <summary>Bytes read from the server so far: 0 means it has not sent a byte of its greeting.</summary>
+    public long BytesReceived { get; private set; }
+
     private async ValueTask<byte[]> ReadExactAsync(int count, string what, CancellationToken ct)
     {
         var buffer = new byte[count];
@@ -40,9 +46,22 @@ internal sealed partial class NbdHandshake
             return buffer;
         }
 
+        Awaiting = what;
         try
         {
-            await _stream.ReadExactlyAsync(buffer, ct);
+            // ReadExactlyAsync would not say how much came before a cancellation; the count tells a server that sent
+            // nothing (no NBD server) from one that stopped half-way.
+            for (int read = 0; read < count;)
+            {
+                int n = await _stream.ReadAsync(buffer.AsMemory(read), ct);
+                if (n == 0)
+                {
+                    throw new EndOfStreamException();
+                }
+
+                read += n;
+                BytesReceived += n;
+            }
         }
         catch (EndOfStreamException ex)
         {
@@ -58,6 +77,7 @@ internal sealed partial class NbdHandshake
 
     private async ValueTask WriteAsync(byte[] message, string what, CancellationToken ct)
     {
+        Awaiting = "the server to take " + what;
         try
         {
             await _stream.WriteAsync(message, ct);

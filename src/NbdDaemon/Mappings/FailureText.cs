@@ -42,7 +42,7 @@ internal static class FailureText
         // its exports cannot be probed; and this version cannot run TLS (nbds:// is refused), so no URI would help.
         NbdTlsRequiredException { Option: NbdOption.List } => "server requires TLS, which this version does not support",
         NbdTlsRequiredException => "server requires TLS, which this version does not support (or has no such export: a server may answer so for one it does not have)",
-        NbdTimeoutException t => string.Create(CultureInfo.InvariantCulture, $"{(t.Phase == NbdTimeoutPhase.Connect ? "connect" : "handshake")} timed out after {t.Timeout.TotalSeconds:0.###} s"),
+        NbdTimeoutException t => Timeout(t),
         NbdServerErrorException s => $"server refused: {s.ReplyTypeName}{Meaning(s.ReplyType)}{(string.IsNullOrEmpty(s.ServerMessage) ? "" : " (" + NbdText.Printable(s.ServerMessage) + ")")}",
         // What the server cannot do (select an export), or a connection that ended mid-message: the words say it all.
         NbdProtocolException { Error: NbdProtocolError.Unsupported or NbdProtocolError.Truncated } p => Clause(p.Detail),
@@ -50,6 +50,22 @@ internal static class FailureText
         NbdProtocolException p => "protocol error: " + Clause(p.Detail),
         _ => Clause(e.Detail), // NbdTlsNotSupportedException among them: its text says what can be used instead
     };
+
+    /// <summary>
+    /// A connect that took too long, or a handshake: then what it waited for, since a server that accepted and never
+    /// sent its greeting (a port that is no NBD server's, or a hung server) needs another look than one that stalled later.
+    /// </summary>
+    private static string Timeout(NbdTimeoutException t)
+    {
+        FormattableString text = t switch
+        {
+            { Phase: NbdTimeoutPhase.Connect } => $"connect timed out after {t.Timeout.TotalSeconds:0.###} s",
+            { NoGreeting: true } => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s: the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)",
+            { Awaiting: string what } => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s waiting for {what}",
+            _ => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s",
+        };
+        return text.ToString(CultureInfo.InvariantCulture);
+    }
 
     /// <summary>A message as a clause inside a status line: no final period, a leading "Server" or "Connection" in lower case.</summary>
     internal static string Clause(string message)

@@ -8,17 +8,17 @@ public sealed class HandshakeTimeoutTests
 {
     private static readonly NbdUri Disk = NbdUri.Parse("nbd://server.test/disk");
 
-    public static TheoryData<string, byte[]> SilentAfter() => new()
+    public static TheoryData<string, byte[], string, bool> SilentAfter() => new()
     {
-        { "nothing", [] },
-        { "half a greeting", ServerScript.Newstyle(3).ToArray()[..10] },
-        { "greeting", ServerScript.Newstyle(3).ToArray() },
-        { "one INFO", ServerScript.Newstyle(3).InfoExport(NbdOption.Go, 1, TransmissionFlags.HasFlags).ToArray() },
+        { "nothing", [], "the server greeting (NBDMAGIC + magic)", true },
+        { "half a greeting", ServerScript.Newstyle(3).ToArray()[..10], "the server greeting (NBDMAGIC + magic)", false },
+        { "greeting", ServerScript.Newstyle(3).ToArray(), "the reply header to NBD_OPT_GO", false },
+        { "one INFO", ServerScript.Newstyle(3).InfoExport(NbdOption.Go, 1, TransmissionFlags.HasFlags).ToArray(), "the reply header to NBD_OPT_GO", false },
     };
 
     [Theory]
     [MemberData(nameof(SilentAfter))]
-    public async Task Go_ServerFallsSilent_TimeoutAfterHandshakeTimeout(string because, byte[] prefix)
+    public async Task Go_ServerFallsSilent_TimeoutAfterHandshakeTimeout(string because, byte[] prefix, string awaiting, bool noGreeting)
     {
         var options = new NbdClientOptions { HandshakeTimeout = TimeSpan.FromMilliseconds(300) };
         var watch = Stopwatch.StartNew();
@@ -30,6 +30,12 @@ public sealed class HandshakeTimeoutTests
         Assert.True(watch.Elapsed >= TimeSpan.FromMilliseconds(250), because);
         Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), because);
         Assert.Equal("server.test:10809", ex.Server);
+
+        // What it waited for: a server that sent nothing at all is no NBD server (or a stuck one), one that stopped
+        // later is another problem.
+        Assert.Equal(awaiting, ex.Awaiting);
+        Assert.Equal(noGreeting, ex.NoGreeting);
+        Assert.Contains($"timed out after 300 ms waiting for {awaiting}.", ex.Message, StringComparison.Ordinal);
     }
 
     [Fact]

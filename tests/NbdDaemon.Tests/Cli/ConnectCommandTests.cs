@@ -31,7 +31,7 @@ public sealed class ConnectCommandTests
         // 1 s, not the client's default 10 s; the message names the phase and the deadline.
         Assert.Equal(1, exit);
         Assert.InRange(clock.Elapsed.TotalSeconds, 0.9, 5);
-        Assert.Contains("/x: handshake timed out after 1 s", stderr.ToString(), StringComparison.Ordinal);
+        Assert.Contains("/x: handshake timed out after 1 s: the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)", stderr.ToString(), StringComparison.Ordinal);
         Assert.Equal("", stdout.ToString());
     }
 

@@ -32,4 +32,19 @@ public sealed class FailureTextTests
 
         Assert.Equal("connection refused", FailureText.Describe(ex));
     }
+
+    [Fact]
+    public void Describe_Timeouts_SayWhatWasAwaited()
+    {
+        var seconds = TimeSpan.FromSeconds(10);
+
+        Assert.Equal("connect timed out after 10 s", FailureText.Describe(new NbdTimeoutException(NbdTimeoutPhase.Connect, seconds)));
+        Assert.Equal(
+            "handshake timed out after 10 s: the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)",
+            FailureText.Describe(new NbdTimeoutException(NbdTimeoutPhase.Handshake, seconds, awaiting: "the server greeting (NBDMAGIC + magic)") { NoGreeting = true }));
+        Assert.Equal(
+            "handshake timed out after 10 s waiting for the reply header to NBD_OPT_GO",
+            FailureText.Describe(new NbdTimeoutException(NbdTimeoutPhase.Handshake, seconds, awaiting: "the reply header to NBD_OPT_GO")));
+        Assert.Equal("handshake timed out after 2.5 s", FailureText.Describe(new NbdTimeoutException(NbdTimeoutPhase.Handshake, TimeSpan.FromSeconds(2.5))));
+    }
 }
