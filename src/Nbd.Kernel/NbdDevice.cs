@@ -100,7 +100,8 @@ public sealed partial class NbdDevice : IDisposable
     /// <exception cref="ArgumentException">Wrong kind of socket; the kernel was not called.</exception>
     public void SetSocket(Socket socket)
     {
-        NbdValidation.ValidateSocket(socket, nameof(socket));
+        NbdValidation.ValidateSockets([socket], required: true, nameof(socket), Remembered());
+        NbdValidation.ClearTimeouts([socket]);
         Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
         Remember(socket);
     }
@@ -113,7 +114,8 @@ public sealed partial class NbdDevice : IDisposable
     public void SetSockets(IReadOnlyList<Socket> sockets)
     {
         ArgumentNullException.ThrowIfNull(sockets);
-        NbdValidation.ValidateSockets(sockets, required: true, nameof(sockets));
+        NbdValidation.ValidateSockets(sockets, required: true, nameof(sockets), Remembered());
+        NbdValidation.ClearTimeouts(sockets);
         foreach (var socket in sockets)
         {
             Check(_control.IoctlWithSocket(NbdConstants.NBD_SET_SOCK, socket.SafeHandle), nameof(NbdConstants.NBD_SET_SOCK));
@@ -238,6 +240,14 @@ public sealed partial class NbdDevice : IDisposable
     {
         Volatile.Write(ref _stopRequested, 1);
         Check(DisconnectBounded(), nameof(NbdConstants.NBD_DISCONNECT));
+    }
+
+    private Socket[] Remembered()
+    {
+        lock (_sockets)
+        {
+            return [.. _sockets];
+        }
     }
 
     private void Remember(Socket socket)

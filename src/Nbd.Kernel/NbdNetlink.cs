@@ -59,10 +59,14 @@ public sealed class NbdNetlink : IDisposable
         {
             NbdValidation.ValidateBlockSize(request.BlockSize, _pageSize, nameof(request));
         }
+
+        NbdValidation.ValidateSize(request.SizeBytes, request.BlockSize == 0 ? NbdConstants.DefaultBlockSize : request.BlockSize, nameof(request));
+        NbdValidation.ValidateBackendIdentifier(request.BackendIdentifier, _pageSize, nameof(request));
         ulong? timeout = request.Timeout is { } t ? NbdValidation.ToWholeSeconds(t, nameof(request)) : null;
         ulong? dead = request.DeadConnectionTimeout is { } d ? NbdValidation.ToWholeSeconds(d, nameof(request)) : null;
 
         string device = request.Index is int i ? NbdKernel.DevicePath(i) : "netlink nbd";
+        NbdValidation.ClearTimeouts(request.Sockets);
         using var lease = SocketDescriptorLease.Acquire(request.Sockets);
         uint sequence = _client.NextSequence();
         var replies = _client.Request(
@@ -96,9 +100,11 @@ public sealed class NbdNetlink : IDisposable
         ArgumentNullException.ThrowIfNull(request);
         ArgumentOutOfRangeException.ThrowIfNegative(request.Index);
         NbdValidation.ValidateSockets(request.Sockets, required: false, nameof(request));
+        NbdValidation.ValidateBackendIdentifier(request.BackendIdentifier, _pageSize, nameof(request));
         ulong? timeout = request.Timeout is { } t ? NbdValidation.ToWholeSeconds(t, nameof(request)) : null;
         ulong? dead = request.DeadConnectionTimeout is { } d ? NbdValidation.ToWholeSeconds(d, nameof(request)) : null;
 
+        NbdValidation.ClearTimeouts(request.Sockets ?? []);
         using var lease = SocketDescriptorLease.Acquire(request.Sockets);
         uint sequence = _client.NextSequence();
         _client.Request(

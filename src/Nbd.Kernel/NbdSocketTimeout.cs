@@ -15,38 +15,53 @@ namespace Nbd.Kernel;
 public static class NbdSocketTimeout
 {
     private const int SOL_SOCKET = 1;
+    private const int SO_RCVTIMEO = 20;
     private const int SO_SNDTIMEO = 21;
 
-    /// <summary>The socket's current SO_SNDTIMEO as the kernel has it; zero means "no timeout".</summary>
-    public static unsafe TimeSpan Read(Socket socket)
+    /// <summary>Which of the socket's two timeouts.</summary>
+    public enum Direction
+    {
+        /// <summary>SO_SNDTIMEO.</summary>
+        Send,
+
+        /// <summary>SO_RCVTIMEO: the driver's receive thread waits for replies with it.</summary>
+        Receive,
+    }
+
+    /// <summary>The socket's current SO_SNDTIMEO (or SO_RCVTIMEO) as the kernel has it; zero means "no timeout".</summary>
+    public static unsafe TimeSpan Read(Socket socket, Direction direction = Direction.Send)
     {
         ArgumentNullException.ThrowIfNull(socket);
         var value = default(Libc.TimeVal);
         uint length = (uint)sizeof(Libc.TimeVal);
-        if (Libc.GetSockOpt(socket.SafeHandle, SOL_SOCKET, SO_SNDTIMEO, &value, &length) < 0)
+        if (Libc.GetSockOpt(socket.SafeHandle, SOL_SOCKET, Option(direction), &value, &length) < 0)
         {
-            throw new NbdKernelException("socket", "getsockopt(SO_SNDTIMEO)", Marshal.GetLastPInvokeError());
+            throw new NbdKernelException("socket", $"getsockopt({Name(direction)})", Marshal.GetLastPInvokeError());
         }
 
         return TimeSpan.FromSeconds(value.Seconds) + TimeSpan.FromMicroseconds(value.Microseconds);
     }
 
-    /// <summary>Sets SO_SNDTIMEO to zero (no timeout), so that a later non-zero <see cref="Read"/> can only come from the driver.</summary>
-    public static void Clear(Socket socket) => Set(socket, TimeSpan.Zero);
+    /// <summary>Sets SO_SNDTIMEO (or SO_RCVTIMEO) to zero (no timeout), so that a later non-zero <see cref="Read"/> of SO_SNDTIMEO can only come from the driver.</summary>
+    public static void Clear(Socket socket, Direction direction = Direction.Send) => Set(socket, TimeSpan.Zero, direction);
 
     /// <summary>
     /// Sets SO_SNDTIMEO (whole microseconds; zero = no timeout). On a socket the driver holds this is how long the
     /// driver's sends may block on it before it gives the connection up.
     /// </summary>
-    public static unsafe void Set(Socket socket, TimeSpan timeout)
+    public static unsafe void Set(Socket socket, TimeSpan timeout, Direction direction = Direction.Send)
     {
         ArgumentNullException.ThrowIfNull(socket);
         ArgumentOutOfRangeException.ThrowIfLessThan(timeout, TimeSpan.Zero);
         long micros = timeout.Ticks / TimeSpan.TicksPerMicrosecond;
         var value = new Libc.TimeVal { Seconds = micros / 1_000_000, Microseconds = micros % 1_000_000 };
-        if (Libc.SetSockOpt(socket.SafeHandle, SOL_SOCKET, SO_SNDTIMEO, &value, (uint)sizeof(Libc.TimeVal)) < 0)
+        if (Libc.SetSockOpt(socket.SafeHandle, SOL_SOCKET, Option(direction), &value, (uint)sizeof(Libc.TimeVal)) < 0)
         {
-            throw new NbdKernelException("socket", "setsockopt(SO_SNDTIMEO)", Marshal.GetLastPInvokeError());
+            throw new NbdKernelException("socket", $"setsockopt({Name(direction)})", Marshal.GetLastPInvokeError());
         }
     }
+
+    private static int Option(Direction direction) => direction == Direction.Receive ? SO_RCVTIMEO : SO_SNDTIMEO;
+
+    private static string Name(Direction direction) => direction == Direction.Receive ? "SO_RCVTIMEO" : "SO_SNDTIMEO";
 }

@@ -164,6 +164,12 @@ public static class NbdSysfs
         {
             return null;
         }
+        catch (IOException) when (!Directory.Exists(dir))
+        {
+            // The device itself went away between the open and the read (DESTROY_ON_DISCONNECT, nbd_dev_remove):
+            // kernfs answers ENODEV, which .NET throws as a bare IOException. Absent, like the device.
+            return null;
+        }
     }
 
     private static ulong ParseUInt64(string text, string dir, string file)

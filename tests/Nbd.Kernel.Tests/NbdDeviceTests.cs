@@ -145,6 +145,54 @@ public sealed class NbdDeviceTests
     }
 
     [Fact]
+    public void SetSocket_CallersTimeoutsOnTheSocket_ClearedBeforeTheKernelGetsIt()
+    {
+        // The driver's receive thread reads with SO_RCVTIMEO: a handshake deadline left on the socket would end an
+        // idle device's connection after that long ("Receive control failed").
+        var (device, control) = Create();
+        var (client, server) = ConnectedTcpPair();
+        using (client)
+        using (server)
+        {
+            NbdSocketTimeout.Set(client, TimeSpan.FromSeconds(7), NbdSocketTimeout.Direction.Receive);
+            NbdSocketTimeout.Set(client, TimeSpan.FromSeconds(9));
+            Assert.Equal(TimeSpan.FromSeconds(7), NbdSocketTimeout.Read(client, NbdSocketTimeout.Direction.Receive));
+
+            device.SetSocket(client);
+
+            Assert.Equal(TimeSpan.Zero, NbdSocketTimeout.Read(client, NbdSocketTimeout.Direction.Receive));
+            Assert.Equal(TimeSpan.Zero, NbdSocketTimeout.Read(client));
+        }
+        Assert.Single(control.Calls);
+    }
+
+    [Fact]
+    public void SetSocket_SameConnectionTwice_RefusedBeforeKernel()
+    {
+        // Two slots on one stream would have two receive threads taking each other's replies; a dup(2) of the descriptor
+        // is the same connection too.
+        var (device, control) = Create();
+        var (client, server) = ConnectedTcpPair();
+        using (client)
+        using (server)
+        {
+            device.SetSocket(client);
+            var again = Assert.Throws<ArgumentException>(() => device.SetSocket(client));
+            Assert.Contains("already has", again.Message, StringComparison.Ordinal);
+            using var duplicate = new Socket(new SafeSocketHandle(Duplicate(client), ownsHandle: true));
+            Assert.Throws<ArgumentException>(() => device.SetSocket(duplicate));
+            Assert.Throws<ArgumentException>(() => Create().Device.SetSockets([client, duplicate]));
+        }
+        Assert.Single(control.Calls);
+    }
+
+    private static nint Duplicate(Socket socket) =>
+        Dup((int)socket.Handle) is int fd and >= 0 ? fd : throw new InvalidOperationException("dup failed");
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "dup", SetLastError = true)]
+    private static extern int Dup(int fd);
+
+    [Fact]
     public void SetSocket_KernelSaysEbusy_TypedExceptionWithExactMessage()
     {
         var (device, control) = Create("/dev/nbd0");

@@ -84,8 +84,61 @@ public sealed class NbdNetlinkTests
         {
             Assert.Throws<ArgumentOutOfRangeException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, BlockSize = 1000, Sockets = [client] }));
             Assert.Throws<ArgumentOutOfRangeException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, Timeout = TimeSpan.FromMilliseconds(10), Sockets = [client] }));
+
+            // A loff_t is signed (the kernel answers a bare EINVAL); a partial last block fails its reads.
+            Assert.Throws<ArgumentOutOfRangeException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = (ulong)long.MaxValue + 1, Sockets = [client] }));
+            var partial = Assert.Throws<ArgumentOutOfRangeException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096 + 512, BlockSize = 4096, Sockets = [client] }));
+            Assert.Contains("no whole number of 4096-byte blocks", partial.Message, StringComparison.Ordinal);
+            Assert.Throws<ArgumentOutOfRangeException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096 + 512, Sockets = [client] })); // default 1024
+
+            // One connection in two slots.
+            Assert.Throws<ArgumentException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, Sockets = [client, client] }));
         }
         Assert.Equal(sentBefore, kernel.Sent.Count);
+    }
+
+    [Theory]
+    [InlineData("", "is empty")]
+    [InlineData("a\0b", "control character")]
+    [InlineData("name\n", "control character")]
+    [InlineData(" name", "white space")]
+    [InlineData("name ", "white space")]
+    public void ConnectAndReconfigure_BackendIdentifierSysfsCannotGiveBack_RefusedBeforeKernel(string identifier, string why)
+    {
+        var kernel = new FakeNetlinkKernel();
+        using var netlink = NbdNetlink.Open(kernel, 4096);
+        int sentBefore = kernel.Sent.Count;
+        var (client, server) = ConnectedPair();
+        using (client)
+        using (server)
+        {
+            var connect = Assert.Throws<ArgumentException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, Sockets = [client], BackendIdentifier = identifier }));
+            Assert.Contains(why, connect.Message, StringComparison.Ordinal);
+            Assert.Throws<ArgumentException>(() => netlink.Reconfigure(new NbdNetlinkReconfigureRequest { Index = 0, BackendIdentifier = identifier }));
+            Assert.Throws<ArgumentException>(() => netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, Sockets = [client], BackendIdentifier = new string('x', 4096) }));
+        }
+        Assert.Equal(sentBefore, kernel.Sent.Count);
+    }
+
+    [Fact]
+    public void Connect_CallersReceiveTimeout_ClearedBeforeTheKernelGetsTheSocket()
+    {
+        var kernel = new FakeNetlinkKernel();
+        using var netlink = NbdNetlink.Open(kernel, 4096);
+        var (client, server) = ConnectedPair();
+        using (client)
+        using (server)
+        {
+            NbdSocketTimeout.Set(client, TimeSpan.FromSeconds(3), NbdSocketTimeout.Direction.Receive);
+            kernel.Handler = request => [
+                new NetlinkMessageBuilder(FakeNetlinkKernel.NbdFamilyId, 0, request.Sequence)
+                    .GenericHeader(NetlinkConstants.NBD_CMD_CONNECT, 1).AddUInt32(NetlinkConstants.NBD_ATTR_INDEX, 3).ToArray(),
+                FakeNetlinkKernel.Ack(request, 0),
+            ];
+
+            Assert.Equal(3, netlink.Connect(new NbdNetlinkConnectRequest { SizeBytes = 4096, Sockets = [client] }));
+            Assert.Equal(TimeSpan.Zero, NbdSocketTimeout.Read(client, NbdSocketTimeout.Direction.Receive));
+        }
     }
 
     [Fact]
