@@ -40,6 +40,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         var claims = new DeviceClaims(mappings);
         _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom, claims))];
         _stopping = [.. _loops.Select(_ => new CancellationTokenSource())];
+        WarnIfTheStoreIsTooSmall(mappings, store);
         foreach (MappingLoop loop in _loops)
         {
             loop.StateChanged += (_, _) => StatusChanged?.Invoke();
@@ -47,6 +48,20 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
             {
                 loop.StateChanged += (_, state) => ReleaseHandedOver(state, prefix);
             }
+        }
+    }
+
+    /// <summary>
+    /// A restart hands every relay connection of an <c>OnStop: Leave</c> netlink mapping to systemd's store, which closes
+    /// those beyond FileDescriptorStoreMax= (systemd 254+ says it in $FDSTORE): said once at start, not at the restart
+    /// that finds out.
+    /// </summary>
+    private void WarnIfTheStoreIsTooSmall(IReadOnlyList<MappingOptions> mappings, IFileDescriptorStore? store)
+    {
+        int ends = mappings.Where(m => m.OnStop == StopAction.Leave && RelayingConnector.ResumablePrefix(m) is not null).Sum(m => m.Connections);
+        if (store is { CanStore: true, Capacity: int capacity } && ends > capacity)
+        {
+            SupervisorLog.StoreTooSmall(_logger, ends, capacity);
         }
     }
 
@@ -161,4 +176,10 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
             stop.Dispose();
         }
     }
+}
+
+internal static partial class SupervisorLog
+{
+    [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Ends} relay connections would be handed over at a restart (OnStop: Leave), but systemd's file descriptor store holds {Capacity} (FileDescriptorStoreMax=): those beyond it end at a restart and their devices get new connections; raise FileDescriptorStoreMax= in a drop-in")]
+    public static partial void StoreTooSmall(ILogger logger, int ends, int capacity);
 }

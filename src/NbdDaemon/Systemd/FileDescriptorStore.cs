@@ -15,7 +15,20 @@ internal interface IFileDescriptorStore
     /// <summary>Whether <see cref="Store"/> can work at all: run by systemd, with a store it did not disable.</summary>
     bool CanStore { get; }
 
-    /// <summary>Gives systemd a descriptor for <paramref name="socket"/> under <paramref name="name"/>.</summary>
+    /// <summary>
+    /// Room for one more descriptor, held until <see cref="Store"/> uses it or <see cref="Unreserve"/> gives it up; false
+    /// when the unit's store is full. systemd closes a descriptor beyond FileDescriptorStoreMax= with nothing but a line in
+    /// its own log, so a hand-over must know before it stops the relay, not find out from a connection that died.
+    /// </summary>
+    bool TryReserve();
+
+    /// <summary>Gives up a <see cref="TryReserve"/> no <see cref="Store"/> used.</summary>
+    void Unreserve();
+
+    /// <summary>What the store holds at most, for messages ("FDSTORE=128"); null when systemd did not say (before 254).</summary>
+    int? Capacity { get; }
+
+    /// <summary>Gives systemd a descriptor for <paramref name="socket"/> under <paramref name="name"/>, in the room a <see cref="TryReserve"/> made.</summary>
     /// <exception cref="NbdKernelException">The notification socket refused the datagram.</exception>
     void Store(string name, Socket socket);
 
@@ -46,20 +59,55 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
     public const int ListenFdsStart = 3;
 
     private readonly string? _notifySocket;
-    private readonly bool _storeDisabled;
+    private readonly int? _capacity;
     private readonly ILogger _logger;
     private readonly Lock _lock = new();
     private readonly List<Entry> _inherited;
 
-    public SystemdFileDescriptorStore(string? notifySocket, bool storeDisabled, IEnumerable<(string Name, int Fd)> inherited, ILogger logger)
+    /// <summary>
+    /// Descriptors in systemd's store as far as this process knows: those it inherited (they stay in the store until
+    /// removed), plus those it stored or reserved room for, less those it removed.
+    /// </summary>
+    private int _held;
+
+    /// <param name="notifySocket">$NOTIFY_SOCKET; null or empty when not run by systemd.</param>
+    /// <param name="capacity">$FDSTORE: the unit's FileDescriptorStoreMax=, 0 for none; null when systemd did not say.</param>
+    /// <param name="inherited">The descriptors $LISTEN_FDS passed, by name.</param>
+    /// <param name="logger">For descriptors refused or left over.</param>
+    public SystemdFileDescriptorStore(string? notifySocket, int? capacity, IEnumerable<(string Name, int Fd)> inherited, ILogger logger)
     {
         _notifySocket = string.IsNullOrEmpty(notifySocket) ? null : notifySocket;
-        _storeDisabled = storeDisabled;
+        _capacity = capacity;
         _inherited = [.. inherited.Select(i => new Entry(i.Name, i.Fd, null))];
+        _held = _inherited.Count;
         _logger = logger;
     }
 
-    public bool CanStore => _notifySocket is not null && !_storeDisabled;
+    public bool CanStore => _notifySocket is not null && _capacity is not 0;
+
+    public int? Capacity => _capacity;
+
+    public bool TryReserve()
+    {
+        lock (_lock)
+        {
+            if (!CanStore || _held >= _capacity)
+            {
+                return false;
+            }
+
+            _held++;
+            return true;
+        }
+    }
+
+    public void Unreserve()
+    {
+        lock (_lock)
+        {
+            _held = Math.Max(0, _held - 1);
+        }
+    }
 
     /// <summary>The names of the inherited descriptors not taken yet.</summary>
     public IReadOnlyList<string> Inherited
@@ -74,7 +122,9 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
     }
 
     /// <summary>
-    /// Reads $NOTIFY_SOCKET (unusable is unset: <see cref="NotifySocket.Problem"/>), $FDSTORE (systemd 254+: the store's size; "0" means the unit has none) and $LISTEN_PID,
+    /// Reads $NOTIFY_SOCKET (unusable is unset: <see cref="NotifySocket.Problem"/>), $FDSTORE (systemd 254+ sets it to the
+    /// store's size when the unit has one, and leaves it unset otherwise; earlier versions never set it, so unset cannot
+    /// mean "none" here: the unit we ship has FileDescriptorStoreMax=128) and $LISTEN_PID,
     /// $LISTEN_FDS, $LISTEN_FDNAMES (only when LISTEN_PID is this process, as sd_listen_fds(3) does). Unnamed
     /// descriptors are called "unknown", as systemd does.
     /// </summary>
@@ -91,14 +141,15 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
             }
         }
 
-        return new SystemdFileDescriptorStore(NotifySocket.Usable(getVariable), getVariable("FDSTORE") == "0", inherited, logger);
+        int? capacity = int.TryParse(getVariable("FDSTORE"), NumberStyles.None, CultureInfo.InvariantCulture, out int size) ? size : null;
+        return new SystemdFileDescriptorStore(NotifySocket.Usable(getVariable), capacity, inherited, logger);
     }
 
     public void Store(string name, Socket socket)
     {
         if (!CanStore)
         {
-            throw new InvalidOperationException(_notifySocket is null ? "not run by systemd (no NOTIFY_SOCKET)" : "the unit has no file descriptor store (FDSTORE=0)");
+            throw new InvalidOperationException(_notifySocket is null ? "not run by systemd (no NOTIFY_SOCKET)" : "the unit has no file descriptor store (FileDescriptorStoreMax=0)");
         }
 
         UnixDescriptorPassing.Send(_notifySocket!, "FDSTORE=1\nFDNAME=" + name, socket.SafeHandle);
@@ -152,13 +203,21 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         // for this process (which would otherwise close it, ending the kernel's connection at once).
         if (CanStore)
         {
-            try
+            if (!TryReserve())
             {
-                Store(name, socket);
+                SystemdLog.GiveBackFailed(_logger, name, string.Create(CultureInfo.InvariantCulture, $"the store is full: FileDescriptorStoreMax={_capacity}"));
             }
-            catch (NbdKernelException e)
+            else
             {
-                SystemdLog.GiveBackFailed(_logger, name, e.Message);
+                try
+                {
+                    Store(name, socket);
+                }
+                catch (NbdKernelException e)
+                {
+                    Unreserve();
+                    SystemdLog.GiveBackFailed(_logger, name, e.Message);
+                }
             }
         }
 
@@ -213,6 +272,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         try
         {
             UnixDescriptorPassing.Send(_notifySocket, "FDSTOREREMOVE=1\nFDNAME=" + name, descriptor: null);
+            Unreserve();
             return true;
         }
         catch (NbdKernelException e)

@@ -194,6 +194,35 @@ public sealed class MappingSupervisorTests
         await supervisor.StopAsync(CancellationToken.None).WaitAsync(TestTimeout);
     }
 
+    [Theory]
+    [InlineData(3, false)]
+    [InlineData(2, true)]
+    [InlineData(null, false)] // systemd before 254 does not say
+    public void Constructor_LeaveRelayConnectionsBeyondTheStore_WarnedOnceAtStart(int? capacity, bool warned)
+    {
+        using var store = new FakeFileDescriptorStore(capacity: capacity);
+        var logs = new ListLogger();
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("fs", KernelInterface.Netlink, device: "/dev/nbd0") with { Relay = true, OnStop = StopAction.Leave, Connections = 2 },
+            TestMappings.Create("db", KernelInterface.Netlink, device: "/dev/nbd1") with { Relay = true, OnStop = StopAction.Leave },
+            TestMappings.Create("scratch", KernelInterface.Netlink, device: "/dev/nbd2") with { Relay = true }, // disconnected at a stop
+            TestMappings.Create("plain", KernelInterface.Netlink, device: "/dev/nbd3") with { OnStop = StopAction.Leave }, // no relay end
+        ];
+
+        using var supervisor = new MappingSupervisor(mappings, new FakeConnector(), new FakeKernel(), new FakeTimeProvider(), logs, () => 0.0, store);
+
+        string[] lines = [.. logs.Entries.Where(e => e.Message.Contains("file descriptor store holds", StringComparison.Ordinal)).Select(e => e.Message)];
+        if (warned)
+        {
+            Assert.Equal(["3 relay connections would be handed over at a restart (OnStop: Leave), but systemd's file descriptor store holds 2 (FileDescriptorStoreMax=): those beyond it end at a restart and their devices get new connections; raise FileDescriptorStoreMax= in a drop-in"], lines);
+        }
+        else
+        {
+            Assert.Empty(lines);
+        }
+    }
+
     [Fact]
     public async Task StartAsync_RelayEndsHandedOver_KeptWhileTheirMappingTriesReleasedOnceItServes()
     {

@@ -8,11 +8,36 @@ namespace NbdDaemon.Tests.Systemd;
 /// systemd's store in memory: <see cref="Store"/> keeps a duplicate of the descriptor (what SCM_RIGHTS gives systemd),
 /// <see cref="Take"/> hands one back as the next process would inherit it.
 /// </summary>
-internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescriptorStore, IDisposable
+internal sealed class FakeFileDescriptorStore(bool canStore = true, int? capacity = null) : IFileDescriptorStore, IDisposable
 {
     private readonly List<(string Name, Socket Socket)> _stored = [];
+    private int _reserved;
 
     public bool CanStore => canStore;
+
+    public int? Capacity => capacity;
+
+    public bool TryReserve()
+    {
+        lock (_stored)
+        {
+            if (!canStore || _stored.Count + _reserved >= capacity)
+            {
+                return false;
+            }
+
+            _reserved++;
+            return true;
+        }
+    }
+
+    public void Unreserve()
+    {
+        lock (_stored)
+        {
+            _reserved--;
+        }
+    }
 
     public IReadOnlyList<string> Names
     {
@@ -30,6 +55,7 @@ internal sealed class FakeFileDescriptorStore(bool canStore = true) : IFileDescr
         Socket copy = Descriptors.Duplicate(socket);
         lock (_stored)
         {
+            _reserved = Math.Max(0, _reserved - 1); // Store uses the room TryReserve made (GiveBack and test set-ups reserve none)
             _stored.Add((name, copy));
         }
     }

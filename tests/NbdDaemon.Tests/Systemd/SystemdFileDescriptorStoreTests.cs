@@ -53,7 +53,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
 
     [Theory]
     [InlineData(null, null, false)] // not run by systemd
-    [InlineData("/run/systemd/notify", "0", false)] // systemd 254+ says the unit has no store
+    [InlineData("/run/systemd/notify", "0", false)] // a store of size 0 (systemd itself leaves FDSTORE unset then)
     [InlineData("/run/systemd/notify", "128", true)]
     [InlineData("/run/systemd/notify", null, true)] // systemd < 254 does not say
     public void CanStore_NeedsANotifySocketAndAStoreNotDisabled(string? notify, string? fdstore, bool expected)
@@ -72,7 +72,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, Socket relayEnd) = Pair();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), storeDisabled: false, [], NullLogger.Instance);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), capacity: null, [], NullLogger.Instance);
 
         store.Store("nbd-relay/fs/0", relayEnd);
         relayEnd.Dispose();
@@ -90,7 +90,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, int inherited) = Inherited();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs2/0", -1), ("nbd-relay/fs/0", inherited)], NullLogger.Instance);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [("nbd-relay/fs2/0", -1), ("nbd-relay/fs/0", inherited)], NullLogger.Instance);
 
         using Socket? taken = store.Take("nbd-relay/fs/")?.Socket;
 
@@ -104,12 +104,69 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     }
 
     [Fact]
+    public void TryReserve_FdstoreSaysTheSize_CountsWhatIsInTheStoreAndARemovalMakesRoom()
+    {
+        // systemd 254+ sets FDSTORE to FileDescriptorStoreMax= and closes a descriptor beyond it, saying so only in its
+        // own log: an inherited descriptor is in the store until removed, a reservation holds its room until used or
+        // given up.
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (Socket kernel, int inherited) = Inherited();
+        using (kernel)
+        {
+            Assert.Equal(2, FromEnvironment(new() { ["NOTIFY_SOCKET"] = _dir.File("notify"), ["FDSTORE"] = "2" }).Capacity);
+            var store = new SystemdFileDescriptorStore(_dir.File("notify"), 2, [("nbd-relay/fs/0", inherited)], NullLogger.Instance);
+
+            Assert.True(store.TryReserve());
+            Assert.False(store.TryReserve()); // 1 inherited + 1 reserved
+            store.Unreserve();
+            Assert.True(store.TryReserve());
+
+            using Socket? taken = store.Take("nbd-relay/fs/")?.Socket; // FDSTOREREMOVE: one fewer in the store
+            Assert.NotNull(taken);
+            Assert.True(store.TryReserve());
+            Assert.False(store.TryReserve());
+        }
+    }
+
+    [Fact]
+    public void GiveBack_StoreFull_KeptForThisProcessOnlyAndSaysWhy()
+    {
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        var logs = new ListLogger();
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), 1, [], logs);
+        Assert.True(store.TryReserve());
+        (Socket kernel, Socket relayEnd) = Pair();
+        using (kernel)
+        {
+            store.GiveBack("nbd-relay/fs/returned-0", relayEnd);
+
+            Assert.Contains(logs.Entries, e => e.Message == "Descriptor nbd-relay/fs/returned-0 could not go back to systemd's file descriptor store (the store is full: FileDescriptorStoreMax=1): kept for this process only, a stop now closes it");
+            systemd.ReceiveTimeout = 200;
+            Assert.Throws<SocketException>(() => systemd.Receive(new byte[64])); // no FDSTORE=1 went out
+            using Socket? again = store.Take("nbd-relay/fs/")?.Socket;
+            Assert.Same(relayEnd, again);
+        }
+    }
+
+    [Fact]
+    public void TryReserve_SizeUnknown_AlwaysRoom()
+    {
+        // Before systemd 254 FDSTORE is never set: nothing to count against.
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [], NullLogger.Instance);
+        Assert.Null(store.Capacity);
+        for (int i = 0; i < 200; i++)
+        {
+            Assert.True(store.TryReserve());
+        }
+    }
+
+    [Fact]
     public void Take_RemovalFails_NotUsedAndClosed()
     {
         // Used while still in the store, a later start would get it back in the middle of a request.
         (Socket kernel, int inherited) = Inherited();
         var logs = new ListLogger();
-        var store = new SystemdFileDescriptorStore(_dir.File("nobody-listens"), false, [("nbd-relay/fs/0", inherited)], logs);
+        var store = new SystemdFileDescriptorStore(_dir.File("nobody-listens"), null, [("nbd-relay/fs/0", inherited)], logs);
 
         Assert.Null(store.Take("nbd-relay/fs/"));
 
@@ -125,7 +182,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         using var datagram = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
         (Socket kernel, int good) = Inherited();
         var logs = new ListLogger();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", Descriptors.Dup((int)datagram.Handle)), ("nbd-relay/fs/1", good)], logs);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [("nbd-relay/fs/0", Descriptors.Dup((int)datagram.Handle)), ("nbd-relay/fs/1", good)], logs);
 
         using Socket? taken = store.Take("nbd-relay/fs/")?.Socket;
 
@@ -143,7 +200,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, int inherited) = Inherited();
         (Socket keptKernel, int kept) = Inherited();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/gone/0", inherited), ("nbd-relay/fs/0", kept)], NullLogger.Instance);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [("nbd-relay/gone/0", inherited), ("nbd-relay/fs/0", kept)], NullLogger.Instance);
 
         Assert.Equal(["nbd-relay/gone/0"], store.ReleaseUnclaimed(name => name.StartsWith("nbd-relay/gone/", StringComparison.Ordinal)));
 
@@ -170,7 +227,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, int inherited) = Inherited();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/1", inherited)], NullLogger.Instance);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [("nbd-relay/fs/1", inherited)], NullLogger.Instance);
         (string name, Socket socket) = Assert.NotNull(store.Take("nbd-relay/fs/"));
         Assert.Equal("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/1", Descriptors.Receive(systemd).Text);
         kernel.Send("queued"u8); // a request the kernel sent meanwhile: it must reach whoever takes the end next
@@ -198,7 +255,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
     {
         using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
         (Socket kernel, int inherited) = Inherited();
-        var store = new SystemdFileDescriptorStore(_dir.File("notify"), false, [("nbd-relay/fs/0", inherited)], NullLogger.Instance);
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), null, [("nbd-relay/fs/0", inherited)], NullLogger.Instance);
         (string name, Socket socket) = Assert.NotNull(store.Take("nbd-relay/fs/"));
         store.GiveBack(name, socket);
         Descriptors.Receive(systemd); // FDSTOREREMOVE
@@ -222,7 +279,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         (string Name, Socket Socket) taken;
         using (Descriptors.BindDatagram(notify))
         {
-            store = new SystemdFileDescriptorStore(notify, false, [("nbd-relay/fs/0", inherited)], logs);
+            store = new SystemdFileDescriptorStore(notify, null, [("nbd-relay/fs/0", inherited)], logs);
             taken = Assert.NotNull(store.Take("nbd-relay/fs/"));
         }
 

@@ -117,6 +117,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             return;
         }
 
+        // Before anything is raised or stopped: systemd would close an end beyond FileDescriptorStoreMax= and say so only
+        // in its own log, and this relay would have stopped reading for nothing, its kernel end at the hand-over timeout.
+        if (!_store.TryReserve())
+        {
+            RelayLog.NotHandedOver(_logger, null, mapping.Name, device, string.Create(CultureInfo.InvariantCulture,
+                $"systemd's file descriptor store is full (FileDescriptorStoreMax={_store.Capacity}): raise it in the unit to hand every relay connection over"));
+            return;
+        }
+
+        bool stored = false;
         string name = DescriptorName(mapping, slot);
         try
         {
@@ -128,7 +138,11 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                 NbdSocketTimeout.Set(kernelEnd, MappingLoop.HandOverTimeout);
             }
 
-            if (relay.TryHandOver(HandOverLimit, end => _store.Store(name, end)))
+            if (relay.TryHandOver(HandOverLimit, end =>
+            {
+                _store.Store(name, end);
+                stored = true;
+            }))
             {
                 RelayLog.HandedOver(_logger, mapping.Name, device, name);
             }
@@ -144,6 +158,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 #pragma warning restore CA1031
         {
             RelayLog.NotHandedOver(_logger, e, mapping.Name, device, "passing it to systemd failed: " + e.Message);
+        }
+        finally
+        {
+            if (!stored)
+            {
+                _store.Unreserve();
+            }
         }
     }
 

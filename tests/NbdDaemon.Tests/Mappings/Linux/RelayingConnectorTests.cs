@@ -330,6 +330,38 @@ public sealed class RelayingConnectorTests : IDisposable
     }
 
     [Fact]
+    public async Task HandOver_StoreFull_NotStoppedNotRaisedAndSaysWhy()
+    {
+        // systemd would close an end beyond FileDescriptorStoreMax= (FDSTORE=, systemd 254+) with a line in its own log
+        // only: the relay must not stop reading for it, nor leave the kernel's end at the hand-over timeout.
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore(capacity: 1);
+        (Socket otherKernel, Socket otherEnd) = Nbd.Kernel.NbdSocketPair.Create();
+        using (otherKernel)
+        using (otherEnd)
+        {
+            store.Store("nbd-relay/other/0", otherEnd); // the one place taken
+        }
+
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(session.Socket);
+        session.Serves("/dev/nbd5");
+        TimeSpan before = Nbd.Kernel.NbdSocketTimeout.Read(kernel);
+
+        session.HandOver(0);
+
+        Assert.Equal(["nbd-relay/other/0"], store.Names);
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message.StartsWith("Mapping data on /dev/nbd5: relay not handed over (systemd's file descriptor store is full (FileDescriptorStoreMax=1): raise it in the unit to hand every relay connection over);", StringComparison.Ordinal));
+        Assert.Equal(before, Nbd.Kernel.NbdSocketTimeout.Read(kernel));
+        byte[] data = Pattern(4096, 5);
+        Write(kernel, 1, 8192, data); // still relaying
+        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+        session.Dispose();
+    }
+
+    [Fact]
     public async Task ConnectAsync_IoctlMapping_NeverTakesAStoredEnd()
     {
         await StartServerAsync(DiskSize);
