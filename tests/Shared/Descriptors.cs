@@ -29,6 +29,9 @@ internal static unsafe partial class Descriptors
 
     public static bool IsCloseOnExec(int fd) => (Fcntl(fd, FGetFd, 0) & FdCloexec) != 0;
 
+    /// <summary>fcntl(F_GET_SEALS): the seals of a memfd (F_SEAL_SEAL 1, SHRINK 2, GROW 4, WRITE 8).</summary>
+    public static int Seals(int fd) => Fcntl(fd, 1034, 0);
+
     /// <summary>A datagram socket bound at <paramref name="path"/> ('@' for an abstract name), 5 s receive timeout.</summary>
     public static Socket BindDatagram(string path)
     {

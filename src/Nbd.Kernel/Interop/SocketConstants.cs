@@ -1,6 +1,9 @@
 namespace Nbd.Kernel.Interop;
 
-/// <summary>socket(2), socketpair(2), sendmsg(2) and fcntl(2) values for the relay's socket pair and passing its end on (sys/socket.h, fcntl.h; checked by HeaderConstantsTests).</summary>
+/// <summary>
+/// socket(2), socketpair(2), sendmsg(2), fcntl(2) and memfd_create(2) values for the relay's socket pair, passing its end
+/// on, and passing journald a record too large for a datagram (sys/socket.h, fcntl.h, sys/mman.h; checked by HeaderConstantsTests).
+/// </summary>
 internal static class SocketConstants
 {
     public const int AF_UNIX = 1;
@@ -18,6 +21,15 @@ internal static class SocketConstants
     public const int SO_PEEK_OFF = 42;
     public const int SCM_RIGHTS = 1;
     public const int MSG_NOSIGNAL = 0x4000;
+    public const int MSG_DONTWAIT = 0x40;
+    public const int MFD_CLOEXEC = 1;
+    public const int MFD_ALLOW_SEALING = 2;
+    public const int F_ADD_SEALS = 1033;
+    public const int F_GET_SEALS = 1034;
+    public const int F_SEAL_SEAL = 1;
+    public const int F_SEAL_SHRINK = 2;
+    public const int F_SEAL_GROW = 4;
+    public const int F_SEAL_WRITE = 8;
     public const int F_GETFD = 1;
     public const int F_SETFD = 2;
     public const int FD_CLOEXEC = 1;

@@ -14,8 +14,15 @@ namespace NbdDaemon.Logging;
 /// </summary>
 internal static class JournaldFormat
 {
-    /// <summary>Per-value cap so a huge exception cannot exceed the socket's datagram limit.</summary>
-    public const int MaxValueBytes = 48 * 1024;
+    /// <summary>
+    /// Per-value cap, far above any record the daemon writes (a long exception chain is tens of KiB): only a runaway value
+    /// is cut, and then visibly (<see cref="CutMark"/>). A record larger than a datagram goes to journald in a memfd
+    /// (<see cref="JournaldSink"/>), as sd_journal_sendv does, so the cap is not what keeps records whole.
+    /// </summary>
+    public const int MaxValueBytes = 1024 * 1024;
+
+    /// <summary>Appended to a value cut at <see cref="MaxValueBytes"/>: "… [N more bytes cut]".</summary>
+    public const string CutMark = " [{0} more bytes cut]";
 
     /// <summary>Field names the sink writes itself; same-named properties are not repeated.</summary>
     private static readonly HashSet<string> s_reserved = new(StringComparer.Ordinal)
@@ -112,12 +119,13 @@ internal static class JournaldFormat
             length--;
         }
 
+        byte[] mark = length == bytes.Length ? [] : Encoding.ASCII.GetBytes(string.Format(CultureInfo.InvariantCulture, CutMark, bytes.Length - length));
         Write(buffer, Encoding.ASCII.GetBytes(name));
         if (value.Contains('\n', StringComparison.Ordinal))
         {
             Write(buffer, "\n"u8);
             Span<byte> size = buffer.GetSpan(8)[..8];
-            BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)length);
+            BinaryPrimitives.WriteUInt64LittleEndian(size, (ulong)(length + mark.Length));
             buffer.Advance(8);
         }
         else
@@ -126,6 +134,7 @@ internal static class JournaldFormat
         }
 
         Write(buffer, bytes.AsSpan(0, length));
+        Write(buffer, mark);
         Write(buffer, "\n"u8);
     }
 

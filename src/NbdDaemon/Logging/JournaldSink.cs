@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Net.Sockets;
 using System.Text;
+using Nbd.Kernel;
 using Serilog.Core;
 using Serilog.Debugging;
 using Serilog.Events;
@@ -12,7 +13,8 @@ namespace NbdDaemon.Logging;
 /// journald that does not read (stopped, restarting, its queue full) must not stall the mapping that logs, since its
 /// state machine logs each transition on its own flow and the watchdog would not see a loop waiting there. Records
 /// that find the socket full are dropped and counted, and the next record that goes through is preceded by one that
-/// says how many were lost (journald itself drops the same way under its rate limit).
+/// says how many were lost (journald itself drops the same way under its rate limit). A record larger than one datagram
+/// (EMSGSIZE: over the socket's send buffer, about 208 KiB) goes in a sealed memfd instead, as sd_journal_sendv sends it.
 /// </summary>
 internal sealed class JournaldSink : ILogEventSink, IDisposable
 {
@@ -21,6 +23,7 @@ internal sealed class JournaldSink : ILogEventSink, IDisposable
 
     private readonly Socket _socket = new(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified) { Blocking = false };
     private readonly UnixDomainSocketEndPoint _endPoint;
+    private readonly string _socketPath;
     private readonly string _identifier;
     private readonly Lock _lock = new();
     private long _dropped;
@@ -28,6 +31,7 @@ internal sealed class JournaldSink : ILogEventSink, IDisposable
     public JournaldSink(string socketPath = DefaultSocketPath, string identifier = Identifier)
     {
         _endPoint = new UnixDomainSocketEndPoint(socketPath);
+        _socketPath = socketPath;
         _identifier = identifier;
     }
 
@@ -58,10 +62,29 @@ internal sealed class JournaldSink : ILogEventSink, IDisposable
             _socket.SendTo(datagram, _endPoint);
             return true;
         }
+        catch (SocketException ex) when (ex.SocketErrorCode is SocketError.MessageSize or SocketError.NoBufferSpaceAvailable)
+        {
+            // Too large for a datagram: not a journald that does not read, so not counted as one.
+            return TrySendInMemoryFile(datagram);
+        }
         catch (SocketException ex)
         {
             // Logging must never take the daemon down, nor wait: journald restarting or not reading loses these lines.
             SelfLog.WriteLine("journald send failed ({0})", ex.SocketErrorCode);
+            return false;
+        }
+    }
+
+    private bool TrySendInMemoryFile(byte[] record)
+    {
+        try
+        {
+            UnixDescriptorPassing.SendSealedMemoryFile(_socketPath, record, "journal-record");
+            return true;
+        }
+        catch (NbdKernelException ex)
+        {
+            SelfLog.WriteLine("journald send of a {0}-byte record in a memfd failed ({1})", record.Length, ex.Message);
             return false;
         }
     }

@@ -13,7 +13,7 @@ public sealed class HeaderConstantsTests
 {
     private static readonly string[] Headers =
     [
-        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h", "sys/stat.h", "stddef.h", "signal.h",
+        "sys/ioctl.h", "linux/nbd.h", "linux/nbd-netlink.h", "linux/netlink.h", "linux/genetlink.h", "sys/socket.h", "fcntl.h", "errno.h", "poll.h", "sys/eventfd.h", "sys/stat.h", "stddef.h", "signal.h", "sys/mman.h",
     ];
 
     // Names whose C spelling differs from a field name, or that are not #defines/enums in a header we include.

@@ -155,8 +155,45 @@ public sealed class JournaldSinkTests
         Assert.True(datagram.AsSpan().StartsWith("MESSAGE="u8));
         int newline = Array.IndexOf(datagram, (byte)'\n');
         byte[] value = datagram["MESSAGE=".Length..newline];
-        Assert.Equal(JournaldFormat.MaxValueBytes - 1, value.Length);
-        Assert.Equal(new string('a', JournaldFormat.MaxValueBytes - 1), new UTF8Encoding(false, throwOnInvalidBytes: true).GetString(value));
+        // Cut visibly: a reader sees that, and how much, is missing.
+        int cut = Encoding.UTF8.GetByteCount(message) - (JournaldFormat.MaxValueBytes - 1);
+        Assert.Equal(new string('a', JournaldFormat.MaxValueBytes - 1) + $" [{cut} more bytes cut]", new UTF8Encoding(false, throwOnInvalidBytes: true).GetString(value));
+    }
+
+    [Fact]
+    public void Emit_RecordLargerThanADatagram_GoesWholeInASealedMemfd()
+    {
+        // A long exception chain (its outer stack trace last) was cut at 48 KiB without a mark; a datagram over the send
+        // buffer fails with EMSGSIZE, which was then counted as "journald was not reading". sd_journal_sendv passes such
+        // a record in a sealed memfd, and so does the sink now.
+        using var dir = new TempDirectory();
+        using System.Net.Sockets.Socket journal = TestSupport.Descriptors.BindDatagram(dir.File("journal"));
+        using var sink = new JournaldSink(dir.File("journal"));
+        using Serilog.Core.Logger serilog = new LoggerConfiguration().WriteTo.Sink(sink).CreateLogger();
+        string trace = string.Join('\n', Enumerable.Range(0, 9000).Select(i => $"   at Frame{i:D5}.Method() in /src/File.cs:line {i}"));
+
+        serilog.Error(new WithTrace(new InvalidOperationException("outer", new IOException("inner")), trace), "failed {Mapping}", "fs");
+
+        (string text, int[] fds) = TestSupport.Descriptors.Receive(journal);
+        Assert.Equal("", text);
+        int memfd = Assert.Single(fds);
+        using var handle = new Microsoft.Win32.SafeHandles.SafeFileHandle(memfd, ownsHandle: true);
+        Assert.Equal(15, TestSupport.Descriptors.Seals(memfd)); // SEAL, SHRINK, GROW, WRITE: journald refuses an unsealed one from non-root
+        byte[] record = new byte[RandomAccess.GetLength(handle)];
+        Assert.Equal(record.Length, RandomAccess.Read(handle, record, 0));
+        Assert.InRange(record.Length, 300_000, JournaldFormat.MaxValueBytes);
+        (Dictionary<string, string> f, HashSet<string> binary) = Parse(record);
+        Assert.Equal("failed fs", f["MESSAGE"]);
+        Assert.Equal("fs", f["MAPPING"]);
+        Assert.EndsWith("   at Frame08999.Method() in /src/File.cs:line 8999", f["EXCEPTION"], StringComparison.Ordinal);
+        Assert.Contains("EXCEPTION", binary);
+        Assert.Equal(0, sink.Dropped);
+    }
+
+    /// <summary>An exception whose ToString is a given (long) stack trace.</summary>
+    private sealed class WithTrace(Exception inner, string trace) : Exception(inner.Message, inner)
+    {
+        public override string ToString() => "WithTrace: " + Message + "\n" + trace;
     }
 
     [Fact]
