@@ -35,8 +35,15 @@ public sealed partial class NbdDevice : IDisposable
     private bool _loopRan;
     private int _disposed;
 
-    /// <summary>The sockets the kernel took from us (NBD_SET_SOCK), so that a disconnect that cannot be sent can be cut short.</summary>
+    /// <summary>
+    /// Our own duplicates (F_DUPFD_CLOEXEC) of the sockets the kernel took (NBD_SET_SOCK), so that a disconnect that cannot
+    /// be sent can be cut short even when the caller closed its descriptors after handing them over (the kernel keeps
+    /// its own reference, so nothing else tells the caller to keep them).
+    /// </summary>
     private readonly List<Socket> _sockets = [];
+
+    /// <summary>NBD_SET_SOCKs since the last NBD_CLEAR_SOCK (under the lock of <see cref="_sockets"/>, which may hold fewer).</summary>
+    private int _socketsSet;
 
     /// <summary>
     /// How long NBD_DISCONNECT may block sending NBD_CMD_DISC before the sockets given to <see cref="SetSocket"/> are shut
@@ -127,10 +134,7 @@ public sealed partial class NbdDevice : IDisposable
     public void ClearSocket()
     {
         Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0, nameof(NbdConstants.NBD_CLEAR_SOCK));
-        lock (_sockets)
-        {
-            _sockets.Clear();
-        }
+        Forget();
     }
 
     /// <summary>NBD_SET_TIMEOUT in whole seconds; 0 restores the block layer default (30 s).</summary>
@@ -200,7 +204,7 @@ public sealed partial class NbdDevice : IDisposable
             bool ours;
             lock (_sockets)
             {
-                ours = _sockets.Count > 0 && !_loopRan;
+                ours = _socketsSet > 0 && !_loopRan;
                 _loopRan = true;
             }
 
@@ -210,6 +214,9 @@ public sealed partial class NbdDevice : IDisposable
                 errno = _control.Ioctl(NbdConstants.NBD_DO_IT, 0);
             }
 
+            // The connection is over (the driver shut its sockets down on the way out): our duplicates were only for
+            // cutting a stuck disconnect short while it ran, and would keep a dead connection's descriptors open.
+            Forget();
             bool stopped = Volatile.Read(ref _stopRequested) != 0;
             return new NbdServiceLoopResult(stopped, errno, errno == 0 ? null : Errno.Name(errno))
             {
@@ -252,9 +259,30 @@ public sealed partial class NbdDevice : IDisposable
 
     private void Remember(Socket socket)
     {
+        int duplicate = Libc.Fcntl(socket.SafeHandle, PollConstants.F_DUPFD_CLOEXEC, 0);
         lock (_sockets)
         {
-            _sockets.Add(socket);
+            _socketsSet++;
+
+            // Out of descriptors: the kernel has the socket all the same; only a stuck disconnect's cut is lost.
+            if (duplicate >= 0)
+            {
+                _sockets.Add(new Socket(new SafeSocketHandle(duplicate, ownsHandle: true)));
+            }
+        }
+    }
+
+    private void Forget()
+    {
+        lock (_sockets)
+        {
+            foreach (Socket socket in _sockets)
+            {
+                socket.Dispose();
+            }
+
+            _sockets.Clear();
+            _socketsSet = 0;
         }
     }
 
@@ -327,6 +355,7 @@ public sealed partial class NbdDevice : IDisposable
         }
         // The SafeHandle keeps the descriptor open until a blocked NBD_DO_IT has returned.
         _control.Dispose();
+        Forget();
     }
 
     internal void RequestStop()
@@ -335,8 +364,12 @@ public sealed partial class NbdDevice : IDisposable
         try
         {
             // Errors are expected here (e.g. the loop ended on its own a moment ago); the loop's result reports the outcome.
-            _ = DisconnectBounded();
-            _ = _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0);
+            // A disconnect still stuck in the kernel holds the device's config_lock, and NBD_CLEAR_SOCK would wait for it
+            // in an uninterruptible sleep: only then is it left out.
+            if (DisconnectBounded() != Errno.ETIMEDOUT && _control.Ioctl(NbdConstants.NBD_CLEAR_SOCK, 0) == 0)
+            {
+                Forget();
+            }
         }
         catch (ObjectDisposedException)
         {

@@ -326,6 +326,61 @@ public sealed class NbdDeviceTests
     }
 
     [Fact]
+    public void Disconnect_CallerClosedItsSocketAfterHandingItOver_StillShutDownAfterTheGrace()
+    {
+        // The kernel keeps its own reference, so closing one's descriptor after NBD_SET_SOCK looks harmless; the device's
+        // own duplicate is what a stuck disconnect is then cut short with (before, a shut down of the disposed Socket threw
+        // ObjectDisposedException, was ignored, and the disconnect, and a stop, hung).
+        var (device, control) = Create();
+        var (client, server) = ConnectedTcpPair();
+        using var kernelsReference = new Socket(new SafeSocketHandle(Duplicate(client), ownsHandle: true)); // what NBD_SET_SOCK takes
+        using (server)
+        using (var release = new ManualResetEventSlim())
+        {
+            device.SetSocket(client);
+            client.Dispose();
+            device.DisconnectGrace = TimeSpan.FromMilliseconds(300);
+            control.DisconnectRelease = release;
+            int received = -1;
+            var peer = new Thread(() =>
+            {
+                try
+                {
+                    received = server.Receive(new byte[1]);
+                    release.Set();
+                }
+                catch (SocketException)
+                {
+                    // The test failed and closed the server end: nothing to report from here.
+                }
+            });
+            peer.Start();
+
+            device.Disconnect();
+
+            Assert.True(peer.Join(TimeSpan.FromSeconds(10)));
+            Assert.Equal(0, received);
+        }
+    }
+
+    [Fact]
+    public async Task Stop_DisconnectStuckInTheKernel_NoClearSockBehindIt()
+    {
+        // A disconnect stuck in the driver holds config_lock; NBD_CLEAR_SOCK would wait for it uninterruptibly, for ever.
+        var (device, control) = Create();
+        using var never = new ManualResetEventSlim();
+        control.DisconnectRelease = never;
+        device.DisconnectGrace = TimeSpan.FromMilliseconds(100);
+        var loop = device.StartServiceLoop();
+        await WaitUntil(() => control.HasCall(NbdConstants.NBD_DO_IT));
+
+        await Task.Run(loop.Stop).WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.DoesNotContain(NbdConstants.NBD_CLEAR_SOCK, control.Calls.Select(c => c.Request));
+        never.Set();
+    }
+
+    [Fact]
     public void Disconnect_KernelAnswersPromptly_SocketLeftAlone()
     {
         var (device, _) = Create();
