@@ -36,6 +36,15 @@ internal static class Program
         ParseResult parsed = root.Parse(args);
         // The daemon's own tokens are host settings (checked by its action); a verb has none it does not know.
         bool daemon = parsed.CommandResult.Command == root || parsed.CommandResult.Command.Name == "run";
+        if (!daemon && UnknownOption(root, parsed.CommandResult.Command, args) is string unknown)
+        {
+            // The parser takes "--foo" for the verb's DEVICE when that slot is free, and then blames the real device
+            // ("unknown option or argument '/dev/nbd0'", or "'--foo' is not an nbd device"): name the option, as getopt does.
+            Cli.CliExit.TryWriteLine(invocation.Error, $"nbd-daemon: unknown option '{unknown}' for {parsed.CommandResult.Command.Name}");
+            Cli.CliExit.TryWriteLine(invocation.Error, "nbd-daemon: see nbd-daemon --help");
+            return Cli.CliExit.Usage;
+        }
+
         if (parsed.Errors.Count == 0 && (daemon || parsed.UnmatchedTokens.Count == 0))
         {
             int exit = await parsed.InvokeAsync(invocation);
@@ -44,19 +53,45 @@ internal static class Program
 
         foreach (var error in parsed.Errors)
         {
-            invocation.Error.WriteLine($"nbd-daemon: {error.Message}");
+            Cli.CliExit.TryWriteLine(invocation.Error, $"nbd-daemon: {error.Message}");
         }
 
         if (!daemon)
         {
             foreach (string token in parsed.UnmatchedTokens)
             {
-                invocation.Error.WriteLine($"nbd-daemon: unknown option or argument '{token}' for {parsed.CommandResult.Command.Name}");
+                Cli.CliExit.TryWriteLine(invocation.Error, $"nbd-daemon: unknown option or argument '{token}' for {parsed.CommandResult.Command.Name}");
             }
         }
 
-        invocation.Error.WriteLine("nbd-daemon: see nbd-daemon --help");
+        Cli.CliExit.TryWriteLine(invocation.Error, "nbd-daemon: see nbd-daemon --help");
         return Cli.CliExit.Usage;
+    }
+
+    /// <summary>
+    /// The first token after the verb that looks like an option (<c>--x</c>, or <c>-</c> and a letter: "-5" is a value) and
+    /// is none of the verb's or the root's; null when there is none. Tokens after "--" are arguments.
+    /// </summary>
+    private static string? UnknownOption(RootCommand root, Command verb, string[] args)
+    {
+        var known = new HashSet<string>(StringComparer.Ordinal);
+        foreach (Option option in verb.Options.Concat(root.Options))
+        {
+            known.Add(option.Name);
+            known.UnionWith(option.Aliases);
+        }
+
+        foreach (string token in args.SkipWhile(a => a != verb.Name).Skip(1).TakeWhile(a => a != "--"))
+        {
+            string name = token.Split('=', 2)[0];
+            bool optionLike = token.StartsWith("--", StringComparison.Ordinal) || (token.Length > 1 && token[0] == '-' && char.IsLetter(token[1]));
+            if (optionLike && !known.Contains(name))
+            {
+                return token;
+            }
+        }
+
+        return null;
     }
 
     /// <summary>Standard output for System.CommandLine's own text; the first refused write is told on standard error, the rest dropped.</summary>

@@ -229,6 +229,13 @@ public static class NbdClient
             var socket = new Socket(endPoints[i].AddressFamily, SocketType.Stream, ProtocolType.Tcp);
             try
             {
+                // .NET makes an IPv6 socket IPV6_V6ONLY, and such a socket cannot reach an IPv4-mapped address
+                // ([::ffff:192.0.2.1], ENETUNREACH); an IPv6 socket that may use IPv4 reaches it as other clients do.
+                if (endPoints[i].Address.IsIPv4MappedToIPv6)
+                {
+                    socket.DualMode = true;
+                }
+
                 Connect(socket, endPoints[i], share, ct);
                 socket.NoDelay = true;
                 return socket;

@@ -30,16 +30,25 @@ internal static class CliExit
     /// <summary>The message on standard error, if it can still be written (a closed terminal fails with EIO): the exit code says the rest.</summary>
     private static int Tell(TextWriter stderr, string message, int exit)
     {
+        TryWriteLine(stderr, $"nbd-daemon: {message}");
+        return exit;
+    }
+
+    /// <summary>
+    /// One line on standard error if it can still be written: closed (EBADF), full (ENOSPC) or a terminal gone (EIO) lose
+    /// the line, and the exit code still says what happened (a configuration error stays 78, which systemd does not
+    /// restart; an exception here would end the process with SIGABRT, 134, which it does).
+    /// </summary>
+    public static void TryWriteLine(TextWriter stderr, string line)
+    {
         try
         {
-            stderr.WriteLine($"nbd-daemon: {message}");
+            stderr.WriteLine(line);
             stderr.Flush();
         }
         catch (Exception e) when (OutputFailedException.IsRefusal(e))
         {
             // Nobody to tell.
         }
-
-        return exit;
     }
 }

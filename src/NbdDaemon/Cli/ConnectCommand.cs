@@ -19,10 +19,27 @@ internal static class ConnectCommand
     {
         var uri = new Argument<string>("uri") { Description = "The export, as an NBD URI (nbd://host[:port]/export, nbd+unix:///export?socket=PATH)" };
         var device = new Argument<string?>("device") { Description = "The device to use (/dev/nbdN); default: an unused one", Arity = ArgumentArity.ZeroOrOne };
-        var iface = new Option<string>("--interface") { Description = "Kernel interface: ioctl or netlink", DefaultValueFactory = _ => "ioctl" };
-        iface.AcceptOnlyFromAmong("ioctl", "netlink");
-        var blockSize = new Option<uint?>("--block-size") { Description = "Logical block size in bytes: a power of two from 512 to 4096 (default: the server's preferred size, else 4096)" };
-        var timeout = new Option<int?>("--timeout") { Description = "Request timeout in seconds, also the deadline for connecting and for the handshake, as a mapping's Timeout (0: the kernel's default; connect and handshake then get 10 s each)" };
+        // Any case, as the configuration's Interface; parsed here so that a bad value is named in words, not as
+        // "Cannot parse argument 'x' for option '--timeout' as expected type 'System.Nullable`1[System.Int32]'".
+        var iface = new Option<string>("--interface")
+        {
+            Description = "Kernel interface: ioctl or netlink",
+            DefaultValueFactory = _ => "ioctl",
+            CustomParser = r => r.Tokens[0].Value.ToLowerInvariant() is "ioctl" or "netlink" ? r.Tokens[0].Value.ToLowerInvariant()
+                : Refuse<string>(r, $"--interface: '{r.Tokens[0].Value}' is not an interface: ioctl or netlink"),
+        };
+        var blockSize = new Option<uint?>("--block-size")
+        {
+            Description = "Logical block size in bytes: a power of two from 512 to 4096 (default: the server's preferred size, else 4096)",
+            CustomParser = r => uint.TryParse(r.Tokens[0].Value, NumberStyles.None, CultureInfo.InvariantCulture, out uint bytes) ? bytes
+                : Refuse<uint?>(r, $"--block-size: '{r.Tokens[0].Value}' is not a number of bytes (a power of two from 512 to 4096)"),
+        };
+        var timeout = new Option<int?>("--timeout")
+        {
+            Description = "Request timeout in seconds, also the deadline for connecting and for the handshake, as a mapping's Timeout (0: the kernel's default; connect and handshake then get 10 s each)",
+            CustomParser = r => int.TryParse(r.Tokens[0].Value, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int seconds) ? seconds
+                : Refuse<int?>(r, $"--timeout: '{r.Tokens[0].Value}' is not a whole number of seconds (0 to {MaxTimeoutSeconds})"),
+        };
         var readOnly = new Option<bool>("--read-only") { Description = "Map the export read-only even if the server allows writes" };
         var command = new Command("connect", "Map one export to a device in the foreground") { uri, device, iface, blockSize, timeout, readOnly };
         command.SetAction(async (result, ct) =>
@@ -57,6 +74,12 @@ internal static class ConnectCommand
     }
 
     private const int MaxTimeoutSeconds = 86400;
+
+    private static T? Refuse<T>(System.CommandLine.Parsing.ArgumentResult result, string message)
+    {
+        result.AddError(message);
+        return default;
+    }
 
     internal sealed record ConnectRequest(string Uri, string? Device, bool Netlink, uint? BlockSize, int? TimeoutSeconds, bool ReadOnly);
 

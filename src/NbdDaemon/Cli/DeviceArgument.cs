@@ -10,7 +10,7 @@ internal static class DeviceArgument
         if (!NbdKernel.TryParseDevicePath(text.StartsWith("/dev/", StringComparison.Ordinal) ? text : "/dev/" + text, out index))
         {
             path = text;
-            error = $"'{text}' is not an nbd device: expected /dev/nbdN";
+            error = text.StartsWith('-') ? $"unknown option '{text}'" : $"'{text}' is not an nbd device: expected /dev/nbdN (or nbdN)";
             return false;
         }
 

@@ -57,6 +57,12 @@ internal sealed record MappingOptions
     /// <summary>Smallest non-zero <see cref="KeepAlive"/>: the probes are counted in whole seconds.</summary>
     public static readonly TimeSpan MinimumKeepAlive = TimeSpan.FromSeconds(3);
 
+    /// <summary>
+    /// Largest <see cref="KeepAlive"/>, 18:12:15: the idle time (half of it, in whole seconds) must stay within Linux's
+    /// TCP_KEEPIDLE limit of 32767 s (MAX_TCP_KEEPIDLE), or every connect fails with EINVAL.
+    /// </summary>
+    public static readonly TimeSpan MaximumKeepAlive = TimeSpan.FromSeconds((2 * 32767) + 1);
+
     public required string Name { get; init; }
     public required string Uri { get; init; }
 

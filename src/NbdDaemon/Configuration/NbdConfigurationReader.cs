@@ -122,7 +122,7 @@ internal sealed partial class NbdConfigurationReader
         string? device = Optional(entry, "Device");
         if (device is not null && !NbdKernel.TryParseDevicePath(device, out _))
         {
-            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN (N of up to {NbdKernel.MaxIndexDigits} digits, no leading zero), as `connect` takes"));
+            errors.Add(new ConfigurationError(Key(entry, "Device"), $"'{device}' must be /dev/nbdN (N of up to {NbdKernel.MaxIndexDigits} digits, no leading zero)"));
         }
 
         KernelInterface kernelInterface = KernelInterface.Ioctl;
@@ -214,6 +214,10 @@ internal sealed partial class NbdConfigurationReader
             if (keepAlive < MappingOptions.MinimumKeepAlive)
             {
                 errors.Add(new ConfigurationError(Key(entry, "KeepAlive"), $"'{keepAliveText}' must be 0 (off) or at least 00:00:03: keepalive probes are counted in whole seconds"));
+            }
+            else if (keepAlive > MappingOptions.MaximumKeepAlive)
+            {
+                errors.Add(new ConfigurationError(Key(entry, "KeepAlive"), $"'{keepAliveText}' is more than 18:12:15: the first probe comes after half of it, and Linux takes at most 32767 s there (TCP_KEEPIDLE)"));
             }
         }
 
@@ -324,10 +328,17 @@ internal sealed partial class NbdConfigurationReader
     /// <summary>
     /// A setting given as a JSON object or list (<c>"Device": ["/dev/nbd0"]</c>, <c>Timeout:Seconds=5</c>) has no value
     /// of its own, only children: read as absent, its default would apply without a word (any free device, read-write).
+    /// JSON null and an empty object (<c>"ReadOnly": {}</c>) have neither: the JSON provider keeps the key with a null
+    /// value (an empty variable or <c>--Key=</c> give "", which means "not set"), and the default applied just the same.
+    /// (An empty list leaves no key at all: that one cannot be told from an absent key.)
     /// </summary>
     private static void CheckSingleValue(IConfigurationSection setting, List<ConfigurationError> errors)
     {
-        if (setting.GetChildren().Any())
+        if (setting.Value is null && !setting.GetChildren().Any())
+        {
+            errors.Add(new ConfigurationError(setting.Path, "has no value (JSON null or an empty object): leave the key out for its default"));
+        }
+        else if (setting.GetChildren().Any())
         {
             errors.Add(new ConfigurationError(setting.Path, "must be a single value, not an object or a list"));
         }

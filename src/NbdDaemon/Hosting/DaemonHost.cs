@@ -55,7 +55,7 @@ internal static class DaemonHost
         {
             foreach (ConfigurationError e in ex.Errors)
             {
-                await error.WriteLineAsync($"nbd-daemon: configuration error: {e.Key}: {e.Reason}");
+                Cli.CliExit.TryWriteLine(error, $"nbd-daemon: configuration error: {e.Key}: {e.Reason}");
             }
 
             return ExitConfigurationError;
@@ -64,7 +64,7 @@ internal static class DaemonHost
         {
             // Malformed JSON (the inner exception has the line and position), a file we may not read (the unit keeps no
             // CAP_DAC_OVERRIDE), or a malformed command-line switch: restarting cannot help, so the same exit code.
-            await error.WriteLineAsync($"nbd-daemon: configuration error: {Describe(ex)}");
+            Cli.CliExit.TryWriteLine(error, $"nbd-daemon: configuration error: {Describe(ex)}");
             return ExitConfigurationError;
         }
 
@@ -208,7 +208,8 @@ internal static class DaemonHost
 
         // The stock AddSystemd() only activates when our parent is systemd; NOTIFY_SOCKET is the actual contract
         // (and lets tests and `systemd-run`-like supervisors receive the same notifications).
-        services.AddSingleton<ISystemdNotifier>(_ => new StopAwareSystemdNotifier(BoundedSystemdNotifier.FromEnvironment(getVariable)));
+        services.AddSingleton<ISystemdNotifier>(sp => new StopAwareSystemdNotifier(
+            BoundedSystemdNotifier.FromEnvironment(getVariable), sp.GetRequiredService<ILoggerFactory>().CreateLogger("NbdDaemon.Systemd"), NotifySocket.Usable(getVariable)));
         services.AddHostedService(sp => new NotifySocket.Check(getVariable, sp.GetRequiredService<ILogger<NotifySocket.Check>>()));
         if (SystemdHelpers.IsSystemdService() || !string.IsNullOrEmpty(getVariable("NOTIFY_SOCKET")))
         {

@@ -80,9 +80,12 @@ internal static class LoggingSetup
         }
     }
 
-    /// <summary>As Serilog reads a level: the name in any case (a number is accepted too, if it is one of the six).</summary>
+    /// <summary>
+    /// One of the six names, in any case. Serilog reads a level with Enum.Parse, which also takes a number ("5" is Fatal)
+    /// and a list ("Information,Debug" is 2|1, Warning): neither is what an admin writing it meant.
+    /// </summary>
     private static bool IsLevel(string value) =>
-        Enum.TryParse(value, ignoreCase: true, out Serilog.Events.LogEventLevel level) && Enum.IsDefined(level);
+        Enum.GetNames<Serilog.Events.LogEventLevel>().Contains(value, StringComparer.OrdinalIgnoreCase);
 
     /// <summary>
     /// One error per <paramref name="selfLog"/> line in which Serilog.Settings.Configuration says it found no method for

@@ -1193,8 +1193,10 @@ internal sealed class MappingLoop
     {
         for (Exception? e = exception; e is not null; e = e.InnerException)
         {
+            // A cancellation inside is the attempt's own deadline ("connect and handshake not done within …"), which
+            // the outer exception's reason already says; one on its own is no failure of an attempt.
             if (e is not (MappingException or Nbd.Protocol.NbdException or System.Net.Sockets.SocketException or TimeoutException
-                or Nbd.Kernel.NbdKernelException or IOException))
+                or Nbd.Kernel.NbdKernelException or IOException) && !(e is OperationCanceledException && e != exception))
             {
                 return false;
             }

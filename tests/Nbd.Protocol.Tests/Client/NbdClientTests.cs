@@ -107,6 +107,25 @@ public sealed class NbdClientTests
     }
 
     [Fact]
+    public async Task ListExportsAsync_IPv4MappedIPv6Address_ReachesTheIPv4Server()
+    {
+        // nbd://[::ffff:127.0.0.1]:PORT/ was "network unreachable": .NET's IPv6 sockets are IPV6_V6ONLY.
+        await using var server = FakeServer.Tcp(async (s, ct) =>
+        {
+            await s.WriteAsync(ServerScript.Newstyle(3).ToArray(), ct);
+            Assert.Equal(Concat(Flags(3), Option(NbdOption.List)), await FakeServer.ReadAsync(s, 4 + 16, ct));
+            await s.WriteAsync(new ServerScript().Server("one").Ack(NbdOption.List).ToArray(), ct);
+            Assert.Equal(Option(NbdOption.Abort), await FakeServer.ReadAsync(s, 16, ct));
+            await s.WriteAsync(new ServerScript().Ack(NbdOption.Abort).ToArray(), ct);
+        });
+        int port = server.Uri("").Port;
+
+        var list = await NbdClient.ListExportsAsync(NbdUri.Parse($"nbd://[::ffff:127.0.0.1]:{port}/"));
+
+        Assert.Equal([new NbdExportListing("one", null)], list);
+    }
+
+    [Fact]
     public async Task GetInfoAsync_Unix_InfoThenAbort()
     {
         await using var server = FakeServer.Unix(async (s, ct) =>

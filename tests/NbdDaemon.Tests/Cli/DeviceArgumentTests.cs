@@ -23,6 +23,6 @@ public sealed class DeviceArgumentTests
     public void TryParse_NotAnNbdDevice_RefusedNamingIt(string text)
     {
         Assert.False(DeviceArgument.TryParse(text, out _, out _, out string? error));
-        Assert.Equal($"'{text}' is not an nbd device: expected /dev/nbdN", error);
+        Assert.Equal($"'{text}' is not an nbd device: expected /dev/nbdN (or nbdN)", error);
     }
 }

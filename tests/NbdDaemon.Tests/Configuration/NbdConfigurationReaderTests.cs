@@ -96,6 +96,29 @@ public sealed class NbdConfigurationReaderTests
         Assert.Equal(["Nbd:Mappings:0:Device", "Nbd:Mappings:0:ReadOnly"], errors.Select(e => e.Key).Order(StringComparer.Ordinal));
     }
 
+    /// <summary>
+    /// JSON null and an empty object have neither a value nor children: they read as "not set" and the default applied
+    /// (the mapping went read-write with reconnect on). An empty section (Reconnect) is fine; an empty list leaves no key
+    /// at all in .NET's JSON provider, so it cannot be told from an absent one.
+    /// </summary>
+    [Fact]
+    public void Read_JsonNullOrEmptyObjectAsSetting_Refused()
+    {
+        const string json = """
+            { "Nbd": { "Mappings": [ { "Name": "data", "Uri": "nbd://h/e", "ReadOnly": {}, "KeepAlive": null,
+              "Reconnect": { "Enabled": null } },
+              { "Name": "other", "Uri": "nbd://h/f", "Reconnect": {}, "Timeout": null } ] } }
+            """;
+        IConfiguration configuration = new ConfigurationBuilder().AddJsonStream(new MemoryStream(System.Text.Encoding.UTF8.GetBytes(json))).Build();
+
+        var errors = Assert.Throws<NbdConfigurationException>(() => new NbdConfigurationReader(new ProtocolUriParser()).Read(configuration)).Errors;
+
+        Assert.Equal(
+            ["Nbd:Mappings:0:KeepAlive", "Nbd:Mappings:0:ReadOnly", "Nbd:Mappings:0:Reconnect:Enabled", "Nbd:Mappings:1:Timeout"],
+            errors.Select(e => e.Key).Order(StringComparer.Ordinal));
+        Assert.All(errors, e => Assert.Equal("has no value (JSON null or an empty object): leave the key out for its default", e.Reason));
+    }
+
     [Fact]
     public void Read_EnvironmentVariableNamedNbd_NotAnError() =>
         // Environment variables come without a prefix: NBD=/dev/nbd0 in the daemon's environment is "Nbd" with a value.

@@ -51,6 +51,7 @@ public sealed class NetlinkConfigurationTests
     [InlineData("Ioctl", "00:00:00", 0)]
     [InlineData("Netlink", "00:00:03", 3)]
     [InlineData("Ioctl", "00:10:00", 600)]
+    [InlineData("Ioctl", "18:12:15", 65535)]
     public void Read_KeepAlive_DefaultZeroOrValue(string kernelInterface, string? value, int expectedSeconds)
     {
         var values = new List<(string, string)> { ("Nbd:Mappings:0:Name", "data"), ("Nbd:Mappings:0:Uri", "nbd://server/disk"), ("Nbd:Mappings:0:Interface", kernelInterface) };
@@ -82,6 +83,7 @@ public sealed class NetlinkConfigurationTests
     [Theory]
     [InlineData("Netlink", "Relay", "yes", "Nbd:Mappings:0:Relay", "'yes' must be true or false")]
     [InlineData("Netlink", "KeepAlive", "00:00:02", "Nbd:Mappings:0:KeepAlive", "'00:00:02' must be 0 (off) or at least 00:00:03")]
+    [InlineData("Ioctl", "KeepAlive", "18:12:16", "Nbd:Mappings:0:KeepAlive", "'18:12:16' is more than 18:12:15: the first probe comes after half of it, and Linux takes at most 32767 s there (TCP_KEEPIDLE)")]
     [InlineData("Ioctl", "KeepAlive", "often", "Nbd:Mappings:0:KeepAlive", "'often' must be a positive TimeSpan")]
     [InlineData("Netlink", "Timeout", "00:00:00", "Nbd:Mappings:0:Timeout", "greater than zero with Interface=Netlink: requests in flight")]
     [InlineData("Netlink", "DeadConnectionTimeout", "0", "Nbd:Mappings:0:DeadConnectionTimeout", "greater than zero: with 0 the kernel fails I/O at once")]

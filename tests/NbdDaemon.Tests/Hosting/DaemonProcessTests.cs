@@ -151,6 +151,37 @@ public sealed class DaemonProcessTests
         Assert.Contains("Stopping -> Stopped", log, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// A well-formed NOTIFY_SOCKET nobody listens on: READY=1 and STOPPING=1 failed inside the host's SystemdLifetime, which
+    /// logged "An error occurred starting the application" and "… stopping …" at Fatal for a daemon that ran fine.
+    /// </summary>
+    [Theory]
+    [InlineData(false, "no socket there (ENOENT)")]
+    [InlineData(true, "nothing listens there (ECONNREFUSED)")]
+    public async Task Run_NotifySocketNobodyListensOn_WarnsNamingItNoFatalLines(bool abstractName, string reason)
+    {
+        using var dir = new TempDirectory();
+        string notifySocket = abstractName ? "@nbd-test-" + Guid.NewGuid().ToString("N") : dir.File("absent.sock");
+        using Process p = Start(
+            ["--Nbd:Mappings:0:Name=data", "--Nbd:Mappings:0:Uri=nbd://127.0.0.1:1/data", "--Nbd:Mappings:0:Reconnect:InitialDelay=00:00:30"],
+            new Dictionary<string, string?> { ["NOTIFY_SOCKET"] = notifySocket });
+        var stderr = new StderrLines(p);
+        Task ready = stderr.Seen("systemd notification READY=1 not sent");
+        await Task.WhenAny(ready, p.WaitForExitAsync()).WaitAsync(TimeSpan.FromSeconds(90));
+        Assert.False(p.HasExited, $"exited at start with {(p.HasExited ? p.ExitCode : 0)}: {stderr.Text}");
+
+        await SignalTerm(p);
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(25));
+        string log = await stderr.AllAsync();
+
+        Assert.Equal(0, p.ExitCode);
+        Assert.Contains($"systemd notification READY=1 not sent to NOTIFY_SOCKET={notifySocket}: {reason}", log, StringComparison.Ordinal);
+        Assert.Contains($"systemd notification STOPPING=1 not sent to NOTIFY_SOCKET={notifySocket}: {reason}", log, StringComparison.Ordinal);
+        Assert.DoesNotContain("An error occurred", log, StringComparison.Ordinal);
+        Assert.DoesNotContain("[FTL]", log, StringComparison.Ordinal);
+        Assert.Contains("Stopping -> Stopped", log, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task Run_InvalidConfiguration_Exits78NamingKeyWithoutNotifying()
     {
@@ -168,6 +199,33 @@ public sealed class DaemonProcessTests
         Assert.Contains("Nbd:Mappings:0:Interface: unknown interface 'Bogus' (Ioctl or Netlink)", errors, StringComparison.Ordinal);
         Assert.Contains("Nbd:Mappings:1:Uri: is required", errors, StringComparison.Ordinal);
         await systemd.AssertSilentAsync(TimeSpan.FromMilliseconds(300));
+    }
+
+    /// <summary>
+    /// A configuration or usage error with standard error full or closed: the failed write of the message ended in an
+    /// unhandled exception, System.CommandLine's handler failed writing that too, and the runtime aborted (134), which
+    /// systemd restarts once a second (Restart=on-failure) where 78 stops it (RestartPreventExitStatus=78).
+    /// </summary>
+    [Theory]
+    [InlineData("2>/dev/full", "--Nbd:Mappings:0:Name=a", 78)]
+    [InlineData("2>&-", "--Nbd:Mappings:0:Name=a", 78)]
+    [InlineData("2>/dev/full", "--Serilog:MinimumLevel:Default=Loud", 78)]
+    [InlineData("2>/dev/full", "check", 2)]
+    [InlineData("2>&-", "check", 2)]
+    public async Task Run_ErrorWithStandardErrorRefusing_ExitCodeStillSaysWhat(string redirect, string argument, int expected)
+    {
+        Assert.True(File.Exists(Executable), $"daemon executable missing: {Executable}");
+        var psi = new ProcessStartInfo("/bin/sh") { UseShellExecute = false, RedirectStandardOutput = true };
+        psi.ArgumentList.Add("-c");
+        psi.ArgumentList.Add($"exec \"$0\" \"$1\" {redirect}");
+        psi.ArgumentList.Add(Executable);
+        psi.ArgumentList.Add(argument);
+        psi.Environment.Remove("NOTIFY_SOCKET");
+        using Process p = Process.Start(psi)!;
+
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+
+        Assert.Equal(expected, p.ExitCode);
     }
 
     [Fact]

@@ -130,4 +130,49 @@ public sealed class ProgramTests
         Assert.Null(hostArgs);
         Assert.Contains("see nbd-daemon --help", Output, StringComparison.Ordinal);
     }
+
+    /// <summary>
+    /// The parser took "--foo" for a verb's DEVICE and blamed the device ("unknown option or argument '/dev/nbd0' for
+    /// check", "'--foo' is not an nbd device"); a bad option value came out as a .NET type name.
+    /// </summary>
+    [Theory]
+    [InlineData("nbd-daemon: unknown option '--foo' for check", "check", "--foo")]
+    [InlineData("nbd-daemon: unknown option '--json' for check", "check", "--json", "/dev/nbd0")]
+    [InlineData("nbd-daemon: unknown option '-x' for disconnect", "disconnect", "-x", "/dev/nbd0")]
+    [InlineData("nbd-daemon: unknown option '--bogus=1' for list", "list", "nbd://h/x", "--bogus=1")]
+    [InlineData("--timeout: 'abc' is not a whole number of seconds (0 to 86400)", "connect", "nbd://h/x", "--timeout", "abc")]
+    [InlineData("--block-size: '4k' is not a number of bytes (a power of two from 512 to 4096)", "connect", "nbd://h/x", "--block-size", "4k")]
+    [InlineData("--interface: 'nl' is not an interface: ioctl or netlink", "connect", "nbd://h/x", "--interface", "nl")]
+    public async Task Invoke_VerbCommandLineRefused_NamesTheCulprit(string expected, params string[] args)
+    {
+        (int exit, _) = await InvokeAsync(args);
+
+        Assert.Equal(2, exit);
+        Assert.Contains(expected, Output, StringComparison.Ordinal);
+        Assert.DoesNotContain("System.", Output, StringComparison.Ordinal);
+        Assert.DoesNotContain("is not an nbd device", Output, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ConnectInterface_AnyCase_AsTheConfigurationTakesIt()
+    {
+        RootCommand root = Program.CreateRootCommand((_, _) => Task.FromResult(0));
+        ParseResult parsed = root.Parse(["connect", "nbd://h/x", "--interface", "NETLINK"]);
+
+        Assert.Empty(parsed.Errors);
+        Assert.Equal("netlink", parsed.GetValue<string>("--interface"));
+    }
+
+    /// <summary>With standard error refusing, a usage error is still exit 2 (it was an unhandled exception, then SIGABRT).</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Invoke_UsageErrorWithStandardErrorRefusing_StillExit2(bool closed)
+    {
+        RootCommand root = Program.CreateRootCommand((_, _) => Task.FromResult(42));
+
+        int exit = await Program.InvokeAsync(root, ["check"], new InvocationConfiguration { Output = new StringWriter(), Error = new RefusingWriter(closed), ProcessTerminationTimeout = null });
+
+        Assert.Equal(2, exit);
+    }
 }

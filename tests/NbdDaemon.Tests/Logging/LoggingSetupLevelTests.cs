@@ -8,16 +8,12 @@ public sealed class LoggingSetupLevelTests
     private static IConfigurationSection Serilog(params (string Key, string Value)[] values) =>
         new ConfigurationBuilder().AddInMemoryCollection(values.Select(v => KeyValuePair.Create("Serilog:" + v.Key, (string?)v.Value))).Build().GetSection("Serilog");
 
-    /// <summary>
-    /// What Serilog takes is taken: the names in any case, a number of one of the six. (A number beyond them, which
-    /// Serilog would take as a level above Fatal and so log nothing, is refused: see the next test.)
-    /// </summary>
+    /// <summary>The six names, in any case.</summary>
     [Theory]
     [InlineData("MinimumLevel:Default", "Warning")]
     [InlineData("MinimumLevel:Default", "debug")]
     [InlineData("MinimumLevel", "Fatal")]
     [InlineData("MinimumLevel:Override:Microsoft", "warning")]
-    [InlineData("MinimumLevel:Override:Microsoft", "3")]
     [InlineData("LevelSwitches:$quiet", "Error")]
     public void LevelErrors_SerilogLevels_None(string key, string value) =>
         Assert.Empty(LoggingSetup.LevelErrors(Serilog((key, value))));
@@ -26,10 +22,17 @@ public sealed class LoggingSetupLevelTests
     public void LevelErrors_OverrideNamingADeclaredSwitch_LeftToSerilog() =>
         Assert.Empty(LoggingSetup.LevelErrors(Serilog(("LevelSwitches:$quiet", "Error"), ("MinimumLevel:Override:Microsoft", "$quiet"))));
 
+    /// <summary>
+    /// Not a name. Serilog's Enum.Parse would also take a number ("3" is Warning, "7" a level above Fatal: nothing logged)
+    /// and a list ("Information,Debug" is 2|1, Warning): not what an admin writing it meant.
+    /// </summary>
     [Theory]
     [InlineData("MinimumLevel:Override:Microsoft", "Warn")]
     [InlineData("MinimumLevel:Default", "7")]
     [InlineData("MinimumLevel:Default", "Info")]
+    [InlineData("MinimumLevel:Override:Microsoft", "3")]
+    [InlineData("MinimumLevel:Default", "Information,Debug")]
+    [InlineData("LevelSwitches:$quiet", "5")]
     public void LevelErrors_NotALevel_NamesTheKey(string key, string value)
     {
         NbdDaemon.Configuration.ConfigurationError error = Assert.Single(LoggingSetup.LevelErrors(Serilog((key, value))));

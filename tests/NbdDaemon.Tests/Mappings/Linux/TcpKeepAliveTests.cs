@@ -31,6 +31,19 @@ public sealed class TcpKeepAliveTests
     }
 
     [Fact]
+    public void Apply_TheLargestKeepAliveTheConfigurationTakes_KernelTakesIt_OneSecondMoreItRefuses()
+    {
+        // The configuration's bound is the kernel's (TCP_KEEPIDLE ≤ 32767 s): above it every connect failed with EINVAL.
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        TcpKeepAlive.Apply(socket, NbdDaemon.Configuration.MappingOptions.MaximumKeepAlive);
+        Assert.Equal(32767, (int)socket.GetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime)!);
+
+        using var over = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        var refused = Assert.Throws<SocketException>(() => TcpKeepAlive.Apply(over, NbdDaemon.Configuration.MappingOptions.MaximumKeepAlive + TimeSpan.FromSeconds(1)));
+        Assert.Equal(SocketError.InvalidArgument, refused.SocketErrorCode);
+    }
+
+    [Fact]
     public void Apply_Zero_LeavesKeepaliveOff()
     {
         using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
