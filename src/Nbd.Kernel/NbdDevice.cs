@@ -149,7 +149,11 @@ public sealed partial class NbdDevice : IDisposable
         _blockSize = bytes;
     }
 
-    /// <summary>NBD_SET_SIZE_BLOCKS, in units of <see cref="BlockSize"/>.</summary>
+    /// <summary>
+    /// NBD_SET_SIZE_BLOCKS, in units of <see cref="BlockSize"/>, which is given to the kernel again first: the driver
+    /// multiplies by the block size it holds, and a configuration still held by another opener keeps the block size of
+    /// its last user (4096, say, where this instance assumes the fresh default 1024: a device four times too large).
+    /// </summary>
     public void SetSizeBlocks(ulong blocks)
     {
         // The kernel computes blocks << blksize_bits into a signed loff_t and answers EINVAL on overflow.
@@ -157,6 +161,7 @@ public sealed partial class NbdDevice : IDisposable
         {
             throw new ArgumentOutOfRangeException(nameof(blocks), blocks, $"{blocks} blocks of {_blockSize} bytes overflow the kernel's size.");
         }
+        Ioctl(NbdConstants.NBD_SET_BLKSIZE, _blockSize, nameof(NbdConstants.NBD_SET_BLKSIZE));
         Ioctl(NbdConstants.NBD_SET_SIZE_BLOCKS, blocks, nameof(NbdConstants.NBD_SET_SIZE_BLOCKS));
     }
 

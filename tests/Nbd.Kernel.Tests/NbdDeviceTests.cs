@@ -253,6 +253,16 @@ public sealed class NbdDeviceTests
         Assert.Equal((NbdConstants.NBD_SET_SIZE_BLOCKS, 5ul), control.Calls[^1]);
     }
 
+    [Fact]
+    public void SetSizeBlocks_TheBlockSizeItCountsInGoesToTheKernelFirst()
+    {
+        // A configuration held by another opener keeps its last block size (4096): 5 blocks counted in the default
+        // 1024 would have made a device of 20 KiB.
+        var (device, control) = Create();
+        device.SetSizeBlocks(5);
+        Assert.Equal([(NbdConstants.NBD_SET_BLKSIZE, 1024ul), (NbdConstants.NBD_SET_SIZE_BLOCKS, 5ul)], control.Calls);
+    }
+
     [Theory]
     [InlineData(1UL << 30, 4096u, 1UL << 30)]
     [InlineData((1UL << 30) + 2048, 4096u, 1UL << 30)]
