@@ -48,7 +48,9 @@ umount "$work/mnt"
 say "remounted and read it back: sha256 matches"
 
 say "stopping the daemon (SIGTERM)"
-kill -TERM "$daemon_pid"; wait "$daemon_pid"; rc=$?; daemon_pid=
+rc=0
+kill -TERM "$daemon_pid"; wait "$daemon_pid" || rc=$?; daemon_pid=
+[ "$rc" = 0 ] || { say "FAILED: the daemon exited with $rc"; exit 1; }
 [ ! -f "/sys/block/$name/pid" ] && [ "$(cat "/sys/block/$name/size")" = 0 ] || { say "FAILED: $dev still configured"; exit 1; }
 say "daemon exited with $rc; $dev is free again (size 0, no pid)"
 say "OK"

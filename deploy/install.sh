@@ -25,40 +25,94 @@ if [ ! -x "$publish_dir/nbd-daemon" ]; then
   exit 66
 fi
 
+if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
+  echo "install.sh: run as root (sudo deploy/install.sh), or give --root DIR to install below DIR" >&2
+  exit 77
+fi
+
 lib_dir="$root/usr/local/lib/nbd-daemon"
 unit_dir="$root/etc/systemd/system"
 modules_dir="$root/etc/modules-load.d"
 modprobe_dir="$root/etc/modprobe.d"
 config_dir="$root/etc/nbd-daemon"
 
-install -d -m 0755 "$lib_dir" "$unit_dir" "$modules_dir" "$modprobe_dir" "$config_dir"
-# The whole publish output (single file plus appsettings.json defaults and README), copied beside the installed files
-# and then renamed over them: a running nbd-daemon keeps its old inode until it restarts, where copying onto it fails
-# with "Text file busy" half-way through an upgrade.
-stage=$(mktemp -d "$lib_dir/.install.XXXXXX")
+install -d -m 0755 "$lib_dir" "$lib_dir/releases" "$unit_dir" "$modules_dir" "$modprobe_dir" "$config_dir"
+
+# Each install is a release directory of its own, and `current` (what the unit starts) is switched to it in one
+# rename. A running nbd-daemon keeps using its own release directory: .NET opens files by path long after the start
+# (an assembly first used on the way down, its single-file bundle at the offsets it read at start), so files replaced
+# under it, even by rename, could fail its stop half-way (no disconnect, no hand-over of a relay's connection).
+release="$(date -u +%Y%m%d-%H%M%S)-$$"
+stage="$lib_dir/releases/.$release.partial"
 trap 'rm -rf "$stage"' EXIT
-cp -a "$publish_dir/." "$stage/"
+mkdir -m 0755 "$stage"
+# Not the builder's owner or modes: files a root service runs must be root's and writable by nobody else (a build
+# user able to rewrite them could run code as root), and readable by a service that keeps no CAP_DAC_OVERRIDE.
+cp -R "$publish_dir/." "$stage/"
+if [ "$(id -u)" = 0 ]; then
+  chown -R root:root "$stage"
+fi
+chmod -R u=rwX,go=rX "$stage"
 chmod 0755 "$stage/nbd-daemon"
-(cd "$stage" && find . -mindepth 1 -type d -print0) | while IFS= read -r -d '' d; do install -d -m 0755 "$lib_dir/$d"; done
-(cd "$stage" && find . -mindepth 1 ! -type d -print0) | while IFS= read -r -d '' f; do mv -f "$stage/$f" "$lib_dir/$f"; done
+mv -T "$stage" "$lib_dir/releases/$release"
+ln -sfn "releases/$release" "$lib_dir/.current.new"
+mv -T "$lib_dir/.current.new" "$lib_dir/current"
+
+# Release directories nothing runs from any more go: every one but the current and those a process still executes
+# from (the daemon that runs until the next restart). Same for the files of the layout before releases, which lay
+# directly in $lib_dir.
+in_use() { # PATH: a running process's executable is PATH or lies below it
+  local path exe
+  path="$(readlink -f "$1")"
+  for exe in /proc/[0-9]*/exe; do
+    case "$(readlink -f "$exe" 2>/dev/null || true)" in
+      "$path"|"$path"/*) return 0 ;;
+    esac
+  done
+  return 1
+}
+for old in "$lib_dir"/releases/*; do
+  [ -d "$old" ] || continue
+  [ "$(basename "$old")" = "$release" ] && continue
+  in_use "$old" || rm -rf "$old"
+done
+if [ -f "$lib_dir/nbd-daemon" ] && [ ! -L "$lib_dir/nbd-daemon" ] && ! in_use "$lib_dir"/nbd-daemon; then
+  find "$lib_dir" -mindepth 1 -maxdepth 1 ! -name releases ! -name current -exec rm -rf {} +
+fi
+
 install -m 0644 "$repo_root/systemd/nbd-daemon.service" "$unit_dir/nbd-daemon.service"
-install -m 0644 "$repo_root/systemd/modules-load.d/nbd.conf" "$modules_dir/nbd.conf"
+# Loading the module at boot, and its options, are the admin's once installed: an edited file stays as edited.
+if [ ! -e "$modules_dir/nbd.conf" ]; then
+  install -m 0644 "$repo_root/systemd/modules-load.d/nbd.conf" "$modules_dir/nbd.conf"
+fi
 if [ ! -e "$modprobe_dir/nbd.conf" ]; then
   install -m 0644 "$repo_root/systemd/modprobe.d/nbd.conf" "$modprobe_dir/nbd.conf"
 fi
 
-if [ ! -e "$config_dir/appsettings.json" ]; then
+# A dangling symlink (configuration management whose target is not mounted yet) is the admin's too.
+if [ ! -e "$config_dir/appsettings.json" ] && [ ! -L "$config_dir/appsettings.json" ]; then
   install -m 0600 "$repo_root/deploy/appsettings.example.json" "$config_dir/appsettings.json"
   echo "installed default configuration $config_dir/appsettings.json (edit it, then: systemctl enable --now nbd-daemon)"
 else
   echo "kept existing $config_dir/appsettings.json"
 fi
 
-if [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-  systemctl daemon-reload
-  if ! grep -qw '^nbd' /proc/modules 2>/dev/null; then
-    modprobe nbd || echo "install.sh: could not load the nbd module now; it loads at boot via modules-load.d" >&2
-  fi
+echo "installed nbd-daemon to $lib_dir/releases/$release ($lib_dir/current)"
+if [ -n "$root" ]; then
+  exit 0
 fi
 
-echo "installed nbd-daemon to $lib_dir"
+if ! modinfo nbd >/dev/null 2>&1; then
+  echo "install.sh: warning: this kernel ($(uname -r)) has no nbd module: no /dev/nbdN can be mapped until one with it runs" >&2
+elif ! grep -qw '^nbd' /proc/modules 2>/dev/null; then
+  modprobe nbd || echo "install.sh: could not load the nbd module now; it loads at boot via $modules_dir/nbd.conf" >&2
+fi
+
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl daemon-reload
+  if systemctl is-active --quiet nbd-daemon; then
+    echo "nbd-daemon is running the release it was started with; to run this one: systemctl restart nbd-daemon"
+  fi
+else
+  echo "systemd is not running here: start $lib_dir/current/nbd-daemon yourself (it reads $config_dir/appsettings.json)"
+fi

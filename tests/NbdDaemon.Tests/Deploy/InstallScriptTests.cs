@@ -84,6 +84,8 @@ public sealed class InstallScriptTests
         return publish;
     }
 
+    private const string Lib = "usr/local/lib/nbd-daemon";
+
     [Fact]
     public async Task Install_IntoDestDir_PlacesFilesAndIsIdempotentKeepingAdminConfig()
     {
@@ -95,52 +97,134 @@ public sealed class InstallScriptTests
         (int exit, string output) = await RunAsync(script, publish, "--root", root);
         Assert.True(exit == 0, output);
 
-        string binary = Path.Combine(root, "usr/local/lib/nbd-daemon/nbd-daemon");
+        // What the unit starts: `current`, a symlink to the release directory this install made.
+        string binary = Path.Combine(root, Lib, "current/nbd-daemon");
         Assert.True(File.Exists(binary));
+        Assert.StartsWith("releases/", new FileInfo(Path.Combine(root, Lib, "current")).LinkTarget, StringComparison.Ordinal);
         Assert.True(File.GetUnixFileMode(binary).HasFlag(UnixFileMode.UserExecute));
-        Assert.True(File.Exists(Path.Combine(root, "usr/local/lib/nbd-daemon/appsettings.json")));
+        Assert.True(File.Exists(Path.Combine(root, Lib, "current/appsettings.json")));
         Assert.Equal(File.ReadAllText(Path.Combine(RepoRoot(), "systemd/nbd-daemon.service")), File.ReadAllText(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")));
+        Assert.Contains("ExecStart=/usr/local/lib/nbd-daemon/current/nbd-daemon\n", File.ReadAllText(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")), StringComparison.Ordinal);
         Assert.Equal("nbd\n", File.ReadAllText(Path.Combine(root, "etc/modules-load.d/nbd.conf")));
-        Assert.True(File.Exists(Path.Combine(root, "etc/modprobe.d/nbd.conf")));
+        // The driver's default, commented out: an options line would override the admin's from files sorting before.
+        Assert.DoesNotContain(File.ReadAllLines(Path.Combine(root, "etc/modprobe.d/nbd.conf")), l => l.StartsWith("options", StringComparison.Ordinal));
         string config = Path.Combine(root, "etc/nbd-daemon/appsettings.json");
         Assert.Equal(File.ReadAllText(Path.Combine(RepoRoot(), "deploy/appsettings.example.json")), File.ReadAllText(config));
 
         File.WriteAllText(config, "{ \"Nbd\": { \"Mappings\": [] } } // admin's");
+        File.WriteAllText(Path.Combine(root, "etc/modules-load.d/nbd.conf"), "# loaded by the admin's own means\n");
         (exit, output) = await RunAsync(script, publish, "--root", root);
         Assert.True(exit == 0, output);
         Assert.Contains("kept existing", output, StringComparison.Ordinal);
         Assert.Equal("{ \"Nbd\": { \"Mappings\": [] } } // admin's", File.ReadAllText(config));
+        Assert.Equal("# loaded by the admin's own means\n", File.ReadAllText(Path.Combine(root, "etc/modules-load.d/nbd.conf")));
+        Assert.Single(Directory.GetDirectories(Path.Combine(root, Lib, "releases"))); // the first release ran nothing: gone
     }
 
+    /// <summary>
+    /// The upgrade path: install.sh while the service runs (then `systemctl restart`). Copying onto a running executable
+    /// fails with ETXTBSY, and even a rename over its files is not enough: .NET opens files by path long after its start
+    /// (an assembly first used while stopping; a single-file bundle at the offsets it read), so the running process must
+    /// keep its whole directory until it exits.
+    /// </summary>
     [Fact]
-    public async Task Install_OverADaemonThatIsRunning_ReplacesItWithoutTextFileBusy()
+    public async Task Install_OverADaemonThatIsRunning_ItKeepsItsReleaseDirectoryUntilItEnds()
     {
-        // The upgrade path: install.sh while the service runs (then `systemctl restart`). Copying onto a running
-        // executable fails with ETXTBSY; the running process must keep its own copy.
         using var dir = new TempDirectory();
         string publish = FakePublish(dir);
         string root = Path.Combine(dir.Path, "root");
         string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
-        string binary = Path.Combine(root, "usr/local/lib/nbd-daemon/nbd-daemon");
-        Directory.CreateDirectory(Path.GetDirectoryName(binary)!);
-        File.Copy("/bin/sleep", binary); // installed earlier, and running
-        using Process running = Process.Start(binary, "60");
+        File.Copy("/bin/sleep", Path.Combine(publish, "nbd-daemon"), overwrite: true);
+        File.WriteAllText(Path.Combine(publish, "appsettings.json"), "{ \"old\": 1 }");
+        (int exit, string output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        string oldRelease = Path.GetFullPath(Path.Combine(root, Lib, new FileInfo(Path.Combine(root, Lib, "current")).LinkTarget!));
+        using Process running = Process.Start(Path.Combine(root, Lib, "current/nbd-daemon"), "60");
         try
         {
             File.WriteAllText(Path.Combine(publish, "nbd-daemon"), "#!/bin/sh\necho new\n");
+            File.WriteAllText(Path.Combine(publish, "appsettings.json"), "{ \"new\": 1 }");
 
-            (int exit, string output) = await RunAsync(script, publish, "--root", root);
+            (exit, output) = await RunAsync(script, publish, "--root", root);
 
             Assert.True(exit == 0, output);
-            Assert.Equal("#!/bin/sh\necho new\n", File.ReadAllText(binary));
-            Assert.True(File.GetUnixFileMode(binary).HasFlag(UnixFileMode.UserExecute));
+            Assert.Equal("#!/bin/sh\necho new\n", File.ReadAllText(Path.Combine(root, Lib, "current/nbd-daemon")));
+            Assert.Equal("{ \"old\": 1 }", File.ReadAllText(Path.Combine(oldRelease, "appsettings.json")));
+            Assert.Equal(File.ReadAllBytes("/bin/sleep"), File.ReadAllBytes(Path.Combine(oldRelease, "nbd-daemon")));
             Assert.False(running.HasExited);
-            Assert.Empty(Directory.GetDirectories(Path.Combine(root, "usr/local/lib/nbd-daemon"), ".install.*"));
+            Assert.Empty(Directory.GetDirectories(Path.Combine(root, Lib, "releases"), ".*"));
         }
         finally
         {
             running.Kill();
             await running.WaitForExitAsync();
+        }
+
+        // Once it ended, the next install removes its directory.
+        (exit, output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        Assert.False(Directory.Exists(oldRelease));
+        Assert.Single(Directory.GetDirectories(Path.Combine(root, Lib, "releases")));
+    }
+
+    /// <summary>
+    /// The layout before release directories kept the files directly in the library directory: left alone while a
+    /// process runs from there, removed by the first install after it ended.
+    /// </summary>
+    [Fact]
+    public async Task Install_OverTheFlatLayout_LeftWhileItRunsRemovedAfter()
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        string root = Path.Combine(dir.Path, "root");
+        string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
+        string flat = Path.Combine(root, Lib, "nbd-daemon");
+        Directory.CreateDirectory(Path.GetDirectoryName(flat)!);
+        File.Copy("/bin/sleep", flat);
+        File.WriteAllText(Path.Combine(root, Lib, "appsettings.json"), "{}");
+        using (Process running = Process.Start(flat, "60"))
+        {
+            (int exit, string output) = await RunAsync(script, publish, "--root", root);
+            Assert.True(exit == 0, output);
+            Assert.True(File.Exists(flat));
+            Assert.True(File.Exists(Path.Combine(root, Lib, "appsettings.json")));
+            running.Kill();
+            await running.WaitForExitAsync();
+        }
+
+        (int again, string log) = await RunAsync(script, publish, "--root", root);
+        Assert.True(again == 0, log);
+        Assert.Equal(["current", "releases"], Directory.EnumerateFileSystemEntries(Path.Combine(root, Lib)).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+    }
+
+    /// <summary>
+    /// `cp -a` kept the builder's owner and modes: a build user could rewrite a binary that runs as root, and a umask 077
+    /// build left appsettings.json unreadable to the service, which keeps no CAP_DAC_OVERRIDE (exit 78 for good).
+    /// </summary>
+    [Fact]
+    public async Task Install_BuildersModes_NormalisedRootsFilesReadableByAll()
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        File.SetUnixFileMode(Path.Combine(publish, "appsettings.json"), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        string extra = Path.Combine(publish, "extra.dll");
+        File.WriteAllText(extra, "x");
+        File.SetUnixFileMode(extra, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite | UnixFileMode.OtherRead);
+        string root = Path.Combine(dir.Path, "root");
+
+        (int exit, string output) = await RunAsync(Path.Combine(RepoRoot(), "deploy", "install.sh"), publish, "--root", root);
+
+        Assert.True(exit == 0, output);
+        const UnixFileMode file = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.OtherRead;
+        const UnixFileMode executable = file | UnixFileMode.UserExecute | UnixFileMode.GroupExecute | UnixFileMode.OtherExecute;
+        Assert.Equal(file, File.GetUnixFileMode(Path.Combine(root, Lib, "current/appsettings.json")));
+        Assert.Equal(file, File.GetUnixFileMode(Path.Combine(root, Lib, "current/extra.dll")));
+        Assert.Equal(executable, File.GetUnixFileMode(Path.Combine(root, Lib, "current/nbd-daemon")));
+        if (Environment.UserName == "root")
+        {
+            (int stat, string owners) = await RunAsync("stat", "-c", "%u:%g", Path.Combine(root, Lib, "current/extra.dll"), Path.Combine(root, Lib, "current/nbd-daemon"));
+            Assert.Equal(0, stat);
+            Assert.Equal("0:0\n0:0\n", owners);
         }
     }
 
@@ -160,7 +244,7 @@ public sealed class InstallScriptTests
         using var dir = new TempDirectory();
         string publish = FakePublish(dir);
         string unit = File.ReadAllText(Path.Combine(RepoRoot(), "systemd/nbd-daemon.service"))
-            .Replace("ExecStart=/usr/local/lib/nbd-daemon/nbd-daemon", "ExecStart=" + Path.Combine(publish, "nbd-daemon"), StringComparison.Ordinal);
+            .Replace("ExecStart=/usr/local/lib/nbd-daemon/current/nbd-daemon", "ExecStart=" + Path.Combine(publish, "nbd-daemon"), StringComparison.Ordinal);
         string unitPath = dir.File("nbd-daemon.service");
         File.WriteAllText(unitPath, unit);
 
