@@ -35,6 +35,9 @@ public sealed partial class NbdDevice : IDisposable
     private bool _loopRan;
     private int _disposed;
 
+    /// <summary>An NBD_DISCONNECT of ours never returned: nothing more is asked of the device, only its descriptor closed.</summary>
+    private int _disconnectStuck;
+
     /// <summary>
     /// Our own duplicates (F_DUPFD_CLOEXEC) of the sockets the kernel took (NBD_SET_SOCK), so that a disconnect that cannot
     /// be sent can be cut short even when the caller closed its descriptors after handing them over (the kernel keeps
@@ -333,6 +336,8 @@ public sealed partial class NbdDevice : IDisposable
 
             if (!thread.Join(DisconnectGrace))
             {
+                // Stuck in the driver, holding the device's config_lock: every later ioctl on it would wait behind it.
+                Volatile.Write(ref _disconnectStuck, 1);
                 return Errno.ETIMEDOUT;
             }
         }
@@ -354,7 +359,7 @@ public sealed partial class NbdDevice : IDisposable
         {
             return;
         }
-        if (Volatile.Read(ref _loopRunning) != 0)
+        if (Volatile.Read(ref _loopRunning) != 0 && Volatile.Read(ref _disconnectStuck) == 0)
         {
             RequestStop();
         }

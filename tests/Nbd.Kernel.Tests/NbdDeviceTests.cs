@@ -385,8 +385,10 @@ public sealed class NbdDeviceTests
         await WaitUntil(() => control.HasCall(NbdConstants.NBD_DO_IT));
 
         await Task.Run(loop.Stop).WaitAsync(TimeSpan.FromSeconds(10));
+        device.Dispose(); // no second NBD_DISCONNECT behind the first either: it would wait on config_lock too
 
         Assert.DoesNotContain(NbdConstants.NBD_CLEAR_SOCK, control.Calls.Select(c => c.Request));
+        Assert.Single(control.Calls, c => c.Request == NbdConstants.NBD_DISCONNECT);
         never.Set();
     }
 

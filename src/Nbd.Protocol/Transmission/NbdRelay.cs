@@ -33,6 +33,9 @@ public sealed class NbdRelay : IDisposable
     /// </summary>
     private static readonly TimeSpan HandOverTick = TimeSpan.FromMilliseconds(50);
 
+    /// <summary>A connection that ends sooner than this after it took over, having answered nothing, ended no outage.</summary>
+    private static readonly TimeSpan QuickDrop = TimeSpan.FromSeconds(1);
+
     private readonly Socket _kernel;
     private readonly NbdRelayOptions _options;
     private readonly Lock _lock = new();
@@ -63,6 +66,12 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary><see cref="TryHandOver"/> asked the kernel thread to stop reading at the next request boundary.</summary>
     private volatile bool _handingOver;
+
+    /// <summary>Orders <see cref="TryHandOver"/>'s claim of our end against <see cref="End"/>'s shutdown of it.</summary>
+    private readonly Lock _endLock = new();
+
+    /// <summary>Our end went (or is going) to another process: no End may shut it down (under <see cref="_endLock"/>).</summary>
+    private bool _kernelSideKept;
 
     private int _started;
     private int _disposed;
@@ -189,7 +198,32 @@ public sealed class NbdRelay : IDisposable
             }
         }
 
-        keep(_kernel);
+        // Claimed before it is passed on: an End from another thread meanwhile (the give-up clock, a failure) would
+        // shut the socket down, and shutdown(2) acts on the socket, so the copy just stored would be dead too.
+        lock (_endLock)
+        {
+            if (_ended.Task.IsCompleted)
+            {
+                return false;
+            }
+
+            _kernelSideKept = true;
+        }
+
+        try
+        {
+            keep(_kernel);
+        }
+        catch
+        {
+            lock (_endLock)
+            {
+                _kernelSideKept = false;
+            }
+
+            throw;
+        }
+
         End(new NbdRelayEnd(NbdRelayEndReason.HandedOver, "handed over between two requests, every reply delivered"), shutDownKernelSide: false);
         return true;
     }
@@ -432,6 +466,7 @@ public sealed class NbdRelay : IDisposable
 
         // Start of the outage the current connection ended, if it came from a reconnect.
         long? outageSince = null;
+        long connectedAt = _options.TimeProvider.GetTimestamp();
         while (server is not null && !_stop.IsCancellationRequested)
         {
             string reason;
@@ -502,9 +537,13 @@ public sealed class NbdRelay : IDisposable
 
             // A connection that took over and died with requests waiting, none answered, ended no outage (a request
             // that kills the server, a server that drops every connection): the give-up clock runs on, and the next
-            // attempt waits RetryInterval instead of spinning.
-            bool stillDown = outageSince is not null && answered == 0 && inFlight > 0;
+            // attempt waits RetryInterval instead of spinning. So did one that died at once with nothing to answer (a
+            // server that closes every connection after the handshake, an idle device): else connect and handshake
+            // would follow each other without a pause, for ever, each a warning in the journal.
+            bool quickDrop = _options.TimeProvider.GetElapsedTime(connectedAt) < QuickDrop;
+            bool stillDown = outageSince is not null && answered == 0 && (inFlight > 0 || quickDrop);
             (server, outageSince) = ReconnectAndResend(stillDown ? outageSince : null);
+            connectedAt = _options.TimeProvider.GetTimestamp();
         }
     }
 
@@ -807,7 +846,13 @@ public sealed class NbdRelay : IDisposable
             server = _server;
         }
 
-        if (shutDownKernelSide)
+        bool shutDown;
+        lock (_endLock)
+        {
+            shutDown = shutDownKernelSide && !_kernelSideKept;
+        }
+
+        if (shutDown)
         {
             TryShutdown(_kernel);
         }

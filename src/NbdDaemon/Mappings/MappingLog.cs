@@ -39,6 +39,9 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 107, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: OnStop=Leave, device left configured; the kernel keeps serving on its own sockets until the next start adopts it")]
     public static partial void LeftConfigured(ILogger logger, string mapping, string device);
 
+    [LoggerMessage(EventId = 133, Level = LogLevel.Warning, Message = "Mapping {Mapping}: {Device} is another client's now (backend {Backend}, not ours): not disconnected")]
+    public static partial void NotOursAnyMore(ILogger logger, string mapping, string device, string backend);
+
     [LoggerMessage(EventId = 108, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: LINK_DEAD for an earlier connection ignored: every current socket is healthy")]
     public static partial void StaleLinkDeadIgnored(ILogger logger, string mapping, string device);
 

@@ -222,6 +222,8 @@ internal sealed class MappingLoop
         {
             stop.ThrowIfCancellationRequested();
             Exception failure = await AttemptAsync(stop);
+            // A stop that came meanwhile is a stop: not Failed or GaveUp, which would disconnect an OnStop: Leave device.
+            stop.ThrowIfCancellationRequested();
             string reason = FailureText.Describe(failure);
             Volatile.Write(ref _lastFailure, reason);
             if (FailureText.KindOf(failure) == FailureKind.Permanent)
@@ -343,6 +345,13 @@ internal sealed class MappingLoop
         catch (OperationCanceledException) when (stop.IsCancellationRequested)
         {
             throw;
+        }
+        catch (Exception ex) when (stop.IsCancellationRequested)
+        {
+            // Whatever failed while the stop was already under way (a lost event subscription, a connection the stop
+            // itself ended): the stop's teardown decides, which with OnStop: Leave hands relay connections over instead
+            // of closing them here.
+            throw new OperationCanceledException("stopped", ex, stop);
         }
 #pragma warning disable CA1031 // Every failure of an attempt is classified by type and retried or not.
         catch (Exception ex)
@@ -983,9 +992,23 @@ internal sealed class MappingLoop
                 TryStep("NBD_CLEAR_QUE", device.ClearQueue);
                 // The loop's stop is NBD_DISCONNECT (bounded) then NBD_CLEAR_SOCK, once each: a second NBD_DISCONNECT
                 // goes to a server that already closed on the first ("Send disconnect failed -32" in the kernel log).
-                if (TryStep("NBD_DISCONNECT and NBD_CLEAR_SOCK (service loop stop)", loop.Stop))
+                try
                 {
+                    loop.Stop();
                     _kernelHasSockets = false;
+                }
+#pragma warning disable CA1031 // Teardown continues whatever the stop threw.
+                catch (Exception ex)
+#pragma warning restore CA1031
+                {
+                    MappingLog.ReleaseStepFailed(_logger, ex, Name, DeviceText, "NBD_DISCONNECT and NBD_CLEAR_SOCK (service loop stop)");
+                    if (ex is Nbd.Kernel.NbdKernelException { ErrnoName: "ETIMEDOUT" })
+                    {
+                        // The disconnect is still stuck in the driver, holding the device's config_lock: NBD_CLEAR_SOCK
+                        // would wait for it uninterruptibly, and the process could then never exit (systemd's SIGKILL
+                        // included). Closing the descriptor is all that is left.
+                        _kernelHasSockets = false;
+                    }
                 }
 
                 try
@@ -1039,6 +1062,12 @@ internal sealed class MappingLoop
                     }).ToList();
                     handOvers.ForEach(t => t.Start());
                     handOvers.ForEach(t => t.Join());
+                }
+                else if (_kernel.ReadDevice(index) is { Connected: true } now && now.Backend != _options.BackendIdentifier)
+                {
+                    // Freed and taken by another client while we could not reach our server (the kernel does not ask
+                    // who disconnects): theirs now.
+                    MappingLog.NotOursAnyMore(_logger, Name, Nbd.Kernel.NbdKernel.DevicePath(index), now.Backend ?? "none");
                 }
                 else
                 {

@@ -44,6 +44,30 @@ public sealed class NbdRelayHandOverTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task HandOver_RelayEndedByAnotherThreadWhileTheEndIsPassedOn_TheStoredEndStaysAlive()
+    {
+        // The give-up clock or a failure ending the relay between "kept" and "handed over" shut our end down, and
+        // shutdown(2) acts on the socket: the copy just stored was dead too, and TryHandOver still said true.
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize);
+        server.Fill(seed: 207);
+        await using var harness = RelayHarness.Start(server);
+        Socket? kept = null;
+
+        Assert.True(harness.Relay.TryHandOver(Limit, s =>
+        {
+            kept = Duplicate(s);
+            harness.Relay.Dispose(); // ends it from here, as the server thread's give-up would
+        }));
+
+        await harness.SendRequestAsync(CmdRead, 0x207, 4096, 512, deadline.Token);
+        using NbdRelay next = StartOn(kept!, server);
+        var (reply, data) = await harness.ReceiveReplyAsync(_ => 512, deadline.Token);
+        Assert.Equal(0x207ul, reply.Cookie);
+        Assert.Equal(server.Disk.AsSpan(4096, 512).ToArray(), data);
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task HandOver_ReadInFlight_WaitsForItsReplyAndDeliversItBeforeHandingOver()
     {
         using var deadline = Deadline();

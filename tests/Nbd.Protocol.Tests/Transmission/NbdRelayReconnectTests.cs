@@ -158,6 +158,24 @@ public sealed class NbdRelayReconnectTests
     }
 
     [Fact(Timeout = 30_000)]
+    public async Task Relay_EveryNewConnectionClosedAtOnceWhileIdle_PacedAndGivesUp()
+    {
+        // Nothing in flight, and every connection closed right after its handshake: each reconnect "succeeded", so the
+        // relay connected and handshook back to back, for ever (a core busy, a warning per cycle in the journal).
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(HangUpAtOnce: true));
+        TimeSpan giveUpAfter = TimeSpan.FromSeconds(2);
+        await using var harness = RelayHarness.Start(server, giveUpAfter: giveUpAfter, retryInterval: TimeSpan.FromMilliseconds(100));
+        var clock = Stopwatch.StartNew();
+
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+
+        Assert.Equal(NbdRelayEndReason.GaveUp, end.Reason);
+        Assert.True(clock.Elapsed >= giveUpAfter - TimerTick, $"Gave up after {clock.Elapsed.TotalMilliseconds:0} ms.");
+        Assert.InRange(harness.ReconnectCalls, 2, 25);
+    }
+
+    [Fact(Timeout = 30_000)]
     public async Task Relay_ServerAnswersEshutdown_SoftDisconnectAndTheRequestIsAnsweredOnTheNextConnection()
     {
         // nbdkit on SIGTERM answers what it read meanwhile with NBD_ESHUTDOWN; passed on, the kernel would fail the I/O.

@@ -185,6 +185,9 @@ internal sealed class FakeKernel : INbdKernel
     /// <summary>Thrown by every <see cref="FakeDevice.SetSocket"/> (e.g. the driver's EBUSY for another client's device).</summary>
     public Exception? SetSocketFailure { get; set; }
 
+    /// <summary>Thrown by every <see cref="FakeDevice.Disconnect"/>, NBD_DO_IT left running (a disconnect stuck in the driver).</summary>
+    public Exception? DisconnectFailure { get; set; }
+
     public Action<string>? OnOperation { get; set; }
 
     public IReadOnlyList<string> Operations => [.. _operations];
@@ -471,6 +474,11 @@ internal sealed class FakeDevice : IIoctlDevice
     public void Disconnect()
     {
         _kernel.Record("disconnect");
+        if (_kernel.DisconnectFailure is { } failure)
+        {
+            throw failure;
+        }
+
         Loop?.End();
     }
 

@@ -220,6 +220,26 @@ public sealed class MappingLoopNetlinkTests
         Assert.Contains("nl-disconnect 2", _kernel.Operations);
     }
 
+    /// <summary>
+    /// The device was freed and taken by another client while this mapping could not reach its server: the kernel does
+    /// not ask who disconnects, and the stop tore the other client's device down under its user.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_StopAfterAnotherClientTookTheDevice_NotDisconnected()
+    {
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: "/dev/nbd2"), connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "qemu-nbd"); // theirs now
+        await running.StopAsync();
+
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-disconnect", StringComparison.Ordinal));
+        Assert.Contains(logger.Records, r => r.Message == "Mapping data: /dev/nbd2 is another client's now (backend qemu-nbd, not ours): not disconnected");
+    }
+
     [Fact]
     public async Task RunAsync_DeviceLeftAndServerDown_RetriesOnTheHeldScheduleFromTheStart()
     {

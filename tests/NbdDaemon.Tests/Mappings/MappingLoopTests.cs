@@ -169,6 +169,74 @@ public sealed class MappingLoopTests
         }
     }
 
+    /// <summary>
+    /// An attempt that fails because the stop under way ended it (not with a cancellation: a connection the stop closed)
+    /// was counted as a failure: with MaxAttempts reached the mapping went to GaveUp, whose teardown disconnects even an
+    /// OnStop: Leave device, instead of Stopping.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_AttemptFailsBecauseOfTheStop_StoppedNotGaveUp()
+    {
+        var connector = new FakeConnector().Then(async ct =>
+        {
+            try
+            {
+                await Task.Delay(Timeout.Infinite, ct);
+            }
+            catch (OperationCanceledException)
+            {
+            }
+
+            throw new IOException("connection closed by the stop");
+        });
+        MappingLoop loop = TestMappings.Loop(
+            TestMappings.Create(kernelInterface: KernelInterface.Netlink, reconnect: ReconnectOptions.Default with { MaxAttempts = 1 }, onStop: StopAction.Leave),
+            connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Connecting);
+
+        await running.StopAsync();
+
+        Assert.Equal(MappingState.Stopped, loop.State);
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-disconnect", StringComparison.Ordinal));
+    }
+
+    /// <summary>
+    /// A stop whose NBD_DISCONNECT is still stuck in the driver (ETIMEDOUT from the bounded disconnect) holds the device's
+    /// config_lock: the NBD_CLEAR_SOCK the teardown then sent waited for it uninterruptibly, and the process could not
+    /// exit, SIGKILL included. Only the descriptor is closed now.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_IoctlStopWhoseDisconnectIsStuck_NoClearSockBehindIt()
+    {
+        var connector = new FakeConnector().ThenServe();
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Ioctl), connector, _kernel, _time);
+        using var cts = new CancellationTokenSource();
+        var states = new StateRecorder(loop, s =>
+        {
+            if (s == MappingState.Serving)
+            {
+                _kernel.DisconnectFailure = new Nbd.Kernel.NbdKernelException("/dev/nbd3", "NBD_DISCONNECT", 110);
+                cts.Cancel();
+            }
+        });
+
+        Task run = loop.RunAsync(cts.Token);
+        using var deadline = new CancellationTokenSource(TestTimeout);
+        while (!run.IsCompleted && !deadline.IsCancellationRequested)
+        {
+            _time.Advance(TimeSpan.FromSeconds(1)); // through the wait for NBD_DO_IT to return
+            await Task.Delay(10);
+        }
+
+        await run.WaitAsync(TestTimeout);
+        string[] teardown = [.. _kernel.Operations.SkipWhile(o => o != "loop-stop")];
+        Assert.Equal("loop-stop", teardown[0]);
+        Assert.DoesNotContain("clear-sock", teardown);
+        Assert.StartsWith("close ", teardown[^1], StringComparison.Ordinal);
+        Assert.Equal(MappingState.Stopped, states.States[^1]);
+    }
+
     /// <summary>Nothing said that an export came read-only from the server, or that a partial last block was left out.</summary>
     [Theory]
     [InlineData(1UL << 30, false, false, 1, "-> Serving; 1073741824 bytes, 262144 blocks of 4096, read-write")]
