@@ -119,6 +119,11 @@ public static class NbdClient
         {
             throw AddContext(new NbdTimeoutException(NbdTimeoutPhase.Handshake, options.HandshakeTimeout, ex, handshake.Awaiting) { NoGreeting = handshake.BytesReceived == 0 }, uri);
         }
+        catch (OperationCanceledException ex) when (ct.IsCancellationRequested && ex is not NbdHandshakeCanceledException)
+        {
+            // The caller's own deadline (a daemon's per-attempt Timeout) ran out first: it gets to say what was awaited.
+            throw new NbdHandshakeCanceledException(handshake.Awaiting, handshake.BytesReceived == 0, ex, ct);
+        }
         catch (NbdException ex)
         {
             throw AddContext(ex, uri);

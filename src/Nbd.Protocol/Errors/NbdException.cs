@@ -180,6 +180,27 @@ public sealed class NbdTimeoutException : NbdException
     public bool NoGreeting { get; init; }
 }
 
+/// <summary>
+/// The caller cancelled a handshake (its own deadline, e.g. a daemon's per-attempt Timeout, or a stop): says what the
+/// handshake was waiting for, so that "no NBD greeting came" can be told from a later stall. A cancellation, not a
+/// failure: it derives from <see cref="OperationCanceledException"/>.
+/// </summary>
+public sealed class NbdHandshakeCanceledException : OperationCanceledException
+{
+    public NbdHandshakeCanceledException(string? awaiting, bool noGreeting, Exception innerException, CancellationToken token)
+        : base($"The handshake was cancelled{(awaiting is null ? "" : " waiting for " + awaiting)}.", innerException, token)
+    {
+        Awaiting = awaiting;
+        NoGreeting = noGreeting;
+    }
+
+    /// <summary>What the handshake was reading or sending, as <see cref="NbdTimeoutException.Awaiting"/>.</summary>
+    public string? Awaiting { get; }
+
+    /// <summary>True when the connection was accepted and not one byte of the greeting came.</summary>
+    public bool NoGreeting { get; }
+}
+
 /// <summary>The TCP or unix-socket connection could not be established (or the host name did not resolve).</summary>
 public sealed class NbdConnectException : NbdException
 {

@@ -63,6 +63,24 @@ public sealed class HandshakeTimeoutTests
             NbdClient.NegotiateAsync(new SilentStream([]), Disk, new NbdClientOptions(), cts.Token));
 
         Assert.IsNotType<NbdTimeoutException>(ex);
+
+        // What it waited for goes with the cancellation: the caller's deadline (a daemon's attempt Timeout) names it.
+        var canceled = Assert.IsType<NbdHandshakeCanceledException>(ex);
+        Assert.True(canceled.NoGreeting);
+        Assert.Equal("the server greeting (NBDMAGIC + magic)", canceled.Awaiting);
+        Assert.Equal(cts.Token, canceled.CancellationToken);
+    }
+
+    [Fact]
+    public async Task Go_CallerCancelsAfterTheGreeting_SaysWhatCameNext()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(100));
+
+        var ex = await Assert.ThrowsAsync<NbdHandshakeCanceledException>(() =>
+            NbdClient.NegotiateAsync(new SilentStream(ServerScript.Newstyle(3).ToArray()), Disk, new NbdClientOptions(), cts.Token));
+
+        Assert.False(ex.NoGreeting);
+        Assert.Equal("the reply header to NBD_OPT_GO", ex.Awaiting);
     }
 
     [Fact]

@@ -133,6 +133,40 @@ public sealed class MappingLoopTests
     /// A refused connect came with a dozen lines of .NET stack trace at Warning; its reason says it all. The trace is
     /// still there at Debug, and a failure nobody explained (a bug) keeps it on the Warning line.
     /// </summary>
+    /// <summary>
+    /// The attempt's deadline runs out before the client's own handshake timeout (both are the mapping's Timeout): the
+    /// daemon's line said only "not done within", where the verbs say that no NBD greeting came.
+    /// </summary>
+    [Theory]
+    [InlineData(true, null, "connect and handshake not done within 10 s (the mapping's Timeout): the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)")]
+    [InlineData(false, "the reply header to NBD_OPT_GO", "connect and handshake not done within 10 s (the mapping's Timeout): the handshake was waiting for the reply header to NBD_OPT_GO")]
+    public async Task RunAsync_DeadlineDuringTheHandshake_SaysWhatItWaitedFor(bool noGreeting, string? awaiting, string expected)
+    {
+        var connector = new FakeConnector().Then(async ct =>
+        {
+            try
+            {
+                await Task.Delay(Timeout.Infinite, ct);
+            }
+            catch (OperationCanceledException e)
+            {
+                throw new Nbd.Protocol.NbdHandshakeCanceledException(awaiting ?? "the server greeting (NBDMAGIC + magic)", noGreeting, e, ct);
+            }
+
+            throw new InvalidOperationException("unreachable");
+        });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(timeout: TimeSpan.FromSeconds(10)), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Connecting);
+        await TestMappings.WaitUntilAsync(() => _time.Armed(TimeSpan.FromSeconds(10)) == 1);
+
+        _time.Advance(TimeSpan.FromSeconds(10));
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(expected, loop.LastFailure);
+        await running.StopAsync();
+    }
+
     [Theory]
     [InlineData("refused")]
     [InlineData("bug")]
