@@ -60,12 +60,15 @@ internal static class FailureText
         FormattableString text = t switch
         {
             { Phase: NbdTimeoutPhase.Connect } => $"connect timed out after {t.Timeout.TotalSeconds:0.###} s",
-            { NoGreeting: true } => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s: the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)",
+            { NoGreeting: true } => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s: {NoGreeting}",
             { Awaiting: string what } => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s waiting for {what}",
             _ => $"handshake timed out after {t.Timeout.TotalSeconds:0.###} s",
         };
         return text.ToString(CultureInfo.InvariantCulture);
     }
+
+    /// <summary>A connection accepted, and not one byte of the greeting: said alike for the client's timeout and an attempt's deadline.</summary>
+    public const string NoGreeting = "the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)";
 
     /// <summary>A message as a clause inside a status line: no final period, a leading "Server" or "Connection" in lower case.</summary>
     internal static string Clause(string message)

@@ -383,7 +383,7 @@ internal sealed class MappingLoop
             // The words tell "connected, but no NBD greeting" (a port where no NBD server listens, a hung server) from a
             // later stall; without them (the connect itself) the text stays the plain deadline.
             string what = ex is Nbd.Protocol.NbdHandshakeCanceledException h
-                ? h.NoGreeting ? ": the connection was accepted, but no NBD greeting came (is an NBD server listening there, and is it stuck?)"
+                ? h.NoGreeting ? ": " + FailureText.NoGreeting
                     : h.Awaiting is string awaited ? ": the handshake was waiting for " + awaited : ""
                 : "";
             throw new MappingException(string.Create(CultureInfo.InvariantCulture, $"connect and handshake not done within {_options.Timeout.TotalSeconds:0.###} s (the mapping's Timeout){what}"), FailureKind.Transient, ex);
