@@ -19,4 +19,22 @@ public sealed record NbdDeviceStatus(int Index, ulong SizeBytes, int? Pid, strin
 
     /// <summary>The block layer's <c>ro</c> attribute (the driver sets it from NBD_FLAG_READ_ONLY).</summary>
     public bool ReadOnly { get; init; }
+
+    /// <summary>
+    /// <c>queue/write_cache</c> is "write back": the block layer sends flushes, which the driver sends as NBD_CMD_FLUSH.
+    /// The driver sets it from NBD_FLAG_SEND_FLUSH when the device starts (an admin may turn it to "write through").
+    /// </summary>
+    public bool WriteBack { get; init; }
+
+    /// <summary><c>queue/fua</c> is 1: writes may carry NBD_CMD_FLAG_FUA (set from NBD_FLAG_SEND_FLUSH + NBD_FLAG_SEND_FUA).</summary>
+    public bool Fua { get; init; }
+
+    /// <summary><c>queue/discard_max_bytes</c>: above 0, discards go out as NBD_CMD_TRIM (set from NBD_FLAG_SEND_TRIM).</summary>
+    public ulong DiscardMaxBytes { get; init; }
+
+    /// <summary>
+    /// <c>queue/write_zeroes_max_bytes</c>: above 0, the driver sends NBD_CMD_WRITE_ZEROES (drivers that implement it set
+    /// it from NBD_FLAG_SEND_WRITE_ZEROES; the 6.1 driver never does, and leaves it 0).
+    /// </summary>
+    public ulong WriteZeroesMaxBytes { get; init; }
 }

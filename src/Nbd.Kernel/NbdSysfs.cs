@@ -25,9 +25,14 @@ public static class NbdSysfs
 
         bool readOnly = ReadOptional(dir, "ro") is "1";
 
+        // What the block layer will have the driver send; an attribute this kernel lacks reads as "not sent".
         return new NbdDeviceStatus(index, checked(sectors * SectorSize), pid, string.IsNullOrEmpty(backend) ? null : backend, logicalBlockSize)
         {
             ReadOnly = readOnly,
+            WriteBack = ReadOptional(dir, Path.Combine("queue", "write_cache")) is "write back",
+            Fua = ReadOptional(dir, Path.Combine("queue", "fua")) is "1",
+            DiscardMaxBytes = ReadOptional(dir, Path.Combine("queue", "discard_max_bytes")) is string discard ? ParseUInt64(discard, dir, "queue/discard_max_bytes") : 0,
+            WriteZeroesMaxBytes = ReadOptional(dir, Path.Combine("queue", "write_zeroes_max_bytes")) is string zeroes ? ParseUInt64(zeroes, dir, "queue/write_zeroes_max_bytes") : 0,
         };
     }
 

@@ -22,6 +22,42 @@ public sealed class NbdSysfsTests
         Assert.False(status.IsConnected);
     }
 
+    /// <summary>The queue attributes the driver sets from the transmission flags (what the kernel will send the server).</summary>
+    [Theory]
+    [InlineData("write back", "1", "4294966784", "0", true, true, 4294966784UL, 0UL)]
+    [InlineData("write through", "0", "0", "33554432", false, false, 0UL, 33554432UL)]
+    public void Read_QueueAttributes_WhatTheKernelSends(string writeCache, string fua, string discard, string zeroes, bool writeBack, bool isFua, ulong discardMax, ulong zeroesMax)
+    {
+        using var sysfs = new FakeSysfs().Device(4, sectors: 2048, pid: 1, logicalBlockSize: 512);
+        string queue = Path.Combine(sysfs.Root, "nbd4", "queue");
+        File.WriteAllText(Path.Combine(queue, "write_cache"), writeCache + "\n");
+        File.WriteAllText(Path.Combine(queue, "fua"), fua + "\n");
+        File.WriteAllText(Path.Combine(queue, "discard_max_bytes"), discard + "\n");
+        File.WriteAllText(Path.Combine(queue, "write_zeroes_max_bytes"), zeroes + "\n");
+
+        var status = NbdSysfs.Read(4, sysfs.Root);
+
+        Assert.Equal((writeBack, isFua, discardMax, zeroesMax), (status.WriteBack, status.Fua, status.DiscardMaxBytes, status.WriteZeroesMaxBytes));
+    }
+
+    [Fact]
+    public void Read_QueueAttributesAbsent_NothingSent()
+    {
+        using var sysfs = new FakeSysfs().Device(4, sectors: 2048, pid: 1, logicalBlockSize: null);
+        var status = NbdSysfs.Read(4, sysfs.Root);
+        Assert.Equal((false, false, 0UL, 0UL), (status.WriteBack, status.Fua, status.DiscardMaxBytes, status.WriteZeroesMaxBytes));
+    }
+
+    [Fact]
+    public void Read_GarbageDiscardMaxBytes_ThrowsEbadmsg()
+    {
+        using var sysfs = new FakeSysfs().Device(4, sectors: 2048, pid: 1, logicalBlockSize: 512);
+        File.WriteAllText(Path.Combine(sysfs.Root, "nbd4", "queue", "discard_max_bytes"), "-1\n");
+        var ex = Assert.Throws<NbdKernelException>(() => NbdSysfs.Read(4, sysfs.Root));
+        Assert.Equal(Errno.EBADMSG, ex.Errno);
+        Assert.Contains("queue/discard_max_bytes", ex.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void Read_MissingDevice_ThrowsEnoent()
     {

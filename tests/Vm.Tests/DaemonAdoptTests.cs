@@ -169,6 +169,26 @@ public sealed class DaemonAdoptTests(VmFixture vm, ITestOutputHelper output)
         Expect.Equal(run, stop, "size", DaemonAdoptScenario.ExportBytes);
     }
 
+    [Fact]
+    public async Task FlagsMismatch_DeviceSendsFuaServerBackWithout_RefusedNamingTheFlagDeviceUntouched()
+    {
+        var run = await vm.RunAsync(DaemonAdoptScenario.Spec);
+        var r = run.One("flags");
+        output.WriteLine(r.Raw);
+        Expect.Equal(run, r, "freed_first", "yes");
+        Expect.Equal(run, r, "connected_first", "yes");
+        // The 6.1 driver's queue attributes for FLUSH + FUA, read back by the daemon through sysfs.
+        Expect.Equal(run, r, "fua_before", 1);
+        Expect.Equal(run, r, "write_cache_before", "write_back");
+        Expect.Equal(run, r, "refused", "yes");
+        Expect.Equal(run, r, "daemon_alive", "yes");
+        Expect.Equal(run, r, "connects", 0);
+        Expect.Equal(run, r, "fua_after", 1);
+        Expect.Equal(run, r, "pid", "present");
+        Expect.Equal(run, r, "size", DaemonAdoptScenario.ExportBytes);
+        Expect.Equal(run, r, "backend", "nbd-daemon:adopt");
+    }
+
     private static void ExpectRoundTrip(VmRun run, ResultLine r)
     {
         Expect.Equal(run, r, "size", DaemonAdoptScenario.ExportBytes);

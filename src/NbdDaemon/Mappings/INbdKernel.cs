@@ -77,6 +77,13 @@ internal sealed record KernelDeviceInfo(int Index, ulong SizeBytes, uint Logical
 
     /// <summary><c>Nbd.Kernel.NbdDeviceStatus.IsInUse</c> over these fields: set up by some client.</summary>
     public bool InUse => Connected || SizeBytes != 0;
+
+    /// <summary>
+    /// The commands the device's queue attributes have the driver send the server: SendFlush (<c>write_cache</c> is
+    /// write back), SendFua (<c>fua</c>), SendTrim (<c>discard_max_bytes</c> above 0), SendWriteZeroes
+    /// (<c>write_zeroes_max_bytes</c> above 0). The driver sets them from the flags it was configured with.
+    /// </summary>
+    public Nbd.Protocol.TransmissionFlags Sends { get; init; }
 }
 
 /// <summary>One /dev/nbdN driven by ioctls; same names as <c>Nbd.Kernel.NbdDevice</c>.</summary>

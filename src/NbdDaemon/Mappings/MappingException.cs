@@ -67,7 +67,8 @@ internal sealed class ExportChangedException : MappingException
         return reason is null ? null : new ExportChangedException(reason, before, now);
     }
 
-    private static string FlagNames(TransmissionFlags flags) => string.Join(", ", new[]
+    /// <summary>"NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_TRIM" for those of <see cref="FlagsTheKernelUses"/> in <paramref name="flags"/>.</summary>
+    public static string FlagNames(TransmissionFlags flags) => string.Join(", ", new[]
     {
         (TransmissionFlags.SendFlush, "NBD_FLAG_SEND_FLUSH"),
         (TransmissionFlags.SendFua, "NBD_FLAG_SEND_FUA"),

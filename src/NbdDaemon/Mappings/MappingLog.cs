@@ -42,6 +42,12 @@ internal static partial class MappingLog
     [LoggerMessage(EventId = 133, Level = LogLevel.Warning, Message = "Mapping {Mapping}: {Device} is another client's now (backend {Backend}, not ours): not disconnected")]
     public static partial void NotOursAnyMore(ILogger logger, string mapping, string device, string backend);
 
+    [LoggerMessage(EventId = 134, Level = LogLevel.Warning, Message = "Mapping {Mapping}: {Device} is another client's now (backend {Backend}, not ours): the kernel gave it up during the outage; not reconnecting it, connecting a device afresh")]
+    public static partial void TakenByAnother(ILogger logger, string mapping, string device, string backend);
+
+    [LoggerMessage(EventId = 135, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: a connection slot not held by this process died, and filling it failed ({Reason}); serving on the connections left")]
+    public static partial void TopUpFailed(ILogger logger, string mapping, string device, string reason);
+
     [LoggerMessage(EventId = 108, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: LINK_DEAD for an earlier connection ignored: every current socket is healthy")]
     public static partial void StaleLinkDeadIgnored(ILogger logger, string mapping, string device);
 

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Numerics;
+using Nbd.Protocol;
 using NbdDaemon.Configuration;
 
 namespace NbdDaemon.Mappings;
@@ -72,6 +73,9 @@ internal sealed class MappingLoop
     private INbdNetlinkControl? _netlink;
     private int? _netlinkIndex;
     private bool _kernelHasSockets;
+
+    /// <summary>Netlink while serving: the watch over the current sockets, replaced when a dead slot is filled (<see cref="TopUpAsync"/>).</summary>
+    private ISocketWatch? _currentWatch;
 
     /// <summary>
     /// Devices we picked (<see cref="PickNetlinkDevice"/>) whose CONNECT failed EBUSY: open in some process without a
@@ -525,6 +529,18 @@ internal sealed class MappingLoop
             throw new MappingException($"a relay connection handed over by the previous process, but no device is left configured for backend {_options.BackendIdentifier}; starting with a new connection");
         }
 
+        if (_netlinkIndex is int kept && _kernel.ReadDevice(kept) is { Connected: true } now && now.Backend != _options.BackendIdentifier)
+        {
+            // The kernel gave the device up during the outage (DeadConnectionTimeout) and another client connected it.
+            // RECONFIGURE compares the backend only when that client gave one: without, our sockets would fill its dead
+            // slots and its reads would come from our server. Not ours any more: connect a device afresh.
+            MappingLog.TakenByAnother(_logger, Name, Nbd.Kernel.NbdKernel.DevicePath(kept), now.Backend ?? "none");
+            _loweredRequestSizes.Remove(kept); // its limit is theirs to keep now
+            _netlinkIndex = null;
+            _claims.Release(Name);
+            Volatile.Write(ref _devicePath, _options.Device);
+        }
+
         if (_netlinkIndex is int index)
         {
             bool reconfigured;
@@ -552,9 +568,12 @@ internal sealed class MappingLoop
         int? picked = wanted is null ? PickNetlinkDevice() : null;
         wanted ??= picked;
         // Before CONNECT as well as after: the driver starts the device at CONNECT, and udev's probe, readahead or a
-        // partition scan may send a request of the driver's size before the limit written afterwards applies.
-        if (wanted is int target)
+        // partition scan may send a request of the driver's size before the limit written afterwards applies. Not on a
+        // device another client has set up: CONNECT will refuse it (EBUSY), and its limit is not ours to change.
+        bool limitedBefore = false;
+        if (wanted is int target && _kernel.ReadDevice(target) is not { InUse: true })
         {
+            limitedBefore = !_loweredRequestSizes.ContainsKey(target);
             LimitRequestSize(target, export, quiet: true);
         }
 
@@ -569,6 +588,12 @@ internal sealed class MappingLoop
             if (picked is int busy && ex is Nbd.Kernel.NbdKernelException { ErrnoName: "EBUSY" })
             {
                 _busyPicks.Add(busy);
+            }
+
+            if (limitedBefore && wanted is int refused && refused != _netlinkIndex)
+            {
+                // Not ours after all (opened by someone between the check and CONNECT): put back what was there.
+                RestoreRequestSizes(refused);
             }
 
             _claims.Release(Name, keep: _netlinkIndex); // a device this mapping has kept stays its own
@@ -712,6 +737,17 @@ internal sealed class MappingLoop
             throw new DeviceMismatchException($"export is read-only but {device.Path} (left configured by an earlier daemon) is writable; not adopting it, device left untouched", device, export);
         }
 
+        // RECONFIGURE keeps the flags the device was connected with, and the block layer goes on issuing what its queue
+        // attributes allow: a flush to a server without FLUSH fails, and the filesystem's journal with it.
+        var lacking = device.Sends & ExportChangedException.FlagsTheKernelUses & ~(TransmissionFlags)export.TransmissionFlags;
+        if (lacking != 0)
+        {
+            throw new DeviceMismatchException(
+                $"export does not offer {ExportChangedException.FlagNames(lacking)}, which {device.Path} (left configured by an earlier daemon) sends (its queue attributes in sysfs); not adopting it, device left untouched",
+                device,
+                export);
+        }
+
         // A resumed session is the kernel's current connection already (a relay handed over by the previous process):
         // only the fresh ones are offered.
         List<INbdSession> resumed = [.. _sessions.Where(s => s.Resumed)];
@@ -799,9 +835,9 @@ internal sealed class MappingLoop
     /// limit this loop wrote goes back to what it found, so the next user of the device (another mapping, nbd-client)
     /// does not inherit this server's maximum. A value changed by someone else since is left alone. Never throws.
     /// </summary>
-    private void RestoreRequestSizes()
+    private void RestoreRequestSizes(int? only = null)
     {
-        foreach ((int index, (uint before, uint after)) in _loweredRequestSizes)
+        foreach ((int index, (uint before, uint after)) in _loweredRequestSizes.Where(d => only is null || d.Key == only))
         {
             string device = Nbd.Kernel.NbdKernel.DevicePath(index);
             try
@@ -817,7 +853,14 @@ internal sealed class MappingLoop
             }
         }
 
-        _loweredRequestSizes.Clear();
+        if (only is int one)
+        {
+            _loweredRequestSizes.Remove(one);
+        }
+        else
+        {
+            _loweredRequestSizes.Clear();
+        }
     }
 
     private bool IsTaken(INbdSession session) => _kernel.ReadSendTimeout(session.Socket) > TimeSpan.Zero;
@@ -891,7 +934,20 @@ internal sealed class MappingLoop
             MappingLog.SocketWatchFailed(_logger, ex, Name, DeviceText);
         }
 
-        using ISocketWatch? disposeWatch = watch;
+        try
+        {
+            return await WaitForNetlinkConnectionEndAsync(index, watch, stop);
+        }
+        finally
+        {
+            _currentWatch?.Dispose();
+            _currentWatch = null;
+        }
+    }
+
+    private async Task<string> WaitForNetlinkConnectionEndAsync(int index, ISocketWatch? watch, CancellationToken stop)
+    {
+        _currentWatch = watch;
         Task<string> ended = watch?.Ended ?? new TaskCompletionSource<string>().Task;
         while (true)
         {
@@ -953,7 +1009,87 @@ internal sealed class MappingLoop
                 return ended.IsCompletedSuccessfully ? $"LINK_DEAD; {await ended}" : "LINK_DEAD";
             }
 
+            if (_sessions.Count < _options.Connections)
+            {
+                // Serving on fewer connections than configured: the others are the previous process's, or were not
+                // taken at the last RECONFIGURE. This LINK_DEAD may be one of them dying: fill its slot.
+                if (await TopUpAsync(index, stop))
+                {
+                    try
+                    {
+                        ISocketWatch renewed = _kernel.WatchSockets([.. _sessions.Select(s => s.Socket)]);
+                        _currentWatch?.Dispose();
+                        _currentWatch = watch = renewed;
+                        ended = renewed.Ended;
+                    }
+#pragma warning disable CA1031 // Logged; the old watch goes on over the sockets it has, LINK_DEAD covers the rest.
+                    catch (Exception ex)
+#pragma warning restore CA1031
+                    {
+                        MappingLog.SocketWatchFailed(_logger, ex, Name, DeviceText);
+                    }
+                }
+
+                continue;
+            }
+
             MappingLog.StaleLinkDeadIgnored(_logger, Name, DeviceText);
+        }
+    }
+
+    /// <summary>
+    /// Fills dead slots of a device served on fewer connections than configured, with fresh connections through
+    /// RECONFIGURE; the live ones are left as they are. True when the kernel took any. Failures are logged and serving
+    /// goes on (the device has live connections); throws only for the stop.
+    /// </summary>
+    private async Task<bool> TopUpAsync(int index, CancellationToken stop)
+    {
+        List<INbdSession> fresh = new(_options.Connections - _sessions.Count);
+        try
+        {
+            using (var deadline = new CancellationTokenSource(_options.Timeout, _time))
+            using (var linked = CancellationTokenSource.CreateLinkedTokenSource(stop, deadline.Token))
+            {
+                while (_sessions.Count + fresh.Count < _options.Connections)
+                {
+                    fresh.Add(await _connector.ConnectAsync(_options, linked.Token));
+                }
+            }
+
+            foreach (INbdSession session in fresh)
+            {
+                if (_established is { } before && ExportChangedException.Compare(before, session.Export, _options.ReadOnly) is { } changed)
+                {
+                    throw changed;
+                }
+
+                _kernel.ClearSendTimeout(session.Socket);
+            }
+
+            _netlink!.Reconfigure(index, [.. fresh.Select(s => s.Socket)], _options.BackendIdentifier);
+            List<INbdSession> taken = [.. fresh.Where(IsTaken)];
+            MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE (dead slot filled)", taken.Count, fresh.Count, ReadBack(taken));
+            DisposeAll([.. fresh.Except(taken)]);
+            foreach (INbdSession session in taken)
+            {
+                session.Serves(DeviceText);
+            }
+
+            _sessions = [.. _sessions, .. taken];
+            return taken.Count > 0;
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            DisposeAll(fresh);
+            throw;
+        }
+#pragma warning disable CA1031 // The device serves on its live connections; the next LINK_DEAD tries again.
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            DisposeAll(fresh);
+            MappingLog.TopUpFailed(_logger, Name, DeviceText, FailureText.Describe(ex));
+            return false;
         }
     }
 

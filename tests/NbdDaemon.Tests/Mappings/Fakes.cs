@@ -3,6 +3,7 @@ using System.Net.Sockets;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Time.Testing;
 using NbdDaemon.Configuration;
+using Nbd.Protocol;
 using NbdDaemon.Mappings;
 
 namespace NbdDaemon.Tests.Mappings;
@@ -378,9 +379,10 @@ internal sealed class FakeKernel : INbdKernel
     }
 
     /// <summary>A device an earlier daemon left configured, with <paramref name="slots"/> connections, the first <paramref name="deadSlots"/> dead.</summary>
-    public FakeNetlinkDevice LeaveDevice(int index, ulong size, string backend, int slots = 1, int deadSlots = 0, bool readOnly = false, uint logicalBlockSize = 4096)
+    public FakeNetlinkDevice LeaveDevice(
+        int index, ulong size, string? backend, int slots = 1, int deadSlots = 0, bool readOnly = false, uint logicalBlockSize = 4096, TransmissionFlags sends = 0)
     {
-        var device = new FakeNetlinkDevice(index, size, backend, TimeSpan.FromSeconds(30), slots, readOnly, logicalBlockSize);
+        var device = new FakeNetlinkDevice(index, size, backend, TimeSpan.FromSeconds(30), slots, readOnly, logicalBlockSize, sends);
         for (int i = 0; i < deadSlots; i++)
         {
             device.Dead[i] = true;
@@ -392,7 +394,8 @@ internal sealed class FakeKernel : INbdKernel
 }
 
 /// <summary>One netlink device as the driver keeps it: a slot per connection, dead or alive.</summary>
-internal sealed class FakeNetlinkDevice(int index, ulong size, string backend, TimeSpan timeout, int slots, bool readOnly = false, uint logicalBlockSize = 4096)
+internal sealed class FakeNetlinkDevice(
+    int index, ulong size, string? backend, TimeSpan timeout, int slots, bool readOnly = false, uint logicalBlockSize = 4096, TransmissionFlags sends = 0)
 {
     public int Index { get; } = index;
 
@@ -403,7 +406,7 @@ internal sealed class FakeNetlinkDevice(int index, ulong size, string backend, T
     /// <summary>The socket in each slot, when known (null for a device left by an earlier daemon).</summary>
     public Socket?[] Sockets { get; } = new Socket?[slots];
 
-    public KernelDeviceInfo Sysfs { get; } = new(index, size, logicalBlockSize, backend, Connected: true, readOnly);
+    public KernelDeviceInfo Sysfs { get; } = new(index, size, logicalBlockSize, backend, Connected: true, readOnly) { Sends = sends };
 
     public void MarkDead(int slot) => Dead[slot] = true;
 }
@@ -551,14 +554,18 @@ internal sealed class FakeNetlink : INbdNetlinkControl
     {
         ClearPending();
         LastConnect = parameters;
-        int index = parameters.Index ?? 5;
+        // The kernel's own pick: the first index from 5 that has no configuration.
+        int index = parameters.Index ?? Enumerable.Range(5, 100).First(i => !_kernel.NetlinkDevices.ContainsKey(i));
         _kernel.Record($"nl-connect {index} size {parameters.SizeBytes} socks {parameters.Sockets.Count} id {parameters.BackendIdentifier}");
-        if (_kernel.OpenedElsewhere.Contains(index))
+        bool anotherClients = _kernel.NetlinkDevices.TryGetValue(index, out FakeNetlinkDevice? existing) && existing.Sysfs.Backend != parameters.BackendIdentifier;
+        if (_kernel.OpenedElsewhere.Contains(index) || anotherClients)
         {
             throw new Nbd.Kernel.NbdKernelException($"/dev/nbd{index}", "NBD_CMD_CONNECT", 16 /* EBUSY */, "nbd already in use");
         }
 
-        var device = new FakeNetlinkDevice(index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count);
+        var device = new FakeNetlinkDevice(
+            index, parameters.SizeBytes, parameters.BackendIdentifier, parameters.Timeout, parameters.Sockets.Count,
+            sends: (TransmissionFlags)parameters.ServerFlags & ExportChangedException.FlagsTheKernelUses);
         _kernel.NetlinkDevices[index] = device;
         for (int slot = 0; slot < parameters.Sockets.Count; slot++)
         {
@@ -580,7 +587,8 @@ internal sealed class FakeNetlink : INbdNetlinkControl
         }
 
         FakeNetlinkDevice device = _kernel.NetlinkDevices[index];
-        if (device.Sysfs.Backend != backendIdentifier)
+        // Like nbd_genl_reconfigure: compared only when the device was connected with an identifier.
+        if (device.Sysfs.Backend is not null && device.Sysfs.Backend != backendIdentifier)
         {
             throw new IOException("EINVAL: backend identifier differs");
         }

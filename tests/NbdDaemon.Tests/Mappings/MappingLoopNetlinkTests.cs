@@ -270,6 +270,79 @@ public sealed class MappingLoopNetlinkTests
         await running.StopAsync();
     }
 
+    /// <summary>
+    /// The kernel gave the device up during a long outage and another client connected it without a backend identifier
+    /// (RECONFIGURE then checks nothing): our sockets went into its dead slots, and its reads came from our server.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_KeptDeviceTakenByAnotherClientDuringTheOutage_NotReconfiguredConnectsAfresh()
+    {
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        Assert.Equal("/dev/nbd5", loop.Device);
+
+        _kernel.NetlinkDevices.TryRemove(5, out _); // given up by the kernel
+        _kernel.LeaveDevice(5, FakeConnector.DefaultExport.Size, backend: null, deadSlots: 1); // nbd-client's, one dead slot
+        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        _kernel.EndSocket(connector.Sessions.Single().Socket);
+        await running.WaitForAsync(MappingState.Serving, 2);
+
+        Assert.DoesNotContain(_kernel.Operations, o => o.StartsWith("nl-reconfigure 5", StringComparison.Ordinal));
+        Assert.Equal("nl-connect 6 size 1073741824 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        Assert.Equal("/dev/nbd6", loop.Device);
+        Assert.True(_kernel.NetlinkDevices[5].Dead[0]);
+        Assert.Contains(logger.Records, r => r.Message == "Mapping data: /dev/nbd5 is another client's now (backend none, not ours): the kernel gave it up during the outage; not reconnecting it, connecting a device afresh");
+
+        await running.StopAsync();
+        Assert.DoesNotContain("nl-disconnect 5", _kernel.Operations);
+        Assert.Contains("nl-disconnect 6", _kernel.Operations);
+    }
+
+    /// <summary>The same with the device named in the configuration: CONNECT is refused (EBUSY) until it is free again.</summary>
+    [Fact]
+    public async Task RunAsync_ConfiguredDeviceTakenByAnotherClientDuringTheOutage_NotReconfiguredNorLimited()
+    {
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: "/dev/nbd2"), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        _kernel.NetlinkDevices.TryRemove(2, out _);
+        _kernel.MaxSectorsKb[2] = 128; // restored by the kernel's new user, say
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, backend: null, deadSlots: 1);
+        int before = _kernel.Operations.Count;
+
+        _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        _kernel.EndSocket(connector.Sessions.Single().Socket);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        string[] after = [.. _kernel.Operations.Skip(before)];
+        Assert.DoesNotContain(after, o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal) || o.StartsWith("limit-request", StringComparison.Ordinal));
+        Assert.Contains("nl-connect 2 size 1073741824 socks 1 id nbd-daemon:data", after);
+        Assert.Contains("EBUSY", loop.LastFailure, StringComparison.Ordinal);
+        Assert.Equal(128u, _kernel.MaxSectorsKb[2]);
+        await running.StopAsync();
+        Assert.DoesNotContain("nl-disconnect 2", _kernel.Operations.Skip(before));
+    }
+
+    /// <summary>A device that looked free but was opened elsewhere: CONNECT refused, and the limit written for it put back.</summary>
+    [Fact]
+    public async Task RunAsync_ConnectRefusedEbusy_RequestSizeLimitWrittenBeforeItPutBack()
+    {
+        _kernel.SysfsOnly[2] = new KernelDeviceInfo(2, 0, 512, null, Connected: false, ReadOnly: false);
+        _kernel.OpenedElsewhere.Add(2);
+        var connector = new FakeConnector().ThenServe(FakeConnector.DefaultExport with { MaximumPayload = 65536 });
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: "/dev/nbd2"), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Equal(["netlink open", "limit-request 2 65536", "nl-connect 2 size 1073741824 socks 1 id nbd-daemon:data", "restore-request 2 64 128"], _kernel.Operations);
+        Assert.Equal(128u, _kernel.MaxSectorsKb[2]);
+        await running.StopAsync();
+    }
+
     [Fact]
     public async Task RunAsync_DeviceLeftStillConnected_ClosesFreshSocketsAndServesUntilLinkDead()
     {
@@ -341,6 +414,44 @@ public sealed class MappingLoopNetlinkTests
         await running.WaitForAsync(MappingState.Reconnecting);
 
         Assert.Equal("export is read-only but /dev/nbd2 (left configured by an earlier daemon) is writable; not adopting it, device left untouched", loop.LastFailure);
+        await running.StopAsync();
+    }
+
+    /// <summary>
+    /// The device's queue attributes say what the block layer will have the driver send; RECONFIGURE keeps them. A server
+    /// restarted without FUA (or FLUSH, TRIM, WRITE_ZEROES) across a daemon restart was adopted, and the first such
+    /// command failed under the filesystem. Offering more than the device sends is fine.
+    /// </summary>
+    [Theory]
+    [InlineData(TransmissionFlags.SendFlush | TransmissionFlags.SendFua, TransmissionFlags.SendFlush, "NBD_FLAG_SEND_FUA")]
+    [InlineData(TransmissionFlags.SendFlush | TransmissionFlags.SendTrim, TransmissionFlags.None, "NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_TRIM")]
+    [InlineData(TransmissionFlags.SendWriteZeroes, TransmissionFlags.SendFlush | TransmissionFlags.SendTrim, "NBD_FLAG_SEND_WRITE_ZEROES")]
+    [InlineData(TransmissionFlags.SendFlush, TransmissionFlags.SendFlush | TransmissionFlags.SendFua | TransmissionFlags.SendTrim, null)]
+    [InlineData(TransmissionFlags.None, TransmissionFlags.SendFlush, null)]
+    public async Task RunAsync_DeviceLeftSendingWhatTheExportNoLongerOffers_RefusedDeviceUntouched(TransmissionFlags sends, TransmissionFlags offered, string? lacking)
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", deadSlots: 1, sends: sends);
+        var export = FakeConnector.DefaultExport with { TransmissionFlags = (ushort)(FakeConnector.DefaultExport.TransmissionFlags | (ushort)offered) };
+        var connector = new FakeConnector().ThenServe(export);
+        MappingLoop loop = TestMappings.Loop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null), connector, _kernel, _time);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(s => s.Contains(MappingState.Serving) || s.Contains(MappingState.Reconnecting), "Serving or Reconnecting");
+
+        if (lacking is null)
+        {
+            Assert.Equal(MappingState.Serving, loop.State);
+            Assert.Contains("nl-reconfigure 2 socks 1 id nbd-daemon:data", _kernel.Operations);
+        }
+        else
+        {
+            Assert.Equal(MappingState.Reconnecting, loop.State);
+            Assert.Equal(
+                $"export does not offer {lacking}, which /dev/nbd2 (left configured by an earlier daemon) sends (its queue attributes in sysfs); not adopting it, device left untouched",
+                loop.LastFailure);
+            Assert.Equal(["netlink open"], _kernel.Operations);
+            Assert.True(_kernel.NetlinkDevices[2].Dead[0]);
+        }
+
         await running.StopAsync();
     }
 
@@ -742,6 +853,67 @@ public sealed class MappingLoopNetlinkTests
         _kernel.Netlink.RaiseLinkDead(1);
         await running.WaitForAsync(MappingState.Reconnecting);
         Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (LINK_DEAD; socket 2 of 2: connection closed or shut down)", StringComparison.Ordinal));
+        await running.StopAsync();
+    }
+
+    /// <summary>
+    /// Adopted with one of two slots dead: the other still held the previous process's connection. When that one died
+    /// too, its LINK_DEAD was taken for a stale one (our socket was healthy) and the device served on one connection
+    /// for good. The slot is filled now, and the live connection is left alone.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_PartlyAdoptedAndThePreviousConnectionDiesLater_ItsSlotFilledTheLiveOneKept()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
+        var connector = new FakeConnector().ThenServe();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        FakeSession[] adopted = [.. connector.Sessions];
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(adopted[0].Socket));
+        Assert.True(adopted[1].Disposed); // no dead slot for it
+
+        _kernel.Netlink!.RaiseLinkDead(1); // the previous process's connection, slot 1
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 2") && _time.Armed(MappingLoop.LinkDeadGrace) == 1);
+        _time.Advance(MappingLoop.LinkDeadGrace);
+        await TestMappings.WaitUntilAsync(() => connector.Sessions.Count == 3 && _kernel.NetlinkDevices[2].Dead.All(d => !d));
+
+        FakeSession filler = connector.Sessions.Last();
+        Assert.Equal(filler.Socket, _kernel.NetlinkDevices[2].Sockets[1]);
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(filler.Socket));
+        Assert.False(adopted[0].ShutDown);
+        Assert.Equal(1, running.States.Count(t => t == MappingState.Serving));
+        Assert.Equal("nl-reconfigure 2 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("NBD_CMD_RECONFIGURE (dead slot filled): kernel took 1 of 1 sockets", StringComparison.Ordinal)));
+        Assert.DoesNotContain(logger.Entries, e => e.Message.Contains("LINK_DEAD for an earlier connection ignored", StringComparison.Ordinal));
+
+        // Both watched now: the filler's end is a lost connection like any other.
+        _kernel.Netlink.RaiseLinkDead(1);
+        await running.WaitForAsync(MappingState.Reconnecting);
+        Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (LINK_DEAD; socket 2 of 2", StringComparison.Ordinal));
+        await running.StopAsync();
+    }
+
+    /// <summary>Filling the slot fails (server down): serving goes on over the live connection, with a warning.</summary>
+    [Fact]
+    public async Task RunAsync_PartlyServingAndFillingTheDeadSlotFails_ServesOnWarned()
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
+        var connector = new FakeConnector().ThenServe().ThenServe().ThenRefuse();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.Netlink!.RaiseLinkDead(1);
+        await TestMappings.WaitUntilAsync(() => _time.Armed(MappingLoop.LinkDeadGrace) == 1);
+        _time.Advance(MappingLoop.LinkDeadGrace);
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("a connection slot not held by this process died, and filling it failed (", StringComparison.Ordinal)));
+
+        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.False(connector.Sessions.First().ShutDown);
+        Assert.True(_kernel.NetlinkDevices[2].Dead[1]);
         await running.StopAsync();
     }
 

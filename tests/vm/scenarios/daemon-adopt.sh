@@ -12,6 +12,8 @@
 #  disconnect  OnStop=Disconnect: SIGTERM → device freed.
 #  mismatch    device left configured at 16 MiB, server back with a 32 MiB export: the daemon refuses naming both
 #              sizes, the device keeps its size and configuration (never resized, never disconnected).
+#  flags       device left configured sending FUA (queue/fua 1: nbdkit's file plugin offers FLUSH and FUA), server
+#              back without FUA (nbdkit's fua filter, default fuamode=none): refused naming the flag, device untouched.
 . /usr/local/lib/nbdvm.sh
 MiB=1048576
 PORT=10820
@@ -192,5 +194,34 @@ result mismatch connected_first=$ok size_before=$before refused=$refused refused
 kill -TERM $DPID
 wait_exit $DPID 20 || { kill -KILL $DPID; wait $DPID; }
 result mismatch_stop exit_rc=$EXIT_RC $(dev_state)
+show "$LOG"
+kill -KILL $KIT 2>/dev/null
+
+# --- flags: device left sending FUA, server back without it -----------------------------------------------
+truncate -s 16M $IMG
+start_kit || note "nbdkit restart failed"
+write_config Disconnect
+start_daemon
+wait_log "$LOG" "adopted /dev/nbd0" 60 >/dev/null
+kill -TERM $DPID
+wait_exit $DPID 20 || { kill -KILL $DPID; wait $DPID; }
+wait_free nbd0 10 >/dev/null; freed=$(yesno $?)
+write_config Leave
+start_daemon
+wait_connected nbd0 60 $DPID >/dev/null; ok=$(yesno $?)
+fua_before=$(cat /sys/block/nbd0/queue/fua); cache_before=$(tr ' ' _ < /sys/block/nbd0/queue/write_cache)
+kill -KILL $DPID; wait $DPID 2>/dev/null
+kill -KILL $KIT; wait $KIT 2>/dev/null
+# fuamode=none is the default; nbdkit 1.32 refuses it spelt out ("unknown fuamode").
+nbdkit -f -i 127.0.0.1 -p $PORT --filter=fua file $IMG & KIT=$!
+wait_port $PORT 10 || note "nbdkit with the fua filter did not start"
+start_daemon
+rms=$(wait_log "$LOG" "export does not offer NBD_FLAG_SEND_FUA, which /dev/nbd0 (left configured by an earlier daemon) sends" 60)
+refused=$(yesno $?)
+result flags freed_first=$freed connected_first=$ok fua_before=$fua_before write_cache_before=$cache_before refused=$refused \
+    refused_ms=$rms daemon_alive=$(proc_gone $DPID && echo no || echo yes) connects=$(grep -c "NBD_CMD_CONNECT" "$LOG") \
+    fua_after=$(cat /sys/block/nbd0/queue/fua) $(dev_state)
+kill -TERM $DPID
+wait_exit $DPID 20 || { kill -KILL $DPID; wait $DPID; }
 show "$LOG"
 kill -KILL $KIT 2>/dev/null

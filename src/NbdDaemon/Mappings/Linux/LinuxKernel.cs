@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using Nbd.Kernel;
+using Nbd.Protocol;
 
 namespace NbdDaemon.Mappings.Linux;
 
@@ -25,7 +26,13 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
             return null;
         }
 
-        return new KernelDeviceInfo(status.Index, status.SizeBytes, status.LogicalBlockSize, status.Backend, status.IsConnected, status.ReadOnly);
+        return new KernelDeviceInfo(status.Index, status.SizeBytes, status.LogicalBlockSize, status.Backend, status.IsConnected, status.ReadOnly)
+        {
+            Sends = (status.WriteBack ? TransmissionFlags.SendFlush : 0)
+                | (status.Fua ? TransmissionFlags.SendFua : 0)
+                | (status.DiscardMaxBytes > 0 ? TransmissionFlags.SendTrim : 0)
+                | (status.WriteZeroesMaxBytes > 0 ? TransmissionFlags.SendWriteZeroes : 0),
+        };
     }
 
     public void ClearSendTimeout(Socket socket) => NbdSocketTimeout.Clear(socket);

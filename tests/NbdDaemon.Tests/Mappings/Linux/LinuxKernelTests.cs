@@ -21,6 +21,21 @@ public sealed class LinuxKernelTests
         Assert.Null(kernel.ReadDevice(7));
     }
 
+    /// <summary>Values as the 6.1 driver leaves them: FLUSH + FUA + TRIM give write back, fua 1, discard_max_bytes UINT_MAX sectors.</summary>
+    [Theory]
+    [InlineData("write back", "1", "2199023255040", "0", Nbd.Protocol.TransmissionFlags.SendFlush | Nbd.Protocol.TransmissionFlags.SendFua | Nbd.Protocol.TransmissionFlags.SendTrim)]
+    [InlineData("write through", "0", "0", "0", Nbd.Protocol.TransmissionFlags.None)]
+    [InlineData("write back", "0", "0", "33554432", Nbd.Protocol.TransmissionFlags.SendFlush | Nbd.Protocol.TransmissionFlags.SendWriteZeroes)]
+    public void ReadDevice_QueueAttributes_WhatTheDeviceSends(string writeCache, string fua, string discard, string zeroes, Nbd.Protocol.TransmissionFlags sends)
+    {
+        using var sys = new TempDirectory();
+        WriteDevice(
+            sys.Path, 1, ("size", "2048"), ("pid", "9"), ("queue/write_cache", writeCache), ("queue/fua", fua), ("queue/discard_max_bytes", discard),
+            ("queue/write_zeroes_max_bytes", zeroes));
+
+        Assert.Equal(sends, new LinuxKernel(sys.Path).ReadDevice(1)!.Sends);
+    }
+
     [Fact]
     public void SendTimeout_ClearedThenSetByAnotherWriter_ReadsKernelValueNotTheCachedOne()
     {
