@@ -16,4 +16,14 @@ public sealed record BlockSizeConstraints(uint Minimum, uint Preferred, uint Max
 public sealed record NbdExportInfo(string Name, ulong Size, TransmissionFlags Flags, BlockSizeConstraints? BlockSizes, string? Description);
 
 /// <summary>One NBD_REP_SERVER entry from NBD_OPT_LIST.</summary>
-public sealed record NbdExportListing(string Name, string? Description);
+/// <param name="Name">The export's name; when the server sent one that is not a spec string, with each byte that is not
+/// valid UTF-8 as U+FFFD (and <see cref="NameIsValid"/> false).</param>
+/// <param name="Description">The server's description (each invalid byte as U+FFFD: it is only for people).</param>
+public sealed record NbdExportListing(string Name, string? Description)
+{
+    /// <summary>
+    /// False when the server sent a name that is not valid UTF-8 or contains NUL (proto.md: names are UTF-8 strings
+    /// without NUL): such an export cannot be asked for by name, but one bad entry does not hide the others.
+    /// </summary>
+    public bool NameIsValid { get; init; } = true;
+}

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Text;
+using System.Text.Unicode;
 
 namespace Nbd.Protocol;
 
@@ -206,14 +207,20 @@ internal static class NbdWire
             throw new NbdProtocolException(NbdProtocolError.OversizedLength, $"NBD_REP_SERVER name length {nameLength} exceeds its {payload.Length}-byte reply or {NbdProtocol.MaxStringLength}.");
         }
 
-        string name = DecodeString(payload.Slice(4, (int)nameLength), "export name in NBD_REP_SERVER");
+        ReadOnlySpan<byte> nameBytes = payload.Slice(4, (int)nameLength);
         var rest = payload[(4 + (int)nameLength)..];
         if (rest.Length > NbdProtocol.MaxStringLength)
         {
             throw new NbdProtocolException(NbdProtocolError.OversizedLength, $"NBD_REP_SERVER description of {rest.Length} bytes exceeds {NbdProtocol.MaxStringLength}.");
         }
 
-        return new NbdExportListing(name, rest.IsEmpty ? null : DecodeString(rest, "export description in NBD_REP_SERVER"));
+        // One entry that is not a spec string is listed as such instead of failing the whole listing: the lengths
+        // framed it, so the rest of the stream is intact.
+        bool valid = !nameBytes.Contains((byte)0) && Utf8.IsValid(nameBytes);
+        return new NbdExportListing(Encoding.UTF8.GetString(nameBytes), rest.IsEmpty ? null : Encoding.UTF8.GetString(rest).Replace("\0", "", StringComparison.Ordinal))
+        {
+            NameIsValid = valid,
+        };
     }
 
     // NBD_REP_INFO data:  16 bits information type, then per type:

@@ -40,6 +40,11 @@ internal static class ListCommand
             return CliExit.ServerFailure(stderr, uri!, e);
         }
 
+        foreach (var invalid in exports.Where(e => !e.NameIsValid))
+        {
+            CliExit.Note(stderr, $"the server lists an export whose name is not valid UTF-8 or contains NUL, shown as '{NbdText.Printable(invalid.Name)}' (U+FFFD for each bad byte); it cannot be asked for by name");
+        }
+
         try
         {
             if (json)

@@ -109,12 +109,24 @@ public sealed class NbdWireTests
     public void ParseServerReply_NameAndDescription(string hex, string name, string? description) =>
         Assert.Equal(new NbdExportListing(name, description), NbdWire.ParseServerReply(Hex(hex)));
 
+    /// <summary>One name that is not a spec string no longer fails the whole listing: it is listed, marked.</summary>
+    [Theory]
+    [InlineData("00000002 ff fe", "\ufffd\ufffd", null)]
+    [InlineData("00000002 61 00", "a\0", null)]
+    [InlineData("00000003 61 c3 28 6f6b ff", "a\ufffd(", "ok\ufffd")]
+    public void ParseServerReply_NameNotASpecString_ListedMarkedInvalid(string hex, string name, string? description)
+    {
+        NbdExportListing listing = NbdWire.ParseServerReply(Hex(hex));
+        Assert.Equal((name, description, false), (listing.Name, listing.Description, listing.NameIsValid));
+    }
+
+    [Fact]
+    public void ParseServerReply_ValidName_MarkedValid() => Assert.True(NbdWire.ParseServerReply(Hex("00000004 6469736b")).NameIsValid);
+
     [Theory]
     [InlineData("000000", NbdProtocolError.InvalidValue)]
     [InlineData("00000005 6469736b", NbdProtocolError.OversizedLength)]
     [InlineData("ffffffff 6469736b", NbdProtocolError.OversizedLength)]
-    [InlineData("00000002 ff fe", NbdProtocolError.InvalidValue)]
-    [InlineData("00000002 61 00", NbdProtocolError.InvalidValue)]
     public void ParseServerReply_Invalid_Throws(string hex, NbdProtocolError error) =>
         Assert.Equal(error, Assert.Throws<NbdProtocolException>(() => NbdWire.ParseServerReply(Hex(hex))).Error);
 

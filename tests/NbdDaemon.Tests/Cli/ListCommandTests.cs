@@ -39,6 +39,23 @@ public sealed class ListCommandTests : IDisposable
         Assert.Equal("""[{"name":"ta\tb","description":"desc\nline2"}]""", stdout.ToString().TrimEnd('\n'));
     }
 
+    /// <summary>One export name that is not UTF-8 (bytes 0xFF 0xFE) failed the whole listing: every export is listed now, that one marked.</summary>
+    [Fact]
+    public async Task RunAsync_OneNameNotUtf8_EveryExportListedThatOneNoted()
+    {
+        string socket = await StartNbdkitWithPrintfNameAsync(@"bad\377\376", "good");
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+
+        int exit = await ListCommand.RunAsync($"nbd+unix:///?socket={socket}", json: false, stdout, stderr, CancellationToken.None);
+
+        Assert.Equal(0, exit);
+        Assert.Equal(["good\tdesc\\u000aline2", "bad\ufffd\ufffd\tdesc\\u000aline2"], stdout.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries));
+        Assert.Equal(
+            "nbd-daemon: note: the server lists an export whose name is not valid UTF-8 or contains NUL, shown as 'bad\ufffd\ufffd' (U+FFFD for each bad byte); it cannot be asked for by name\n",
+            stderr.ToString());
+    }
+
     /// <summary>
     /// A failed listing in the daemon's words: it said "Cannot connect to 127.0.0.1:1: ConnectionRefused (Connection
     /// refused 127.0.0.1:1). (server 127.0.0.1:1, export '')", naming an export a listing has none of.
@@ -121,12 +138,17 @@ public sealed class ListCommandTests : IDisposable
         _dir.Dispose();
     }
 
-    private async Task<string> StartNbdkitAsync(params string[] names)
+    private Task<string> StartNbdkitAsync(params string[] names) => StartNbdkitWithPrintfNameAsync(null, names);
+
+    /// <param name="printfName">An extra export name made by the shell's printf (bytes a .NET string cannot carry).</param>
+    /// <param name="names">Export names.</param>
+    private async Task<string> StartNbdkitWithPrintfNameAsync(string? printfName, params string[] names)
     {
         string socket = _dir.File("nbdkit.sock");
         string log = _dir.File("nbdkit.log");
         var start = new ProcessStartInfo("sh") { UseShellExecute = false };
-        var args = new List<string> { "-c", "exec nbdkit \"$@\" 2>>\"$0\" >&2", log, "--foreground", "-U", socket, "--filter=exportname", "memory", "1M", "exportname-list=explicit", "exportdesc=fixed:desc\nline2" };
+        string extra = printfName is null ? "" : $" \"exportname=$(printf '{printfName}')\"";
+        var args = new List<string> { "-c", $"exec nbdkit \"$@\"{extra} 2>>\"$0\" >&2", log, "--foreground", "-U", socket, "--filter=exportname", "memory", "1M", "exportname-list=explicit", "exportdesc=fixed:desc\nline2" };
         args.AddRange(names.Select(n => "exportname=" + n));
         foreach (string arg in args)
         {
