@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Installs a published nbd-daemon. Idempotent: safe to run again after every publish.
 # Usage: deploy/install.sh [PUBLISH_DIR] [--root DESTDIR]
+#        deploy/install.sh --uninstall [--purge] [--root DESTDIR]
 #   PUBLISH_DIR  output of deploy/publish.sh (default: ./publish/nbd-daemon)
 #   --root DIR   install below DIR instead of / (packaging, tests); no systemctl calls then.
+#   --uninstall  stop and disable the service, remove what install.sh installed; keeps /etc/nbd-daemon (--purge too).
 # Never overwrites /etc/nbd-daemon/appsettings.json: the admin's configuration wins.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 publish_dir="$repo_root/publish/nbd-daemon"
 root=""
+uninstall=0
+purge=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root="${2:?--root needs a directory}"; shift 2 ;;
     --root=*) root="${1#--root=}"; shift ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --uninstall) uninstall=1; shift ;;
+    --purge) purge=1; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     -*) echo "install.sh: unknown option $1" >&2; exit 64 ;;
     *) publish_dir="$1"; shift ;;
   esac
 done
 
-if [ ! -x "$publish_dir/nbd-daemon" ]; then
+if [ "$purge" = 1 ] && [ "$uninstall" = 0 ]; then
+  echo "install.sh: --purge goes with --uninstall" >&2
+  exit 64
+fi
+
+if [ "$uninstall" = 0 ] && [ ! -x "$publish_dir/nbd-daemon" ]; then
   echo "install.sh: $publish_dir/nbd-daemon not found; run deploy/publish.sh first" >&2
   exit 66
 fi
@@ -35,6 +46,56 @@ unit_dir="$root/etc/systemd/system"
 modules_dir="$root/etc/modules-load.d"
 modprobe_dir="$root/etc/modprobe.d"
 config_dir="$root/etc/nbd-daemon"
+
+in_use() { # PATH: a running process's executable is PATH or lies below it
+  local path exe
+  path="$(readlink -f "$1")"
+  for exe in /proc/[0-9]*/exe; do
+    case "$(readlink -f "$exe" 2>/dev/null || true)" in
+      "$path"|"$path"/*) return 0 ;;
+    esac
+  done
+  return 1
+}
+
+systemd_here() { [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+
+if [ "$uninstall" = 1 ]; then
+  if systemd_here && systemctl cat nbd-daemon.service >/dev/null 2>&1; then
+    # The stop does what each mapping's OnStop says (disconnect, or leave the device serving on its own).
+    systemctl disable --now nbd-daemon.service || echo "install.sh: systemctl disable --now nbd-daemon failed" >&2
+  fi
+  # Nothing is removed under a daemon still running (started by hand, or the stop failed): it would lose its files
+  # half-way through its own stop.
+  if [ -d "$lib_dir" ] && in_use "$lib_dir"; then
+    echo "install.sh: an nbd-daemon still runs from $lib_dir; stop it first (its devices are handled by its OnStop); nothing removed" >&2
+    exit 75
+  fi
+  rm -f "$unit_dir/nbd-daemon.service"
+  rm -rf "$lib_dir"
+  # The module files are the admin's once edited (install.sh keeps them then): removed only as shipped.
+  for shipped in modules-load.d modprobe.d; do
+    installed="$root/etc/$shipped/nbd.conf"
+    if [ -f "$installed" ] && cmp -s "$installed" "$repo_root/systemd/$shipped/nbd.conf"; then
+      rm -f "$installed"
+    elif [ -e "$installed" ]; then
+      echo "kept $installed (edited)"
+    fi
+  done
+  if [ -d "$unit_dir/nbd-daemon.service.d" ]; then
+    echo "kept $unit_dir/nbd-daemon.service.d (drop-ins are the admin's)"
+  fi
+  if [ "$purge" = 1 ]; then
+    rm -rf "$config_dir"
+  elif [ -e "$config_dir" ]; then
+    echo "kept $config_dir (the configuration; --purge removes it)"
+  fi
+  if systemd_here; then
+    systemctl daemon-reload
+  fi
+  echo "uninstalled nbd-daemon"
+  exit 0
+fi
 
 install -d -m 0755 "$lib_dir" "$lib_dir/releases" "$unit_dir" "$modules_dir" "$modprobe_dir" "$config_dir"
 
@@ -61,16 +122,6 @@ mv -T "$lib_dir/.current.new" "$lib_dir/current"
 # Release directories nothing runs from any more go: every one but the current and those a process still executes
 # from (the daemon that runs until the next restart). Same for the files of the layout before releases, which lay
 # directly in $lib_dir.
-in_use() { # PATH: a running process's executable is PATH or lies below it
-  local path exe
-  path="$(readlink -f "$1")"
-  for exe in /proc/[0-9]*/exe; do
-    case "$(readlink -f "$exe" 2>/dev/null || true)" in
-      "$path"|"$path"/*) return 0 ;;
-    esac
-  done
-  return 1
-}
 for old in "$lib_dir"/releases/*; do
   [ -d "$old" ] || continue
   [ "$(basename "$old")" = "$release" ] && continue

@@ -228,6 +228,74 @@ public sealed class InstallScriptTests
         }
     }
 
+    /// <summary>There was no way back: the files had to be found and removed by hand.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Uninstall_AfterInstall_RemovesWhatItInstalledKeepsTheAdminsFiles(bool purge)
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        string root = Path.Combine(dir.Path, "root");
+        string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
+        (int exit, string output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        File.WriteAllText(Path.Combine(root, "etc/modprobe.d/nbd.conf"), "options nbd nbds_max=64\n"); // the admin's now
+        Directory.CreateDirectory(Path.Combine(root, "etc/systemd/system/nbd-daemon.service.d"));
+
+        (exit, output) = purge ? await RunAsync(script, "--uninstall", "--purge", "--root", root) : await RunAsync(script, "--uninstall", "--root", root);
+
+        Assert.True(exit == 0, output);
+        Assert.False(Directory.Exists(Path.Combine(root, Lib)));
+        Assert.False(File.Exists(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")));
+        Assert.False(File.Exists(Path.Combine(root, "etc/modules-load.d/nbd.conf")));
+        Assert.Equal("options nbd nbds_max=64\n", File.ReadAllText(Path.Combine(root, "etc/modprobe.d/nbd.conf")));
+        Assert.True(Directory.Exists(Path.Combine(root, "etc/systemd/system/nbd-daemon.service.d")));
+        Assert.Equal(!purge, File.Exists(Path.Combine(root, "etc/nbd-daemon/appsettings.json")));
+        Assert.Contains("kept " + Path.Combine(root, "etc/modprobe.d/nbd.conf") + " (edited)", output, StringComparison.Ordinal);
+        Assert.Equal(!purge, output.Contains("(the configuration; --purge removes it)", StringComparison.Ordinal));
+
+        // Again: nothing left to remove is not an error.
+        (exit, output) = await RunAsync(script, "--uninstall", "--root", root);
+        Assert.True(exit == 0, output);
+    }
+
+    [Fact]
+    public async Task Uninstall_WhileADaemonRunsFromIt_RefusedNothingRemoved()
+    {
+        using var dir = new TempDirectory();
+        string publish = FakePublish(dir);
+        File.Copy("/bin/sleep", Path.Combine(publish, "nbd-daemon"), overwrite: true);
+        string root = Path.Combine(dir.Path, "root");
+        string script = Path.Combine(RepoRoot(), "deploy", "install.sh");
+        (int exit, string output) = await RunAsync(script, publish, "--root", root);
+        Assert.True(exit == 0, output);
+        using Process running = Process.Start(Path.Combine(root, Lib, "current/nbd-daemon"), "60");
+        try
+        {
+            (exit, output) = await RunAsync(script, "--uninstall", "--root", root);
+
+            Assert.Equal(75, exit);
+            Assert.Contains("an nbd-daemon still runs from", output, StringComparison.Ordinal);
+            Assert.True(File.Exists(Path.Combine(root, Lib, "current/nbd-daemon")));
+            Assert.True(File.Exists(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")));
+        }
+        finally
+        {
+            running.Kill();
+            await running.WaitForExitAsync();
+        }
+    }
+
+    [Fact]
+    public async Task Purge_WithoutUninstall_UsageError()
+    {
+        using var dir = new TempDirectory();
+        (int exit, string output) = await RunAsync(Path.Combine(RepoRoot(), "deploy", "install.sh"), "--purge", "--root", dir.File("root"));
+        Assert.Equal(64, exit);
+        Assert.Contains("--purge goes with --uninstall", output, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task Install_MissingPublishDir_FailsWithHint()
     {

@@ -153,4 +153,24 @@ public sealed class DaemonUnderSystemdTests(SystemdVmFixture vm, ITestOutputHelp
         // One process for all mappings: each further mapping may cost buffers, not a runtime.
         Assert.True((d16 - d1) / 15 < 4 * 1024, $"each extra mapping costs {(d16 - d1) / 15} kB of RSS");
     }
+
+    /// <summary>install.sh --uninstall inside a real systemd: there was no way back but by hand.</summary>
+    [Fact]
+    public void Uninstall_ServiceRunning_StoppedDisabledFilesGoneConfigurationKept()
+    {
+        output.WriteLine($"uninstall: rc {vm.Value("uninstall_rc")}, unit {vm.Value("uninstalled_LoadState")}/{vm.Value("uninstalled_ActiveState")}, " +
+                         $"lib {vm.Value("uninstalled_lib")}, config {vm.Value("uninstalled_config")}");
+        Assert.Equal("active", vm.Value("uninstall_ActiveState"));
+        Assert.True(vm.Number("uninstall_data_size_before") > 0, "the daemon did not map /dev/nbd0 before the uninstall");
+        Assert.Equal("0", vm.Value("uninstall_rc"));
+        Assert.Equal("not-found", vm.Value("uninstalled_LoadState"));
+        Assert.Equal("inactive", vm.Value("uninstalled_ActiveState"));
+        Assert.Equal("absent", vm.Value("uninstalled_wants_link"));
+        Assert.Equal("absent", vm.Value("uninstalled_lib"));
+        Assert.Equal("absent", vm.Value("uninstalled_unit_file"));
+        Assert.Equal("kept", vm.Value("uninstalled_config"));
+        // OnStop: Disconnect (the default): the stop freed the device.
+        Assert.Equal("0", vm.Value("uninstalled_data_size_after"));
+        Assert.Equal("absent", vm.Value("uninstalled_data_pid_after"));
+    }
 }

@@ -60,6 +60,13 @@ else
     echo "RESULT systemd host_install=skipped"
 fi
 
+# The installer itself, with the files it compares against, for a scenario that uninstalls inside the VM.
+if [ -f "$installer" ]; then
+    mkdir -p "$root/opt/nbd-install/deploy"
+    cp "$installer" "$root/opt/nbd-install/deploy/install.sh"
+    cp -R "$repo/systemd" "$root/opt/nbd-install/systemd"
+fi
+
 # The scenario: a oneshot unit after multi-user, printing to the serial console, powering off whatever happens.
 mkdir -p "$root/opt/vm-scenario"
 cp "$scenario" "$root/opt/vm-scenario/scenario.sh"

@@ -261,4 +261,25 @@ r crashloop_recovered_ActiveState "$state"
 r crashloop_recovered_ms "$(( $(now_ms) - t0 ))"
 r crashloop_recovered_data_size "$(dev_size /dev/nbd0)"
 stop_daemon crashloop /dev/nbd0
+
+# install.sh --uninstall with the service running: stopped (OnStop: the device disconnected) and disabled, the unit
+# and the binaries gone, the configuration kept.
+mark uninstall
+systemctl enable nbd-daemon.service >/dev/null 2>&1
+start_daemon uninstall
+r uninstall_data_size_before "$(dev_size /dev/nbd0)"
+if [ -f /opt/nbd-install/deploy/install.sh ]; then
+    timeout 120 bash /opt/nbd-install/deploy/install.sh --uninstall >/tmp/uninstall.out 2>&1; r uninstall_rc "$?"
+    sed 's/^/LOG uninstall: /' /tmp/uninstall.out
+else
+    r uninstall_rc absent
+fi
+r uninstalled_LoadState "$(prop nbd-daemon LoadState)"
+r uninstalled_ActiveState "$(prop nbd-daemon ActiveState)"
+r uninstalled_wants_link "$(ls /etc/systemd/system/*.wants/nbd-daemon.service >/dev/null 2>&1 && echo present || echo absent)"
+r uninstalled_lib "$([ -e /usr/local/lib/nbd-daemon ] && echo present || echo absent)"
+r uninstalled_unit_file "$([ -e /etc/systemd/system/nbd-daemon.service ] && echo present || echo absent)"
+r uninstalled_config "$([ -e /etc/nbd-daemon/appsettings.json ] && echo kept || echo gone)"
+r uninstalled_data_size_after "$(dev_size /dev/nbd0)"
+r uninstalled_data_pid_after "$(dev_pid /dev/nbd0)"
 mark done
