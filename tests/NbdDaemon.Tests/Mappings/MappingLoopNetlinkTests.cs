@@ -864,32 +864,23 @@ public sealed class MappingLoopNetlinkTests
     [Fact]
     public async Task RunAsync_PartlyAdoptedAndThePreviousConnectionDiesLater_ItsSlotFilledTheLiveOneKept()
     {
-        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
         var connector = new FakeConnector().ThenServe();
-        var logger = new ListLogger();
-        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
-        await using var running = RunningLoop.Start(loop);
-        await running.WaitForAsync(MappingState.Serving);
-        FakeSession[] adopted = [.. connector.Sessions];
-        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(adopted[0].Socket));
-        Assert.True(adopted[1].Disposed); // no dead slot for it
-
-        _kernel.Netlink!.RaiseLinkDead(1); // the previous process's connection, slot 1
-        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 2") && _time.Armed(MappingLoop.LinkDeadGrace) == 1);
-        _time.Advance(MappingLoop.LinkDeadGrace);
+        (RunningLoop started, ListLogger logger) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector);
+        await using RunningLoop running = started;
         await TestMappings.WaitUntilAsync(() => connector.Sessions.Count == 3 && _kernel.NetlinkDevices[2].Dead.All(d => !d));
 
-        FakeSession filler = connector.Sessions.Last();
-        Assert.Equal(filler.Socket, _kernel.NetlinkDevices[2].Sockets[1]);
-        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(filler.Socket));
-        Assert.False(adopted[0].ShutDown);
+        FakeSession[] sessions = [.. connector.Sessions];
+        Assert.True(sessions[1].Disposed); // adoption: no dead slot for it
+        Assert.False(sessions[0].ShutDown);
+        Assert.Equal(sessions[2].Socket, _kernel.NetlinkDevices[2].Sockets[1]);
+        Assert.Equal(TimeSpan.FromSeconds(30), _kernel.ReadSendTimeout(sessions[2].Socket));
         Assert.Equal(1, running.States.Count(t => t == MappingState.Serving));
         Assert.Equal("nl-reconfigure 2 socks 1 id nbd-daemon:data", _kernel.Operations[^1]);
         await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("NBD_CMD_RECONFIGURE (dead slot filled): kernel took 1 of 1 sockets", StringComparison.Ordinal)));
         Assert.DoesNotContain(logger.Entries, e => e.Message.Contains("LINK_DEAD for an earlier connection ignored", StringComparison.Ordinal));
 
         // Both watched now: the filler's end is a lost connection like any other.
-        _kernel.Netlink.RaiseLinkDead(1);
+        _kernel.Netlink!.RaiseLinkDead(1);
         await running.WaitForAsync(MappingState.Reconnecting);
         Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (LINK_DEAD; socket 2 of 2", StringComparison.Ordinal));
         await running.StopAsync();
@@ -899,22 +890,32 @@ public sealed class MappingLoopNetlinkTests
     [Fact]
     public async Task RunAsync_PartlyServingAndFillingTheDeadSlotFails_ServesOnWarned()
     {
-        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
         var connector = new FakeConnector().ThenServe().ThenServe().ThenRefuse();
-        var logger = new ListLogger();
-        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
-        await using var running = RunningLoop.Start(loop);
-        await running.WaitForAsync(MappingState.Serving);
-
-        _kernel.Netlink!.RaiseLinkDead(1);
-        await TestMappings.WaitUntilAsync(() => _time.Armed(MappingLoop.LinkDeadGrace) == 1);
-        _time.Advance(MappingLoop.LinkDeadGrace);
+        (RunningLoop started, ListLogger logger) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector);
+        await using RunningLoop running = started;
         await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("a connection slot not held by this process died, and filling it failed (", StringComparison.Ordinal)));
 
-        Assert.Equal(MappingState.Serving, loop.State);
+        Assert.Equal(MappingState.Serving, running.States[^1]);
         Assert.False(connector.Sessions.First().ShutDown);
         Assert.True(_kernel.NetlinkDevices[2].Dead[1]);
         await running.StopAsync();
+    }
+
+    /// <summary>
+    /// nbd2 left with two slots, the first dead: the loop (Connections 2) adopts it with one socket; then slot 1, the
+    /// previous process's connection, dies, and the LINK_DEAD grace passes with our socket healthy.
+    /// </summary>
+    private async Task<(RunningLoop Running, ListLogger Logger)> StartPartlyAdoptedAndLoseTheOtherSlotAsync(FakeConnector connector)
+    {
+        _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
+        var logger = new ListLogger();
+        var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
+        var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+        _kernel.Netlink!.RaiseLinkDead(1);
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 2") && _time.Armed(MappingLoop.LinkDeadGrace) == 1);
+        _time.Advance(MappingLoop.LinkDeadGrace);
+        return (running, logger);
     }
 
     [Fact]
