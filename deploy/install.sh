@@ -4,7 +4,8 @@
 #        deploy/install.sh --uninstall [--purge] [--root DESTDIR]
 #   PUBLISH_DIR  output of deploy/publish.sh (default: ./publish/nbd-daemon)
 #   --root DIR   install below DIR instead of / (packaging, tests); no systemctl calls then.
-#   --uninstall  stop and disable the service, remove what install.sh installed; keeps /etc/nbd-daemon (--purge too).
+#   --uninstall  stop and disable the service, remove what install.sh installed; keeps /etc/nbd-daemon
+#                (--purge removes it as well).
 # Never overwrites /etc/nbd-daemon/appsettings.json: the admin's configuration wins.
 set -euo pipefail
 
@@ -47,10 +48,11 @@ modules_dir="$root/etc/modules-load.d"
 modprobe_dir="$root/etc/modprobe.d"
 config_dir="$root/etc/nbd-daemon"
 
-in_use() { # PATH: a running process's executable is PATH or lies below it
+in_use() { # PATH [PID]: a running process (other than PID) has its executable at PATH or below it
   local path exe
   path="$(readlink -f "$1")"
   for exe in /proc/[0-9]*/exe; do
+    [ -n "${2:-}" ] && [ "$exe" = "/proc/$2/exe" ] && continue
     case "$(readlink -f "$exe" 2>/dev/null || true)" in
       "$path"|"$path"/*) return 0 ;;
     esac
@@ -61,16 +63,35 @@ in_use() { # PATH: a running process's executable is PATH or lies below it
 systemd_here() { [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
 
 if [ "$uninstall" = 1 ]; then
-  if systemd_here && systemctl cat nbd-daemon.service >/dev/null 2>&1; then
+  # Nothing is touched while a daemon the service does not own runs from the library (started by hand): removing its
+  # files could fail its own stop half-way, and stopping the service alone would leave the host with neither.
+  refuse_running() {
+    echo "install.sh: an nbd-daemon $1 runs from $lib_dir; stop it first (its devices are handled by its OnStop); nothing removed" >&2
+    exit 75
+  }
+  service=0 main_pid=""
+  if systemd_here && [ "$(systemctl show -p LoadState --value nbd-daemon.service 2>/dev/null)" = loaded ]; then
+    service=1
+    main_pid="$(systemctl show -p MainPID --value nbd-daemon.service 2>/dev/null || true)"
+    [ "$main_pid" = 0 ] && main_pid=""
+  fi
+  if [ -d "$lib_dir" ] && in_use "$lib_dir" "$main_pid"; then
+    refuse_running "not started by systemd"
+  fi
+  if [ "$service" = 1 ]; then
     # The stop does what each mapping's OnStop says (disconnect, or leave the device serving on its own).
     systemctl disable --now nbd-daemon.service || echo "install.sh: systemctl disable --now nbd-daemon failed" >&2
   fi
-  # Nothing is removed under a daemon still running (started by hand, or the stop failed): it would lose its files
-  # half-way through its own stop.
   if [ -d "$lib_dir" ] && in_use "$lib_dir"; then
-    echo "install.sh: an nbd-daemon still runs from $lib_dir; stop it first (its devices are handled by its OnStop); nothing removed" >&2
-    exit 75
+    refuse_running "still"
   fi
+  # Devices a mapping left configured (OnStop: Leave) keep serving with no daemon to reconnect them.
+  for backend in /sys/block/nbd*/backend; do
+    [ -z "$root" ] && [ -e "$backend" ] || continue
+    case "$(cat "$backend" 2>/dev/null || true)" in
+      nbd-daemon:*) echo "install.sh: warning: /dev/$(basename "$(dirname "$backend")") stays configured by nbd-daemon (OnStop: Leave), now with no daemon to reconnect it; run nbd-daemon disconnect /dev/$(basename "$(dirname "$backend")") before uninstalling, or nbd-client -d afterwards" >&2 ;;
+    esac
+  done
   rm -f "$unit_dir/nbd-daemon.service"
   rm -rf "$lib_dir"
   # The module files are the admin's once edited (install.sh keeps them then): removed only as shipped.
@@ -79,7 +100,7 @@ if [ "$uninstall" = 1 ]; then
     if [ -f "$installed" ] && cmp -s "$installed" "$repo_root/systemd/$shipped/nbd.conf"; then
       rm -f "$installed"
     elif [ -e "$installed" ]; then
-      echo "kept $installed (edited)"
+      echo "kept $installed (not the one this version ships: the admin's)"
     fi
   done
   if [ -d "$unit_dir/nbd-daemon.service.d" ]; then
@@ -92,6 +113,7 @@ if [ "$uninstall" = 1 ]; then
   fi
   if systemd_here; then
     systemctl daemon-reload
+    systemctl reset-failed nbd-daemon.service >/dev/null 2>&1 || true
   fi
   echo "uninstalled nbd-daemon"
   exit 0

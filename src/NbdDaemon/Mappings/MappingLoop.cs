@@ -77,6 +77,9 @@ internal sealed class MappingLoop
     /// <summary>Netlink while serving: the watch over the current sockets, replaced when a dead slot is filled (<see cref="TopUpAsync"/>).</summary>
     private ISocketWatch? _currentWatch;
 
+    /// <summary>A top-up found no dead slot: not tried again until the connection is replaced.</summary>
+    private bool _noSlotToFill;
+
     /// <summary>
     /// Devices we picked (<see cref="PickNetlinkDevice"/>) whose CONNECT failed EBUSY: open in some process without a
     /// configuration, which sysfs does not show (the driver gives an unconfigured device a configuration on open). The
@@ -1009,11 +1012,11 @@ internal sealed class MappingLoop
                 return ended.IsCompletedSuccessfully ? $"LINK_DEAD; {await ended}" : "LINK_DEAD";
             }
 
-            if (_sessions.Count < _options.Connections)
+            if (_sessions.Count < _options.Connections && !_noSlotToFill)
             {
                 // Serving on fewer connections than configured: the others are the previous process's, or were not
                 // taken at the last RECONFIGURE. This LINK_DEAD may be one of them dying: fill its slot.
-                if (await TopUpAsync(index, stop))
+                if (await TopUpAsync(index, ended, stop))
                 {
                     try
                     {
@@ -1040,42 +1043,45 @@ internal sealed class MappingLoop
     /// <summary>
     /// Fills dead slots of a device served on fewer connections than configured, with fresh connections through
     /// RECONFIGURE; the live ones are left as they are. True when the kernel took any. Failures are logged and serving
-    /// goes on (the device has live connections); throws only for the stop.
+    /// goes on (the device has live connections); throws only for the stop. Given up as soon as one of the current
+    /// sockets ends (<paramref name="ended"/>): that loss is for the normal reconnect, which must not wait for this.
     /// </summary>
-    private async Task<bool> TopUpAsync(int index, CancellationToken stop)
+    private async Task<bool> TopUpAsync(int index, Task ended, CancellationToken stop)
     {
         List<INbdSession> fresh = new(_options.Connections - _sessions.Count);
+        using var deadline = new CancellationTokenSource(_options.Timeout, _time);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(stop, deadline.Token);
+        _ = ended.ContinueWith(static (_, state) => TryCancel((CancellationTokenSource)state!), linked, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         try
         {
-            using (var deadline = new CancellationTokenSource(_options.Timeout, _time))
-            using (var linked = CancellationTokenSource.CreateLinkedTokenSource(stop, deadline.Token))
+            while (_sessions.Count + fresh.Count < _options.Connections)
             {
-                while (_sessions.Count + fresh.Count < _options.Connections)
-                {
-                    fresh.Add(await _connector.ConnectAsync(_options, linked.Token));
-                }
+                fresh.Add(await _connector.ConnectAsync(_options, linked.Token));
             }
 
             foreach (INbdSession session in fresh)
             {
-                if (_established is { } before && ExportChangedException.Compare(before, session.Export, _options.ReadOnly) is { } changed)
-                {
-                    throw changed;
-                }
-
+                CheckTopUpExport(session.Export);
                 _kernel.ClearSendTimeout(session.Socket);
             }
 
             _netlink!.Reconfigure(index, [.. fresh.Select(s => s.Socket)], _options.BackendIdentifier);
             List<INbdSession> taken = [.. fresh.Where(IsTaken)];
-            MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE (dead slot filled)", taken.Count, fresh.Count, ReadBack(taken));
-            DisposeAll([.. fresh.Except(taken)]);
+            int offered = fresh.Count;
+            // The kernel's from here: whatever fails below, they stay with the mapping (closing them would kill the slots).
+            _sessions = [.. _sessions, .. taken];
+            List<INbdSession> dropped = [.. fresh.Except(taken)];
+            fresh = [];
+            DisposeAll(dropped);
+            // None taken: no dead slot (a stale LINK_DEAD, or a device with fewer slots than Connections); not tried
+            // again for LINK_DEADs of this connection.
+            _noSlotToFill = taken.Count == 0;
+            MappingLog.SocketsTaken(_logger, Name, DeviceText, "NBD_CMD_RECONFIGURE (dead slot filled)", taken.Count, offered, ReadBack(taken));
             foreach (INbdSession session in taken)
             {
                 session.Serves(DeviceText);
             }
 
-            _sessions = [.. _sessions, .. taken];
             return taken.Count > 0;
         }
         catch (OperationCanceledException) when (stop.IsCancellationRequested)
@@ -1088,8 +1094,49 @@ internal sealed class MappingLoop
 #pragma warning restore CA1031
         {
             DisposeAll(fresh);
-            MappingLog.TopUpFailed(_logger, Name, DeviceText, FailureText.Describe(ex));
+            if (!ended.IsCompleted)
+            {
+                string why = ex is OperationCanceledException && deadline.IsCancellationRequested
+                    ? string.Create(CultureInfo.InvariantCulture, $"connect and handshake not done within {_options.Timeout.TotalSeconds:0.###} s (the mapping's Timeout)")
+                    : FailureText.Describe(ex);
+                MappingLog.TopUpFailed(_logger, Name, DeviceText, why);
+            }
+
             return false;
+        }
+    }
+
+    private static void TryCancel(CancellationTokenSource source)
+    {
+        try
+        {
+            source.Cancel();
+        }
+        catch (ObjectDisposedException)
+        {
+            // The top-up is over already.
+        }
+    }
+
+    /// <summary>
+    /// A connection that is to join the device's: the export the kernel was configured with, and a server that still
+    /// allows more than one connection (<see cref="Negotiate"/> checks the same at every attempt).
+    /// </summary>
+    private void CheckTopUpExport(ExportDescription export)
+    {
+        if (_established is { } before && ExportChangedException.Compare(before, export, _options.ReadOnly) is { } changed)
+        {
+            throw changed;
+        }
+
+        if ((export.TransmissionFlags & ExportDescription.FlagCanMultiConn) == 0)
+        {
+            throw new MappingException("the server no longer allows several connections (no NBD_FLAG_CAN_MULTI_CONN)");
+        }
+
+        if (_netlinkIndex is int index)
+        {
+            LimitRequestSize(index, export);
         }
     }
 
@@ -1118,6 +1165,7 @@ internal sealed class MappingLoop
 
         DisposeAll(_sessions);
         _sessions = [];
+        _noSlotToFill = false;
     }
 
     /// <summary>
@@ -1237,6 +1285,7 @@ internal sealed class MappingLoop
 
         DisposeAll(_sessions);
         _sessions = [];
+        _noSlotToFill = false;
     }
 
     /// <summary>Runs one teardown step; false (logged with the operation) when it failed.</summary>

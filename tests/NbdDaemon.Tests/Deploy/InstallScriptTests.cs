@@ -252,7 +252,7 @@ public sealed class InstallScriptTests
         Assert.Equal("options nbd nbds_max=64\n", File.ReadAllText(Path.Combine(root, "etc/modprobe.d/nbd.conf")));
         Assert.True(Directory.Exists(Path.Combine(root, "etc/systemd/system/nbd-daemon.service.d")));
         Assert.Equal(!purge, File.Exists(Path.Combine(root, "etc/nbd-daemon/appsettings.json")));
-        Assert.Contains("kept " + Path.Combine(root, "etc/modprobe.d/nbd.conf") + " (edited)", output, StringComparison.Ordinal);
+        Assert.Contains("kept " + Path.Combine(root, "etc/modprobe.d/nbd.conf") + " (not the one this version ships: the admin's)", output, StringComparison.Ordinal);
         Assert.Equal(!purge, output.Contains("(the configuration; --purge removes it)", StringComparison.Ordinal));
 
         // Again: nothing left to remove is not an error.
@@ -276,7 +276,7 @@ public sealed class InstallScriptTests
             (exit, output) = await RunAsync(script, "--uninstall", "--root", root);
 
             Assert.Equal(75, exit);
-            Assert.Contains("an nbd-daemon still runs from", output, StringComparison.Ordinal);
+            Assert.Contains("an nbd-daemon not started by systemd runs from", output, StringComparison.Ordinal);
             Assert.True(File.Exists(Path.Combine(root, Lib, "current/nbd-daemon")));
             Assert.True(File.Exists(Path.Combine(root, "etc/systemd/system/nbd-daemon.service")));
         }

@@ -316,7 +316,7 @@ public sealed class MappingLoopNetlinkTests
 
         _kernel.Netlink!.RaiseLinkDeadEventOnly();
         _kernel.EndSocket(connector.Sessions.Single().Socket);
-        await running.WaitForAsync(MappingState.Reconnecting);
+        await running.WaitForAsync(MappingState.Reconnecting, 2); // the loss, then the refused CONNECT
 
         string[] after = [.. _kernel.Operations.Skip(before)];
         Assert.DoesNotContain(after, o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal) || o.StartsWith("limit-request", StringComparison.Ordinal));
@@ -905,17 +905,99 @@ public sealed class MappingLoopNetlinkTests
     /// nbd2 left with two slots, the first dead: the loop (Connections 2) adopts it with one socket; then slot 1, the
     /// previous process's connection, dies, and the LINK_DEAD grace passes with our socket healthy.
     /// </summary>
-    private async Task<(RunningLoop Running, ListLogger Logger)> StartPartlyAdoptedAndLoseTheOtherSlotAsync(FakeConnector connector)
+    private async Task<(RunningLoop Running, ListLogger Logger)> StartPartlyAdoptedAndLoseTheOtherSlotAsync(FakeConnector connector, bool staleEventOnly = false)
     {
         _kernel.LeaveDevice(2, FakeConnector.DefaultExport.Size, "nbd-daemon:data", slots: 2, deadSlots: 1);
         var logger = new ListLogger();
         var loop = new MappingLoop(TestMappings.Create(kernelInterface: KernelInterface.Netlink, device: null, connections: 2), connector, _kernel, _time, logger, () => 0.5);
         var running = RunningLoop.Start(loop);
         await running.WaitForAsync(MappingState.Serving);
-        _kernel.Netlink!.RaiseLinkDead(1);
-        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Contains("nl-link-dead 2") && _time.Armed(MappingLoop.LinkDeadGrace) == 1);
-        _time.Advance(MappingLoop.LinkDeadGrace);
+        await PassLinkDeadGraceAsync(staleEventOnly, 1);
         return (running, logger);
+    }
+
+    /// <summary>A LINK_DEAD (slot 1 marked dead, or the event alone), and its grace passed.</summary>
+    private async Task PassLinkDeadGraceAsync(bool eventOnly, int occurrence)
+    {
+        if (eventOnly)
+        {
+            _kernel.Netlink!.RaiseLinkDeadEventOnly();
+        }
+        else
+        {
+            _kernel.Netlink!.RaiseLinkDead(1);
+        }
+
+        await TestMappings.WaitUntilAsync(() => _kernel.Operations.Count(o => o == "nl-link-dead 2") == occurrence && _time.Armed(MappingLoop.LinkDeadGrace) == occurrence);
+        _time.Advance(MappingLoop.LinkDeadGrace);
+    }
+
+    /// <summary>
+    /// The connect for the dead slot hangs (server unreachable) and our own connection ends meanwhile: that loss is
+    /// taken at once, not after the top-up's deadline (the mapping's Timeout) with the device's I/O held all along.
+    /// </summary>
+    [Fact]
+    public async Task RunAsync_OwnConnectionEndsWhileFillingTheDeadSlot_LostAtOnce()
+    {
+        var connector = new FakeConnector().ThenServe().ThenServe().ThenHang();
+        (RunningLoop started, ListLogger logger) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector);
+        await using RunningLoop running = started;
+        await TestMappings.WaitUntilAsync(() => connector.Calls == 3);
+
+        _kernel.EndSocket(connector.Sessions.First().Socket);
+        await running.WaitForAsync(MappingState.Reconnecting);
+
+        Assert.Contains(logger.Entries, e => e.Message.Contains("connection lost (socket 1 of 1: connection closed or shut down)", StringComparison.Ordinal));
+        Assert.DoesNotContain(logger.Entries, e => e.Message.Contains("filling it failed", StringComparison.Ordinal));
+        await running.StopAsync();
+    }
+
+    [Fact]
+    public async Task RunAsync_StopWhileFillingTheDeadSlot_Stopped()
+    {
+        var connector = new FakeConnector().ThenServe().ThenServe().ThenHang();
+        (RunningLoop started, _) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector);
+        await using RunningLoop running = started;
+        await TestMappings.WaitUntilAsync(() => connector.Calls == 3);
+
+        await running.StopAsync();
+
+        Assert.Equal(MappingState.Stopped, running.States[^1]);
+        Assert.Contains("nl-disconnect 2", _kernel.Operations);
+    }
+
+    /// <summary>A stale LINK_DEAD (no slot dead): the fresh connection is not taken, and the next stale one costs nothing.</summary>
+    [Fact]
+    public async Task RunAsync_NoDeadSlotToFill_FreshConnectionClosedNotTriedAgain()
+    {
+        var connector = new FakeConnector().ThenServe();
+        (RunningLoop started, ListLogger logger) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector, staleEventOnly: true);
+        await using RunningLoop running = started;
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("NBD_CMD_RECONFIGURE (dead slot filled): kernel took 0 of 1 sockets", StringComparison.Ordinal)));
+        Assert.True(connector.Sessions.Last().Disposed);
+        Assert.Equal(3, connector.Calls);
+
+        await PassLinkDeadGraceAsync(eventOnly: true, 2);
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("LINK_DEAD for an earlier connection ignored", StringComparison.Ordinal)));
+
+        Assert.Equal(3, connector.Calls);
+        Assert.Equal(MappingState.Serving, running.States[^1]);
+        await running.StopAsync();
+    }
+
+    [Fact]
+    public async Task RunAsync_ServerNoLongerMultiConnWhenFillingTheDeadSlot_NotOfferedServesOn()
+    {
+        var single = FakeConnector.DefaultExport with { TransmissionFlags = ExportDescription.FlagHasFlags };
+        var connector = new FakeConnector().ThenServe().ThenServe().ThenServe(single);
+        (RunningLoop started, ListLogger logger) = await StartPartlyAdoptedAndLoseTheOtherSlotAsync(connector);
+        await using RunningLoop running = started;
+        await TestMappings.WaitUntilAsync(() => logger.Entries.Any(e => e.Message.Contains("filling it failed (the server no longer allows several connections (no NBD_FLAG_CAN_MULTI_CONN))", StringComparison.Ordinal)));
+
+        Assert.True(connector.Sessions.Last().Disposed);
+        Assert.True(_kernel.NetlinkDevices[2].Dead[1]);
+        Assert.Equal(1, _kernel.Operations.Count(o => o.StartsWith("nl-reconfigure", StringComparison.Ordinal)));
+        await running.StopAsync();
     }
 
     [Fact]

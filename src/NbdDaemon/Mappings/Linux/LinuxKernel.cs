@@ -29,7 +29,8 @@ internal sealed class LinuxKernel(string sysBlock = "/sys/block") : INbdKernel
         return new KernelDeviceInfo(status.Index, status.SizeBytes, status.LogicalBlockSize, status.Backend, status.IsConnected, status.ReadOnly)
         {
             Sends = (status.WriteBack ? TransmissionFlags.SendFlush : 0)
-                | (status.Fua ? TransmissionFlags.SendFua : 0)
+                // The block layer strips FUA from writes while the cache is write through, whatever queue/fua says.
+                | (status.WriteBack && status.Fua ? TransmissionFlags.SendFua : 0)
                 | (status.DiscardMaxBytes > 0 ? TransmissionFlags.SendTrim : 0)
                 | (status.WriteZeroesMaxBytes > 0 ? TransmissionFlags.SendWriteZeroes : 0),
         };

@@ -25,6 +25,7 @@ public sealed class LinuxKernelTests
     [Theory]
     [InlineData("write back", "1", "2199023255040", "0", Nbd.Protocol.TransmissionFlags.SendFlush | Nbd.Protocol.TransmissionFlags.SendFua | Nbd.Protocol.TransmissionFlags.SendTrim)]
     [InlineData("write through", "0", "0", "0", Nbd.Protocol.TransmissionFlags.None)]
+    [InlineData("write through", "1", "0", "0", Nbd.Protocol.TransmissionFlags.None)] // an admin's write through: no FUA goes out either
     [InlineData("write back", "0", "0", "33554432", Nbd.Protocol.TransmissionFlags.SendFlush | Nbd.Protocol.TransmissionFlags.SendWriteZeroes)]
     public void ReadDevice_QueueAttributes_WhatTheDeviceSends(string writeCache, string fua, string discard, string zeroes, Nbd.Protocol.TransmissionFlags sends)
     {
