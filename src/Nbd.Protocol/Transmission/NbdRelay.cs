@@ -36,6 +36,9 @@ public sealed class NbdRelay : IDisposable
     /// <summary>A connection that ends sooner than this after it took over, having answered nothing, ended no outage.</summary>
     private static readonly TimeSpan QuickDrop = TimeSpan.FromSeconds(1);
 
+    /// <summary>After DISC with <see cref="NbdRelayOptions.GiveUpAfter"/> zero: how long the server may take to answer what it owes.</summary>
+    public static readonly TimeSpan DisconnectWaitWithoutReconnect = TimeSpan.FromSeconds(30);
+
     private readonly Socket _kernel;
     private readonly NbdRelayOptions _options;
     private readonly Lock _lock = new();
@@ -397,7 +400,9 @@ public sealed class NbdRelay : IDisposable
     {
         // A server that neither answers nor closes gets GiveUpAfter, as a reconnect would (the driver may have no timeout
         // of its own: ioctl 0). Armed before DISC goes out, so that whoever sees DISC arrive knows the clock is running.
-        TimeSpan limit = _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
+        // GiveUpAfter zero means no reconnect, not "no wait": the replies owed still come on this connection.
+        TimeSpan limit = _options.GiveUpAfter == TimeSpan.Zero ? DisconnectWaitWithoutReconnect
+            : _options.GiveUpAfter <= LongestTimer ? _options.GiveUpAfter : Timeout.InfiniteTimeSpan;
         ITimer deadline = _options.TimeProvider.CreateTimer(_ => EndAfterDisconnect(), null, limit, Timeout.InfiniteTimeSpan);
         lock (_lock)
         {

@@ -15,7 +15,9 @@ public sealed class NbdRelayOptions
     /// <summary>
     /// How long the relay keeps reconnecting before it gives up and shuts the kernel's end down (the driver then sees a
     /// dead connection, as it would have without the relay). Zero: no reconnect at all; <see cref="TimeSpan.MaxValue"/>:
-    /// never give up. Negative values (<see cref="Timeout.InfiniteTimeSpan"/> too) are refused.
+    /// never give up. Negative values (<see cref="Timeout.InfiniteTimeSpan"/> too) are refused. It also bounds how long,
+    /// after the kernel's NBD_CMD_DISC, the server may take to send the replies it owes (with zero:
+    /// <see cref="NbdRelay.DisconnectWaitWithoutReconnect"/>).
     /// </summary>
     public TimeSpan GiveUpAfter { get; init; } = TimeSpan.FromSeconds(30);
 

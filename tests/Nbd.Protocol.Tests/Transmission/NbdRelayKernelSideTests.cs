@@ -127,6 +127,54 @@ public sealed class NbdRelayKernelSideTests
         Assert.Equal(0, harness.ReconnectCalls);
     }
 
+    /// <summary>
+    /// GiveUpAfter zero (no reconnect) made the DISC deadline zero too: the relay ended as DISC went out, and the reply the
+    /// server still owed never reached the kernel.
+    /// </summary>
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_NoReconnectKernelSendsDiscWithReadInFlight_ReplyStillGoesBackFirst()
+    {
+        using var deadline = Deadline();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(ReplyDelay: TimeSpan.FromMilliseconds(300)));
+        server.Fill(seed: 113);
+        await using var harness = RelayHarness.Start(server, giveUpAfter: TimeSpan.Zero);
+        byte[] expected = server.Disk.AsSpan(8192, 512).ToArray();
+
+        await harness.SendRequestAsync(CmdRead, 0x116, 8192, 512, deadline.Token);
+        await harness.SendAsync(Request(CmdDisc, 0x117, 0, 0), deadline.Token);
+
+        var (reply, data) = await harness.ReceiveReplyAsync(_ => 512, deadline.Token);
+        Assert.Equal((0x116ul, 0u), (reply.Cookie, reply.Error));
+        Assert.Equal(expected, data);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+        Assert.Equal((NbdRelayEndReason.Disconnected, "the kernel sent NBD_CMD_DISC"), (end.Reason, end.Detail));
+    }
+
+    /// <summary>The same with a server that neither answers nor closes: bounded by a wait of its own.</summary>
+    [Fact(Timeout = 30_000)]
+    public async Task Relay_NoReconnectKernelSendsDiscAndServerNeitherAnswersNorCloses_EndsAfterTheDisconnectWait()
+    {
+        using var deadline = Deadline();
+        var clock = new FakeTimeProvider();
+        await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(AnswerFirst: 1, KeepOpenAfterDisc: true));
+        await using var harness = RelayHarness.Start(server, giveUpAfter: TimeSpan.Zero, timeProvider: clock);
+        await WriteAsync(harness.Kernel, 512, Bytes(512, seed: 114), 0x115, deadline.Token);
+        await harness.SendRequestAsync(CmdRead, 0x118, 0, 512, deadline.Token);
+        await harness.SendAsync(Request(CmdDisc, 0x119, 0, 0), deadline.Token);
+        await Wait.UntilAsync(() => server.Connections[0].Requests.Count == 3, "DISC at the server", deadline.Token);
+
+        clock.Advance(NbdRelay.DisconnectWaitWithoutReconnect - TimeSpan.FromSeconds(1));
+        await Task.Delay(200, deadline.Token);
+        Assert.False(harness.Relay.Completion.IsCompleted, "The relay ended before its wait for the replies owed.");
+        clock.Advance(TimeSpan.FromSeconds(1));
+        NbdRelayEnd end = await harness.CompletionAsync(deadline.Token);
+
+        Assert.Equal(NbdRelayEndReason.Disconnected, end.Reason);
+        Assert.Contains("1 requests in flight then got no reply", end.Detail, StringComparison.Ordinal);
+        await harness.ExpectKernelEndOfStreamAsync(deadline.Token);
+    }
+
     [Fact(Timeout = 30_000)]
     public async Task Relay_KernelSendsDiscDuringAnOutage_EndsAtOnceWithoutResending()
     {
