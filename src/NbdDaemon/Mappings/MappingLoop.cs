@@ -108,6 +108,9 @@ internal sealed class MappingLoop
     private int _failedAttempts;
     private long? _heldSince;
     private int _heldAttempts;
+
+    /// <summary>The lost connection that started this run of attempts (ioctl; netlink's counts as held): not a failed attempt.</summary>
+    private int _lostAttempts;
     private string? _lastLoggedReason;
     private bool _quietAttempt;
     private long? _servingSince;
@@ -246,17 +249,27 @@ internal sealed class MappingLoop
             // would fail that I/O, and waiting longer only stalls it longer. A changed export, or a mapping another
             // process runs, is no connection problem: it keeps the normal schedule.
             bool held = IsHeld() && failure is not (ExportChangedException or DeviceMismatchException or MappingInUseException);
+            // A connection lost after serving is what reconnecting is for, not a failed attempt: MaxAttempts 1 still
+            // reconnects once (it gave up at the loss itself).
+            bool lost = _servingSince is not null;
             if (held)
             {
                 _heldAttempts++;
             }
+            else if (lost)
+            {
+                _lostAttempts++;
+            }
 
             int counted = Math.Max(1, attempts - _heldAttempts);
+            int failedReconnects = attempts - _heldAttempts - _lostAttempts;
             ReconnectOptions policy = _options.Reconnect;
-            if (!policy.Enabled || (!held && policy.MaxAttempts > 0 && counted >= policy.MaxAttempts))
+            if (!policy.Enabled || (!held && !lost && policy.MaxAttempts > 0 && failedReconnects >= policy.MaxAttempts))
             {
                 await ReleaseAsync(stopRequested: false);
-                string why = policy.Enabled ? $"after {attempts} failed attempts" : "reconnect disabled";
+                string why = !policy.Enabled ? "reconnect disabled"
+                    : _heldAttempts > 0 ? $"after {failedReconnects} failed attempts, and {_heldAttempts} fast ones before while the kernel held the device's I/O"
+                    : $"after {failedReconnects} failed attempts";
                 Transition(MappingState.GaveUp, failure, $"; {reason} ({why})");
                 _firstAttempt.TrySetResult();
                 return;
@@ -337,6 +350,7 @@ internal sealed class MappingLoop
             Volatile.Write(ref _lastFailure, null);
             _heldSince = null;
             _heldAttempts = 0;
+            _lostAttempts = 0;
             _lastLoggedReason = null;
             _quietAttempt = false;
             foreach (INbdSession session in _sessions)

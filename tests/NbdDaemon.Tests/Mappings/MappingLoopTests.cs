@@ -625,6 +625,39 @@ public sealed class MappingLoopTests
         Assert.Empty(_kernel.Operations);
     }
 
+    /// <summary>
+    /// The lost connection counted as the first failed attempt: with MaxAttempts 1 the mapping gave up at the loss itself,
+    /// without a single reconnect, and with 3 it made 2.
+    /// </summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    public async Task RunAsync_IoctlConnectionLost_MaxAttemptsCountsTheReconnectsOnly(int maxAttempts)
+    {
+        var connector = new FakeConnector().ThenServe().ThenRefuse();
+        var logger = new ListLogger();
+        var loop = new MappingLoop(
+            TestMappings.Create(reconnect: ReconnectOptions.Default with { MaxAttempts = maxAttempts }), connector, _kernel, _time, logger, () => 1.0);
+        await using var running = RunningLoop.Start(loop);
+        await running.WaitForAsync(MappingState.Serving);
+
+        _kernel.Devices[0].Loop!.End();
+        for (int seen = 1; ; seen++)
+        {
+            await running.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
+            if (running.States.Contains(MappingState.GaveUp))
+            {
+                break;
+            }
+
+            _time.Advance(loop.LastDelay!.Value);
+        }
+
+        await running.EndedAsync();
+        Assert.Equal(1 + maxAttempts, connector.Calls);
+        Assert.Contains(logger.Entries, e => e.Message.EndsWith($"-> GaveUp; connection refused (after {maxAttempts} failed attempts)", StringComparison.Ordinal));
+    }
+
     [Theory]
     [InlineData("Ioctl", "close /dev/nbd3")]
     [InlineData("Netlink", "netlink close")]
