@@ -546,7 +546,7 @@ internal sealed class MappingLoop
             throw new MappingException($"a relay connection handed over by the previous process, but no device is left configured for backend {_options.BackendIdentifier}; starting with a new connection");
         }
 
-        if (_netlinkIndex is int kept && _kernel.ReadDevice(kept) is { Connected: true } now && now.Backend != _options.BackendIdentifier)
+        if (_netlinkIndex is int kept && AnotherClients(kept) is { } now)
         {
             // The kernel gave the device up during the outage (DeadConnectionTimeout) and another client connected it.
             // RECONFIGURE compares the backend only when that client gave one: without, our sockets would fill its dead
@@ -879,6 +879,14 @@ internal sealed class MappingLoop
             _loweredRequestSizes.Clear();
         }
     }
+
+    /// <summary>
+    /// The device as sysfs shows it when another client has it configured (another backend, or none): the kernel gave
+    /// ours up during an outage (DeadConnectionTimeout) and does not ask who connects or disconnects it next. Null when it
+    /// is ours or unconfigured.
+    /// </summary>
+    private KernelDeviceInfo? AnotherClients(int index) =>
+        _kernel.ReadDevice(index) is { Connected: true } device && device.Backend != _options.BackendIdentifier ? device : null;
 
     private bool IsTaken(INbdSession session) => _kernel.ReadSendTimeout(session.Socket) > TimeSpan.Zero;
 
@@ -1267,7 +1275,7 @@ internal sealed class MappingLoop
                     handOvers.ForEach(t => t.Start());
                     handOvers.ForEach(t => t.Join());
                 }
-                else if (_kernel.ReadDevice(index) is { Connected: true } now && now.Backend != _options.BackendIdentifier)
+                else if (AnotherClients(index) is { } now)
                 {
                     // Freed and taken by another client while we could not reach our server (the kernel does not ask
                     // who disconnects): theirs now.

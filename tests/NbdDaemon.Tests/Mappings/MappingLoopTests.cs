@@ -642,18 +642,7 @@ public sealed class MappingLoopTests
         await running.WaitForAsync(MappingState.Serving);
 
         _kernel.Devices[0].Loop!.End();
-        for (int seen = 1; ; seen++)
-        {
-            await running.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
-            if (running.States.Contains(MappingState.GaveUp))
-            {
-                break;
-            }
-
-            _time.Advance(loop.LastDelay!.Value);
-        }
-
-        await running.EndedAsync();
+        await RetryUntilGaveUpAsync(loop, running);
         Assert.Equal(1 + maxAttempts, connector.Calls);
         Assert.Contains(logger.Entries, e => e.Message.EndsWith($"-> GaveUp; connection refused (after {maxAttempts} failed attempts)", StringComparison.Ordinal));
     }
@@ -679,18 +668,7 @@ public sealed class MappingLoopTests
         }
 
         // Netlink retries fast (not counted) while the kernel holds I/O (DeadConnectionTimeout, 120 s), then backs off.
-        for (int seen = 1; ; seen++)
-        {
-            await running.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
-            if (running.States.Contains(MappingState.GaveUp))
-            {
-                break;
-            }
-
-            _time.Advance(loop.LastDelay!.Value);
-        }
-
-        await running.EndedAsync();
+        await RetryUntilGaveUpAsync(loop, running);
 
         Assert.Equal(MappingState.GaveUp, loop.State);
         Assert.Equal(lastOperation, _kernel.Operations[^1]);
@@ -948,5 +926,22 @@ public sealed class MappingLoopTests
         Assert.Equal(2, _kernel.Operations.Count(o => o == "open unused"));
         Assert.DoesNotContain("open /dev/nbd7", _kernel.Operations);
         await running.StopAsync();
+    }
+
+    /// <summary>Lets every backoff delay pass until the loop gives up, and waits for it to end.</summary>
+    private async Task RetryUntilGaveUpAsync(MappingLoop loop, RunningLoop running)
+    {
+        for (int seen = 1; ; seen++)
+        {
+            await running.WaitForAsync(s => s.Count(x => x == MappingState.Reconnecting) >= seen || s.Contains(MappingState.GaveUp), $"Reconnecting #{seen} or GaveUp");
+            if (running.States.Contains(MappingState.GaveUp))
+            {
+                break;
+            }
+
+            _time.Advance(loop.LastDelay!.Value);
+        }
+
+        await running.EndedAsync();
     }
 }
