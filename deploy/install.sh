@@ -181,7 +181,7 @@ elif ! grep -qw '^nbd' /proc/modules 2>/dev/null; then
   modprobe nbd || echo "install.sh: could not load the nbd module now; it loads at boot via $modules_dir/nbd.conf" >&2
 fi
 
-if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+if systemd_here; then
   systemctl daemon-reload
   if systemctl is-active --quiet nbd-daemon; then
     echo "nbd-daemon is running the release it was started with; to run this one: systemctl restart nbd-daemon"

@@ -125,7 +125,7 @@ internal sealed partial class NbdHandshake
         byte[] payload = await ReadExactAsync((int)header.Length, $"the reply data to {optionName}", ct);
         if (isError)
         {
-            string? message = NbdWire.DecodeErrorMessage(payload);
+            string? message = NbdWire.DecodeTextForPeople(payload);
             throw header.Type == NbdReplyType.ErrTlsReqd
                 ? new NbdTlsRequiredException(option, message)
                 : new NbdServerErrorException(option, header.Type, message);

@@ -189,8 +189,8 @@ internal static class NbdWire
         _ => MaxOptionReplyLength,
     };
 
-    /// <summary>Error payloads are messages for people: decode leniently, drop NULs.</summary>
-    public static string? DecodeErrorMessage(ReadOnlySpan<byte> payload) =>
+    /// <summary>Text for people (error messages, export descriptions): decoded leniently, NULs dropped; null when empty.</summary>
+    public static string? DecodeTextForPeople(ReadOnlySpan<byte> payload) =>
         payload.IsEmpty ? null : Encoding.UTF8.GetString(payload).Replace("\0", "", StringComparison.Ordinal);
 
     // NBD_REP_SERVER data:  32 bits length of name, name, rest = description (human-readable).
@@ -217,7 +217,7 @@ internal static class NbdWire
         // One entry that is not a spec string is listed as such instead of failing the whole listing: the lengths
         // framed it, so the rest of the stream is intact.
         bool valid = !nameBytes.Contains((byte)0) && Utf8.IsValid(nameBytes);
-        return new NbdExportListing(Encoding.UTF8.GetString(nameBytes), rest.IsEmpty ? null : Encoding.UTF8.GetString(rest).Replace("\0", "", StringComparison.Ordinal))
+        return new NbdExportListing(Encoding.UTF8.GetString(nameBytes), DecodeTextForPeople(rest))
         {
             NameIsValid = valid,
         };

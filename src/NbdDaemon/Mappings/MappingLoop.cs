@@ -324,7 +324,7 @@ internal sealed class MappingLoop
             // Before the server or the device is touched: another process running this mapping (a daemon started by
             // hand beside the service) owns both, and an adoption here would let our stop disconnect its device.
             _lock ??= _kernel.LockMapping(_options.BackendIdentifier);
-            _sessions = await ConnectAllAsync(stop);
+            _sessions = await ConnectAllAsync(_options.Connections, stop);
             stop.ThrowIfCancellationRequested();
 
             Transition(MappingState.Negotiating, quiet: _quietAttempt);
@@ -383,15 +383,16 @@ internal sealed class MappingLoop
         }
     }
 
-    private async Task<List<INbdSession>> ConnectAllAsync(CancellationToken stop)
+    /// <summary><paramref name="count"/> connections, handshake done; none left open when it fails.</summary>
+    private async Task<List<INbdSession>> ConnectAllAsync(int count, CancellationToken stop)
     {
         // The whole connect + handshake of all connections shares one deadline: the mapping's Timeout.
         using var deadline = new CancellationTokenSource(_options.Timeout, _time);
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(stop, deadline.Token);
-        var sessions = new List<INbdSession>(_options.Connections);
+        var sessions = new List<INbdSession>(count);
         try
         {
-            for (int i = 0; i < _options.Connections; i++)
+            for (int i = 0; i < count; i++)
             {
                 sessions.Add(await _connector.ConnectAsync(_options, linked.Token));
             }
@@ -1070,17 +1071,12 @@ internal sealed class MappingLoop
     /// </summary>
     private async Task<bool> TopUpAsync(int index, Task ended, CancellationToken stop)
     {
-        List<INbdSession> fresh = new(_options.Connections - _sessions.Count);
-        using var deadline = new CancellationTokenSource(_options.Timeout, _time);
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(stop, deadline.Token);
-        _ = ended.ContinueWith(static (_, state) => TryCancel((CancellationTokenSource)state!), linked, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        List<INbdSession> fresh = [];
+        using var lostOrStop = CancellationTokenSource.CreateLinkedTokenSource(stop);
+        _ = ended.ContinueWith(static (_, state) => TryCancel((CancellationTokenSource)state!), lostOrStop, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         try
         {
-            while (_sessions.Count + fresh.Count < _options.Connections)
-            {
-                fresh.Add(await _connector.ConnectAsync(_options, linked.Token));
-            }
-
+            fresh = await ConnectAllAsync(_options.Connections - _sessions.Count, lostOrStop.Token);
             foreach (INbdSession session in fresh)
             {
                 CheckTopUpExport(session.Export);
@@ -1118,10 +1114,7 @@ internal sealed class MappingLoop
             DisposeAll(fresh);
             if (!ended.IsCompleted)
             {
-                string why = ex is OperationCanceledException && deadline.IsCancellationRequested
-                    ? string.Create(CultureInfo.InvariantCulture, $"connect and handshake not done within {_options.Timeout.TotalSeconds:0.###} s (the mapping's Timeout)")
-                    : FailureText.Describe(ex);
-                MappingLog.TopUpFailed(_logger, Name, DeviceText, why);
+                MappingLog.TopUpFailed(_logger, Name, DeviceText, FailureText.Describe(ex));
             }
 
             return false;

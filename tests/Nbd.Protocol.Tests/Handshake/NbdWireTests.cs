@@ -203,6 +203,6 @@ public sealed class NbdWireTests
     [InlineData("6e6f7065", "nope")]
     [InlineData("61006200", "ab")]
     [InlineData("ff61", "\uFFFDa")]
-    public void DecodeErrorMessage_Lenient(string hex, string? expected) =>
-        Assert.Equal(expected, NbdWire.DecodeErrorMessage(Hex(hex)));
+    public void DecodeTextForPeople_Lenient(string hex, string? expected) =>
+        Assert.Equal(expected, NbdWire.DecodeTextForPeople(Hex(hex)));
 }
