@@ -51,6 +51,16 @@ public sealed class NbdRelay : IDisposable
 
     /// <summary>Set by the kernel thread once it stopped reading between two requests, with nothing of a request read.</summary>
     private readonly ManualResetEventSlim _kernelQuiet = new();
+
+    // The kernel's requests, kept in the ring they were received into until answered (owned by the kernel thread).
+    private readonly RequestRing _ring;
+
+    // The requests in the ring in stream order, and where the oldest one not yet released starts (under _lock).
+    private readonly Queue<Pending> _order = new();
+    private long _tail;
+
+    // Set whenever _tail moves (under _lock): the kernel thread waits on it while the ring is full.
+    private readonly ManualResetEventSlim _room = new(true);
     private Thread? _resender;
     private Socket? _server;
     private Socket? _lastServer;
@@ -96,6 +106,7 @@ public sealed class NbdRelay : IDisposable
         _options = options;
         _server = server;
         _lastServer = server;
+        _ring = new RequestRing(options.RequestBufferBytes);
         _kernelThread = new Thread(() => Guarded(KernelLoop)) { IsBackground = true, Name = options.Name + " k" };
         _serverThread = new Thread(() => Guarded(ServerLoop)) { IsBackground = true, Name = options.Name + " s" };
     }
@@ -153,16 +164,15 @@ public sealed class NbdRelay : IDisposable
             _disconnectDeadline?.Dispose();
             _server?.Dispose();
             _lastServer?.Dispose();
-            foreach (Pending pending in _pending.Values)
-            {
-                pending.Return();
-            }
-
             _pending.Clear();
+            _order.Clear();
         }
 
+        // Every thread that read a request from the ring has ended.
+        _ring.Dispose();
         _stop.Dispose();
         _kernelQuiet.Dispose();
+        _room.Dispose();
     }
 
     /// <summary>
@@ -251,59 +261,139 @@ public sealed class NbdRelay : IDisposable
 
     private void KernelLoop()
     {
-        var reader = new BlockingSocketReader(_kernel);
-        var header = new byte[NbdTransmission.RequestLength];
+        Span<byte> header = stackalloc byte[NbdTransmission.RequestLength];
         try
         {
             while (!_stop.IsCancellationRequested)
             {
-                if (!reader.HasBuffered && !WaitForRequest())
+                if (_ring.Unparsed >= header.Length)
                 {
-                    return;
-                }
-
-                if (!reader.TryReadExactly(header))
-                {
-                    End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end"));
-                    return;
-                }
-
-                NbdRequestHeader request = NbdTransmission.ReadRequest(header);
-                if (Refuse(request) is string why)
-                {
-                    End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, why));
-                    return;
-                }
-
-                if (request.Type == NbdCommand.Disconnect)
-                {
-                    Disconnect(header);
-                    return;
-                }
-
-                var pending = new Pending(request, (byte[])header.Clone(), Interlocked.Increment(ref _sequence));
-                if (request.Type == NbdCommand.Write)
-                {
-                    pending.Data = ArrayPool<byte>.Shared.Rent((int)request.Length);
-                    reader.ReadExactly(pending.Data.AsSpan(0, (int)request.Length));
-                }
-
-                lock (_lock)
-                {
-                    if (!_pending.TryAdd(request.Cookie, pending))
+                    _ring.Peek(header);
+                    NbdRequestHeader request = NbdTransmission.ReadRequest(header);
+                    if (Refuse(request) is string why)
                     {
-                        pending.Return();
-                        End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, string.Create(CultureInfo.InvariantCulture, $"the kernel reused cookie 0x{request.Cookie:x16} of a request still in flight")));
+                        End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, why));
                         return;
                     }
+
+                    int length = header.Length + (request.Type == NbdCommand.Write ? (int)request.Length : 0);
+                    if (_ring.Unparsed >= length)
+                    {
+                        if (!Carry(request, _ring.Take(length)))
+                        {
+                            return;
+                        }
+
+                        continue;
+                    }
+
+                    // A request larger than the ring (an admin raised queue/max_sectors_kb): room for two of them.
+                    if (length > _ring.Capacity)
+                    {
+                        _ring.Grow(Math.Max(2 * _ring.Capacity, 2 * length));
+                    }
+                }
+                else if (_ring.Unparsed == 0 && !WaitForRequest())
+                {
+                    return;
                 }
 
-                Send(pending);
+                if (!Receive())
+                {
+                    return;
+                }
             }
         }
-        catch (Exception e) when (e is SocketException or EndOfStreamException or ObjectDisposedException)
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
             End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.Message, e));
+        }
+    }
+
+    /// <summary>
+    /// Receives more of the kernel's stream into the ring; when it holds as many unanswered bytes as it can, waits for
+    /// a reply to free some instead (the driver's sends then wait in the socket). False once the relay ended.
+    /// </summary>
+    private bool Receive()
+    {
+        int room;
+        lock (_lock)
+        {
+            room = _ring.Room(_tail);
+            if (room == 0)
+            {
+                _room.Reset();
+            }
+        }
+
+        if (room == 0)
+        {
+            // Woken by the next release, or by the end of the relay: End cancels, then sets it, so an End whose set came
+            // before the reset above is seen here.
+            if (_stop.IsCancellationRequested)
+            {
+                return false;
+            }
+
+            _room.Wait();
+            return true;
+        }
+
+        if (_ring.Receive(_kernel, room) > 0)
+        {
+            return true;
+        }
+
+        End(_ring.Unparsed == 0
+            ? new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end")
+            : new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: connection ended inside a message"));
+        return false;
+    }
+
+    /// <summary>One whole request from the ring: kept until answered, and sent on. False when the relay ends with it.</summary>
+    private bool Carry(NbdRequestHeader request, RingSlice bytes)
+    {
+        if (request.Type == NbdCommand.Disconnect)
+        {
+            var header = new byte[NbdTransmission.RequestLength];
+            bytes.CopyTo(header);
+            Disconnect(header);
+            return false;
+        }
+
+        var pending = new Pending(request, bytes, Interlocked.Increment(ref _sequence));
+        lock (_lock)
+        {
+            if (!_pending.TryAdd(request.Cookie, pending))
+            {
+                End(new NbdRelayEnd(NbdRelayEndReason.KernelProtocolError, string.Create(CultureInfo.InvariantCulture, $"the kernel reused cookie 0x{request.Cookie:x16} of a request still in flight")));
+                return false;
+            }
+
+            _order.Enqueue(pending);
+        }
+
+        Send(pending);
+        return true;
+    }
+
+    /// <summary>
+    /// Frees the ring up to the oldest request that is not yet answered or is being sent right now (a send reads the
+    /// ring: a misbehaving server may answer a write before it has all of its data). Under _lock.
+    /// </summary>
+    private void ReleaseAnswered()
+    {
+        bool moved = false;
+        while (_order.TryPeek(out Pending? oldest) && oldest.Delivered && !oldest.Sending)
+        {
+            _order.Dequeue();
+            _tail = oldest.Bytes.End;
+            moved = true;
+        }
+
+        if (moved)
+        {
+            _room.Set();
         }
     }
 
@@ -362,30 +452,34 @@ public sealed class NbdRelay : IDisposable
         {
             Socket? server;
             int generation;
-            bool answered;
             lock (_lock)
             {
                 server = _server;
                 generation = _generation;
-                answered = pending.Answered;
-            }
 
-            // No connection: the reconnect sends every pending request once it has one. Answered: a resend on an
-            // earlier connection got its reply while this thread waited for the lock (its data is gone).
-            if (server is null || answered || pending.SentGeneration == generation)
-            {
-                return;
+                // No connection: the reconnect sends every pending request once it has one. Answered: a resend on an
+                // earlier connection got its reply while this thread waited for the lock (its bytes may be released).
+                if (server is null || pending.Answered || pending.SentGeneration == generation)
+                {
+                    return;
+                }
+
+                pending.Sending = true;
             }
 
             try
             {
-                SendAll(server, pending.Header, pending.DataSpan);
+                SendAll(server, pending.Bytes);
                 pending.SentGeneration = generation;
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
             {
                 // The server thread owns reconnecting; waking its blocked recv is enough.
                 TryShutdown(server);
+            }
+            finally
+            {
+                SentFromRing(pending);
             }
         }
     }
@@ -438,6 +532,16 @@ public sealed class NbdRelay : IDisposable
         if (!passedOn || Owed() == 0)
         {
             EndAfterDisconnect();
+        }
+    }
+
+    /// <summary>A send of <paramref name="pending"/>'s bytes ended: if it was answered meanwhile, they can go.</summary>
+    private void SentFromRing(Pending pending)
+    {
+        lock (_lock)
+        {
+            pending.Sending = false;
+            ReleaseAnswered();
         }
     }
 
@@ -659,9 +763,10 @@ public sealed class NbdRelay : IDisposable
                 ArrayPool<byte>.Shared.Return(data);
             }
 
-            pending.Return();
             lock (_lock)
             {
+                pending.Delivered = true;
+                ReleaseAnswered();
                 _delivering--;
                 lastAfterDisconnect = _disconnecting && _pending.Count == 0 && _delivering == 0;
             }
@@ -798,8 +903,26 @@ public sealed class NbdRelay : IDisposable
             {
                 foreach (Pending pending in unanswered)
                 {
-                    SendAll(server, pending.Header, pending.DataSpan);
-                    pending.SentGeneration = generation;
+                    lock (_lock)
+                    {
+                        // Answered on this connection meanwhile: only a server answering what it has not read does so.
+                        if (pending.Answered)
+                        {
+                            continue;
+                        }
+
+                        pending.Sending = true;
+                    }
+
+                    try
+                    {
+                        SendAll(server, pending.Bytes);
+                        pending.SentGeneration = generation;
+                    }
+                    finally
+                    {
+                        SentFromRing(pending);
+                    }
                 }
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
@@ -838,6 +961,7 @@ public sealed class NbdRelay : IDisposable
         try
         {
             _stop.Cancel();
+            _room.Set();
         }
         catch (ObjectDisposedException)
         {
@@ -904,6 +1028,12 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
+    private static void SendAll(Socket socket, RingSlice bytes)
+    {
+        SendAll(socket, bytes.First);
+        SendAll(socket, bytes.Second);
+    }
+
     private static void SendAll(Socket socket, ReadOnlySpan<byte> bytes)
     {
         while (!bytes.IsEmpty)
@@ -924,33 +1054,27 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
-    /// <summary>One request from the kernel, kept until its reply went back.</summary>
-    private sealed class Pending(NbdRequestHeader request, byte[] header, long sequence)
+    /// <summary>One request from the kernel: its bytes stay in the ring until its reply went back.</summary>
+    private sealed class Pending(NbdRequestHeader request, RingSlice bytes, long sequence)
     {
         public NbdRequestHeader Request { get; } = request;
 
-        public byte[] Header { get; } = header;
+        /// <summary>The request as the kernel sent it, header and write data.</summary>
+        public RingSlice Bytes { get; } = bytes;
 
         public long Sequence { get; } = sequence;
 
-        public byte[]? Data { get; set; }
-
-        /// <summary>Its reply went to the kernel (set under the relay's lock).</summary>
+        /// <summary>A reply for it was read from the server (set under the relay's lock).</summary>
         public bool Answered { get; set; }
+
+        /// <summary>That reply went to the kernel (under the relay's lock).</summary>
+        public bool Delivered { get; set; }
+
+        /// <summary>A send of its bytes is running (under the relay's lock): they stay in the ring until it ends.</summary>
+        public bool Sending { get; set; }
 
         /// <summary>The connection generation it was last sent on; -1 = never sent.</summary>
         public int SentGeneration { get; set; } = -1;
-
-        public ReadOnlySpan<byte> DataSpan => Data is null ? default : Data.AsSpan(0, (int)Request.Length);
-
-        public void Return()
-        {
-            if (Data is { } data)
-            {
-                Data = null;
-                ArrayPool<byte>.Shared.Return(data);
-            }
-        }
     }
 
     private class RelayServerException(string message) : Exception(message);

@@ -37,6 +37,12 @@ public sealed class NbdRelayOptions
     public string Name { get; init; } = "nbd-relay";
 
     public TimeProvider TimeProvider { get; init; } = TimeProvider.System;
+
+    /// <summary>
+    /// Bytes of requests the relay holds until they are answered (rounded up to a power of two); it reads no further
+    /// request while they are all taken, and grows only for a single request larger than that. Tests make it small.
+    /// </summary>
+    internal int RequestBufferBytes { get; init; } = 1 << 20;
 }
 
 /// <summary>Something the relay did that a person may want to know.</summary>

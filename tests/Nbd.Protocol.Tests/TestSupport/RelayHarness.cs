@@ -44,7 +44,8 @@ internal sealed class RelayHarness : IAsyncDisposable
         TimeSpan? retryInterval = null,
         Func<Exception, bool>? isPermanent = null,
         TimeProvider? timeProvider = null,
-        bool eventsThrow = false)
+        bool eventsThrow = false,
+        int requestBufferBytes = 1 << 20)
     {
         (Socket relayEnd, Socket kernelEnd) = UnixPair();
         RelayHarness? harness = null;
@@ -68,6 +69,7 @@ internal sealed class RelayHarness : IAsyncDisposable
             },
             Name = "relay-test",
             TimeProvider = timeProvider ?? TimeProvider.System,
+            RequestBufferBytes = requestBufferBytes,
         };
 
         var relay = new NbdRelay(relayEnd, server.Connect(), options);

@@ -125,13 +125,14 @@ public sealed class NbdRelayServerFaultTests
     {
         // The resend puts 16 MiB of read requests ahead of 4 MiB of write data on the new connection. A server that
         // answers in order stops reading requests while its replies are not being read: if the relay sends the whole
-        // backlog before it reads a reply, neither side moves again.
+        // backlog before it reads a reply, neither side moves again. The first server answers nothing until it dies at
+        // the 20th request: the ring must hold all 20 (the relay reads no request beyond what it can hold unanswered).
         using var deadline = Deadline(45);
         const int Mib = 1 << 20;
         await using var server = new InMemoryNbdServer(32 * Mib, i => i == 0 ? new ConnectionScript(AnswerFirst: 0, FaultAt: 20, Fault: ServerFault.CloseWithoutReply) : ConnectionScript.Normal);
         server.Fill(seed: 30);
         byte[] disk = server.Disk;
-        await using var harness = RelayHarness.Start(server);
+        await using var harness = RelayHarness.Start(server, requestBufferBytes: 8 * Mib);
 
         var expectedReads = new Dictionary<ulong, byte[]>();
         var cookies = new HashSet<ulong>();
