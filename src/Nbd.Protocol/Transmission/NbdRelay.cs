@@ -287,7 +287,8 @@ public sealed class NbdRelay : IDisposable
                         continue;
                     }
 
-                    // A request larger than the ring (an admin raised queue/max_sectors_kb): room for two of them.
+                    // A request larger than the ring (queue/max_sectors_kb above about 512 KiB: an admin raised it, or
+                    // a kernel whose default is larger than 6.1's 128 KiB): room for two of them.
                     if (length > _ring.Capacity)
                     {
                         _ring.Grow(Math.Max(2 * _ring.Capacity, 2 * length));
@@ -328,15 +329,7 @@ public sealed class NbdRelay : IDisposable
 
         if (room == 0)
         {
-            // Woken by the next release, or by the end of the relay: End cancels, then sets it, so an End whose set came
-            // before the reset above is seen here.
-            if (_stop.IsCancellationRequested)
-            {
-                return false;
-            }
-
-            _room.Wait();
-            return true;
+            return WaitForRoom();
         }
 
         if (_ring.Receive(_kernel, room) > 0)
@@ -346,8 +339,43 @@ public sealed class NbdRelay : IDisposable
 
         End(_ring.Unparsed == 0
             ? new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end")
-            : new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: connection ended inside a message"));
+            : new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: connection ended inside a message", new EndOfStreamException("connection ended inside a message")));
         return false;
+    }
+
+    /// <summary>
+    /// The ring is full: waits for a release (true) or the end of the relay (false). Meanwhile nothing is read from the
+    /// kernel's end, so its hang-up is looked for here: a disconnect shuts the driver's end down (netlink at once, ioctl
+    /// at NBD_CLEAR_SOCK), and a relay waiting on a server that answers nothing would otherwise never see it.
+    /// </summary>
+    private bool WaitForRoom()
+    {
+        while (true)
+        {
+            // End cancels, then sets _room: an End whose set came before the reset in Receive is seen here.
+            if (_stop.IsCancellationRequested)
+            {
+                return false;
+            }
+
+            if (_room.Wait(HandOverTick))
+            {
+                return true;
+            }
+
+            // A send of nothing fails with EPIPE once the peer shut its end down or closed it, and adds nothing to the
+            // stream (unix_stream_sendmsg checks SEND_SHUTDOWN before its copy loop); unread requests do not hide it,
+            // as they would from poll(2)'s readability.
+            try
+            {
+                _kernel.Send(ReadOnlySpan<byte>.Empty);
+            }
+            catch (SocketException)
+            {
+                End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end (the relay held as many unanswered requests as it can)"));
+                return false;
+            }
+        }
     }
 
     /// <summary>One whole request from the ring: kept until answered, and sent on. False when the relay ends with it.</summary>

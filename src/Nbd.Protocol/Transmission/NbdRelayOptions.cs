@@ -39,8 +39,9 @@ public sealed class NbdRelayOptions
     public TimeProvider TimeProvider { get; init; } = TimeProvider.System;
 
     /// <summary>
-    /// Bytes of requests the relay holds until they are answered (rounded up to a power of two); it reads no further
-    /// request while they are all taken, and grows only for a single request larger than that. Tests make it small.
+    /// Bytes of requests the relay holds until they are answered (at first; rounded up to a power of two); it reads no
+    /// further request while they are all taken, and grows only for a single request larger than that (to twice its
+    /// size). Tests make it small.
     /// </summary>
     internal int RequestBufferBytes { get; init; } = 1 << 20;
 }

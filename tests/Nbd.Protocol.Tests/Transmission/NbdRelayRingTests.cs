@@ -136,6 +136,44 @@ public sealed class NbdRelayRingTests
         Assert.False(harness.Relay.Completion.IsCompleted);
     }
 
+    [Theory(Timeout = 30_000)]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Relay_RingFullAndTheKernelHangsUp_EndsKernelClosedAtOnce(bool serverGone)
+    {
+        using var deadline = Deadline();
+
+        // The server answers nothing (it holds replies until it has three), or it died after two requests and every
+        // reconnect fails: either way the ring stays full, and the relay reads nothing more from the kernel's end.
+        ConnectionScript script = serverGone
+            ? new ConnectionScript(AnswerFirst: 0, FaultAt: 2, Fault: ServerFault.CloseWithoutReply)
+            : new ConnectionScript(ReorderBatch: 3);
+        await using var server = new InMemoryNbdServer(DiskSize, _ => script);
+        await using var harness = RelayHarness.Start(
+            server,
+            reconnect: (_, _) => Task.FromException<Socket>(new SocketException((int)SocketError.ConnectionRefused)),
+            giveUpAfter: TimeSpan.FromMinutes(5),
+            requestBufferBytes: 8192);
+        var stream = new List<byte>();
+        for (int i = 0; i < 4; i++)
+        {
+            stream.AddRange([.. Request(CmdWrite, 0xA000 + (ulong)i, (ulong)i * 4096, 3000), .. Bytes(3000, seed: 1000 + i)]);
+        }
+
+        await harness.SendAsync([.. stream], deadline.Token);
+        ServerConnection connection = await server.ConnectionAsync(0, deadline.Token);
+        await Wait.UntilAsync(() => connection.Requests.Count == 2, "two requests at the server", deadline.Token);
+
+        // What a disconnect does to the driver's end (netlink: at once; ioctl: at NBD_CLEAR_SOCK).
+        harness.Kernel.Shutdown(SocketShutdown.Both);
+        using var soon = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token);
+        soon.CancelAfter(TimeSpan.FromSeconds(3));
+        NbdRelayEnd end = await harness.CompletionAsync(soon.Token);
+
+        Assert.Equal(NbdRelayEndReason.KernelClosed, end.Reason);
+        Assert.Contains("the kernel closed its end", end.Detail, StringComparison.Ordinal);
+    }
+
     [Fact(Timeout = 30_000)]
     public async Task Relay_WriteAnsweredWhileItsResendStillRuns_ItsBytesNotReusedForTheNextRequest()
     {
