@@ -119,15 +119,7 @@ public sealed class NbdRelayRingTests
         // third (the relay does not read it from the kernel's end), so nothing is answered.
         await using var server = new InMemoryNbdServer(DiskSize, _ => new ConnectionScript(ReorderBatch: 3));
         await using var harness = RelayHarness.Start(server, requestBufferBytes: 8192);
-        var stream = new List<byte>();
-        for (int i = 0; i < 4; i++)
-        {
-            stream.AddRange([.. Request(CmdWrite, 0x8000 + (ulong)i, (ulong)i * 4096, 3000), .. Bytes(3000, seed: 800 + i)]);
-        }
-
-        await harness.SendAsync([.. stream], deadline.Token);
-        ServerConnection connection = await server.ConnectionAsync(0, deadline.Token);
-        await Wait.UntilAsync(() => connection.Requests.Count == 2, "two requests at the server", deadline.Token);
+        ServerConnection connection = await FillTheRingAsync(harness, server, 0x8000, deadline.Token);
         await Task.Delay(500, deadline.Token);
 
         Assert.Equal([0x8000ul, 0x8001ul], connection.Cookies);
@@ -154,15 +146,7 @@ public sealed class NbdRelayRingTests
             reconnect: (_, _) => Task.FromException<Socket>(new SocketException((int)SocketError.ConnectionRefused)),
             giveUpAfter: TimeSpan.FromMinutes(5),
             requestBufferBytes: 8192);
-        var stream = new List<byte>();
-        for (int i = 0; i < 4; i++)
-        {
-            stream.AddRange([.. Request(CmdWrite, 0xA000 + (ulong)i, (ulong)i * 4096, 3000), .. Bytes(3000, seed: 1000 + i)]);
-        }
-
-        await harness.SendAsync([.. stream], deadline.Token);
-        ServerConnection connection = await server.ConnectionAsync(0, deadline.Token);
-        await Wait.UntilAsync(() => connection.Requests.Count == 2, "two requests at the server", deadline.Token);
+        await FillTheRingAsync(harness, server, 0xA000, deadline.Token);
 
         // What a disconnect does to the driver's end (netlink: at once; ioctl: at NBD_CLEAR_SOCK).
         harness.Kernel.Shutdown(SocketShutdown.Both);
@@ -172,6 +156,25 @@ public sealed class NbdRelayRingTests
 
         Assert.Equal(NbdRelayEndReason.KernelClosed, end.Reason);
         Assert.Contains("the kernel closed its end", end.Detail, StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// Four writes of 3000 bytes (cookies from <paramref name="cookie"/>) into an 8 KiB ring whose server answers none:
+    /// the relay takes two and the start of the third, then reads nothing more. Returns the server's connection once
+    /// the two arrived there.
+    /// </summary>
+    private static async Task<ServerConnection> FillTheRingAsync(RelayHarness harness, InMemoryNbdServer server, ulong cookie, CancellationToken ct)
+    {
+        var stream = new List<byte>();
+        for (int i = 0; i < 4; i++)
+        {
+            stream.AddRange([.. Request(CmdWrite, cookie + (ulong)i, (ulong)i * 4096, 3000), .. Bytes(3000, seed: (int)(cookie & 0xffff) + i)]);
+        }
+
+        await harness.SendAsync([.. stream], ct);
+        ServerConnection connection = await server.ConnectionAsync(0, ct);
+        await Wait.UntilAsync(() => connection.Requests.Count == 2, "two requests at the server", ct);
+        return connection;
     }
 
     [Fact(Timeout = 30_000)]
