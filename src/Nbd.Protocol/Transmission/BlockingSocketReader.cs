@@ -4,16 +4,13 @@ namespace Nbd.Protocol.Transmission;
 
 /// <summary>
 /// Buffered exact reads from a blocking socket on a dedicated thread: one recv(2) usually brings several small
-/// messages (the driver queues requests back to back). Large payloads bypass the buffer.
+/// messages (a server sends its replies back to back). Large payloads bypass the buffer.
 /// </summary>
 internal sealed class BlockingSocketReader(Socket socket, int bufferSize = 64 * 1024)
 {
     private readonly byte[] _buffer = new byte[bufferSize];
     private int _start;
     private int _end;
-
-    /// <summary>True while bytes already received wait in the buffer (the next read needs no recv).</summary>
-    public bool HasBuffered => _start < _end;
 
     /// <summary>Fills <paramref name="destination"/>; false on an orderly end before its first byte.</summary>
     /// <exception cref="EndOfStreamException">The stream ended inside the message.</exception>

@@ -484,30 +484,54 @@ public sealed class NbdRelay : IDisposable
             {
                 server = _server;
                 generation = _generation;
+            }
 
-                // No connection: the reconnect sends every pending request once it has one. Answered: a resend on an
-                // earlier connection got its reply while this thread waited for the lock (its bytes may be released).
-                if (server is null || pending.Answered || pending.SentGeneration == generation)
-                {
-                    return;
-                }
-
-                pending.Sending = true;
+            // No connection: the reconnect sends every pending request once it has one.
+            if (server is null || pending.SentGeneration == generation)
+            {
+                return;
             }
 
             try
             {
-                SendAll(server, pending.Bytes);
-                pending.SentGeneration = generation;
+                SendFromRing(server, pending, generation);
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
             {
                 // The server thread owns reconnecting; waking its blocked recv is enough.
                 TryShutdown(server);
             }
-            finally
+        }
+    }
+
+    /// <summary>
+    /// Sends <paramref name="pending"/>'s bytes from the ring, unless it was answered meanwhile (a resend on an earlier
+    /// connection got its reply, or a server answered what it had not read yet: its bytes may be released). They stay
+    /// in the ring while the send runs; once it ends, they go if the reply came meanwhile. Under the send lock.
+    /// </summary>
+    private void SendFromRing(Socket server, Pending pending, int generation)
+    {
+        lock (_lock)
+        {
+            if (pending.Answered)
             {
-                SentFromRing(pending);
+                return;
+            }
+
+            pending.Sending = true;
+        }
+
+        try
+        {
+            SendAll(server, pending.Bytes);
+            pending.SentGeneration = generation;
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                pending.Sending = false;
+                ReleaseAnswered();
             }
         }
     }
@@ -560,16 +584,6 @@ public sealed class NbdRelay : IDisposable
         if (!passedOn || Owed() == 0)
         {
             EndAfterDisconnect();
-        }
-    }
-
-    /// <summary>A send of <paramref name="pending"/>'s bytes ended: if it was answered meanwhile, they can go.</summary>
-    private void SentFromRing(Pending pending)
-    {
-        lock (_lock)
-        {
-            pending.Sending = false;
-            ReleaseAnswered();
         }
     }
 
@@ -931,26 +945,7 @@ public sealed class NbdRelay : IDisposable
             {
                 foreach (Pending pending in unanswered)
                 {
-                    lock (_lock)
-                    {
-                        // Answered on this connection meanwhile: only a server answering what it has not read does so.
-                        if (pending.Answered)
-                        {
-                            continue;
-                        }
-
-                        pending.Sending = true;
-                    }
-
-                    try
-                    {
-                        SendAll(server, pending.Bytes);
-                        pending.SentGeneration = generation;
-                    }
-                    finally
-                    {
-                        SentFromRing(pending);
-                    }
+                    SendFromRing(server, pending, generation);
                 }
             }
             catch (Exception e) when (e is SocketException or ObjectDisposedException)
