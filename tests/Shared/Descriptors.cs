@@ -27,6 +27,9 @@ internal static unsafe partial class Descriptors
         return copy;
     }
 
+    /// <summary>close(2) of a raw descriptor.</summary>
+    public static void Close(int fd) => _ = CloseNative(fd);
+
     public static bool IsCloseOnExec(int fd) => (Fcntl(fd, FGetFd, 0) & FdCloexec) != 0;
 
     /// <summary>fcntl(F_GET_SEALS): the seals of a memfd (F_SEAL_SEAL 1, SHRINK 2, GROW 4, WRITE 8).</summary>
@@ -69,6 +72,9 @@ internal static unsafe partial class Descriptors
 
     [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)]
     private static partial nint RecvMsg(int fd, MsgHdr* message, int flags);
+
+    [LibraryImport("libc", EntryPoint = "close", SetLastError = true)]
+    private static partial int CloseNative(int fd);
 
     [LibraryImport("libc", EntryPoint = "dup", SetLastError = true)]
     private static partial int DupNative(int fd);

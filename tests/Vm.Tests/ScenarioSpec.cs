@@ -6,6 +6,9 @@ public sealed record ScenarioSpec(string Script, IReadOnlyList<string> Programs,
     /// <summary>The C tools of tests/vm/tools (nbd-verify, fault-proxy) on the VM's PATH.</summary>
     public bool NeedsTools { get; init; }
 
+    /// <summary>tests/Nbd.RelayChild, published, at /opt/Nbd.RelayChild.</summary>
+    public bool NeedsRelayChild { get; init; }
+
     /// <summary>Modules of the VM's kernel (with their dependencies) the scenario loads itself (run-vm.sh --module).</summary>
     public IReadOnlyList<string> Modules { get; init; } = [];
 

@@ -72,6 +72,13 @@ public sealed class VmFixture : IDisposable
             args.Add(await PublishDaemonAsync());
         }
 
+        if (spec.NeedsRelayChild)
+        {
+            var (dir, error) = await RelayChildPublish.GetAsync();
+            args.Add("--app");
+            args.Add(dir ?? throw new XunitException(error));
+        }
+
         var sw = Stopwatch.StartNew();
         var (code, output) = await ExecAsync("bash", args, TimeSpan.FromSeconds(spec.TimeoutSeconds + 300));
         var run = new VmRun(spec.Script, code, output, sw.Elapsed);

@@ -61,6 +61,22 @@ public sealed class NbdRelay : IDisposable
 
     // Set whenever _tail moves (under _lock): the kernel thread waits on it while the ring is full.
     private readonly ManualResetEventSlim _room = new(true);
+    // A journal to recover from after this process is killed, and a descriptor of the driver's end to count the reply
+    // bytes the driver consumed (null: none kept; a kill costs the requests in flight their Timeout).
+    private readonly RelayJournal? _journal;
+    private readonly Socket? _driverSide;
+
+    // Reply bytes sent to the kernel so far (the server thread's, and the recovery's before it starts).
+    private long _replied;
+
+    // Created by Journaled: the server thread starts by sending what is pending on this connection (null: a new one).
+    private readonly bool _startWithResend;
+    private readonly Socket? _firstServer;
+
+    // Set once a connection is current (at once without a journal): a journaled relay's kernel thread waits for it, so
+    // that what it reads (an NBD_CMD_DISC among it) goes out behind what was pending, not into a relay with no server.
+    private readonly ManualResetEventSlim _firstConnection;
+
     private Thread? _resender;
     private Socket? _server;
     private Socket? _lastServer;
@@ -93,9 +109,13 @@ public sealed class NbdRelay : IDisposable
     /// <param name="server">A connection in transmission phase; the relay owns it.</param>
     /// <param name="options">How to reconnect.</param>
     public NbdRelay(Socket kernelSide, Socket server, NbdRelayOptions options)
+        : this(kernelSide, server ?? throw new ArgumentNullException(nameof(server)), options, journal: null, driverSide: null)
+    {
+    }
+
+    private NbdRelay(Socket kernelSide, Socket? server, NbdRelayOptions options, RelayJournal? journal, Socket? driverSide)
     {
         ArgumentNullException.ThrowIfNull(kernelSide);
-        ArgumentNullException.ThrowIfNull(server);
         ArgumentNullException.ThrowIfNull(options);
 
         // Timeout.InfiniteTimeSpan is -1 ms: as GiveUpAfter it would give up at once, as RetryInterval pause forever.
@@ -104,11 +124,75 @@ public sealed class NbdRelay : IDisposable
         ArgumentOutOfRangeException.ThrowIfGreaterThan(options.RetryInterval, LongestTimer, "options.RetryInterval");
         _kernel = kernelSide;
         _options = options;
-        _server = server;
-        _lastServer = server;
-        _ring = new RequestRing(options.RequestBufferBytes);
+        _journal = journal;
+        _firstConnection = new ManualResetEventSlim(initialState: journal is null);
+        _driverSide = driverSide;
+        if (journal is null)
+        {
+            _server = server;
+            _lastServer = server;
+            _ring = new RequestRing(options.RequestBufferBytes);
+        }
+        else
+        {
+            _startWithResend = true;
+            _firstServer = server;
+            _ring = new RequestRing(journal.Ring);
+        }
+
         _kernelThread = new Thread(() => Guarded(KernelLoop)) { IsBackground = true, Name = options.Name + " k" };
         _serverThread = new Thread(() => Guarded(ServerLoop)) { IsBackground = true, Name = options.Name + " s" };
+    }
+
+    /// <summary>
+    /// A relay that a successor can take up after this process is killed anywhere (SIGKILL, a crash): it keeps the
+    /// kernel's requests in <paramref name="journal"/>'s ring and records there what a successor needs to know which
+    /// replies went out. On a <see cref="JournalState.New"/> journal it starts counting both streams; on an
+    /// <see cref="JournalState.Armed"/> one it recovers first: finishes a reply the kill cut off, and sends every request
+    /// the kernel still waits for on <paramref name="server"/> (null: on a new connection, through
+    /// <see cref="NbdRelayOptions.Reconnect"/>). The relay owns all it is given; <paramref name="driverSide"/> is a
+    /// descriptor of the driver's end of the pair (the driver reads it; the relay only counts on it). An
+    /// <see cref="InvalidDataException"/> naming the problem when the journal cannot be recovered from (abandoned, or not
+    /// consistent with the sockets), a <see cref="SocketException"/> when our end failed during the recovery; either way
+    /// our end is shut down, so the driver sees a dead connection and resends after its timeout, as without a journal,
+    /// and everything given is disposed.
+    /// </summary>
+    internal static NbdRelay Journaled(Socket kernelSide, Socket driverSide, RelayJournal journal, Socket? server, NbdRelayOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(driverSide);
+        ArgumentNullException.ThrowIfNull(journal);
+        var relay = new NbdRelay(kernelSide, server, options, journal, driverSide);
+        try
+        {
+            if (journal.State == JournalState.Abandoned)
+            {
+                throw new InvalidDataException("the relay journal was abandoned (a request larger than its ring): the requests in flight wait for the driver's timeout");
+            }
+
+            if (journal.State == JournalState.New)
+            {
+                // Nothing of either stream may have been consumed or sent yet: both counters start at 0.
+                if (driverSide.Available > 0)
+                {
+                    throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver's end has {driverSide.Available} bytes unread: a new relay journal starts where nothing was sent to the driver yet"));
+                }
+
+                journal.OurCounter.Arm(kernelSide, 0);
+                journal.DriverCounter.Arm(driverSide, 0);
+                journal.State = JournalState.Armed;
+            }
+            else
+            {
+                relay.Recover();
+            }
+
+            return relay;
+        }
+        catch
+        {
+            relay.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Completes once, with the reason the relay ended; never faults.</summary>
@@ -125,6 +209,9 @@ public sealed class NbdRelay : IDisposable
             }
         }
     }
+
+    /// <summary>What <see cref="Journaled"/> found and did when it recovered from a killed predecessor; else null.</summary>
+    internal RelayRecovery? Recovered { get; private set; }
 
     /// <summary>Server connections that took over after the first one.</summary>
     public long Reconnects => Interlocked.Read(ref _reconnects);
@@ -170,9 +257,13 @@ public sealed class NbdRelay : IDisposable
 
         // Every thread that read a request from the ring has ended.
         _ring.Dispose();
+        _journal?.Dispose();
+        _driverSide?.Dispose();
+        _firstServer?.Dispose();
         _stop.Dispose();
         _kernelQuiet.Dispose();
         _room.Dispose();
+        _firstConnection.Dispose();
     }
 
     /// <summary>
@@ -264,6 +355,8 @@ public sealed class NbdRelay : IDisposable
         Span<byte> header = stackalloc byte[NbdTransmission.RequestLength];
         try
         {
+            _firstConnection.Wait(_stop.Token);
+
             while (!_stop.IsCancellationRequested)
             {
                 if (_ring.Unparsed >= header.Length)
@@ -291,6 +384,7 @@ public sealed class NbdRelay : IDisposable
                     // a kernel whose default is larger than 6.1's 128 KiB): room for two of them.
                     if (length > _ring.Capacity)
                     {
+                        AbandonJournal(string.Create(CultureInfo.InvariantCulture, $"a request of {length} bytes is larger than the journal's ring ({_ring.Capacity} bytes)"));
                         _ring.Grow(Math.Max(2 * _ring.Capacity, 2 * length));
                     }
                 }
@@ -308,6 +402,10 @@ public sealed class NbdRelay : IDisposable
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
             End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.Message, e));
+        }
+        catch (OperationCanceledException)
+        {
+            // Ended before a connection was current.
         }
     }
 
@@ -334,6 +432,12 @@ public sealed class NbdRelay : IDisposable
 
         if (_ring.Receive(_kernel, room) > 0)
         {
+            // Nothing else reads our end: the count is exact here, between two receives.
+            if (_journal is not null && _ring.Head - _journal.OurCounter.Base > _journal.RearmAfter)
+            {
+                _journal.OurCounter.Arm(_kernel, _ring.Head);
+            }
+
             return true;
         }
 
@@ -417,6 +521,13 @@ public sealed class NbdRelay : IDisposable
             _order.Dequeue();
             _tail = oldest.Bytes.End;
             moved = true;
+            if (_journal is not null)
+            {
+                // The tail first: a kill between the two leaves a mark behind the tail, which recovery ignores; the
+                // other order would leave a delivered request unmarked, and its reply would go to the kernel twice.
+                _journal.Tail = _tail;
+                _journal.ClearDelivered(oldest.Bytes.Start);
+            }
         }
 
         if (moved)
@@ -617,6 +728,23 @@ public sealed class NbdRelay : IDisposable
 
         // Start of the outage the current connection ended, if it came from a reconnect.
         long? outageSince = null;
+        if (_startWithResend)
+        {
+            // A journaled relay: what was pending when it started (recovered, or nothing) goes out first.
+            if (_firstServer is null)
+            {
+                (server, outageSince) = ReconnectAndResend(null);
+            }
+            else if (Resend(_firstServer) is null)
+            {
+                return;
+            }
+            else
+            {
+                server = _firstServer;
+            }
+        }
+
         long connectedAt = _options.TimeProvider.GetTimestamp();
         while (server is not null && !_stop.IsCancellationRequested)
         {
@@ -765,11 +893,17 @@ public sealed class NbdRelay : IDisposable
         }
 
         // The length of a read reply's data is the request's, never the server's word: nothing to bound here.
+        int length = pending.Request.Type == NbdCommand.Read && reply.Error == 0 ? (int)pending.Request.Length : 0;
         byte[]? data = null;
-        int length = 0;
-        if (pending.Request.Type == NbdCommand.Read && reply.Error == 0)
+        if (_journal is not null)
         {
-            length = (int)pending.Request.Length;
+            // Kept where a successor finds it, should the send to the kernel be cut.
+            Span<byte> kept = _journal.ReplyBuffer(header.Length + length);
+            header.CopyTo(kept);
+            reader.ReadExactly(kept[header.Length..]);
+        }
+        else if (length > 0)
+        {
             data = ArrayPool<byte>.Shared.Rent(length);
             try
             {
@@ -790,9 +924,19 @@ public sealed class NbdRelay : IDisposable
         }
 
         bool lastAfterDisconnect;
+        bool whole = false;
         try
         {
-            SendAll(_kernel, header, data.AsSpan(0, length));
+            if (_journal is not null)
+            {
+                SendJournaled(pending, reply.Cookie, header.Length + length);
+            }
+            else
+            {
+                SendAll(_kernel, header, data.AsSpan(0, length));
+            }
+
+            whole = true;
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
@@ -808,6 +952,11 @@ public sealed class NbdRelay : IDisposable
             lock (_lock)
             {
                 pending.Delivered = true;
+                if (whole)
+                {
+                    _journal?.MarkDelivered(pending.Bytes.Start);
+                }
+
                 ReleaseAnswered();
                 _delivering--;
                 lastAfterDisconnect = _disconnecting && _pending.Count == 0 && _delivering == 0;
@@ -821,6 +970,189 @@ public sealed class NbdRelay : IDisposable
         }
 
         return true;
+    }
+
+    /// <summary>
+    /// Sends the reply kept in the journal's buffer to the kernel, recorded first: a successor after a kill learns from
+    /// the driver's end's counter how much of it went out, and sends the rest from the buffer.
+    /// </summary>
+    private void SendJournaled(Pending pending, ulong cookie, int length)
+    {
+        RelayJournal journal = _journal!;
+        RelayJournal.StreamCounter counter = journal.DriverCounter;
+
+        // Armed again only while the driver has read everything: nobody else sends there, so once a recv that took the
+        // last bytes has also lowered the counter (SettleReaders: since 6.8 setsockopt no longer waits for it), nothing
+        // moves it. Under a steady load that moment is rare right after a send: wait for it a little, on every reply.
+        if (_replied - counter.Base > journal.RearmAfter && DriverDrained(TimeSpan.FromMilliseconds(5)))
+        {
+            RelayJournal.SettleReaders(_driverSide!);
+            counter.Arm(_driverSide!, _replied);
+        }
+
+        if (_replied + length - counter.Base >= RelayJournal.ArmedValue)
+        {
+            AbandonJournal("the driver's end never had everything read while 1 GiB of replies went out, so its counter could not be armed again");
+        }
+
+        journal.Publish(new ReplyRecord(pending.Bytes.Start, cookie, _replied, length));
+        SendAll(_kernel, journal.ReplyBuffer(length));
+        _replied += length;
+    }
+
+    /// <summary>Whether the driver's end has nothing unread within <paramref name="limit"/>.</summary>
+    private bool DriverDrained(TimeSpan limit)
+    {
+        long since = Environment.TickCount64;
+        while (_driverSide!.Available > 0)
+        {
+            if (Environment.TickCount64 - since >= (long)limit.TotalMilliseconds)
+            {
+                return false;
+            }
+
+            Thread.Sleep(limit < TimeSpan.FromMilliseconds(50) ? 0 : 1);
+        }
+
+        return true;
+    }
+
+    /// <summary>A successor can no longer recover from the journal: told once, by the journal's state and an event.</summary>
+    private void AbandonJournal(string reason)
+    {
+        if (_journal is null || _journal.State == JournalState.Abandoned)
+        {
+            return;
+        }
+
+        _journal.State = JournalState.Abandoned;
+        Raise(new NbdRelayJournalAbandoned(reason));
+    }
+
+    /// <summary>
+    /// Takes up where a killed predecessor stopped, before any thread runs: how far each stream got comes from the two
+    /// sockets' counters; a reply the kill cut off is finished from the journal's buffer; the requests in the ring not
+    /// yet answered become pending again (the server thread sends them first), those whose reply went out stay until
+    /// the tail passes them; a request not yet received whole is left for the kernel thread to finish.
+    /// </summary>
+    private void Recover()
+    {
+        RelayJournal journal = _journal!;
+
+        // Nobody reads our end now: a flip that was due (a kill inside an arm) is made before anything relies on Base.
+        journal.OurCounter.CompleteFlip(_kernel);
+        long head = journal.OurCounter.Position(_kernel);
+        long tail = journal.Tail;
+        if (head < tail || head - tail > journal.RingCapacity)
+        {
+            throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's ring tail {tail} does not fit the {head} request bytes consumed from our end (ring of {journal.RingCapacity} bytes)"));
+        }
+
+        long sent = DriverConsumed();
+        ReplyRecord last = journal.Published;
+        if (sent < last.ReplyStart || sent > last.ReplyStart + last.Length)
+        {
+            throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver read {sent} reply bytes, but the last reply the relay journal recorded spans [{last.ReplyStart}, {last.ReplyStart + last.Length})"));
+        }
+
+        _ring.Restore(head, tail);
+        var delivered = new List<long>();
+        Span<byte> header = stackalloc byte[NbdTransmission.RequestLength];
+        while (_ring.Unparsed >= header.Length)
+        {
+            _ring.Peek(header);
+            NbdRequestHeader request = NbdTransmission.ReadRequest(header);
+            if (Refuse(request) is string why)
+            {
+                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's ring holds no request at stream position {_ring.Parsed}: {why}"));
+            }
+
+            int length = header.Length + (request.Type == NbdCommand.Write ? (int)request.Length : 0);
+            if (request.Type == NbdCommand.Disconnect || _ring.Unparsed < length)
+            {
+                // The kernel thread carries it on as it comes.
+                break;
+            }
+
+            RingSlice bytes = _ring.Take(length);
+            var pending = new Pending(request, bytes, ++_sequence);
+            if (last.Length > 0 && bytes.Start == last.RequestStart && request.Cookie != last.Cookie)
+            {
+                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the reply the relay journal recorded last is for cookie 0x{last.Cookie:x16}, but the request at stream position {bytes.Start} has cookie 0x{request.Cookie:x16}"));
+            }
+
+            if (journal.IsDelivered(bytes.Start) || (last.Length > 0 && bytes.Start == last.RequestStart))
+            {
+                pending.Answered = true;
+                pending.Delivered = true;
+                delivered.Add(bytes.Start);
+            }
+            else if (!_pending.TryAdd(request.Cookie, pending))
+            {
+                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's ring holds two unanswered requests with cookie 0x{request.Cookie:x16}"));
+            }
+
+            _order.Enqueue(pending);
+        }
+
+        if (last.Length > 0 && last.RequestStart >= tail && !delivered.Contains(last.RequestStart))
+        {
+            throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the reply the relay journal recorded last answers a request at stream position {last.RequestStart}, which its ring does not hold"));
+        }
+
+        long cut = last.ReplyStart + last.Length - sent;
+        if (cut > 0)
+        {
+            NbdSimpleReplyHeader kept = NbdTransmission.ReadReply(journal.ReplyBuffer(NbdTransmission.SimpleReplyLength));
+            if (kept.Magic != NbdTransmission.SimpleReplyMagic || kept.Cookie != last.Cookie)
+            {
+                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's reply buffer holds no reply to cookie 0x{last.Cookie:x16} (magic 0x{kept.Magic:x8}, cookie 0x{kept.Cookie:x16})"));
+            }
+
+            // Everything checked: only now does a byte go to the kernel. A driver that stopped reading gets 10 s.
+            _kernel.SendTimeout = 10_000;
+            SendAll(_kernel, journal.ReplyBuffer((int)last.Length)[(int)(sent - last.ReplyStart)..]);
+            _kernel.SendTimeout = 0;
+        }
+
+        Recovered = new RelayRecovery(head, tail, _ring.Parsed, sent, cut, last.Length, _pending.Count, delivered.Count);
+
+        _replied = last.ReplyStart + last.Length;
+
+        // Never a live mark cleared (a kill here must leave a journal the next successor recovers from just as well): a
+        // mark a kill left behind the tail lies where the ring holds no whole request.
+        journal.ClearDelivered(_ring.Parsed, tail + journal.RingCapacity);
+        foreach (long start in delivered)
+        {
+            journal.MarkDelivered(start);
+        }
+
+        _tail = tail;
+        ReleaseAnswered();
+    }
+
+    /// <summary>
+    /// The reply bytes the driver consumed: once it has read all that was sent to its end (it reads as long as it
+    /// waits for replies), its counter stops moving. A peek that finds nothing takes the socket's reader lock, so a
+    /// recv that took the last bytes has also lowered the counter by then.
+    /// </summary>
+    private long DriverConsumed()
+    {
+        Socket driver = _driverSide!;
+        long since = Environment.TickCount64;
+        while (driver.Available > 0)
+        {
+            if (Environment.TickCount64 - since > 5000)
+            {
+                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver did not read the {driver.Available} reply bytes waiting at its end within 5 s"));
+            }
+
+            Thread.Sleep(1);
+        }
+
+        RelayJournal.SettleReaders(driver);
+        _journal!.DriverCounter.CompleteFlip(driver);
+        return _journal.DriverCounter.Position(driver);
     }
 
     /// <summary>
@@ -937,6 +1269,7 @@ public sealed class NbdRelay : IDisposable
                 generation = ++_generation;
                 _server = server;
                 _lastServer = server;
+                _firstConnection.Set();
                 unanswered = [.. _pending.Values.OrderBy(p => p.Sequence)];
             }
 
@@ -1106,3 +1439,11 @@ public sealed class NbdRelay : IDisposable
 
     private sealed class KernelSideException(Exception inner) : Exception(inner.Message, inner);
 }
+
+/// <summary>
+/// A recovery from a killed relay's journal: request bytes consumed (<paramref name="Head"/>), the ring's tail, where the
+/// first request not received whole starts (<paramref name="Parsed"/>), reply bytes the driver had read
+/// (<paramref name="Sent"/>), the bytes of a cut reply sent from the journal (<paramref name="Finished"/>; the last
+/// reply recorded was <paramref name="LastReplyLength"/> long), and the requests found unanswered and answered in the ring.
+/// </summary>
+internal sealed record RelayRecovery(long Head, long Tail, long Parsed, long Sent, long Finished, long LastReplyLength, int Pending, int Delivered);

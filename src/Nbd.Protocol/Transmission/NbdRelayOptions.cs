@@ -55,6 +55,9 @@ public sealed record NbdRelayServerLost(string Reason, int InFlight, Exception? 
 /// <summary>A reconnect attempt failed; the relay tries again unless it gave up.</summary>
 public sealed record NbdRelayReconnectFailed(int Attempt, Exception Exception) : NbdRelayEvent;
 
+/// <summary>The relay stopped keeping its journal: after a kill, the requests in flight wait for the driver's timeout.</summary>
+internal sealed record NbdRelayJournalAbandoned(string Reason) : NbdRelayEvent;
+
 /// <summary>A new server connection took over after <paramref name="Outage"/>; <paramref name="Resent"/> requests were sent again.</summary>
 public sealed record NbdRelayReconnected(TimeSpan Outage, int Attempts, int Resent) : NbdRelayEvent;
 

@@ -13,14 +13,21 @@ namespace Nbd.Protocol.Transmission;
 /// </summary>
 internal sealed class RequestRing : IDisposable
 {
-    private readonly byte[] _rented;
-    private byte[] _buffer;
+    private readonly byte[]? _rented;
+    private Memory<byte> _buffer;
 
     public RequestRing(int capacity)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(capacity, NbdTransmission.RequestLength);
         _rented = ArrayPool<byte>.Shared.Rent(capacity);
         _buffer = _rented;
+    }
+
+    /// <summary>A ring in memory the caller owns (a relay journal's), at least a request header long.</summary>
+    public RequestRing(Memory<byte> memory)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(memory.Length, NbdTransmission.RequestLength);
+        _buffer = memory;
     }
 
     public int Capacity => _buffer.Length;
@@ -34,6 +41,21 @@ internal sealed class RequestRing : IDisposable
     /// <summary>Bytes received and not yet taken as requests.</summary>
     public int Unparsed => (int)(Head - Parsed);
 
+    /// <summary>
+    /// Takes up a ring a predecessor received into (its bytes are still in the memory): <paramref name="head"/> bytes of
+    /// the stream received, requests taken up to <paramref name="parsed"/>.
+    /// </summary>
+    public void Restore(long head, long parsed)
+    {
+        if (parsed > head || head - parsed > Capacity)
+        {
+            throw new ArgumentOutOfRangeException(nameof(parsed), "the unparsed bytes must lie within the ring");
+        }
+
+        Head = head;
+        Parsed = parsed;
+    }
+
     /// <summary>Bytes the ring can still receive, with everything before <paramref name="tail"/> released.</summary>
     public int Room(long tail) => Capacity - (int)(Head - tail);
 
@@ -44,7 +66,7 @@ internal sealed class RequestRing : IDisposable
     public int Receive(Socket socket, int room)
     {
         int at = (int)(Head % Capacity);
-        int n = socket.Receive(_buffer.AsSpan(at, Math.Min(room, Capacity - at)));
+        int n = socket.Receive(_buffer.Span.Slice(at, Math.Min(room, Capacity - at)));
         Head += n;
         return n;
     }
@@ -84,18 +106,24 @@ internal sealed class RequestRing : IDisposable
             return;
         }
 
-        var larger = GC.AllocateUninitializedArray<byte>(capacity);
+        Memory<byte> larger = GC.AllocateUninitializedArray<byte>(capacity);
         var unparsed = new RingSlice(_buffer, Parsed, Unparsed);
         new RingSlice(larger, Parsed, Unparsed).CopyFrom(unparsed);
         _buffer = larger;
     }
 
-    /// <summary>Gives the first buffer back to the pool: only once nobody reads a request any more.</summary>
-    public void Dispose() => ArrayPool<byte>.Shared.Return(_rented);
+    /// <summary>Gives the first buffer back to the pool (if it came from there): only once nobody reads a request any more.</summary>
+    public void Dispose()
+    {
+        if (_rented is not null)
+        {
+            ArrayPool<byte>.Shared.Return(_rented);
+        }
+    }
 }
 
 /// <summary>Stream bytes [Start, Start + Length) in a ring buffer: one span, or two where the ring wraps.</summary>
-internal readonly struct RingSlice(byte[] buffer, long start, int length)
+internal readonly struct RingSlice(Memory<byte> buffer, long start, int length)
 {
     public long Start { get; } = start;
 
@@ -108,10 +136,10 @@ internal readonly struct RingSlice(byte[] buffer, long start, int length)
     private int FirstLength => Math.Min(Length, buffer.Length - Offset);
 
     /// <summary>The bytes up to the end of the buffer.</summary>
-    public ReadOnlySpan<byte> First => buffer.AsSpan(Offset, FirstLength);
+    public ReadOnlySpan<byte> First => buffer.Span.Slice(Offset, FirstLength);
 
     /// <summary>The bytes from the start of the buffer, where the slice wraps; else empty.</summary>
-    public ReadOnlySpan<byte> Second => buffer.AsSpan(0, Length - FirstLength);
+    public ReadOnlySpan<byte> Second => buffer.Span[..(Length - FirstLength)];
 
     public void CopyTo(Span<byte> destination)
     {
@@ -124,7 +152,7 @@ internal readonly struct RingSlice(byte[] buffer, long start, int length)
     {
         byte[] bytes = new byte[source.Length];
         source.CopyTo(bytes);
-        bytes.AsSpan(0, FirstLength).CopyTo(buffer.AsSpan(Offset));
-        bytes.AsSpan(FirstLength).CopyTo(buffer);
+        bytes.AsSpan(0, FirstLength).CopyTo(buffer.Span[Offset..]);
+        bytes.AsSpan(FirstLength).CopyTo(buffer.Span);
     }
 }

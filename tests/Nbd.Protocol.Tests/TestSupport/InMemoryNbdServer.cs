@@ -37,6 +37,8 @@ internal enum ServerFault
 /// <param name="ReorderBatch">Replies are held until this many are ready, then sent last first.</param>
 /// <param name="HangUpAtOnce">The connection is closed as soon as it is accepted (an idle drop).</param>
 /// <param name="KeepOpenAfterDisc">NBD_CMD_DISC is recorded and ignored: the connection stays open (a server that hangs).</param>
+/// <param name="DropWhenSuperseded">A request is carried out only while no later connection was accepted; else this connection closes without it (as a server process that died would: a client's late write on an old connection never lands after a newer one).</param>
+/// <param name="ReorderWhenIdle">With <paramref name="ReorderBatch"/>: the replies held go out (last first) also whenever no further request is waiting, so a client that stops sending gets them all.</param>
 internal sealed record ConnectionScript(
     int AnswerFirst = int.MaxValue,
     int FaultAt = 0,
@@ -44,7 +46,9 @@ internal sealed record ConnectionScript(
     TimeSpan ReplyDelay = default,
     int ReorderBatch = 0,
     bool HangUpAtOnce = false,
-    bool KeepOpenAfterDisc = false)
+    bool KeepOpenAfterDisc = false,
+    bool ReorderWhenIdle = false,
+    bool DropWhenSuperseded = false)
 {
     public static readonly ConnectionScript Normal = new();
 }
@@ -129,6 +133,9 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
         _listener.Listen(16);
         _accepting = Task.Run(AcceptLoopAsync);
     }
+
+    /// <summary>The listening socket's path (a unix socket server; null for TCP).</summary>
+    public string? UnixPath => (_endPoint as UnixDomainSocketEndPoint)?.ToString();
 
     /// <summary>A snapshot of the disk.</summary>
     public byte[] Disk
@@ -287,7 +294,13 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
                     continue;
                 }
 
-                (uint error, byte[]? payload) = Execute(request, data);
+                if (Execute(request, data, script.DropWhenSuperseded ? connection.Index : null) is not { } executed)
+                {
+                    return;
+                }
+
+                (uint error, byte[]? payload) = executed;
+
                 if (fault)
                 {
                     await SendFaultyReplyAsync(socket, script.Fault, request, error, payload, ct);
@@ -310,7 +323,7 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
                 if (script.ReorderBatch > 0)
                 {
                     held.Add(reply);
-                    if (held.Count == script.ReorderBatch)
+                    if (held.Count == script.ReorderBatch || (script.ReorderWhenIdle && socket.Available == 0))
                     {
                         for (int i = held.Count - 1; i >= 0; i--)
                         {
@@ -342,7 +355,8 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
         }
     }
 
-    private (uint Error, byte[]? Payload) Execute(RawRequest request, byte[]? data)
+    /// <summary>Null when <paramref name="unlessSupersededFrom"/> is set and a later connection exists (checked with the disk locked).</summary>
+    private (uint Error, byte[]? Payload)? Execute(RawRequest request, byte[]? data, int? unlessSupersededFrom = null)
     {
         if (request.Type is RawTransmission.CmdFlush)
         {
@@ -356,6 +370,11 @@ internal sealed class InMemoryNbdServer : IAsyncDisposable
 
         lock (_disk)
         {
+            if (unlessSupersededFrom is int index && Connections.Count > index + 1)
+            {
+                return null;
+            }
+
             switch (request.Type)
             {
                 case RawTransmission.CmdRead:
