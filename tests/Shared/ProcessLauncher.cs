@@ -28,6 +28,9 @@ internal static class ProcessLauncher
         return process;
     });
 
+    /// <summary>Runs <paramref name="start"/> (which starts a process and returns it) on the launcher thread.</summary>
+    public static Process Start(Func<Process> start) => Run(start);
+
     private static Process Run(Func<Process> start)
     {
         var started = new TaskCompletionSource<Process>(TaskCreationOptions.RunContinuationsAsynchronously);

@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Diagnostics;
 using System.Globalization;
 using System.Net.Sockets;
 
@@ -164,6 +165,8 @@ public sealed class NbdRelay : IDisposable
         var relay = new NbdRelay(kernelSide, server, options, journal, driverSide);
         try
         {
+            // The option belongs to the socket: a predecessor killed inside a recovery's bounded send left it set.
+            kernelSide.SendTimeout = 0;
             if (journal.State == JournalState.Abandoned)
             {
                 throw new InvalidDataException("the relay journal was abandoned (a request larger than its ring): the requests in flight wait for the driver's timeout");
@@ -355,7 +358,10 @@ public sealed class NbdRelay : IDisposable
         Span<byte> header = stackalloc byte[NbdTransmission.RequestLength];
         try
         {
-            _firstConnection.Wait(_stop.Token);
+            if (!WaitForFirstConnection())
+            {
+                return;
+            }
 
             while (!_stop.IsCancellationRequested)
             {
@@ -403,10 +409,40 @@ public sealed class NbdRelay : IDisposable
         {
             End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel's end failed: " + e.Message, e));
         }
-        catch (OperationCanceledException)
+    }
+
+    /// <summary>
+    /// A journaled relay's kernel thread before a connection is current: waits for one (true), and meanwhile looks for
+    /// the kernel hanging up, as <see cref="WaitForRoom"/> does (false: the relay ended).
+    /// </summary>
+    private bool WaitForFirstConnection()
+    {
+        while (!_firstConnection.IsSet)
         {
-            // Ended before a connection was current.
+            try
+            {
+                if (_firstConnection.Wait(HandOverTick, _stop.Token))
+                {
+                    break;
+                }
+            }
+            catch (OperationCanceledException)
+            {
+                return false;
+            }
+
+            try
+            {
+                _kernel.Send(ReadOnlySpan<byte>.Empty);
+            }
+            catch (SocketException)
+            {
+                End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end (before the relay had a server connection)"));
+                return false;
+            }
         }
+
+        return !_stop.IsCancellationRequested;
     }
 
     /// <summary>
@@ -983,8 +1019,10 @@ public sealed class NbdRelay : IDisposable
 
         // Armed again only while the driver has read everything: nobody else sends there, so once a recv that took the
         // last bytes has also lowered the counter (SettleReaders: since 6.8 setsockopt no longer waits for it), nothing
-        // moves it. Under a steady load that moment is rare right after a send: wait for it a little, on every reply.
-        if (_replied - counter.Base > journal.RearmAfter && DriverDrained(TimeSpan.FromMilliseconds(5)))
+        // moves it. Under a steady load that moment is rare right after a send: past half the counter's spare range,
+        // wait for it a little (5 ms) on every reply.
+        long spent = _replied - counter.Base;
+        if (spent > journal.RearmAfter && DriverDrained(spent > journal.RearmAfter * 3 / 2 ? TimeSpan.FromMilliseconds(5) : TimeSpan.Zero))
         {
             RelayJournal.SettleReaders(_driverSide!);
             counter.Arm(_driverSide!, _replied);
@@ -1003,15 +1041,15 @@ public sealed class NbdRelay : IDisposable
     /// <summary>Whether the driver's end has nothing unread within <paramref name="limit"/>.</summary>
     private bool DriverDrained(TimeSpan limit)
     {
-        long since = Environment.TickCount64;
+        long since = Stopwatch.GetTimestamp();
         while (_driverSide!.Available > 0)
         {
-            if (Environment.TickCount64 - since >= (long)limit.TotalMilliseconds)
+            if (Stopwatch.GetElapsedTime(since) >= limit)
             {
                 return false;
             }
 
-            Thread.Sleep(limit < TimeSpan.FromMilliseconds(50) ? 0 : 1);
+            Thread.Sleep(0);
         }
 
         return true;
@@ -1050,6 +1088,11 @@ public sealed class NbdRelay : IDisposable
 
         long sent = DriverConsumed();
         ReplyRecord last = journal.Published;
+        if (last.ReplyStart < 0 || !(last.Length == 0 || (last.Length >= NbdTransmission.SimpleReplyLength && last.Length <= journal.ReplyCapacity)))
+        {
+            throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's last reply record is malformed (start {last.ReplyStart}, length {last.Length})"));
+        }
+
         if (sent < last.ReplyStart || sent > last.ReplyStart + last.Length)
         {
             throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver read {sent} reply bytes, but the last reply the relay journal recorded spans [{last.ReplyStart}, {last.ReplyStart + last.Length})"));
@@ -1111,8 +1154,14 @@ public sealed class NbdRelay : IDisposable
 
             // Everything checked: only now does a byte go to the kernel. A driver that stopped reading gets 10 s.
             _kernel.SendTimeout = 10_000;
-            SendAll(_kernel, journal.ReplyBuffer((int)last.Length)[(int)(sent - last.ReplyStart)..]);
-            _kernel.SendTimeout = 0;
+            try
+            {
+                SendAll(_kernel, journal.ReplyBuffer((int)last.Length)[(int)(sent - last.ReplyStart)..]);
+            }
+            finally
+            {
+                _kernel.SendTimeout = 0;
+            }
         }
 
         Recovered = new RelayRecovery(head, tail, _ring.Parsed, sent, cut, last.Length, _pending.Count, delivered.Count);

@@ -253,13 +253,47 @@ internal sealed unsafe partial class RelayJournal : IDisposable
     /// </summary>
     public void ClearDelivered(long from, long to)
     {
-        for (long position = from; position < to; position++)
+        if (to < from || to - from > RingCapacity)
         {
-            if (IsDelivered(position))
-            {
-                ClearDelivered(position);
-            }
+            throw new ArgumentOutOfRangeException(nameof(to), "not a range within the ring");
         }
+
+        // In ring offsets: one segment, or two where the range wraps. Whole bytes at once, the edges bit by bit: every
+        // store clears only bits inside the range.
+        int first = Bit(from);
+        int length = (int)(to - from);
+        int head = Math.Min(length, RingCapacity - first);
+        ClearOffsets(first, head);
+        ClearOffsets(0, length - head);
+    }
+
+    private void ClearOffsets(int offset, int count)
+    {
+        Span<byte> bitmap = Bitmap();
+        int end = offset + count;
+        int bit = offset;
+        while (bit < end && (bit & 7) != 0)
+        {
+            ClearBit(bitmap, bit++);
+        }
+
+        int wholeEnd = end & ~7;
+        if (bit < wholeEnd)
+        {
+            bitmap[(bit >> 3)..(wholeEnd >> 3)].Clear();
+            bit = wholeEnd;
+        }
+
+        while (bit < end)
+        {
+            ClearBit(bitmap, bit++);
+        }
+    }
+
+    private static void ClearBit(Span<byte> bitmap, int bit)
+    {
+        ref byte cell = ref bitmap[bit >> 3];
+        Volatile.Write(ref cell, (byte)(cell & ~(1 << (bit & 7))));
     }
 
     /// <summary>
@@ -394,12 +428,18 @@ internal sealed unsafe partial class RelayJournal : IDisposable
         /// consumed meanwhile by anyone). The new base goes to the spare slot before the socket changes, the slot flips
         /// after: a kill in between leaves the counter at exactly <see cref="ArmedValue"/> with the spare slot ahead.
         /// </summary>
-        public void Arm(Socket socket, long position)
+        public void Arm(Socket socket, long position) => Arm(socket, position, flip: true);
+
+        /// <summary><see cref="Arm(Socket, long)"/>; without the flip, what a kill between setsockopt and flip leaves (tests).</summary>
+        internal void Arm(Socket socket, long position, bool flip)
         {
             int spare = 1 - ActiveSlot;
             Volatile.Write(ref *(long*)(_journal._base + _at + (spare * 8)), position);
             SetPeekOffset(socket, ArmedValue);
-            Volatile.Write(ref *(int*)(_journal._base + _at + 16), spare);
+            if (flip)
+            {
+                Volatile.Write(ref *(int*)(_journal._base + _at + 16), spare);
+            }
         }
 
         /// <summary>The stream position the socket's readers have consumed up to.</summary>

@@ -42,6 +42,8 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
     [Fact(Timeout = 300_000)]
     public async Task Relay_KilledAtRandomMomentsUnderLoad_SuccessorGivesEveryRequestExactlyOneWholeReply()
     {
+        await Task.Yield(); // the rest runs off the caller's thread, so that the Timeout can act
+
         // Replies out of order (up to 4 held, sent last first), as a threaded server sends them: a request answered behind
         // an older unanswered one stays in the ring, marked delivered, which a successor must not answer again.
         await using var server = new InMemoryNbdServer(Blocks * Block, _ => new ConnectionScript(ReorderBatch: 4, ReorderWhenIdle: true, DropWhenSuperseded: true));
@@ -90,7 +92,7 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
                     partialRequests += recovered.Parsed < recovered.Head ? 1 : 0;
                 }
 
-                driver.WaitForReplies(20, TimeSpan.FromSeconds(20));
+                child.WhileRelaying(() => driver.WaitForReplies(20, TimeSpan.FromSeconds(20)));
                 Thread.Sleep(random.Next(0, 60));
 
                 // Every other kill, the driver stops reading for a while first: reply bytes the relay sent lie unread at
@@ -109,8 +111,11 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
             // The last successor recovers and carries on; then everything still in flight must be answered.
             child = Child.Start(ourEnd, driverEnd, journal, server.UnixPath!);
             _ = child.WaitRelaying(expectNew: false, driver);
-            driver.WaitForReplies(200, TimeSpan.FromSeconds(30));
-            driver.StopAndDrain(TimeSpan.FromSeconds(30));
+            child.WhileRelaying(() =>
+            {
+                driver.WaitForReplies(200, TimeSpan.FromSeconds(30));
+                driver.StopAndDrain(TimeSpan.FromSeconds(30));
+            });
             output.WriteLine($"{kills} kills ({startKills} while starting): {withPending} recoveries had requests unanswered, {cutReplies} finished a cut reply, {behindUnanswered} found several answered behind an unanswered one, {partialRequests} a request not received whole; the driver got {driver.Replies} replies ({driver.ReadBytes} bytes read, {driver.WrittenBytes} written)");
             foreach (string line in recoveries)
             {
@@ -226,6 +231,60 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
         ourEnd.Dispose();
     }
 
+    /// <summary>
+    /// A kill between an arm's setsockopt and its flip: the counter stands at the armed value with the spare slot ahead,
+    /// which Position reads as the new base, and CompleteFlip makes the flip; a counter armed and untouched is left alone.
+    /// </summary>
+    [Fact]
+    public void Counter_KilledBetweenArmAndFlip_PositionIsTheNewBaseAndCompleteFlipMakesIt()
+    {
+        (Socket reader, Socket writer) = RelayHarness.UnixPair();
+        using (reader)
+        using (writer)
+        using (var journal = RelayJournal.Create(4096, rearmAfter: 1000))
+        {
+            RelayJournal.StreamCounter counter = journal.OurCounter;
+            counter.Arm(reader, 0);
+            counter.CompleteFlip(reader); // armed, nothing consumed: nothing to do
+            Assert.Equal(0, counter.Base);
+            writer.Send(new byte[3000]);
+            ReceiveAll(reader, new byte[1500]);
+            Assert.Equal(1500, counter.Position(reader));
+
+            counter.Arm(reader, 1500, flip: false);
+            Assert.Equal(0, counter.Base);
+            Assert.Equal(1500, counter.Position(reader));
+            counter.CompleteFlip(reader);
+            Assert.Equal(1500, counter.Base);
+            ReceiveAll(reader, new byte[700]);
+            Assert.Equal(2200, counter.Position(reader));
+            counter.CompleteFlip(reader); // no flip due
+            Assert.Equal(1500, counter.Base);
+        }
+    }
+
+    /// <summary>
+    /// Recovery's clearing of stale marks: a mark behind the tail (left by a kill between the tail's store and the clear)
+    /// goes, the marks of requests in [tail, parsed) stay, across the ring's wrap.
+    /// </summary>
+    [Fact]
+    public void Marks_ClearedOutsideTheRequestsHeld_LiveMarksStayAcrossTheWrap()
+    {
+        using var journal = RelayJournal.Create(4096);
+        const long Tail = 3000, Parsed = 6000; // requests held in [3000, 6000): offsets 3000..4095, then 0..1903
+        long[] live = [3000, 3333, 4096, 5000, Parsed - 1];
+        long[] stale = [Tail - 1, 2000, 1904]; // behind the tail, in the free offsets 1904..2999
+        foreach (long position in live.Concat(stale))
+        {
+            journal.MarkDelivered(position);
+        }
+
+        journal.ClearDelivered(Parsed, Tail + 4096);
+        Assert.All(live, p => Assert.True(journal.IsDelivered(p), $"the live mark at {p} was cleared"));
+        Assert.All(stale, p => Assert.False(journal.IsDelivered(p), $"the stale mark at {p} stayed"));
+        Assert.All(Enumerable.Range(0, 4096).Where(o => !live.Any(p => p % 4096 == o)), o => Assert.False(journal.IsDelivered(o), $"offset {o} is marked"));
+    }
+
     private static void ReceiveAll(Socket socket, Span<byte> into)
     {
         while (!into.IsEmpty)
@@ -253,7 +312,21 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
 
         public static Child Start(Socket ourEnd, Socket driverEnd, RelayJournal journal, string serverPath, int? connectDelayMs = null)
         {
-            // dup(2) leaves close-on-exec off: the child inherits them; closed here once it has.
+            Child? started = null;
+            ProcessLauncher.Start(() =>
+            {
+                started = StartOnLauncher(ourEnd, driverEnd, journal, serverPath, connectDelayMs);
+                return started._process;
+            });
+            return started!;
+        }
+
+        /// <summary>
+        /// On the launcher thread, which starts every child process of the tests: the duplicates, made without
+        /// close-on-exec so that this child inherits them, exist only while no other test starts a process.
+        /// </summary>
+        private static Child StartOnLauncher(Socket ourEnd, Socket driverEnd, RelayJournal journal, string serverPath, int? connectDelayMs)
+        {
             int[] fds = [Descriptors.Dup((int)ourEnd.Handle), Descriptors.Dup((int)driverEnd.Handle), Descriptors.Dup((int)journal.File.DangerousGetHandle())];
             try
             {
@@ -283,7 +356,7 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
                         child._lines.Add("stderr: " + e.Data);
                     }
                 };
-                ProcessLauncher.Start(process);
+                process.Start();
                 process.BeginOutputReadLine();
                 process.BeginErrorReadLine();
                 return child;
@@ -294,6 +367,25 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
                 {
                     Descriptors.Close(fd);
                 }
+            }
+        }
+
+        /// <summary>Runs <paramref name="check"/>; a failure also says what the child said meanwhile (it may have ended).</summary>
+        public void WhileRelaying(Action check)
+        {
+            try
+            {
+                check();
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                var said = new List<string>();
+                while (_lines.TryTake(out string? line))
+                {
+                    said.Add(line);
+                }
+
+                throw new Xunit.Sdk.XunitException(e.Message + (said.Count == 0 ? "" : " | the relay process said: " + string.Join(" | ", said)));
             }
         }
 
