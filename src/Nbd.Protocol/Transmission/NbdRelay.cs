@@ -431,13 +431,8 @@ public sealed class NbdRelay : IDisposable
                 return false;
             }
 
-            try
+            if (KernelHungUp("before the relay had a server connection"))
             {
-                _kernel.Send(ReadOnlySpan<byte>.Empty);
-            }
-            catch (SocketException)
-            {
-                End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end (before the relay had a server connection)"));
                 return false;
             }
         }
@@ -503,18 +498,30 @@ public sealed class NbdRelay : IDisposable
                 return true;
             }
 
-            // A send of nothing fails with EPIPE once the peer shut its end down or closed it, and adds nothing to the
-            // stream (unix_stream_sendmsg checks SEND_SHUTDOWN before its copy loop); unread requests do not hide it,
-            // as they would from poll(2)'s readability.
-            try
+            if (KernelHungUp("the relay held as many unanswered requests as it can"))
             {
-                _kernel.Send(ReadOnlySpan<byte>.Empty);
-            }
-            catch (SocketException)
-            {
-                End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end (the relay held as many unanswered requests as it can)"));
                 return false;
             }
+        }
+    }
+
+    /// <summary>
+    /// While the kernel thread reads nothing: whether the driver's end hung up (then the relay ends KernelClosed, the
+    /// reason naming <paramref name="while"/>). A send of nothing fails with EPIPE once the peer shut its end down or
+    /// closed it, and adds nothing to the stream (unix_stream_sendmsg checks SEND_SHUTDOWN before its copy loop);
+    /// unread requests do not hide it, as they would from poll(2)'s readability.
+    /// </summary>
+    private bool KernelHungUp(string @while)
+    {
+        try
+        {
+            _kernel.Send(ReadOnlySpan<byte>.Empty);
+            return false;
+        }
+        catch (SocketException)
+        {
+            End(new NbdRelayEnd(NbdRelayEndReason.KernelClosed, "the kernel closed its end (" + @while + ")"));
+            return true;
         }
     }
 
