@@ -81,7 +81,7 @@ static int Relay(string[] args)
 
     if (relay.Recovered is RelayRecovery r)
     {
-        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"RECOVERED head={r.Head} tail={r.Tail} parsed={r.Parsed} sent={r.Sent} finished={r.Finished} last={r.LastReplyLength} pending={r.Pending} delivered={r.Delivered}"));
+        Console.WriteLine(RecoveryLine.Format(r));
     }
 
     relay.Start();
@@ -252,11 +252,10 @@ internal sealed class Child
     {
         while (_lines.TryTake(out string? line, TimeSpan.FromSeconds(60)))
         {
-            if (line.StartsWith("RECOVERED ", StringComparison.Ordinal))
+            if (RecoveryLine.Parse(line) is RelayRecovery recovered)
             {
                 RecoveredLine = line;
-                Dictionary<string, long> f = line["RECOVERED ".Length..].Split(' ').Select(p => p.Split('=')).ToDictionary(p => p[0], p => long.Parse(p[1], CultureInfo.InvariantCulture));
-                Recovered = new RelayRecovery(f["head"], f["tail"], f["parsed"], f["sent"], f["finished"], f["last"], (int)f["pending"], (int)f["delivered"]);
+                Recovered = recovered;
             }
             else if (line == "RELAYING")
             {
@@ -287,4 +286,26 @@ internal sealed class Child
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "close")]
     private static extern int Close(int fd);
+}
+
+/// <summary>The line a relay child says what it recovered with: "RECOVERED head=… tail=… …" (read by the tests too).</summary>
+internal static class RecoveryLine
+{
+    private const string Prefix = "RECOVERED ";
+
+    public static string Format(RelayRecovery r) => string.Create(
+        CultureInfo.InvariantCulture,
+        $"{Prefix}head={r.Head} tail={r.Tail} parsed={r.Parsed} sent={r.Sent} finished={r.Finished} last={r.LastReplyLength} pending={r.Pending} delivered={r.Delivered}");
+
+    /// <summary>The recovery a <see cref="Format"/> line says; null for any other line.</summary>
+    public static RelayRecovery? Parse(string line)
+    {
+        if (!line.StartsWith(Prefix, StringComparison.Ordinal))
+        {
+            return null;
+        }
+
+        Dictionary<string, long> f = line[Prefix.Length..].Split(' ').Select(p => p.Split('=')).ToDictionary(p => p[0], p => long.Parse(p[1], CultureInfo.InvariantCulture));
+        return new RelayRecovery(f["head"], f["tail"], f["parsed"], f["sent"], f["finished"], f["last"], (int)f["pending"], (int)f["delivered"]);
+    }
 }

@@ -410,11 +410,10 @@ public sealed class NbdRelayCrashTests(ITestOutputHelper output)
                 }
 
                 said.Add(line!);
-                if (line!.StartsWith("RECOVERED ", StringComparison.Ordinal))
+                if (RecoveryLine.Parse(line!) is RelayRecovery found)
                 {
                     RecoveredLine = line;
-                    Dictionary<string, long> f = line["RECOVERED ".Length..].Split(' ').Select(p => p.Split('=')).ToDictionary(p => p[0], p => long.Parse(p[1], CultureInfo.InvariantCulture));
-                    recovered = new RelayRecovery(f["head"], f["tail"], f["parsed"], f["sent"], f["finished"], f["last"], (int)f["pending"], (int)f["delivered"]);
+                    recovered = found;
                 }
                 else if (line == "RELAYING")
                 {
