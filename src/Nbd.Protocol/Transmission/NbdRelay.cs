@@ -375,7 +375,7 @@ public sealed class NbdRelay : IDisposable
                         return;
                     }
 
-                    int length = header.Length + (request.Type == NbdCommand.Write ? (int)request.Length : 0);
+                    int length = WireLength(request);
                     if (_ring.Unparsed >= length)
                     {
                         if (!Carry(request, _ring.Take(length)))
@@ -604,6 +604,10 @@ public sealed class NbdRelay : IDisposable
 
         return false;
     }
+
+    /// <summary>A request's bytes on the wire: its header, and a write's data.</summary>
+    private static int WireLength(NbdRequestHeader request) =>
+        NbdTransmission.RequestLength + (request.Type == NbdCommand.Write ? (int)request.Length : 0);
 
     /// <summary>Everything the relay cannot carry faithfully, checked before any buffer is allocated.</summary>
     private static string? Refuse(NbdRequestHeader request)
@@ -1045,7 +1049,7 @@ public sealed class NbdRelay : IDisposable
         _replied += length;
     }
 
-    /// <summary>Whether the driver's end has nothing unread within <paramref name="limit"/>.</summary>
+    /// <summary>Whether the driver's end has nothing unread within <paramref name="limit"/> (short limits spin, long ones sleep 1 ms).</summary>
     private bool DriverDrained(TimeSpan limit)
     {
         long since = Stopwatch.GetTimestamp();
@@ -1056,7 +1060,7 @@ public sealed class NbdRelay : IDisposable
                 return false;
             }
 
-            Thread.Sleep(0);
+            Thread.Sleep(limit > TimeSpan.FromMilliseconds(50) ? 1 : 0);
         }
 
         return true;
@@ -1117,7 +1121,7 @@ public sealed class NbdRelay : IDisposable
                 throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the relay journal's ring holds no request at stream position {_ring.Parsed}: {why}"));
             }
 
-            int length = header.Length + (request.Type == NbdCommand.Write ? (int)request.Length : 0);
+            int length = WireLength(request);
             if (request.Type == NbdCommand.Disconnect || _ring.Unparsed < length)
             {
                 // The kernel thread carries it on as it comes.
@@ -1195,15 +1199,9 @@ public sealed class NbdRelay : IDisposable
     private long DriverConsumed()
     {
         Socket driver = _driverSide!;
-        long since = Environment.TickCount64;
-        while (driver.Available > 0)
+        if (!DriverDrained(TimeSpan.FromSeconds(5)))
         {
-            if (Environment.TickCount64 - since > 5000)
-            {
-                throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver did not read the {driver.Available} reply bytes waiting at its end within 5 s"));
-            }
-
-            Thread.Sleep(1);
+            throw new InvalidDataException(string.Create(CultureInfo.InvariantCulture, $"the driver did not read the {driver.Available} reply bytes waiting at its end within 5 s"));
         }
 
         RelayJournal.SettleReaders(driver);
