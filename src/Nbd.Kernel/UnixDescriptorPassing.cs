@@ -1,6 +1,7 @@
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Text;
+using Microsoft.Win32.SafeHandles;
 using Nbd.Kernel.Interop;
 
 namespace Nbd.Kernel;
@@ -40,7 +41,7 @@ public static class UnixDescriptorPassing
             throw new NbdKernelException(socketPath, "memfd_create", Marshal.GetLastPInvokeError());
         }
 
-        using var handle = new Microsoft.Win32.SafeHandles.SafeFileHandle(memfd, ownsHandle: true);
+        using var handle = new SafeFileHandle(memfd, ownsHandle: true);
         fixed (byte* start = contents)
         {
             for (int written = 0; written < contents.Length;)
@@ -142,22 +143,84 @@ public static class UnixDescriptorPassing
     /// <exception cref="NbdKernelException">Not an open descriptor, or not an AF_UNIX stream socket.</exception>
     public static unsafe Socket AdoptInheritedStreamSocket(int fd)
     {
-        string what = "inherited descriptor " + fd.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        SetCloseOnExec(fd);
+        CheckStreamSocket(fd);
+        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+    }
+
+    /// <summary>
+    /// Takes an inherited descriptor (from $LISTEN_FDS) of any kind: marks it close-on-exec and returns it owned.
+    /// </summary>
+    /// <exception cref="NbdKernelException">Not an open descriptor.</exception>
+    public static SafeFileHandle AdoptInherited(int fd)
+    {
+        SetCloseOnExec(fd);
+        return new SafeFileHandle(fd, ownsHandle: true);
+    }
+
+    /// <summary>Refuses a descriptor that is not an AF_UNIX stream socket.</summary>
+    /// <exception cref="NbdKernelException">Not an open descriptor, or not an AF_UNIX stream socket.</exception>
+    public static void CheckStreamSocket(SafeHandle descriptor)
+    {
+        ArgumentNullException.ThrowIfNull(descriptor);
+        bool added = false;
+        descriptor.DangerousAddRef(ref added);
+        try
+        {
+            CheckStreamSocket((int)descriptor.DangerousGetHandle());
+        }
+        finally
+        {
+            descriptor.DangerousRelease();
+        }
+    }
+
+    /// <summary>A new descriptor for the same open file (F_DUPFD_CLOEXEC), owned by the caller.</summary>
+    /// <exception cref="NbdKernelException">fcntl(2) failed (EMFILE: out of descriptors).</exception>
+    public static SafeFileHandle Duplicate(SafeHandle descriptor)
+    {
+        ArgumentNullException.ThrowIfNull(descriptor);
+        int copy = Libc.Fcntl(descriptor, PollConstants.F_DUPFD_CLOEXEC, 0);
+        if (copy < 0)
+        {
+            throw new NbdKernelException("descriptor", "fcntl(F_DUPFD_CLOEXEC)", Marshal.GetLastPInvokeError());
+        }
+
+        return new SafeFileHandle(copy, ownsHandle: true);
+    }
+
+    /// <summary>A new descriptor (F_DUPFD_CLOEXEC) for the stream socket <paramref name="descriptor"/> is, as a Socket the caller owns.</summary>
+    /// <exception cref="NbdKernelException">fcntl(2) failed, or it is not an AF_UNIX stream socket.</exception>
+    public static Socket DuplicateStreamSocket(SafeHandle descriptor)
+    {
+        using SafeFileHandle copy = Duplicate(descriptor);
+        CheckStreamSocket(copy);
+        var socket = new Socket(new SafeSocketHandle(copy.DangerousGetHandle(), ownsHandle: true));
+        copy.SetHandleAsInvalid();
+        return socket;
+    }
+
+    private static void SetCloseOnExec(int fd)
+    {
         int flags = Libc.Fcntl(fd, SocketConstants.F_GETFD, 0);
         if (flags < 0 || Libc.Fcntl(fd, SocketConstants.F_SETFD, flags | SocketConstants.FD_CLOEXEC) < 0)
         {
-            throw new NbdKernelException(what, "fcntl(F_SETFD, FD_CLOEXEC)", Marshal.GetLastPInvokeError());
+            throw new NbdKernelException(Describe(fd), "fcntl(F_SETFD, FD_CLOEXEC)", Marshal.GetLastPInvokeError());
         }
+    }
 
+    private static void CheckStreamSocket(int fd)
+    {
+        string what = Describe(fd);
         int domain = ReadIntOption(fd, SocketConstants.SO_DOMAIN, what);
         int type = ReadIntOption(fd, SocketConstants.SO_TYPE, what);
         if (domain != SocketConstants.AF_UNIX || type != SocketConstants.SOCK_STREAM)
         {
             throw new NbdKernelException(what, "getsockopt(SO_DOMAIN, SO_TYPE)", Errno.ENOTSOCK, $"domain {domain}, type {type}: not an AF_UNIX stream socket");
         }
-
-        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
     }
+
+    private static string Describe(int fd) => "inherited descriptor " + fd.ToString(System.Globalization.CultureInfo.InvariantCulture);
 
     /// <summary>Closes an inherited descriptor nobody claimed. Never throws.</summary>
     public static void Close(int fd) => _ = Libc.Close(fd);

@@ -96,4 +96,22 @@ internal static partial class RelayLog
 
     [LoggerMessage(EventId = 116, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped")]
     public static partial void Resumed(ILogger logger, string mapping, string device);
+
+    [LoggerMessage(EventId = 136, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay resumed on the kernel's connection from its journal {Journal}, which the previous process left in systemd's file descriptor store: {Resent} requests it had not answered resent, {Finished} bytes of a reply it had cut off finished, {Answered} requests answered already")]
+    public static partial void ResumedJournaled(ILogger logger, string mapping, string device, string journal, int resent, long finished, int answered);
+
+    [LoggerMessage(EventId = 137, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay journal and both ends of the kernel's connection are in systemd's file descriptor store as {Journal}: should this process be killed, the next one carries the connection on")]
+    public static partial void JournalKept(ILogger logger, string mapping, string device, string journal);
+
+    [LoggerMessage(EventId = 138, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay keeps no journal ({Reason}); should this process be killed, the requests in flight wait for the driver's timeout")]
+    public static partial void JournalNotKept(ILogger logger, string mapping, string device, string reason);
+
+    [LoggerMessage(EventId = 139, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay journal {Journal} left by the previous process refused ({Reason}); the kernel's connection is ended and the driver resends its requests after its timeout")]
+    public static partial void JournalRefused(ILogger logger, string mapping, string device, string journal, string reason);
+
+    [LoggerMessage(EventId = 141, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay stopped between two requests with every reply delivered; its journal {Journal} stays in systemd's file descriptor store with both ends of the kernel's connection, for the next start to resume")]
+    public static partial void HandedOverJournaled(ILogger logger, string mapping, string device, string journal);
+
+    [LoggerMessage(EventId = 140, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay journal abandoned ({Reason}); the relay carries on, but should this process be killed, the requests in flight wait for the driver's timeout")]
+    public static partial void JournalAbandoned(ILogger logger, string mapping, string device, string reason);
 }

@@ -52,16 +52,19 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     }
 
     /// <summary>
-    /// A restart hands every relay connection of an <c>OnStop: Leave</c> netlink mapping to systemd's store, which closes
-    /// those beyond FileDescriptorStoreMax= (systemd 254+ says it in $FDSTORE): said once at start, not at the restart
-    /// that finds out.
+    /// Every relay connection of a netlink mapping keeps its journal in systemd's store, three descriptors each, for as
+    /// long as it serves (whatever OnStop says: a crash is no stop); the store takes no more than FileDescriptorStoreMax=
+    /// (systemd 254+ says it in $FDSTORE), and a connection without room keeps none: said once at start, not at the
+    /// crash that finds out. (A reconnect holds room for its new group while the old one leaves: one group's worth more
+    /// for a moment, which a connection that finds none only logs.)
     /// </summary>
     private void WarnIfTheStoreIsTooSmall(IReadOnlyList<MappingOptions> mappings, IFileDescriptorStore? store)
     {
-        int ends = mappings.Where(m => m.OnStop == StopAction.Leave && RelayingConnector.ResumablePrefix(m) is not null).Sum(m => m.Connections);
-        if (store is { CanStore: true, Capacity: int capacity } && ends > capacity)
+        int connections = mappings.Where(m => RelayingConnector.ResumablePrefix(m) is not null).Sum(m => m.Connections);
+        int descriptors = connections * RelayingConnector.JournalDescriptors;
+        if (store is { CanStore: true, Capacity: int capacity } && descriptors > capacity)
         {
-            SupervisorLog.StoreTooSmall(_logger, ends, capacity);
+            SupervisorLog.StoreTooSmall(_logger, connections, descriptors, RelayingConnector.JournalDescriptors, capacity);
         }
     }
 
@@ -180,6 +183,6 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
 
 internal static partial class SupervisorLog
 {
-    [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Ends} relay connections would be handed over at a restart (OnStop: Leave), but systemd's file descriptor store holds {Capacity} (FileDescriptorStoreMax=): those beyond it end at a restart and their devices get new connections; raise FileDescriptorStoreMax= in a drop-in")]
-    public static partial void StoreTooSmall(ILogger logger, int ends, int capacity);
+    [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Connections} relay connections keep their journals in systemd's file descriptor store ({Descriptors} descriptors, {Each} each), but it holds {Capacity} (FileDescriptorStoreMax=): those beyond it keep none, and a crash or restart of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in")]
+    public static partial void StoreTooSmall(ILogger logger, int connections, int descriptors, int each, int capacity);
 }

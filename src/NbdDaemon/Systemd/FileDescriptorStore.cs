@@ -1,5 +1,7 @@
 using System.Globalization;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
 using Nbd.Kernel;
 
 namespace NbdDaemon.Systemd;
@@ -28,15 +30,37 @@ internal interface IFileDescriptorStore
     /// <summary>What the store holds at most, for messages ("FDSTORE=128"); null when systemd did not say (before 254).</summary>
     int? Capacity { get; }
 
-    /// <summary>Gives systemd a descriptor for <paramref name="socket"/> under <paramref name="name"/>, in the room a <see cref="TryReserve"/> made.</summary>
+    /// <summary>Gives systemd a descriptor for <paramref name="descriptor"/> (a socket, a memfd) under <paramref name="name"/>, in the room a <see cref="TryReserve"/> made.</summary>
     /// <exception cref="NbdKernelException">The notification socket refused the datagram.</exception>
-    void Store(string name, Socket socket);
+    void Store(string name, SafeHandle descriptor);
 
     /// <summary>
-    /// An inherited descriptor whose name starts with <paramref name="prefix"/>, with its name, removed from systemd's
-    /// store before it is returned (so a later start never gets it again); null when there is none (left).
+    /// An inherited descriptor named <paramref name="prefix"/> + a suffix without '/' (a '/' marks a member of a group,
+    /// <see cref="TakeGroup"/>), with its name, removed from systemd's store before it is returned (so a later start never
+    /// gets it again); null when there is none (left).
     /// </summary>
     (string Name, Socket Socket)? Take(string prefix);
+
+    /// <summary>
+    /// The inherited descriptors of one group: named GROUP/MEMBER for each of <paramref name="members"/>, GROUP starting
+    /// with <paramref name="prefix"/> and without a '/' after it. They are returned in the order of
+    /// <paramref name="members"/>, close-on-exec and owned by the caller, and are left in systemd's store: a group is
+    /// what a successor needs should this process be killed while it uses them (the relay's journal); <see cref="Remove"/>
+    /// takes them out. Groups missing a member are left for <see cref="ReleaseUnclaimed"/>. Null when no group is whole.
+    /// </summary>
+    (string Group, SafeFileHandle[] Descriptors)? TakeGroup(string prefix, IReadOnlyList<string> members);
+
+    /// <summary>
+    /// Puts back, for a later <see cref="TakeGroup"/> in this process, a group <see cref="TakeGroup"/> returned and
+    /// nobody used: it never left systemd's store. Takes ownership of <paramref name="descriptors"/>; never throws.
+    /// </summary>
+    void ReturnGroup(string group, IReadOnlyList<string> members, SafeFileHandle[] descriptors);
+
+    /// <summary>
+    /// Takes <paramref name="name"/> out of systemd's store (FDSTOREREMOVE: every descriptor of that name) and frees
+    /// the room it held; false, with the reason logged, when the notification socket refused. Never throws.
+    /// </summary>
+    bool Remove(string name);
 
     /// <summary>
     /// Gives back a descriptor <see cref="Take"/> returned and nobody read from or wrote to: into systemd's store again
@@ -145,14 +169,14 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         return new SystemdFileDescriptorStore(NotifySocket.Usable(getVariable), capacity, inherited, logger);
     }
 
-    public void Store(string name, Socket socket)
+    public void Store(string name, SafeHandle descriptor)
     {
         if (!CanStore)
         {
             throw new InvalidOperationException(_notifySocket is null ? "not run by systemd (no NOTIFY_SOCKET)" : "the unit has no file descriptor store (FileDescriptorStoreMax=0)");
         }
 
-        UnixDescriptorPassing.Send(_notifySocket!, "FDSTORE=1\nFDNAME=" + name, socket.SafeHandle);
+        UnixDescriptorPassing.Send(_notifySocket!, "FDSTORE=1\nFDNAME=" + name, descriptor);
     }
 
     public (string Name, Socket Socket)? Take(string prefix)
@@ -162,7 +186,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
             Entry entry;
             lock (_lock)
             {
-                int index = _inherited.FindIndex(i => i.Name.StartsWith(prefix, StringComparison.Ordinal));
+                int index = _inherited.FindIndex(i => i.Name.StartsWith(prefix, StringComparison.Ordinal) && i.Name.IndexOf('/', prefix.Length) < 0);
                 if (index < 0)
                 {
                     return null;
@@ -180,7 +204,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
                 continue;
             }
 
-            if (entry.Socket is Socket givenBack)
+            if (entry.Owner is Socket givenBack)
             {
                 return (entry.Name, givenBack);
             }
@@ -197,6 +221,79 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         }
     }
 
+    public (string Group, SafeFileHandle[] Descriptors)? TakeGroup(string prefix, IReadOnlyList<string> members)
+    {
+        while (true)
+        {
+            List<Entry> group;
+            string name;
+            lock (_lock)
+            {
+                string? whole = _inherited.Select(i => GroupOf(i.Name, prefix)).OfType<string>()
+                    .FirstOrDefault(g => members.All(m => _inherited.Any(i => i.Name == g + "/" + m)));
+                if (whole is null)
+                {
+                    return null;
+                }
+
+                name = whole;
+                group = [.. members.Select(m => _inherited.First(i => i.Name == whole + "/" + m))];
+                _inherited.RemoveAll(group.Contains);
+            }
+
+            var taken = new List<SafeFileHandle>();
+            try
+            {
+                foreach (Entry entry in group)
+                {
+                    taken.Add(entry.Owner as SafeFileHandle ?? UnixDescriptorPassing.AdoptInherited(entry.Fd));
+                }
+
+                return (name, [.. taken]);
+            }
+            catch (NbdKernelException e)
+            {
+                // Not usable as a whole: out of the store, or every later start would stumble on it again.
+                SystemdLog.InheritedRefused(_logger, name, e.Message);
+                taken.ForEach(t => t.Dispose());
+                foreach (Entry entry in group.Skip(taken.Count))
+                {
+                    entry.Close();
+                }
+
+                foreach (Entry entry in group)
+                {
+                    Remove(entry.Name);
+                }
+            }
+        }
+    }
+
+    public void ReturnGroup(string group, IReadOnlyList<string> members, SafeFileHandle[] descriptors)
+    {
+        lock (_lock)
+        {
+            for (int i = 0; i < members.Count; i++)
+            {
+                _inherited.Add(new Entry(group + "/" + members[i], (int)descriptors[i].DangerousGetHandle(), descriptors[i]));
+            }
+        }
+    }
+
+    public bool Remove(string name) => TryRemoveFromStore(name);
+
+    /// <summary>GROUP when <paramref name="name"/> is GROUP/MEMBER with GROUP starting with <paramref name="prefix"/>; else null.</summary>
+    private static string? GroupOf(string name, string prefix)
+    {
+        if (!name.StartsWith(prefix, StringComparison.Ordinal))
+        {
+            return null;
+        }
+
+        int slash = name.IndexOf('/', prefix.Length);
+        return slash > prefix.Length && name.IndexOf('/', slash + 1) < 0 ? name[..slash] : null;
+    }
+
     public void GiveBack(string name, Socket socket)
     {
         // Into systemd's store first: from here on a stop leaves it to the next start. If that fails it is still kept
@@ -211,7 +308,7 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
             {
                 try
                 {
-                    Store(name, socket);
+                    Store(name, socket.SafeHandle);
                 }
                 catch (NbdKernelException e)
                 {
@@ -246,14 +343,17 @@ internal sealed class SystemdFileDescriptorStore : IFileDescriptorStore
         return [.. left.Select(l => l.Name)];
     }
 
-    /// <summary>A descriptor held for a <see cref="Take"/>: inherited (a bare descriptor), or given back (its socket).</summary>
-    private sealed record Entry(string Name, int Fd, Socket? Socket)
+    /// <summary>
+    /// A descriptor held for a <see cref="Take"/> or <see cref="TakeGroup"/>: inherited (a bare descriptor), or given back
+    /// (its owner: a socket, a group's handle).
+    /// </summary>
+    private sealed record Entry(string Name, int Fd, IDisposable? Owner)
     {
         public void Close()
         {
-            if (Socket is not null)
+            if (Owner is not null)
             {
-                Socket.Dispose();
+                Owner.Dispose();
             }
             else
             {

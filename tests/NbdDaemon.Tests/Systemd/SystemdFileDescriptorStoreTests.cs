@@ -63,7 +63,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         Assert.Equal(expected, store.CanStore);
         if (!expected)
         {
-            Assert.Throws<InvalidOperationException>(() => store.Store("x", new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified)));
+            Assert.Throws<InvalidOperationException>(() => store.Store("x", new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified).SafeHandle));
         }
     }
 
@@ -74,7 +74,7 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         (Socket kernel, Socket relayEnd) = Pair();
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), capacity: null, [], NullLogger.Instance);
 
-        store.Store("nbd-relay/fs/0", relayEnd);
+        store.Store("nbd-relay/fs/0", relayEnd.SafeHandle);
         relayEnd.Dispose();
 
         (string text, int[] fds) = Descriptors.Receive(systemd);
@@ -101,6 +101,48 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         Assert.Equal(1, taken.Receive(new byte[1]));
         Assert.Null(store.Take("nbd-relay/fs/"));
         Assert.Equal(["nbd-relay/fs2/0"], store.Inherited); // "fs2" is another mapping, not a longer "fs"
+    }
+
+    /// <summary>
+    /// A group (the relay's journal with both ends of the kernel's connection) is taken whole, in the members' order,
+    /// and stays in systemd's store while it is used: a successor of a process killed meanwhile needs it. Its members
+    /// are no ends of their own for <see cref="SystemdFileDescriptorStore.Take"/>.
+    /// </summary>
+    [Fact]
+    public void TakeGroup_WholeGroupInMembersOrderLeftInTheStore_ReturnedForTheNextTake_RemovedByName()
+    {
+        string[] members = ["relay-end", "kernel-end", "journal"];
+        using Socket systemd = Descriptors.BindDatagram(_dir.File("notify"));
+        (_, int relayFd) = Inherited();
+        (_, int kernelFd) = Inherited();
+        int journalFd = Descriptors.Dup(relayFd); // what the memfd is does not matter to the store
+        var store = new SystemdFileDescriptorStore(_dir.File("notify"), 10, [
+            ("nbd-relay/fs/journal-2/relay-end", -1), // a group without its other members
+            ("nbd-relay/fs/journal-1/journal", journalFd),
+            ("nbd-relay/fs/journal-1/relay-end", relayFd),
+            ("nbd-relay/fs/journal-1/kernel-end", kernelFd)], NullLogger.Instance);
+
+        Assert.Null(store.Take("nbd-relay/fs/"));
+        (string group, Microsoft.Win32.SafeHandles.SafeFileHandle[] taken) = Assert.NotNull(store.TakeGroup("nbd-relay/fs/", members));
+
+        Assert.Equal("nbd-relay/fs/journal-1", group);
+        Assert.Equal([relayFd, kernelFd, journalFd], taken.Select(t => (int)t.DangerousGetHandle()));
+        Assert.All(taken, t => Assert.True(Descriptors.IsCloseOnExec((int)t.DangerousGetHandle())));
+        Assert.Equal(0, systemd.Available); // no FDSTOREREMOVE
+        Assert.Null(store.TakeGroup("nbd-relay/fs/", members));
+        Assert.Equal(["nbd-relay/fs/journal-2/relay-end"], store.Inherited);
+
+        store.ReturnGroup(group, members, taken);
+        Assert.Equal(0, systemd.Available);
+        (_, Microsoft.Win32.SafeHandles.SafeFileHandle[] again) = Assert.NotNull(store.TakeGroup("nbd-relay/fs/", members));
+        Assert.Equal(relayFd, (int)again[0].DangerousGetHandle());
+
+        Assert.True(store.Remove(group + "/journal"));
+        Assert.Equal(("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/journal-1/journal", 0), Text(Descriptors.Receive(systemd)));
+        foreach (var handle in again)
+        {
+            handle.Dispose();
+        }
     }
 
     [Fact]

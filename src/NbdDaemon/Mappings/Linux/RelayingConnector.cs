@@ -1,5 +1,8 @@
 using System.Globalization;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using Microsoft.Win32.SafeHandles;
 using Nbd.Kernel;
 using Nbd.Protocol.Transmission;
 using NbdDaemon.Configuration;
@@ -19,6 +22,12 @@ namespace NbdDaemon.Mappings.Linux;
 /// (OnStop=Leave) each relay stops between two requests with every reply delivered and passes its end of the pair to
 /// systemd's file descriptor store (<see cref="INbdSession.HandOver"/>); the next process takes it back, connects to
 /// the server and relays on it from the next request (<see cref="INbdSession.Resumed"/>): the driver only sees a pause.
+/// A crash need not end it either. A netlink relay run by systemd with a file descriptor store keeps a journal
+/// (<see cref="RelayJournal"/>: the requests in flight and what of the replies went out, in a memfd) and stores it, with
+/// both ends of the kernel's connection, in systemd's store as a group ("nbd-relay/NAME/journal-ID/…") for as long as it
+/// serves: when the process is killed anywhere, the next one takes the group, finishes a reply the kill cut off and
+/// resends what the kernel still waits for (<see cref="NbdRelay.Journaled"/>). A stop that leaves the device then only
+/// quiesces the relay and keeps the group.
 /// </summary>
 internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory loggers, TimeProvider time, IFileDescriptorStore store) : INbdConnector
 {
@@ -27,6 +36,19 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
     /// <summary>How long a stop waits for a relay to reach a point where it can hand over (replies still owed).</summary>
     public static readonly TimeSpan HandOverLimit = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// The journal's ring: the kernel's requests until they are answered, writes with their data. A request larger than
+    /// that (max_sectors_kb raised above 8 MiB) abandons the journal: the relay carries on, a crash then costs the
+    /// driver's timeout. Pages of a memfd, so memory once touched: a wrap of the ring touches all of it.
+    /// </summary>
+    public const int JournalRingBytes = 8 << 20;
+
+    /// <summary>How many descriptors a relay connection's journal group holds in systemd's store.</summary>
+    public const int JournalDescriptors = 3;
+
+    /// <summary>The members of a journal group in systemd's store, in the order the store hands them back.</summary>
+    private static readonly string[] JournalMembers = ["relay-end", "kernel-end", "journal"];
 
     private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
     private readonly IFileDescriptorStore _store = store;
@@ -40,42 +62,187 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         }
 
         Socket? kernelEnd = null;
-        Socket relayEnd;
+        Socket? relayEnd = null;
         string? takenName = null;
+        JournalGroup? takenJournal = null;
+        RelayJournal? journal = null;
         try
         {
             // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
-            if (ResumablePrefix(mapping) is string prefix && _store.Take(prefix) is { } taken)
+            if (ResumablePrefix(mapping) is string prefix && TakeJournal(mapping, prefix) is { } group)
             {
+                takenJournal = group;
+            }
+            else if (ResumablePrefix(mapping) is string older && _store.Take(older) is { } taken)
+            {
+                // Handed over at a stop by a process that kept no journal.
                 (takenName, relayEnd) = taken;
             }
             else
             {
                 (kernelEnd, relayEnd) = NbdSocketPair.Create();
+                journal = CreateJournal(mapping);
             }
         }
         catch (NbdKernelException e)
         {
             first.Dispose();
+            kernelEnd?.Dispose();
+            relayEnd?.Dispose();
             throw new MappingException("could not create the relay's socket pair: " + e.Message, FailureKind.Transient, e);
         }
 
-        var session = new RelaySession(this, mapping, first, kernelEnd, relayEnd, takenName);
+        var session = takenJournal is not null
+            ? new RelaySession(this, mapping, first, takenJournal)
+            : new RelaySession(this, mapping, first, kernelEnd, relayEnd!, takenName, journal);
 
         // A resumed relay starts once the mapping adopted the device with it (Serves): until the export was checked
         // against the device, no request of the kernel's goes to this server, and the end can go back to the store
         // untouched should this attempt fail.
         if (!session.Resumed)
         {
-            session.Start();
+            try
+            {
+                session.Start();
+            }
+            catch (Exception e) when (e is InvalidDataException or SocketException or NbdKernelException or IOException)
+            {
+                session.Dispose();
+                throw new MappingException("could not start the relay's journal: " + e.Message, FailureKind.Transient, e);
+            }
         }
 
         return session;
     }
 
-    private NbdRelay CreateRelay(MappingOptions mapping, INbdSession first, Socket relayEnd, RelaySession session)
+    /// <summary>
+    /// A new journal for a connection of <paramref name="mapping"/>, with room reserved for its group in systemd's store;
+    /// null when the mapping cannot be resumed or is not run with a store, or when the store cannot take the group or
+    /// the memfd cannot be made (both said in the log: a crash then costs the driver's timeout).
+    /// </summary>
+    private RelayJournal? CreateJournal(MappingOptions mapping)
     {
-        var relay = new NbdRelay(relayEnd, first.Socket, new NbdRelayOptions
+        if (ResumablePrefix(mapping) is null || !_store.CanStore)
+        {
+            return null;
+        }
+
+        int reserved = 0;
+        while (reserved < JournalMembers.Length && _store.TryReserve())
+        {
+            reserved++;
+        }
+
+        if (reserved < JournalMembers.Length)
+        {
+            Unreserve(reserved);
+            RelayLog.JournalNotKept(_logger, mapping.Name, DeviceText(mapping, null), string.Create(CultureInfo.InvariantCulture,
+                $"systemd's file descriptor store is full (FileDescriptorStoreMax={_store.Capacity}; {JournalMembers.Length} per relay connection)"));
+            return null;
+        }
+
+        try
+        {
+            return RelayJournal.Create(JournalRingBytes);
+        }
+        catch (IOException e)
+        {
+            Unreserve(reserved);
+            RelayLog.JournalNotKept(_logger, mapping.Name, DeviceText(mapping, null), "its memfd could not be made: " + e.Message);
+            return null;
+        }
+    }
+
+    private void Unreserve(int count)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            _store.Unreserve();
+        }
+    }
+
+    /// <summary>
+    /// A journal group a killed (or stopped) predecessor left in systemd's store for <paramref name="mapping"/>, both
+    /// ends checked to be stream sockets; one that is not is taken out of the store and closed, with a log line.
+    /// </summary>
+    private JournalGroup? TakeJournal(MappingOptions mapping, string prefix)
+    {
+        while (_store.TakeGroup(prefix, JournalMembers) is { } taken)
+        {
+            var group = new JournalGroup(taken.Group, taken.Descriptors[0], taken.Descriptors[1], taken.Descriptors[2]);
+            try
+            {
+                UnixDescriptorPassing.CheckStreamSocket(group.RelayEnd);
+                UnixDescriptorPassing.CheckStreamSocket(group.KernelEnd);
+                return group;
+            }
+            catch (NbdKernelException e)
+            {
+                RelayLog.JournalRefused(_logger, mapping.Name, DeviceText(mapping, null), group.Name, e.Message);
+                RemoveJournal(group.Name);
+                group.Dispose();
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>Takes a journal group out of systemd's store (every member; the store logs a failure).</summary>
+    private void RemoveJournal(string group)
+    {
+        foreach (string member in JournalMembers)
+        {
+            _store.Remove(group + "/" + member);
+        }
+    }
+
+    /// <summary>
+    /// Puts a new journal's group into systemd's store, in the room <see cref="CreateJournal"/> reserved: from here on a
+    /// kill of this process leaves the next one all it needs to carry on. False, with the room given up and what was
+    /// stored taken out, when the store refused.
+    /// </summary>
+    private bool StoreJournal(MappingOptions mapping, string device, string group, Socket relayEnd, Socket kernelEnd, RelayJournal journal)
+    {
+        SafeHandle[] members = [relayEnd.SafeHandle, kernelEnd.SafeHandle, journal.File];
+        int stored = 0;
+        try
+        {
+            for (; stored < members.Length; stored++)
+            {
+                _store.Store(group + "/" + JournalMembers[stored], members[stored]);
+            }
+
+            RelayLog.JournalKept(_logger, mapping.Name, device, group);
+            return true;
+        }
+#pragma warning disable CA1031 // Not kept: logged, and the relay carries on without crash protection.
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            for (int i = 0; i < stored; i++)
+            {
+                _store.Remove(group + "/" + JournalMembers[i]);
+            }
+
+            Unreserve(members.Length - stored);
+            RelayLog.JournalNotKept(_logger, mapping.Name, device, "passing it to systemd failed: " + e.Message);
+            return false;
+        }
+    }
+
+    /// <summary>A new group's name: "nbd-relay/NAME/journal-" and 12 random hex digits, unique across restarts.</summary>
+    private static string NewJournalName(MappingOptions mapping) =>
+        DescriptorPrefix(mapping) + "journal-" + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6));
+
+    /// <summary>
+    /// The relay over <paramref name="relayEnd"/>; with <paramref name="journal"/> a journaled one (started, or recovered
+    /// when the journal comes from a predecessor), which owns <paramref name="driverEnd"/> and the journal too.
+    /// </summary>
+    /// <exception cref="InvalidDataException">The journal cannot be recovered from (everything given is disposed).</exception>
+    /// <exception cref="SocketException">Our end failed during the recovery (likewise).</exception>
+    private NbdRelay CreateRelay(MappingOptions mapping, INbdSession first, Socket relayEnd, RelaySession session, Socket? driverEnd = null, RelayJournal? journal = null)
+    {
+        NbdRelayOptions options = new()
         {
             Reconnect = ct => ReconnectAsync(mapping, first.Export, session, ct),
             // Ioctl allows Timeout 0 (the driver never times a request out): the relay still stops trying at some point.
@@ -85,7 +252,8 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             Events = e => Log(mapping, session.Device, e),
             Name = "nbd-relay " + mapping.Name,
             TimeProvider = time,
-        });
+        };
+        NbdRelay relay = journal is null ? new NbdRelay(relayEnd, first.Socket, options) : NbdRelay.Journaled(relayEnd, driverEnd!, journal, first.Socket, options);
         _ = relay.Completion.ContinueWith(t => Log(mapping, session.Device, t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         return relay;
     }
@@ -107,6 +275,38 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// </summary>
     public static string? ResumablePrefix(MappingOptions mapping) =>
         mapping.Relay && mapping.Interface == KernelInterface.Netlink ? DescriptorPrefix(mapping) : null;
+
+    /// <summary>
+    /// A journaled relay's hand-over: its group is in systemd's store already, so the relay only stops between two
+    /// requests with every reply delivered (a successor would recover from any other point too, but this one leaves it
+    /// nothing to resend). True when the group stays for the next start.
+    /// </summary>
+    private bool HandOverJournaled(MappingOptions mapping, RelaySession session, Socket kernelEnd, NbdRelay relay, string group)
+    {
+        string device = DeviceText(mapping, session.Device);
+        try
+        {
+            // While no process reads, the driver's sends block once the pair's buffer is full, and give the connection
+            // up after SO_SNDTIMEO (it set the request timeout there).
+            NbdSocketTimeout.Set(kernelEnd, MappingLoop.HandOverTimeout);
+        }
+        catch (NbdKernelException e)
+        {
+            RelayLog.NotHandedOver(_logger, e, mapping.Name, device, "the kernel's end refused SO_SNDTIMEO: " + e.Message);
+            return false;
+        }
+
+        if (relay.TryHandOver(HandOverLimit, _ => { }))
+        {
+            RelayLog.HandedOverJournaled(_logger, mapping.Name, device, group);
+            return true;
+        }
+
+        RelayLog.NotHandedOver(_logger, null, mapping.Name, device, relay.Completion.IsCompleted
+            ? "the relay had ended"
+            : string.Create(CultureInfo.InvariantCulture, $"{relay.InFlight} requests still unanswered after {HandOverLimit.TotalSeconds:0.###} s"));
+        return false;
+    }
 
     private void HandOver(MappingOptions mapping, RelaySession session, Socket? kernelEnd, NbdRelay relay, int slot)
     {
@@ -140,7 +340,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
 
             if (relay.TryHandOver(HandOverLimit, end =>
             {
-                _store.Store(name, end);
+                _store.Store(name, end.SafeHandle);
                 stored = true;
             }))
             {
@@ -215,6 +415,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             case NbdRelayReconnected back:
                 RelayLog.Reconnected(_logger, mapping.Name, device, back.Outage.TotalMilliseconds, back.Attempts, back.Resent);
                 break;
+            case NbdRelayJournalAbandoned abandoned:
+                RelayLog.JournalAbandoned(_logger, mapping.Name, device, abandoned.Reason);
+                break;
         }
     }
 
@@ -227,28 +430,101 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     }
 
     /// <summary>
+    /// A journal group taken from systemd's store: the relay's end and the kernel's end of the pair, and the journal's
+    /// memfd, owned until they go to a relay (as duplicates), back to the store, or are closed.
+    /// </summary>
+    private sealed record JournalGroup(string Name, SafeFileHandle RelayEnd, SafeFileHandle KernelEnd, SafeFileHandle Journal) : IDisposable
+    {
+        public SafeFileHandle[] Descriptors => [RelayEnd, KernelEnd, Journal];
+
+        public void Dispose()
+        {
+            RelayEnd.Dispose();
+            KernelEnd.Dispose();
+            Journal.Dispose();
+        }
+    }
+
+    /// <summary>A Socket over a descriptor someone else owns and closes (disposing it leaves the descriptor open).</summary>
+    private static Socket View(SafeHandle descriptor) => new(new SafeSocketHandle(descriptor.DangerousGetHandle(), ownsHandle: false));
+
+    /// <summary>
     /// The session MappingLoop sees: its socket is the kernel's end of the pair; disposing it stops the relay and closes
     /// every server connection the relay used.
-    /// A resumed session has no kernel end (the kernel holds the only one): its socket is the relay's end, which shows
-    /// the connection's end to a watch just as well, and shutting it down ends the kernel's connection the same way.
+    /// A resumed session has no kernel end to offer (the kernel holds it already): its socket is the relay's end, which
+    /// shows the connection's end to a watch just as well, and shutting it down ends the kernel's connection the same way.
+    /// A journaled session has its group in systemd's store while it relays (a new one from <see cref="Serves"/>, a
+    /// resumed one from the start) and takes it out when it ends, unless a stop handed it over.
     /// </summary>
-    private sealed class RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, Socket? kernelEnd, Socket relayEnd, string? takenName) : INbdSession
+    private sealed class RelaySession : INbdSession
     {
         private readonly Lock _lock = new();
-        private readonly List<INbdSession> _connections = [first];
+        private readonly List<INbdSession> _connections;
+        private readonly RelayingConnector _owner;
+        private readonly MappingOptions _mapping;
+        private readonly INbdSession _first;
+        private readonly Socket? _kernelEnd;
+        private readonly Socket _relayEnd;
+        private readonly string? _takenName;
+
+        /// <summary>A resumed journal's group (its relay works on duplicates); null otherwise.</summary>
+        private readonly JournalGroup? _taken;
+
+        /// <summary>The kernel's end of a resumed journal's group, for its socket options (not owned).</summary>
+        private readonly Socket? _takenKernelView;
+
+        /// <summary>A new session's journal: the relay owns it once started; kept here for its memfd.</summary>
+        private readonly RelayJournal? _journal;
+
+        /// <summary>A new journal's room in systemd's store, reserved and not used (by <see cref="Serves"/>) yet.</summary>
+        private bool _roomReserved;
+
+        /// <summary>The group in systemd's store this session takes out when it ends; null when there is none (left).</summary>
+        private string? _group;
+
+        /// <summary>A stop handed the group over: it stays in the store.</summary>
+        private bool _kept;
+
         private NbdRelay? _relay;
         private bool _disposed;
         private string? _device;
         private bool _ending;
         private volatile bool _shutDown;
 
-        public ExportDescription Export => first.Export;
+        /// <summary>A new pair (<paramref name="kernelEnd"/> set, <paramref name="journal"/> when the store has room for it), or an end handed over without a journal.</summary>
+        public RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, Socket? kernelEnd, Socket relayEnd, string? takenName, RelayJournal? journal)
+        {
+            _owner = owner;
+            _mapping = mapping;
+            _first = first;
+            _connections = [first];
+            _kernelEnd = kernelEnd;
+            _relayEnd = relayEnd;
+            _takenName = takenName;
+            _journal = journal;
+            _roomReserved = journal is not null;
+        }
 
-        public Socket Socket => kernelEnd ?? relayEnd;
+        /// <summary>A journal group a predecessor left in systemd's store.</summary>
+        public RelaySession(RelayingConnector owner, MappingOptions mapping, INbdSession first, JournalGroup taken)
+        {
+            _owner = owner;
+            _mapping = mapping;
+            _first = first;
+            _connections = [first];
+            _taken = taken;
+            _group = taken.Name;
+            _relayEnd = View(taken.RelayEnd);
+            _takenKernelView = View(taken.KernelEnd);
+        }
 
-        public bool Resumed => kernelEnd is null;
+        public ExportDescription Export => _first.Export;
 
-        public bool CanHandOver => Volatile.Read(ref _relay) is { Completion.IsCompleted: false } && owner._store.CanStore;
+        public Socket Socket => _kernelEnd ?? _relayEnd;
+
+        public bool Resumed => _kernelEnd is null;
+
+        public bool CanHandOver => Volatile.Read(ref _relay) is { Completion.IsCompleted: false } && _owner._store.CanStore;
 
         /// <summary>The device for the relay's log lines; null until the mapping serves.</summary>
         public string? Device => Volatile.Read(ref _device);
@@ -256,13 +532,72 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         public void Serves(string device)
         {
             Volatile.Write(ref _device, device);
-            if (Resumed && Start())
+            if (_taken is not null)
             {
-                RelayLog.Resumed(owner._logger, mapping.Name, device);
+                ResumeJournaled(device);
+            }
+            else if (Resumed && Start())
+            {
+                RelayLog.Resumed(_owner._logger, _mapping.Name, device);
+            }
+            else if (!Resumed)
+            {
+                KeepJournal(device);
+            }
+        }
+
+        /// <summary>
+        /// A resumed journal's relay: recovers from where the predecessor stopped or was killed. A journal it cannot
+        /// recover from ends the kernel's connection (the driver resends after its timeout) and leaves the store.
+        /// </summary>
+        private void ResumeJournaled(string device)
+        {
+            try
+            {
+                if (Start() && Volatile.Read(ref _relay)?.Recovered is { } recovered)
+                {
+                    RelayLog.ResumedJournaled(_owner._logger, _mapping.Name, device, _taken!.Name, recovered.Pending, recovered.Finished, recovered.Delivered);
+                }
+            }
+            catch (Exception e) when (e is InvalidDataException or SocketException or NbdKernelException or IOException)
+            {
+                RelayLog.JournalRefused(_owner._logger, _mapping.Name, device, _taken!.Name, e.Message);
+                Shutdown();
+                lock (_lock)
+                {
+                    if (_group is not null)
+                    {
+                        _owner.RemoveJournal(_group);
+                        _group = null;
+                    }
+                }
+            }
+        }
+
+        /// <summary>
+        /// A new journal's group into systemd's store, once the kernel took the pair's end (a group whose end the kernel
+        /// never took would make the next start carry on a connection no device uses).
+        /// </summary>
+        private void KeepJournal(string device)
+        {
+            lock (_lock)
+            {
+                if (!_roomReserved || _ending || _journal is null || _relay is not { Completion.IsCompleted: false })
+                {
+                    return;
+                }
+
+                _roomReserved = false;
+                string group = NewJournalName(_mapping);
+                if (_owner.StoreJournal(_mapping, device, group, _relayEnd, _kernelEnd!, _journal))
+                {
+                    _group = group;
+                }
             }
         }
 
         /// <summary>Creates and starts the relay over the session's end; false when it was started already.</summary>
+        /// <exception cref="InvalidDataException">A journal the relay cannot go on from (everything it was given is disposed).</exception>
         public bool Start()
         {
             NbdRelay relay;
@@ -273,7 +608,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                     return false;
                 }
 
-                relay = owner.CreateRelay(mapping, first, relayEnd, this);
+                relay = _taken is { } taken ? StartFrom(taken)
+                    : _journal is { } journal ? _owner.CreateRelay(_mapping, _first, _relayEnd, this, UnixDescriptorPassing.DuplicateStreamSocket(_kernelEnd!.SafeHandle), journal)
+                    : _owner.CreateRelay(_mapping, _first, _relayEnd, this);
                 _relay = relay;
 
                 // Under the lock, so that a Dispose never meets a relay created but not started (it would not wait
@@ -284,11 +621,52 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             return true;
         }
 
+        /// <summary>A journaled relay over duplicates of <paramref name="taken"/> (the group stays as it is for the store).</summary>
+        private NbdRelay StartFrom(JournalGroup taken)
+        {
+            Socket? relayEnd = null;
+            Socket? kernelEnd = null;
+            try
+            {
+                relayEnd = UnixDescriptorPassing.DuplicateStreamSocket(taken.RelayEnd);
+                kernelEnd = UnixDescriptorPassing.DuplicateStreamSocket(taken.KernelEnd);
+                RelayJournal journal = RelayJournal.Open(UnixDescriptorPassing.Duplicate(taken.Journal));
+                return _owner.CreateRelay(_mapping, _first, relayEnd, this, kernelEnd, journal);
+            }
+            catch
+            {
+                // Journaled disposes what it was given itself; disposing again does no harm.
+                relayEnd?.Dispose();
+                kernelEnd?.Dispose();
+                throw;
+            }
+        }
+
         public void HandOver(int slot)
         {
-            if (Volatile.Read(ref _relay) is { } relay)
+            NbdRelay? relay = Volatile.Read(ref _relay);
+            string? group;
+            lock (_lock)
             {
-                owner.HandOver(mapping, this, kernelEnd, relay, slot);
+                group = _group;
+            }
+
+            if (relay is null)
+            {
+                return;
+            }
+
+            if (group is not null)
+            {
+                bool kept = _owner.HandOverJournaled(_mapping, this, _kernelEnd ?? _takenKernelView!, relay, group);
+                lock (_lock)
+                {
+                    _kept = kept;
+                }
+            }
+            else
+            {
+                _owner.HandOver(_mapping, this, _kernelEnd, relay, slot);
             }
         }
 
@@ -344,31 +722,70 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             // Not under the lock while the relay stops: its reconnect thread may be waiting for it in Adopt.
             NbdRelay? relay;
             bool first;
+            string? group;
             lock (_lock)
             {
                 first = !_ending;
                 _ending = true;
                 relay = _relay;
+                group = _kept ? null : _group;
+                _group = null;
+            }
+
+            if (!first)
+            {
+                return;
+            }
+
+            if (_roomReserved)
+            {
+                _roomReserved = false;
+                _owner.Unreserve(JournalMembers.Length);
+            }
+
+            // A group never relayed on goes back untouched (unless Shutdown ended the kernel's connection); any other
+            // leaves the store before the relay's end is shut down, so that no later start takes up a dead connection.
+            bool returned = relay is null && _taken is not null && group is not null && !_shutDown;
+            if (group is not null && !returned)
+            {
+                _owner.RemoveJournal(group);
             }
 
             if (relay is not null)
             {
-                relay.Dispose(); // closes our end too
+                relay.Dispose(); // closes our end too (a resumed journal's relay: its duplicates)
             }
-            else if (first)
+            else if (_taken is null)
             {
                 // Never relayed on. A taken end goes back untouched, unless Shutdown ended the kernel's connection.
-                if (takenName is not null && !_shutDown)
+                if (_takenName is not null && !_shutDown)
                 {
-                    owner.GiveBack(mapping, Device, takenName, relayEnd);
+                    _owner.GiveBack(_mapping, Device, _takenName, _relayEnd);
                 }
                 else
                 {
-                    relayEnd.Dispose();
+                    _relayEnd.Dispose();
+                }
+
+                _journal?.Dispose(); // never given to a relay
+            }
+
+            if (_taken is not null)
+            {
+                _relayEnd.Dispose(); // views: the descriptors are the group's
+                _takenKernelView!.Dispose();
+                if (returned)
+                {
+                    _owner._store.ReturnGroup(_taken.Name, JournalMembers, _taken.Descriptors);
+                    RelayLog.GivenBack(_owner._logger, _mapping.Name, DeviceText(_mapping, Device), _taken.Name);
+                }
+                else
+                {
+                    _taken.Dispose();
                 }
             }
 
-            kernelEnd?.Dispose();
+            _kernelEnd?.Dispose();
             List<INbdSession> connections;
             lock (_lock)
             {

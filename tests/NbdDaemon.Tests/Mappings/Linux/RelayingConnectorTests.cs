@@ -213,10 +213,11 @@ public sealed class RelayingConnectorTests : IDisposable
     }
 
     [Fact]
-    public async Task HandOver_NextProcessTakesItBack_KernelsConnectionNeverEndsAndItsQueuedRequestIsAnswered()
+    public async Task HandOver_StoreTooSmallForAJournal_TheEndAloneGoesOverAndTheNextProcessTakesItBack()
     {
+        // Room for 2 descriptors: not for a journal's group of 3, but for the end a stop hands over without one.
         await StartServerAsync(DiskSize);
-        using var store = new FakeFileDescriptorStore();
+        using var store = new FakeFileDescriptorStore(capacity: 2);
         var logs = new ListLogger();
         MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
         INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
@@ -226,6 +227,7 @@ public sealed class RelayingConnectorTests : IDisposable
         Write(kernel, 1, 16384, data);
         first.Serves("/dev/nbd5");
 
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == "Mapping data on /dev/nbd3: relay keeps no journal (systemd's file descriptor store is full (FileDescriptorStoreMax=2; 3 per relay connection)); should this process be killed, the requests in flight wait for the driver's timeout");
         first.HandOver(0);
         first.Dispose();
 
@@ -245,6 +247,166 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Equal(data, ReceiveReply(kernel, 2, 4096));
         Assert.Equal(data, Read(kernel, 3, 16384, 4096));
         Assert.Contains(logs.Entries, e => e.Message == "Mapping data on /dev/nbd5: relay resumed on the kernel's connection handed over by the previous process; the kernel's requests carry on from where it stopped");
+    }
+
+    /// <summary>
+    /// A netlink relay run with a store keeps its journal there, with both ends of the kernel's connection, from the
+    /// moment the kernel took its end (Serves) until the session ends; the room is held from the connect on.
+    /// </summary>
+    [Fact]
+    public async Task Journal_InTheStoreWhileTheSessionServes_TakenOutWhenItEnds()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore(capacity: 3);
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink };
+        INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(session.Socket);
+        Assert.Empty(store.Names);
+        Assert.Equal(3, store.Reserved);
+
+        session.Serves("/dev/nbd5");
+
+        string group = JournalGroup(store);
+        Assert.Equal([group + "/relay-end", group + "/kernel-end", group + "/journal"], store.Names);
+        Assert.Equal(0, store.Reserved);
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Information && e.Message == $"Mapping data on /dev/nbd5: relay journal and both ends of the kernel's connection are in systemd's file descriptor store as {group}: should this process be killed, the next one carries the connection on");
+        using (var journal = Nbd.Protocol.Transmission.RelayJournal.Open(store.Inherit(group + "/journal")))
+        {
+            Assert.Equal(Nbd.Protocol.Transmission.JournalState.Armed, journal.State);
+            Assert.Equal(RelayingConnector.JournalRingBytes, journal.RingCapacity);
+        }
+
+        // The stored kernel end is the kernel's connection: a request sent on it is answered on it.
+        using (var storedKernel = new Socket(new SafeSocketHandle(store.Inherit(group + "/kernel-end").DangerousGetHandle(), ownsHandle: true)))
+        {
+            byte[] data = Pattern(4096, 3);
+            Write(storedKernel, 1, 4096, data);
+            Assert.Equal(data, Read(kernel, 2, 4096, 4096));
+        }
+
+        session.Dispose();
+
+        Assert.Empty(store.Names);
+        Assert.Equal(0, store.Reserved);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
+    /// <summary>
+    /// A stop that leaves the device only quiesces a journaled relay: the group stays in the store, and the next process
+    /// takes it, leaves it there while it relays, and carries on with the request the kernel sent meanwhile.
+    /// </summary>
+    [Fact]
+    public async Task Journal_HandOver_GroupStaysAndTheNextProcessResumesFromIt()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(first.Socket);
+        first.Serves("/dev/nbd5");
+        byte[] data = Pattern(4096, 11);
+        Write(kernel, 1, 16384, data);
+        string group = JournalGroup(store);
+
+        first.HandOver(0);
+        first.Dispose();
+
+        Assert.Equal(3, store.Names.Count);
+        Assert.Contains(logs.Entries, e => e.Message == $"Mapping data on /dev/nbd5: relay stopped between two requests with every reply delivered; its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection, for the next start to resume");
+        await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
+
+        Send(kernel, Request(0, 2, 16384, 4096));
+        INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(next.Resumed);
+        Assert.Equal(3, store.Names.Count);
+        await Task.Delay(300);
+        Assert.Equal(0, kernel.Available); // nothing relayed before the mapping adopted the device with it
+
+        next.Serves("/dev/nbd5");
+        Assert.Equal(data, ReceiveReply(kernel, 2, 4096));
+        Assert.Equal(data, Read(kernel, 3, 16384, 4096));
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith($"Mapping data on /dev/nbd5: relay resumed on the kernel's connection from its journal {group}, which the previous process left in systemd's file descriptor store: 0 requests it had not answered resent, 0 bytes of a reply it had cut off finished", StringComparison.Ordinal));
+
+        next.Dispose();
+        Assert.Empty(store.Names);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
+    /// <summary>An attempt that took a group and failed before the mapping served leaves it for the next attempt.</summary>
+    [Fact]
+    public async Task ResumedJournal_DisposedBeforeItServed_GroupLeftForTheNextAttempt()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(first.Socket);
+        first.Serves("/dev/nbd5");
+        string group = JournalGroup(store);
+        first.HandOver(0);
+        first.Dispose();
+        byte[] data = Pattern(4096, 7);
+        Send(kernel, [.. Request(1, 1, 8192, 4096), .. data]); // a write sent while no process relays
+
+        INbdSession attempt = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(attempt.Resumed);
+        Assert.Null(store.TakeGroup("nbd-relay/data/", ["relay-end", "kernel-end", "journal"])); // lent to the attempt
+        attempt.Dispose();
+
+        Assert.Equal(3, store.Names.Count);
+        Assert.Contains(logs.Entries, e => e.Message == $"Mapping data on /dev/nbd3: relay end handed over by the previous process not used by this attempt: given back untouched, as {group}, for the next attempt or start");
+        Assert.Equal(0, kernel.Available);
+
+        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(next.Resumed);
+        next.Serves("/dev/nbd5");
+        ReceiveReply(kernel, 1, 0);
+        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+    }
+
+    /// <summary>
+    /// A group whose journal is none (here: a file too short for its header) is refused with the reason: the kernel's
+    /// connection ends (the driver resends after its timeout; the mapping reconnects) and the group leaves the store.
+    /// </summary>
+    [Fact]
+    public async Task ResumedJournal_NotAJournal_RefusedTheKernelsConnectionEndsAndTheGroupLeavesTheStore()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink };
+        (Socket kernelEnd, Socket relayEnd) = Nbd.Kernel.NbdSocketPair.Create();
+        using Socket kernel = kernelEnd;
+        File.WriteAllBytes(_dir.File("junk"), new byte[100]);
+        using (relayEnd)
+        using (Microsoft.Win32.SafeHandles.SafeFileHandle junk = File.OpenHandle(_dir.File("junk")))
+        {
+            store.Store("nbd-relay/data/journal-1/relay-end", relayEnd);
+            store.Store("nbd-relay/data/journal-1/kernel-end", kernel);
+            store.Store("nbd-relay/data/journal-1/journal", junk);
+        }
+
+        using INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(session.Resumed);
+        session.Serves("/dev/nbd5");
+
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == "Mapping data on /dev/nbd5: relay journal nbd-relay/data/journal-1 left by the previous process refused (the relay journal is 100 bytes, less than its header); the kernel's connection is ended and the driver resends its requests after its timeout");
+        Assert.Empty(store.Names);
+        kernel.ReceiveTimeout = 5000;
+        Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
+    /// <summary>The one journal group in <paramref name="store"/>: "nbd-relay/data/journal-" and 12 hex digits.</summary>
+    private static string JournalGroup(FakeFileDescriptorStore store)
+    {
+        string group = Assert.Single(store.Names.Select(n => n[..n.LastIndexOf('/')]).Distinct());
+        Assert.Matches("^nbd-relay/data/journal-[0-9a-f]{12}$", group);
+        return group;
     }
 
     /// <summary>

@@ -15,11 +15,12 @@
 #                 sha256sum -c of the manifest after a read-only remount
 #   rs_stop_*     unmounted, configuration without OnStop (default Disconnect), restart (adopts), `systemctl stop`:
 #                 the device is freed
-#   rs_relay_*    the same mapping with Relay: true, Connections: 2 and OnStop=Leave, ext4 mounted again with a
-#                 writer: two `systemctl restart`s, each of the two relays handing its end of the kernel's connection
-#                 to systemd's file descriptor store and the next process resuming on both; then `systemctl kill -s
-#                 KILL` (rs_relay_kill_*: nothing handed over, the next process adopts with new connections); the
-#                 writer, kernel log, e2fsck and checksums
+#   rs_relay_*    the same mapping with Relay: true, Connections: 2, OnStop=Leave and Timeout 30 s, ext4 mounted again
+#                 with a writer: each relay keeps its journal and both ends of its kernel connection in systemd's file
+#                 descriptor store (3 descriptors each); two `systemctl restart`s, each relay stopping between two
+#                 requests and the next process resuming on both groups; then `systemctl kill -s KILL` under the writer
+#                 (rs_relay_kill_*: the next process takes both groups and recovers from the journals: no new
+#                 connection, a stall of the restart); the writer, kernel log, e2fsck and checksums
 #   rs_relay_down_*  nbdkit SIGKILLed between the stopping and the new process of a `systemctl restart`, back once the
 #                 new process was refused: the handed-over ends are kept until the mapping serves again, and resumed
 #   rs_relay_partial_*  likewise, but nbdkit back taking one connection at a time for a while: each attempt takes an
@@ -104,13 +105,15 @@ start_kit() {
 start_kit && r server up || { r server down; cat /tmp/nbdkit.log; }
 
 write_config() { # ONSTOP (Leave, or "" for the default) [relay]
-    local onstop=""
+    local onstop="" timeout="00:00:05"
     [ -n "$1" ] && onstop=", \"OnStop\": \"$1\""
-    [ "${2:-}" = relay ] && onstop="$onstop, \"Relay\": true, \"Connections\": 2"
+    # A relay's journal carries the kernel's connection across a crash only if its requests outlast the restart
+    # (RestartSec=1 plus the start, seconds under TCG): the driver's timeout handler would end the connection first.
+    [ "${2:-}" = relay ] && onstop="$onstop, \"Relay\": true, \"Connections\": 2" && timeout="00:00:30"
     cat >"$CONF" <<EOF
 { "Nbd": { "Mappings": [
   { "Name": "fs", "Uri": "nbd://127.0.0.1:10809/fs", "Device": "/dev/nbd0", "Interface": "Netlink",
-    "Timeout": "00:00:05", "Reconnect": { "InitialDelay": "00:00:00.250", "MaxDelay": "00:00:01" }$onstop }
+    "Timeout": "$timeout", "Reconnect": { "InitialDelay": "00:00:00.250", "MaxDelay": "00:00:01" }$onstop }
 ] } }
 EOF
 }
@@ -281,7 +284,7 @@ for i in 1 2; do
     NEXT=$(prop nbd-daemon MainPID)
     read -r ms rc < <(probe); r "relay_restart${i}_probe_rc" "$rc"
     r "relay_restart${i}_stall_ms" "$(stall "$t0" "$(now_ms)")"
-    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
+    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "its journal nbd-relay/fs/journal-[0-9a-f]* stays in systemd's file descriptor store")"
     r "relay_restart${i}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
     r "relay_restart${i}_carried_on" "$(jcount "$NEXT" 'carrying on with 2 relay connections')"
     r "relay_restart${i}_reconfigure" "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
@@ -290,7 +293,7 @@ for i in 1 2; do
     PREV=$NEXT
     sleep 3
 done
-# The kernel log of the two restarts alone: the SIGKILL below ends the kernel's connection on purpose.
+# The kernel log of the two restarts alone (the SIGKILL below has its own).
 dmesg >/tmp/kmsg-relay
 r relay_kernel_nbd_lines "$(grep -c 'nbd0' /tmp/kmsg-relay)"
 r relay_kernel_io_errors "$(grep -c 'I/O error' /tmp/kmsg-relay)"
@@ -346,7 +349,7 @@ server_back() {
     read -r ms rc < <(probe); r "$1_probe_rc" "$rc"
     sleep 2
     r "$1_stall_after_back_ms" "$(stall_after "$t_back")"
-    r "$1_handed_over" "$(jcount "$PREV" "went to systemd's file descriptor store as nbd-relay/fs/[01],")"
+    r "$1_handed_over" "$(jcount "$PREV" "its journal nbd-relay/fs/journal-[0-9a-f]* stays in systemd's file descriptor store")"
     r "$1_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
     # The store logs without a MAPPING field: every entry of the process.
     r "$1_unclaimed" "$(journalctl --no-pager -o cat -u nbd-daemon "_PID=$NEXT" 2>/dev/null | grep -c 'claimed by no mapping')"
@@ -379,15 +382,19 @@ kill -KILL "$KIT" 2>/dev/null; wait "$KIT" 2>/dev/null
 server_back relay_partial "server one connection at a time"
 sleep 3
 
-# (5b) the relay mapping SIGKILLed under the writer: nothing is handed over, the relay's end closes with the process,
-# the driver sees a dead connection; Restart= brings the daemon back after RestartSec and it adopts the device with new
-# connections (RECONFIGURE). Requests in flight wait for their Timeout (the driver resends only from its timeout handler).
+# (5b) the relay mapping SIGKILLed under the writer: each relay's journal is in systemd's file descriptor store with both
+# ends of its kernel connection all along, so the connections live on; Restart= brings the daemon back after RestartSec,
+# it takes both groups, adopts the device with them (no RECONFIGURE) and resumes: it finishes a reply the kill cut off and
+# resends the requests not answered. The writer's stall is the restart (without the journal: the restart plus the rest of
+# Timeout, 30 s here).
 t0=$(now_ms)
 sigkill relay_kill "$PREV"
 NEXT=$NEW_PID
 read -r ms rc < <(probe); r relay_kill_probe_rc "$rc"; r relay_kill_probe_ms "$ms"
 r relay_kill_stall_ms "$(stall "$t0" "$(now_ms)")"
 r relay_kill_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
+r relay_kill_resent "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.*store: \([0-9]*\) requests it had not answered resent.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
+r relay_kill_refused "$(jcount "$NEXT" 'left by the previous process refused')"
 r relay_kill_reconfigure "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
 r relay_kill_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
 sleep 3
