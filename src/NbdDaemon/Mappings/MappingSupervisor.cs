@@ -41,6 +41,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         _loops = [.. mappings.Select(m => new MappingLoop(m, connector, kernel, time, loopLogger, unitRandom, claims))];
         _stopping = [.. _loops.Select(_ => new CancellationTokenSource())];
         WarnIfTheStoreIsTooSmall(mappings, store);
+        WarnIfATimeoutIsShorterThanARestart(mappings, store);
         foreach (MappingLoop loop in _loops)
         {
             loop.StateChanged += (_, _) => StatusChanged?.Invoke();
@@ -67,6 +68,30 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
             SupervisorLog.StoreTooSmall(_logger, connections, descriptors, RelayingConnector.JournalDescriptors, capacity);
         }
     }
+
+    /// <summary>
+    /// A relay's journal carries the kernel's connection across a crash only if the requests in flight outlast the
+    /// restart: the driver's timeout handler ends a connection whose request timed out (on a netlink device it marks the
+    /// socket dead and shuts it down), and the next process then finds a dead connection in the journal's group.
+    /// systemd does not tell a service its RestartSec=; the unit's 1 s plus a start of a few seconds (more under load or
+    /// emulation) is what <see cref="CrashRestartAllowance"/> allows for.
+    /// </summary>
+    private void WarnIfATimeoutIsShorterThanARestart(IReadOnlyList<MappingOptions> mappings, IFileDescriptorStore? store)
+    {
+        if (store is not { CanStore: true })
+        {
+            return;
+        }
+
+        foreach (MappingOptions mapping in mappings.Where(m => RelayingConnector.ResumablePrefix(m) is not null
+                     && m.Timeout > TimeSpan.Zero && m.Timeout < CrashRestartAllowance))
+        {
+            SupervisorLog.TimeoutShorterThanARestart(_logger, mapping.Name, mapping.Timeout.TotalSeconds, CrashRestartAllowance.TotalSeconds);
+        }
+    }
+
+    /// <summary>The least request Timeout a relay mapping's crash restart is assumed to fit in (RestartSec=1 plus the start).</summary>
+    public static readonly TimeSpan CrashRestartAllowance = TimeSpan.FromSeconds(10);
 
     /// <summary>Raised after any mapping changed state (from that mapping's flow).</summary>
     public event Action? StatusChanged;
@@ -185,4 +210,7 @@ internal static partial class SupervisorLog
 {
     [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Connections} relay connections keep their journals in systemd's file descriptor store ({Descriptors} descriptors, {Each} each), but it holds {Capacity} (FileDescriptorStoreMax=): those beyond it keep none, and a crash or restart of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in")]
     public static partial void StoreTooSmall(ILogger logger, int connections, int descriptors, int each, int capacity);
+
+    [LoggerMessage(EventId = 142, Level = LogLevel.Warning, Message = "Mapping {Mapping}: Timeout {TimeoutSeconds:0.###} s may be shorter than a crash restart of the daemon (the unit's RestartSec= plus the start; {AllowanceSeconds:0} s allowed for): the driver would end the relay's connection before the next process carries it on from its journal, and the requests in flight would wait for a new one; raise Timeout")]
+    public static partial void TimeoutShorterThanARestart(ILogger logger, string mapping, double timeoutSeconds, double allowanceSeconds);
 }

@@ -195,6 +195,36 @@ public sealed class MappingSupervisorTests
     }
 
     [Theory]
+    [InlineData(5, true, true)]
+    [InlineData(9.9, true, true)]
+    [InlineData(10, true, false)]
+    [InlineData(5, false, false)] // no store: no journal to carry across a crash
+    public void Constructor_RelayTimeoutShorterThanARestart_Warned(double timeoutSeconds, bool canStore, bool warned)
+    {
+        using var store = new FakeFileDescriptorStore(canStore);
+        var logs = new ListLogger();
+        TimeSpan timeout = TimeSpan.FromSeconds(timeoutSeconds);
+        MappingOptions[] mappings =
+        [
+            TestMappings.Create("fs", KernelInterface.Netlink, device: "/dev/nbd0", timeout: timeout) with { Relay = true },
+            TestMappings.Create("direct", KernelInterface.Netlink, device: "/dev/nbd1", timeout: timeout), // no relay: nothing to carry
+            TestMappings.Create("old", KernelInterface.Ioctl, device: "/dev/nbd2", timeout: timeout) with { Relay = true }, // dies with the process
+        ];
+
+        using var supervisor = new MappingSupervisor(mappings, new FakeConnector(), new FakeKernel(), new FakeTimeProvider(), logs, () => 0.0, store);
+
+        string[] lines = [.. logs.Entries.Where(e => e.Message.Contains("crash restart", StringComparison.Ordinal)).Select(e => e.Message)];
+        if (warned)
+        {
+            Assert.Equal([$"Mapping fs: Timeout {timeoutSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture)} s may be shorter than a crash restart of the daemon (the unit's RestartSec= plus the start; 10 s allowed for): the driver would end the relay's connection before the next process carries it on from its journal, and the requests in flight would wait for a new one; raise Timeout"], lines);
+        }
+        else
+        {
+            Assert.Empty(lines);
+        }
+    }
+
+    [Theory]
     [InlineData(12, false)]
     [InlineData(11, true)]
     [InlineData(null, false)] // systemd before 254 does not say

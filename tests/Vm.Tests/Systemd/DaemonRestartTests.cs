@@ -301,19 +301,32 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
     /// finished, the requests not answered are resent. The writer waits for the restart only; without the journal it
     /// waited for the rest of the mapping's Timeout too (30 s here).
     /// </summary>
-    [Fact]
-    public void Relay_Sigkill_NextProcessRecoversFromTheJournalsAndTheStallIsTheRestart()
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    public void Relay_Sigkill_NextProcessRecoversFromTheJournalsAndTheStallIsTheRestart(int kill)
     {
-        AssertRestartedAfterSigkill("relay_kill_");
-        long back = vm.Number("relay_kill_back_ms");
-        long stall = vm.Number("relay_kill_stall_ms");
-        output.WriteLine($"{vm.Value("relay_kill_resent")} requests resent from the journals; {vm.Value("relay_kill_kernel_nbd_lines")} nbd0 lines in the kernel log");
-        Assert.Equal(0, vm.Number("relay_kill_refused"));
-        Assert.True(vm.Number("relay_kill_resumed") == 2, $"the restarted process resumed {vm.Value("relay_kill_resumed")} of 2 relays from their journals");
-        Assert.Equal(0, vm.Number("relay_kill_reconfigure"));
-        Assert.Equal(6, vm.Number("relay_kill_fdstore_after"));
-        Assert.Equal("0", vm.Value("relay_kill_probe_rc"));
+        string p = $"relay_kill{kill}_";
+        AssertRestartedAfterSigkill(p);
+        long back = vm.Number(p + "back_ms");
+        long stall = vm.Number(p + "stall_ms");
+        output.WriteLine($"{vm.Value(p + "inflight")} block requests in flight at the kill; {vm.Value(p + "resent")} requests resent and {vm.Value(p + "finished")} reply bytes finished from the journals");
+        Assert.Equal(0, vm.Number(p + "refused"));
+        Assert.True(vm.Number(p + "resumed") == 2, $"the restarted process resumed {vm.Value(p + "resumed")} of 2 relays from their journals");
+        Assert.Equal(0, vm.Number(p + "reconfigure"));
+        Assert.Equal(6, vm.Number(p + "fdstore_after"));
+        Assert.Equal("0", vm.Value(p + "probe_rc"));
         Assert.True(stall <= back + ReconnectBoundMs, $"the writer stalled {stall} ms; the daemon was back {back} ms after the kill (limit: that + {ReconnectBoundMs} ms)");
+    }
+
+    /// <summary>The kills above came under load: the block layer had requests of the device in flight.</summary>
+    [Fact]
+    public void Relay_Sigkill_KillsCameWithRequestsInFlightAndNoConnectionEnded()
+    {
+        long[] inflight = [.. Enumerable.Range(1, 3).Select(k => vm.Number($"relay_kill{k}_inflight"))];
+        output.WriteLine($"in flight at the kills: {string.Join(", ", inflight)}; {vm.Value("relay_kill_kernel_nbd_lines")} nbd0 lines in the kernel log");
+        Assert.True(inflight.Count(n => n > 0) >= 2, $"only {inflight.Count(n => n > 0)} of 3 kills came with a request in flight");
         Assert.Equal(0, vm.Number("relay_kill_kernel_io_errors"));
         Assert.Equal(0, vm.Number("relay_kill_kernel_nbd_lines"));
     }

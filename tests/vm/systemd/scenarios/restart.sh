@@ -386,18 +386,34 @@ sleep 3
 # ends of its kernel connection all along, so the connections live on; Restart= brings the daemon back after RestartSec,
 # it takes both groups, adopts the device with them (no RECONFIGURE) and resumes: it finishes a reply the kill cut off and
 # resends the requests not answered. The writer's stall is the restart (without the journal: the restart plus the rest of
-# Timeout, 30 s here).
-t0=$(now_ms)
-sigkill relay_kill "$PREV"
-NEXT=$NEW_PID
-read -r ms rc < <(probe); r relay_kill_probe_rc "$rc"; r relay_kill_probe_ms "$ms"
-r relay_kill_stall_ms "$(stall "$t0" "$(now_ms)")"
-r relay_kill_resumed "$(jcount "$NEXT" 'relay resumed on the kernel')"
-r relay_kill_resent "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.*store: \([0-9]*\) requests it had not answered resent.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
-r relay_kill_refused "$(jcount "$NEXT" 'left by the previous process refused')"
-r relay_kill_reconfigure "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
-r relay_kill_fdstore_after "$(prop nbd-daemon NFileDescriptorStore)"
-sleep 3
+# Timeout, 30 s here). Three kills, each once the block layer has a request of nbd0 in flight (10 s at most).
+# inflight_wait: until the block layer has a request of nbd0 in flight (10 s at most); prints the count it saw (0: none)
+inflight_wait() {
+    local i n
+    for i in $(seq 1 200); do
+        n=$(awk '{ print $1 + $2 }' /sys/block/nbd0/inflight 2>/dev/null)
+        [ "${n:-0}" -gt 0 ] && { echo "$n"; return 0; }
+        sleep 0.05
+    done
+    echo 0
+}
+for k in 1 2 3; do
+    r "relay_kill${k}_inflight" "$(inflight_wait)"
+    t0=$(now_ms)
+    sigkill "relay_kill$k" "$PREV"
+    NEXT=$NEW_PID
+    read -r ms rc < <(probe); r "relay_kill${k}_probe_rc" "$rc"; r "relay_kill${k}_probe_ms" "$ms"
+    sleep 2
+    r "relay_kill${k}_stall_ms" "$(stall_after "$t0")"
+    r "relay_kill${k}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
+    r "relay_kill${k}_resent" "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.*store: \([0-9]*\) requests it had not answered resent.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
+    r "relay_kill${k}_finished" "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.* \([0-9]*\) bytes of a reply it had cut off finished.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
+    r "relay_kill${k}_refused" "$(jcount "$NEXT" 'left by the previous process refused')"
+    r "relay_kill${k}_reconfigure" "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
+    r "relay_kill${k}_fdstore_after" "$(prop nbd-daemon NFileDescriptorStore)"
+    PREV=$NEXT
+    sleep 1
+done
 touch $W.stop; wait "$WPID"
 r relay_writer_ops "$(wc -l <$W.ops)"
 r relay_writer_errors "$(awk '$3 != 0' $W.ops | wc -l)"
