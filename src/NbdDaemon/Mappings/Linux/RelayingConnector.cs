@@ -557,6 +557,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                 if (Start() && Volatile.Read(ref _relay)?.Recovered is { } recovered)
                 {
                     RelayLog.ResumedJournaled(_owner._logger, _mapping.Name, device, _taken!.Name, recovered.Pending, recovered.Finished, recovered.Delivered);
+
+                    // The driver set the kernel end's SO_SNDTIMEO to its request timeout; a stop that handed the group
+                    // over raised it to the hand-over's. Back to the mapping's, as the adoption did for the device.
+                    if (_mapping.Timeout > TimeSpan.Zero)
+                    {
+                        NbdSocketTimeout.Set(_takenKernelView!, _mapping.Timeout);
+                    }
                 }
             }
             catch (Exception e) when (e is InvalidDataException or SocketException or NbdKernelException or IOException)

@@ -314,6 +314,7 @@ public sealed class RelayingConnectorTests : IDisposable
         first.HandOver(0);
         first.Dispose();
 
+        Assert.Equal(MappingLoop.HandOverTimeout, Nbd.Kernel.NbdSocketTimeout.Read(kernel)); // the driver's sends may block meanwhile
         Assert.Equal(3, store.Names.Count);
         Assert.Contains(logs.Entries, e => e.Message == $"Mapping data on /dev/nbd5: relay stopped between two requests with every reply delivered; its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection, for the next start to resume");
         await WaitUntilAsync(() => ServerConnections() == 0, TimeSpan.FromSeconds(5));
@@ -326,6 +327,7 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Equal(0, kernel.Available); // nothing relayed before the mapping adopted the device with it
 
         next.Serves("/dev/nbd5");
+        Assert.Equal(mapping.Timeout, Nbd.Kernel.NbdSocketTimeout.Read(kernel));
         Assert.Equal(data, ReceiveReply(kernel, 2, 4096));
         Assert.Equal(data, Read(kernel, 3, 16384, 4096));
         Assert.Contains(logs.Entries, e => e.Message.StartsWith($"Mapping data on /dev/nbd5: relay resumed on the kernel's connection from its journal {group}, which the previous process left in systemd's file descriptor store: 0 requests it had not answered resent, 0 bytes of a reply it had cut off finished", StringComparison.Ordinal));

@@ -56,12 +56,31 @@ ready_ms() {
     e=$(prop nbd-daemon ExecMainStartTimestampMonotonic); a=$(prop nbd-daemon ActiveEnterTimestampMonotonic)
     if [ "${e:-0}" -gt 0 ] && [ "${a:-0}" -ge "$e" ]; then echo $(( (a - e) / 1000 )); else echo none; fi
 }
-# sigkill PREFIX OLD_PID: `systemctl kill -s KILL`, then wait for Restart= to bring a new process up; reports
-# PREFIX_rc, _restarted, _back_ms, _ready_ms, _NRestarts_delta and sets NEW_PID
+# inflight_wait: until the block layer has a request of nbd0 in flight (10 s at most); prints the count it saw (0: none)
+inflight_wait() {
+    local i n
+    for i in $(seq 1 200); do
+        n=$(awk '{ print $1 + $2 }' /sys/block/nbd0/inflight 2>/dev/null)
+        [ "${n:-0}" -gt 0 ] && { echo "$n"; return 0; }
+        sleep 0.05
+    done
+    echo 0
+}
+# sigkill PREFIX OLD_PID [inflight]: `systemctl kill -s KILL`, then wait for Restart= to bring a new process up; reports
+# PREFIX_rc, _restarted, _back_ms, _ready_ms, _NRestarts_delta and sets NEW_PID and KILL_MS (when the signal went).
+# With "inflight": first waits for a request of nbd0 in flight (PREFIX_inflight), then sends SIGKILL to OLD_PID itself
+# (the same death for systemd; `systemctl kill` takes a few hundred ms under TCG, long enough for the burst to end)
 sigkill() {
     local nr0 back_ms
     nr0=$(prop nbd-daemon NRestarts)
-    timeout 10 systemctl kill -s KILL nbd-daemon.service; r "$1_rc" "$?"
+    if [ "${3:-}" = inflight ]; then
+        r "$1_inflight" "$(inflight_wait)"
+        KILL_MS=$(now_ms)
+        kill -KILL "$2"; r "$1_rc" "$?"
+    else
+        KILL_MS=$(now_ms)
+        timeout 10 systemctl kill -s KILL nbd-daemon.service; r "$1_rc" "$?"
+    fi
     back_ms=$(wait_active 180 "$2"); r "$1_restarted" "$([ $? = 0 ] && echo yes || echo no)"
     r "$1_back_ms" "$back_ms"
     r "$1_ready_ms" "$(ready_ms)"
@@ -386,25 +405,13 @@ sleep 3
 # ends of its kernel connection all along, so the connections live on; Restart= brings the daemon back after RestartSec,
 # it takes both groups, adopts the device with them (no RECONFIGURE) and resumes: it finishes a reply the kill cut off and
 # resends the requests not answered. The writer's stall is the restart (without the journal: the restart plus the rest of
-# Timeout, 30 s here). Three kills, each once the block layer has a request of nbd0 in flight (10 s at most).
-# inflight_wait: until the block layer has a request of nbd0 in flight (10 s at most); prints the count it saw (0: none)
-inflight_wait() {
-    local i n
-    for i in $(seq 1 200); do
-        n=$(awk '{ print $1 + $2 }' /sys/block/nbd0/inflight 2>/dev/null)
-        [ "${n:-0}" -gt 0 ] && { echo "$n"; return 0; }
-        sleep 0.05
-    done
-    echo 0
-}
+# Timeout, 30 s here). Three kills, each the moment the block layer has a request of nbd0 in flight (10 s at most).
 for k in 1 2 3; do
-    r "relay_kill${k}_inflight" "$(inflight_wait)"
-    t0=$(now_ms)
-    sigkill "relay_kill$k" "$PREV"
+    sigkill "relay_kill$k" "$PREV" inflight
     NEXT=$NEW_PID
     read -r ms rc < <(probe); r "relay_kill${k}_probe_rc" "$rc"; r "relay_kill${k}_probe_ms" "$ms"
     sleep 2
-    r "relay_kill${k}_stall_ms" "$(stall_after "$t0")"
+    r "relay_kill${k}_stall_ms" "$(stall_after "$KILL_MS")"
     r "relay_kill${k}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
     r "relay_kill${k}_resent" "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.*store: \([0-9]*\) requests it had not answered resent.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
     r "relay_kill${k}_finished" "$(journalctl --no-pager -o cat -u nbd-daemon MAPPING=fs "_PID=$NEXT" 2>/dev/null | grep 'from its journal' | sed -n 's/.* \([0-9]*\) bytes of a reply it had cut off finished.*/\1/p' | awk '{ s += $1 } END { print s + 0 }')"
