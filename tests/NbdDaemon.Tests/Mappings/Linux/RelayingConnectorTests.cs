@@ -304,16 +304,11 @@ public sealed class RelayingConnectorTests : IDisposable
         using var store = new FakeFileDescriptorStore();
         var logs = new ListLogger();
         MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
-        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
-        using Socket kernel = Descriptors.Duplicate(first.Socket);
-        first.Serves("/dev/nbd5");
         byte[] data = Pattern(4096, 11);
-        Write(kernel, 1, 16384, data);
-        string group = JournalGroup(store);
 
-        first.HandOver(0);
-        first.Dispose();
+        (Socket kernelEnd, string group) = await HandOverJournaledAsync(store, logs, mapping, data);
 
+        using Socket kernel = kernelEnd;
         Assert.Equal(MappingLoop.HandOverTimeout, Nbd.Kernel.NbdSocketTimeout.Read(kernel)); // the driver's sends may block meanwhile
         Assert.Equal(3, store.Names.Count);
         Assert.Contains(logs.Entries, e => e.Message == $"Mapping data on /dev/nbd5: relay stopped between two requests with every reply delivered; its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection, for the next start to resume");
@@ -346,12 +341,8 @@ public sealed class RelayingConnectorTests : IDisposable
         using var store = new FakeFileDescriptorStore();
         var logs = new ListLogger();
         MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
-        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
-        using Socket kernel = Descriptors.Duplicate(first.Socket);
-        first.Serves("/dev/nbd5");
-        string group = JournalGroup(store);
-        first.HandOver(0);
-        first.Dispose();
+        (Socket kernelEnd, string group) = await HandOverJournaledAsync(store, logs, mapping);
+        using Socket kernel = kernelEnd;
         byte[] data = Pattern(4096, 7);
         Send(kernel, [.. Request(1, 1, 8192, 4096), .. data]); // a write sent while no process relays
 
@@ -364,11 +355,7 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Contains(logs.Entries, e => e.Message == $"Mapping data on /dev/nbd3: relay end handed over by the previous process not used by this attempt: given back untouched, as {group}, for the next attempt or start");
         Assert.Equal(0, kernel.Available);
 
-        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
-        Assert.True(next.Resumed);
-        next.Serves("/dev/nbd5");
-        ReceiveReply(kernel, 1, 0);
-        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+        await AssertNextResumesWithTheWaitingWriteAsync(store, logs, mapping, kernel, data);
     }
 
     /// <summary>
@@ -401,6 +388,39 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Empty(store.Names);
         kernel.ReceiveTimeout = 5000;
         Assert.Equal(0, kernel.Receive(new byte[16]));
+    }
+
+    /// <summary>
+    /// The next attempt takes what the store holds for <paramref name="mapping"/>, resumes on it once it serves, and
+    /// answers the write of <paramref name="data"/> at 8192 (cookie 1) that waited in the kernel's end meanwhile.
+    /// </summary>
+    private static async Task AssertNextResumesWithTheWaitingWriteAsync(FakeFileDescriptorStore store, ListLogger logs, MappingOptions mapping, Socket kernel, byte[] data)
+    {
+        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Assert.True(next.Resumed);
+        next.Serves("/dev/nbd5");
+        ReceiveReply(kernel, 1, 0);
+        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+    }
+
+    /// <summary>
+    /// A journaled session that served (after a write of <paramref name="written"/> at 16384, when given) and was handed
+    /// over at a Leave stop: the kernel's end (a duplicate, as the driver holds it) and the group left in the store.
+    /// </summary>
+    private static async Task<(Socket Kernel, string Group)> HandOverJournaledAsync(FakeFileDescriptorStore store, ListLogger logs, MappingOptions mapping, byte[]? written = null)
+    {
+        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        Socket kernel = Descriptors.Duplicate(first.Socket);
+        first.Serves("/dev/nbd5");
+        if (written is not null)
+        {
+            Write(kernel, 1, 16384, written);
+        }
+
+        string group = JournalGroup(store);
+        first.HandOver(0);
+        first.Dispose();
+        return (kernel, group);
     }
 
     /// <summary>The one journal group in <paramref name="store"/>: "nbd-relay/data/journal-" and 12 hex digits.</summary>
@@ -446,11 +466,7 @@ public sealed class RelayingConnectorTests : IDisposable
         again.Dispose();
         Assert.Equal(["nbd-relay/data/returned-1"], store.Names); // given back twice: the name does not grow
 
-        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
-        Assert.True(next.Resumed);
-        next.Serves("/dev/nbd0");
-        ReceiveReply(kernel, 1, 0);
-        Assert.Equal(data, Read(kernel, 2, 8192, 4096));
+        await AssertNextResumesWithTheWaitingWriteAsync(store, logs, mapping, kernel, data);
     }
 
     [Fact]
