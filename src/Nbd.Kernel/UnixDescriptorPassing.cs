@@ -195,9 +195,17 @@ public static class UnixDescriptorPassing
     {
         using SafeFileHandle copy = Duplicate(descriptor);
         CheckStreamSocket(copy);
-        var socket = new Socket(new SafeSocketHandle(copy.DangerousGetHandle(), ownsHandle: true));
-        copy.SetHandleAsInvalid();
-        return socket;
+        var handle = new SafeSocketHandle(copy.DangerousGetHandle(), ownsHandle: true);
+        copy.SetHandleAsInvalid(); // one owner of the descriptor at any time
+        try
+        {
+            return new Socket(handle);
+        }
+        catch
+        {
+            handle.Dispose();
+            throw;
+        }
     }
 
     private static void SetCloseOnExec(int fd)

@@ -213,6 +213,9 @@ public sealed class NbdRelay : IDisposable
         }
     }
 
+    /// <summary>A journaled relay whose journal was abandoned (a request larger than its ring): a successor would refuse it.</summary>
+    internal bool JournalAbandoned => _journal is { State: JournalState.Abandoned };
+
     /// <summary>What <see cref="Journaled"/> found and did when it recovered from a killed predecessor; else null.</summary>
     internal RelayRecovery? Recovered { get; private set; }
 
@@ -332,6 +335,34 @@ public sealed class NbdRelay : IDisposable
         }
 
         End(new NbdRelayEnd(NbdRelayEndReason.HandedOver, "handed over between two requests, every reply delivered"), shutDownKernelSide: false);
+        return true;
+    }
+
+    /// <summary>
+    /// A journaled relay stops wherever it is, without shutting our end down: what its journal holds lets a successor
+    /// carry the kernel's connection on from any point, as after a kill (a reply cut off is finished, the requests not
+    /// answered are resent). For a stop that leaves the device when <see cref="TryHandOver"/> found replies still owed.
+    /// False when the relay had ended already (its end may be shut down: nothing to carry on) or its journal was
+    /// abandoned; the owner disposes it as usual either way.
+    /// </summary>
+    internal bool TryDetach(string why)
+    {
+        if (_journal is null || _journal.State != JournalState.Armed)
+        {
+            return false;
+        }
+
+        lock (_endLock)
+        {
+            if (_ended.Task.IsCompleted)
+            {
+                return false;
+            }
+
+            _kernelSideKept = true;
+        }
+
+        End(new NbdRelayEnd(NbdRelayEndReason.HandedOver, why), shutDownKernelSide: false);
         return true;
     }
 

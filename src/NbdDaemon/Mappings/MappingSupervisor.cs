@@ -45,9 +45,9 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         foreach (MappingLoop loop in _loops)
         {
             loop.StateChanged += (_, _) => StatusChanged?.Invoke();
-            if (store is not null && RelayingConnector.ResumablePrefix(loop.Options) is string prefix)
+            if (store is not null && RelayingConnector.ResumablePrefixes(loop.Options) is { Count: > 0 } prefixes)
             {
-                loop.StateChanged += (_, state) => ReleaseHandedOver(state, prefix);
+                loop.StateChanged += (_, state) => ReleaseHandedOver(state, prefixes);
             }
         }
     }
@@ -56,12 +56,11 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     /// Every relay connection of a netlink mapping keeps its journal in systemd's store, three descriptors each, for as
     /// long as it serves (whatever OnStop says: a crash is no stop); the store takes no more than FileDescriptorStoreMax=
     /// (systemd 254+ says it in $FDSTORE), and a connection without room keeps none: said once at start, not at the
-    /// crash that finds out. (A reconnect holds room for its new group while the old one leaves: one group's worth more
-    /// for a moment, which a connection that finds none only logs.)
+    /// crash that finds out. (A connection that finds no room only logs it and runs without a journal.)
     /// </summary>
     private void WarnIfTheStoreIsTooSmall(IReadOnlyList<MappingOptions> mappings, IFileDescriptorStore? store)
     {
-        int connections = mappings.Where(m => RelayingConnector.ResumablePrefix(m) is not null).Sum(m => m.Connections);
+        int connections = mappings.Where(RelayingConnector.IsResumable).Sum(m => m.Connections);
         int descriptors = connections * RelayingConnector.JournalDescriptors;
         if (store is { CanStore: true, Capacity: int capacity } && descriptors > capacity)
         {
@@ -83,7 +82,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
             return;
         }
 
-        foreach (MappingOptions mapping in mappings.Where(m => RelayingConnector.ResumablePrefix(m) is not null
+        foreach (MappingOptions mapping in mappings.Where(m => RelayingConnector.IsResumable(m)
                      && m.Timeout > TimeSpan.Zero && m.Timeout < CrashRestartAllowance))
         {
             SupervisorLog.TimeoutShorterThanARestart(_logger, mapping.Name, mapping.Timeout.TotalSeconds, CrashRestartAllowance.TotalSeconds);
@@ -121,7 +120,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
         // configuration, no longer Relay or Netlink) would only hold kernel connections open that nobody reads. Those of
         // the other mappings stay until their mapping serves or fails (ReleaseHandedOver): a server down across the
         // restart must not cost the requests the kernel queued in them (they would wait for the hand-over timeout).
-        string[] resumable = [.. _loops.Select(l => RelayingConnector.ResumablePrefix(l.Options)).OfType<string>()];
+        string[] resumable = [.. _loops.SelectMany(l => RelayingConnector.ResumablePrefixes(l.Options))];
         _store?.ReleaseUnclaimed(name => !resumable.Any(p => name.StartsWith(p, StringComparison.Ordinal)));
 
         // Task.Run: a loop's synchronous parts (ioctls) must not run on the host's start-up flow.
@@ -152,11 +151,11 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
     /// than before); one that failed or gave up takes none. Either way its remaining ends are closed. A mapping still
     /// trying keeps them, and a stop leaves them in systemd's store for the next start.
     /// </summary>
-    private void ReleaseHandedOver(MappingState state, string prefix)
+    private void ReleaseHandedOver(MappingState state, IReadOnlyList<string> prefixes)
     {
         if (state is MappingState.Serving or MappingState.Failed or MappingState.GaveUp)
         {
-            _store?.ReleaseUnclaimed(name => name.StartsWith(prefix, StringComparison.Ordinal));
+            _store?.ReleaseUnclaimed(name => prefixes.Any(p => name.StartsWith(p, StringComparison.Ordinal)));
         }
     }
 
@@ -208,7 +207,7 @@ internal sealed class MappingSupervisor : IHostedService, IDisposable
 
 internal static partial class SupervisorLog
 {
-    [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Connections} relay connections keep their journals in systemd's file descriptor store ({Descriptors} descriptors, {Each} each), but it holds {Capacity} (FileDescriptorStoreMax=): those beyond it keep none, and a crash or restart of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in")]
+    [LoggerMessage(EventId = 131, Level = LogLevel.Warning, Message = "{Connections} relay connections keep their journals in systemd's file descriptor store ({Descriptors} descriptors, {Each} each), but it holds {Capacity} (FileDescriptorStoreMax=): those beyond it keep none, and a crash of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in")]
     public static partial void StoreTooSmall(ILogger logger, int connections, int descriptors, int each, int capacity);
 
     [LoggerMessage(EventId = 142, Level = LogLevel.Warning, Message = "Mapping {Mapping}: Timeout {TimeoutSeconds:0.###} s may be shorter than a crash restart of the daemon (the unit's RestartSec= plus the start; {AllowanceSeconds:0} s allowed for): the driver would end the relay's connection before the next process carries it on from its journal, and the requests in flight would wait for a new one; raise Timeout")]

@@ -246,7 +246,7 @@ public sealed class MappingSupervisorTests
         string[] lines = [.. logs.Entries.Where(e => e.Message.Contains("keep their journals", StringComparison.Ordinal)).Select(e => e.Message)];
         if (warned)
         {
-            Assert.Equal(["4 relay connections keep their journals in systemd's file descriptor store (12 descriptors, 3 each), but it holds 11 (FileDescriptorStoreMax=): those beyond it keep none, and a crash or restart of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in"], lines);
+            Assert.Equal(["4 relay connections keep their journals in systemd's file descriptor store (12 descriptors, 3 each), but it holds 11 (FileDescriptorStoreMax=): those beyond it keep none, and a crash of the daemon ends their kernel connections (the driver resends after its Timeout); raise FileDescriptorStoreMax= in a drop-in"], lines);
         }
         else
         {
@@ -261,7 +261,8 @@ public sealed class MappingSupervisorTests
         // end then would leave the requests the kernel queued in it waiting for the hand-over timeout (60 s).
         using var store = new FakeFileDescriptorStore();
         var kernelEnds = new List<Socket>();
-        foreach (string name in new[] { "nbd-relay/fs/0", "nbd-relay/fs/1", "nbd-relay/gone/0", "nbd-relay/plain/0" })
+        // A lone member of a journal group of each too (a group is never taken unless whole).
+        foreach (string name in new[] { "nbd-relay/fs/0", "nbd-relay/fs/1", "nbd-relay/gone/0", "nbd-relay/plain/0", "nbd-journal/fs/a1/relay-end", "nbd-journal/gone/b2/relay-end" })
         {
             (Socket kernelEnd, Socket relayEnd) = NbdSocketPair.Create();
             store.Store(name, relayEnd);
@@ -291,9 +292,10 @@ public sealed class MappingSupervisorTests
 
         // Those of no relay mapping are gone at once; "fs" is still trying, and keeps both of its own.
         Assert.Equal(MappingState.Reconnecting, supervisor.Loops[0].State);
-        Assert.Equal(["nbd-relay/fs/0", "nbd-relay/fs/1"], store.Names);
+        Assert.Equal(["nbd-relay/fs/0", "nbd-relay/fs/1", "nbd-journal/fs/a1/relay-end"], store.Names);
         Assert.Equal(0, ReceiveOrEnd(kernelEnds[2]));
         Assert.Equal(0, ReceiveOrEnd(kernelEnds[3]));
+        Assert.Equal(0, ReceiveOrEnd(kernelEnds[5]));
 
         time.Advance(TimeSpan.FromSeconds(2));
         await TestMappings.WaitUntilAsync(() => supervisor.Loops[0].State == MappingState.Serving);
@@ -304,6 +306,7 @@ public sealed class MappingSupervisorTests
             Assert.NotNull(taken);
             Assert.Empty(store.Names);
             Assert.Equal(0, ReceiveOrEnd(kernelEnds[1]));
+            Assert.Equal(0, ReceiveOrEnd(kernelEnds[4]));
             taken.Send([1]);
             Assert.Equal(1, ReceiveOrEnd(kernelEnds[0]));
         }

@@ -117,28 +117,28 @@ public sealed class SystemdFileDescriptorStoreTests : IDisposable
         (_, int kernelFd) = Inherited();
         int journalFd = Descriptors.Dup(relayFd); // what the memfd is does not matter to the store
         var store = new SystemdFileDescriptorStore(_dir.File("notify"), 10, [
-            ("nbd-relay/fs/journal-2/relay-end", -1), // a group without its other members
-            ("nbd-relay/fs/journal-1/journal", journalFd),
-            ("nbd-relay/fs/journal-1/relay-end", relayFd),
-            ("nbd-relay/fs/journal-1/kernel-end", kernelFd)], NullLogger.Instance);
+            ("nbd-journal/fs/2/relay-end", -1), // a group without its other members
+            ("nbd-journal/fs/1/journal", journalFd),
+            ("nbd-journal/fs/1/relay-end", relayFd),
+            ("nbd-journal/fs/1/kernel-end", kernelFd)], NullLogger.Instance);
 
-        Assert.Null(store.Take("nbd-relay/fs/"));
-        (string group, Microsoft.Win32.SafeHandles.SafeFileHandle[] taken) = Assert.NotNull(store.TakeGroup("nbd-relay/fs/", members));
+        Assert.Null(store.Take("nbd-journal/fs/")); // a member of a group is no end of its own
+        (string group, Microsoft.Win32.SafeHandles.SafeFileHandle[] taken) = Assert.NotNull(store.TakeGroup("nbd-journal/fs/", members));
 
-        Assert.Equal("nbd-relay/fs/journal-1", group);
+        Assert.Equal("nbd-journal/fs/1", group);
         Assert.Equal([relayFd, kernelFd, journalFd], taken.Select(t => (int)t.DangerousGetHandle()));
         Assert.All(taken, t => Assert.True(Descriptors.IsCloseOnExec((int)t.DangerousGetHandle())));
         Assert.Equal(0, systemd.Available); // no FDSTOREREMOVE
-        Assert.Null(store.TakeGroup("nbd-relay/fs/", members));
-        Assert.Equal(["nbd-relay/fs/journal-2/relay-end"], store.Inherited);
+        Assert.Null(store.TakeGroup("nbd-journal/fs/", members));
+        Assert.Equal(["nbd-journal/fs/2/relay-end"], store.Inherited);
 
         store.ReturnGroup(group, members, taken);
         Assert.Equal(0, systemd.Available);
-        (_, Microsoft.Win32.SafeHandles.SafeFileHandle[] again) = Assert.NotNull(store.TakeGroup("nbd-relay/fs/", members));
+        (_, Microsoft.Win32.SafeHandles.SafeFileHandle[] again) = Assert.NotNull(store.TakeGroup("nbd-journal/fs/", members));
         Assert.Equal(relayFd, (int)again[0].DangerousGetHandle());
 
         Assert.True(store.Remove(group + "/journal"));
-        Assert.Equal(("FDSTOREREMOVE=1\nFDNAME=nbd-relay/fs/journal-1/journal", 0), Text(Descriptors.Receive(systemd)));
+        Assert.Equal(("FDSTOREREMOVE=1\nFDNAME=nbd-journal/fs/1/journal", 0), Text(Descriptors.Receive(systemd)));
         foreach (var handle in again)
         {
             handle.Dispose();

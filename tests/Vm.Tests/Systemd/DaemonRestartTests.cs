@@ -228,7 +228,7 @@ public sealed class DaemonRestartTests(SystemdRestartFixture vm, ITestOutputHelp
         Assert.Equal("yes", vm.Value("relay_start_active"));
         Assert.True(vm.Number("relay_start_connected") >= 1, "the relay mapping did not start with NBD_CMD_CONNECT on the freed device");
         Assert.Equal("yes", vm.Value(p + "active"));
-        // Connections: 2, so two relays, two journal groups in the store (nbd-relay/fs/journal-…), two resumed.
+        // Connections: 2, so two relays, two journal groups in the store (nbd-journal/fs/…), two resumed.
         Assert.True(vm.Number(p + "handed_over") == 2, $"the stopping process logged {vm.Value(p + "handed_over")} of 2 relay ends handed to the file descriptor store");
         Assert.True(vm.Number(p + "resumed") == 2, $"the new process resumed {vm.Value(p + "resumed")} of 2 relays on the handed-over ends");
         Assert.True(vm.Number(p + "carried_on") == 1, "the new process did not adopt the device with both handed-over connections");

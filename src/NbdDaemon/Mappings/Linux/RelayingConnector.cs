@@ -24,7 +24,7 @@ namespace NbdDaemon.Mappings.Linux;
 /// the server and relays on it from the next request (<see cref="INbdSession.Resumed"/>): the driver only sees a pause.
 /// A crash need not end it either. A netlink relay run by systemd with a file descriptor store keeps a journal
 /// (<see cref="RelayJournal"/>: the requests in flight and what of the replies went out, in a memfd) and stores it, with
-/// both ends of the kernel's connection, in systemd's store as a group ("nbd-relay/NAME/journal-ID/…") for as long as it
+/// both ends of the kernel's connection, in systemd's store as a group ("nbd-journal/NAME/ID/…") for as long as it
 /// serves: when the process is killed anywhere, the next one takes the group, finishes a reply the kill cut off and
 /// resends what the kernel still waits for (<see cref="NbdRelay.Journaled"/>). A stop that leaves the device then only
 /// quiesces the relay and keeps the group.
@@ -69,11 +69,11 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         try
         {
             // Only a netlink mapping can be adopted with it (an ioctl device dies with the process that served it).
-            if (ResumablePrefix(mapping) is string prefix && TakeJournal(mapping, prefix) is { } group)
+            if (IsResumable(mapping) && TakeJournal(mapping) is { } group)
             {
                 takenJournal = group;
             }
-            else if (ResumablePrefix(mapping) is string older && _store.Take(older) is { } taken)
+            else if (IsResumable(mapping) && _store.Take(DescriptorPrefix(mapping)) is { } taken)
             {
                 // Handed over at a stop by a process that kept no journal.
                 (takenName, relayEnd) = taken;
@@ -92,9 +92,25 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             throw new MappingException("could not create the relay's socket pair: " + e.Message, FailureKind.Transient, e);
         }
 
-        var session = takenJournal is not null
-            ? new RelaySession(this, mapping, first, takenJournal)
-            : new RelaySession(this, mapping, first, kernelEnd, relayEnd!, takenName, journal);
+        RelaySession session;
+        try
+        {
+            session = takenJournal is not null
+                ? new RelaySession(this, mapping, first, takenJournal)
+                : new RelaySession(this, mapping, first, kernelEnd, relayEnd!, takenName, journal);
+        }
+        catch (SocketException e)
+        {
+            // A view over a taken group's end (checked to be a stream socket, so not expected).
+            first.Dispose();
+            if (takenJournal is not null)
+            {
+                RemoveJournal(takenJournal.Name);
+                takenJournal.Dispose();
+            }
+
+            throw new MappingException("could not take up the relay's journal: " + e.Message, FailureKind.Transient, e);
+        }
 
         // A resumed relay starts once the mapping adopted the device with it (Serves): until the export was checked
         // against the device, no request of the kernel's goes to this server, and the end can go back to the store
@@ -105,10 +121,12 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             {
                 session.Start();
             }
-            catch (Exception e) when (e is InvalidDataException or SocketException or NbdKernelException or IOException)
+#pragma warning disable CA1031 // Whatever it was, the session and its room in the store go; the attempt fails with the reason.
+            catch (Exception e)
+#pragma warning restore CA1031
             {
                 session.Dispose();
-                throw new MappingException("could not start the relay's journal: " + e.Message, FailureKind.Transient, e);
+                throw new MappingException("could not start the relay: " + e.Message, FailureKind.Transient, e);
             }
         }
 
@@ -122,7 +140,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// </summary>
     private RelayJournal? CreateJournal(MappingOptions mapping)
     {
-        if (ResumablePrefix(mapping) is null || !_store.CanStore)
+        if (!IsResumable(mapping) || !_store.CanStore)
         {
             return null;
         }
@@ -165,9 +183,9 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// A journal group a killed (or stopped) predecessor left in systemd's store for <paramref name="mapping"/>, both
     /// ends checked to be stream sockets; one that is not is taken out of the store and closed, with a log line.
     /// </summary>
-    private JournalGroup? TakeJournal(MappingOptions mapping, string prefix)
+    private JournalGroup? TakeJournal(MappingOptions mapping)
     {
-        while (_store.TakeGroup(prefix, JournalMembers) is { } taken)
+        while (_store.TakeGroup(JournalPrefix(mapping), JournalMembers) is { } taken)
         {
             var group = new JournalGroup(taken.Group, taken.Descriptors[0], taken.Descriptors[1], taken.Descriptors[2]);
             try
@@ -230,9 +248,15 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         }
     }
 
-    /// <summary>A new group's name: "nbd-relay/NAME/journal-" and 12 random hex digits, unique across restarts.</summary>
+    /// <summary>A new group's name: "nbd-journal/NAME/" and 12 random hex digits, unique across restarts.</summary>
     private static string NewJournalName(MappingOptions mapping) =>
-        DescriptorPrefix(mapping) + "journal-" + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6));
+        JournalPrefix(mapping) + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6));
+
+    /// <summary>
+    /// Where a mapping's journal groups are in systemd's store: not under <see cref="DescriptorPrefix"/>, whose every name
+    /// an earlier build takes as a relay end (a rollback would otherwise relay on a group's kernel end).
+    /// </summary>
+    private static string JournalPrefix(MappingOptions mapping) => "nbd-journal/" + mapping.Name + "/";
 
     /// <summary>
     /// The relay over <paramref name="relayEnd"/>; with <paramref name="journal"/> a journaled one (started, or recovered
@@ -249,7 +273,15 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             GiveUpAfter = mapping.Timeout > TimeSpan.Zero ? mapping.Timeout : MappingOptions.DefaultTimeout,
             RetryInterval = RetryInterval,
             IsPermanent = e => e is ExportChangedException,
-            Events = e => Log(mapping, session.Device, e),
+            Events = e =>
+            {
+                if (e is NbdRelayJournalAbandoned)
+                {
+                    session.DropJournal();
+                }
+
+                Log(mapping, session.Device, e);
+            },
             Name = "nbd-relay " + mapping.Name,
             TimeProvider = time,
         };
@@ -269,17 +301,21 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// <summary>Marks an end given back (nbd-relay/NAME/returned-SLOT), apart from the ends a stop hands over (…/SLOT).</summary>
     private const string GivenBackMark = "returned-";
 
+    /// <summary>Whether <paramref name="mapping"/> carries its kernel connections across processes (a relay on a netlink device; an ioctl device dies with the process that served it).</summary>
+    public static bool IsResumable(MappingOptions mapping) => mapping.Relay && mapping.Interface == KernelInterface.Netlink;
+
     /// <summary>
-    /// The prefix of the names under which <paramref name="mapping"/> takes back relay ends from systemd's store; null when
-    /// it takes none (no relay, or an ioctl device, which dies with the process that served it).
+    /// The prefixes of the names under which <paramref name="mapping"/> takes descriptors back from systemd's store
+    /// (journal groups, and relay ends handed over without one); none when it takes none.
     /// </summary>
-    public static string? ResumablePrefix(MappingOptions mapping) =>
-        mapping.Relay && mapping.Interface == KernelInterface.Netlink ? DescriptorPrefix(mapping) : null;
+    public static IReadOnlyList<string> ResumablePrefixes(MappingOptions mapping) =>
+        IsResumable(mapping) ? [JournalPrefix(mapping), DescriptorPrefix(mapping)] : [];
 
     /// <summary>
     /// A journaled relay's hand-over: its group is in systemd's store already, so the relay only stops between two
-    /// requests with every reply delivered (a successor would recover from any other point too, but this one leaves it
-    /// nothing to resend). True when the group stays for the next start.
+    /// requests with every reply delivered (which leaves a successor nothing to resend), or, when replies are still
+    /// owed after <see cref="HandOverLimit"/>, where it is (the successor resends them, as after a kill). True when the
+    /// group stays for the next start.
     /// </summary>
     private bool HandOverJournaled(MappingOptions mapping, RelaySession session, Socket kernelEnd, NbdRelay relay, string group)
     {
@@ -299,6 +335,14 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         if (relay.TryHandOver(HandOverLimit, _ => { }))
         {
             RelayLog.HandedOverJournaled(_logger, mapping.Name, device, group);
+            return true;
+        }
+
+        // Replies still owed (a server that stopped answering): the journal carries them over as it would a kill's.
+        int owed = relay.InFlight;
+        if (relay.TryDetach(string.Create(CultureInfo.InvariantCulture, $"stopped with {owed} requests unanswered, its journal kept")))
+        {
+            RelayLog.DetachedJournaled(_logger, mapping.Name, device, owed, HandOverLimit.TotalSeconds, group);
             return true;
         }
 
@@ -552,21 +596,14 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         /// </summary>
         private void ResumeJournaled(string device)
         {
+            RelayRecovery? recovered;
             try
             {
-                if (Start() && Volatile.Read(ref _relay)?.Recovered is { } recovered)
-                {
-                    RelayLog.ResumedJournaled(_owner._logger, _mapping.Name, device, _taken!.Name, recovered.Pending, recovered.Finished, recovered.Delivered);
-
-                    // The driver set the kernel end's SO_SNDTIMEO to its request timeout; a stop that handed the group
-                    // over raised it to the hand-over's. Back to the mapping's, as the adoption did for the device.
-                    if (_mapping.Timeout > TimeSpan.Zero)
-                    {
-                        NbdSocketTimeout.Set(_takenKernelView!, _mapping.Timeout);
-                    }
-                }
+                recovered = Start() ? Volatile.Read(ref _relay)?.Recovered : null;
             }
-            catch (Exception e) when (e is InvalidDataException or SocketException or NbdKernelException or IOException)
+#pragma warning disable CA1031 // Whatever Journaled threw, it shut our end down: the group is dead, never to be returned.
+            catch (Exception e)
+#pragma warning restore CA1031
             {
                 RelayLog.JournalRefused(_owner._logger, _mapping.Name, device, _taken!.Name, e.Message);
                 Shutdown();
@@ -577,6 +614,52 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                         _owner.RemoveJournal(_group);
                         _group = null;
                     }
+                }
+
+                return;
+            }
+
+            if (recovered is null)
+            {
+                return;
+            }
+
+            RelayLog.ResumedJournaled(_owner._logger, _mapping.Name, device, _taken!.Name, recovered.Pending, recovered.Finished, recovered.Delivered);
+
+            // The driver set the kernel end's SO_SNDTIMEO to its request timeout; a stop that handed the group over
+            // raised it to the hand-over's. Back to the mapping's, as the adoption did for the device.
+            if (_mapping.Timeout > TimeSpan.Zero)
+            {
+                try
+                {
+                    NbdSocketTimeout.Set(_takenKernelView!, _mapping.Timeout);
+                }
+                catch (NbdKernelException e)
+                {
+                    RelayLog.SendTimeoutNotReset(_owner._logger, _mapping.Name, device, e.Message);
+                }
+            }
+        }
+
+        /// <summary>
+        /// The relay abandoned its journal (a request larger than the ring): a successor would refuse it, so the group
+        /// leaves the store (a crash then ends the kernel's connection, as without a journal) and a stop hands the
+        /// relay's end over alone.
+        /// </summary>
+        public void DropJournal()
+        {
+            lock (_lock)
+            {
+                if (_roomReserved)
+                {
+                    _roomReserved = false;
+                    _owner.Unreserve(JournalDescriptors);
+                }
+
+                if (_group is not null && !_kept)
+                {
+                    _owner.RemoveJournal(_group);
+                    _group = null;
                 }
             }
         }
@@ -747,11 +830,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             if (_roomReserved)
             {
                 _roomReserved = false;
-                _owner.Unreserve(JournalMembers.Length);
+                _owner.Unreserve(JournalDescriptors);
             }
 
             // A group never relayed on goes back untouched (unless Shutdown ended the kernel's connection); any other
-            // leaves the store before the relay's end is shut down, so that no later start takes up a dead connection.
+            // leaves the store, before this disposal shuts the relay's end down (a relay that gave up, or a LINK_DEAD's
+            // Shutdown, did so already: systemd drops a stored socket that hangs up, and a group missing a member is
+            // never taken).
             bool returned = relay is null && _taken is not null && group is not null && !_shutDown;
             if (group is not null && !returned)
             {

@@ -333,6 +333,77 @@ public sealed class RelayingConnectorTests : IDisposable
         Assert.Equal(0, kernel.Receive(new byte[16]));
     }
 
+    /// <summary>
+    /// A Leave stop while the server does not answer (stopped): the relay cannot reach a point with every reply
+    /// delivered, so it stops where it stands and keeps its journal; the next process resends the request the server
+    /// never answered, as after a kill, and the driver gets its reply.
+    /// </summary>
+    [Fact]
+    public async Task Journal_HandOverWithAReplyOwed_KeptWhereItStoodAndTheNextProcessResendsTheRequest()
+    {
+        await StartServerAsync(DiskSize);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        INbdSession first = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(first.Socket);
+        first.Serves("/dev/nbd5");
+        byte[] data = Pattern(4096, 13);
+        Write(kernel, 1, 20480, data);
+        string group = JournalGroup(store);
+        using (Process stop = Process.Start("kill", ["-STOP", _server!.Id.ToString(CultureInfo.InvariantCulture)]))
+        {
+            await stop.WaitForExitAsync();
+        }
+
+        Send(kernel, Request(0, 2, 20480, 4096)); // read by the relay, sent to a server that answers nothing now
+        await Task.Delay(300);
+
+        first.HandOver(0);
+        first.Dispose();
+
+        Assert.Equal(3, store.Names.Count);
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == $"Mapping data on /dev/nbd5: relay stopped with 1 requests unanswered after 5 s; its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection, and the next start resends them");
+        Assert.Equal(0, kernel.Available); // neither a reply nor the end of the connection
+        Kill();
+        await StartServerAsync(DiskSize);
+
+        using INbdSession next = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        next.Serves("/dev/nbd5");
+
+        Assert.Equal(data, ReceiveReply(kernel, 2, 4096));
+        Assert.Contains(logs.Entries, e => e.Message.StartsWith($"Mapping data on /dev/nbd5: relay resumed on the kernel's connection from its journal {group}, which the previous process left in systemd's file descriptor store: 1 requests it had not answered resent", StringComparison.Ordinal));
+        Assert.Equal(data, Read(kernel, 3, 20480, 4096));
+    }
+
+    /// <summary>
+    /// A request larger than the journal's ring abandons the journal: a successor would refuse it, so its group leaves
+    /// the store at once and a Leave stop hands the relay's end over alone, as without a journal.
+    /// </summary>
+    [Fact]
+    public async Task Journal_RequestLargerThanTheRing_GroupLeavesTheStoreAndAStopHandsTheEndOverAlone()
+    {
+        await StartServerAsync(16 << 20);
+        using var store = new FakeFileDescriptorStore();
+        var logs = new ListLogger();
+        MappingOptions mapping = Mapping(relay: true) with { Interface = KernelInterface.Netlink, OnStop = StopAction.Leave };
+        using INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
+        using Socket kernel = Descriptors.Duplicate(session.Socket);
+        session.Serves("/dev/nbd5");
+        Assert.Equal(3, store.Names.Count);
+
+        byte[] large = Pattern(RelayingConnector.JournalRingBytes + 4096, 17);
+        Write(kernel, 1, 0, large);
+
+        Assert.Empty(store.Names);
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message.StartsWith("Mapping data on /dev/nbd5: relay journal abandoned (a request of 8392732 bytes is larger than the journal's ring (8388608 bytes))", StringComparison.Ordinal));
+        Assert.Equal(large[..4096], Read(kernel, 2, 0, 4096)); // relaying on
+
+        session.HandOver(0);
+
+        Assert.Equal(["nbd-relay/data/0"], store.Names);
+    }
+
     /// <summary>An attempt that took a group and failed before the mapping served leaves it for the next attempt.</summary>
     [Fact]
     public async Task ResumedJournal_DisposedBeforeItServed_GroupLeftForTheNextAttempt()
@@ -348,7 +419,7 @@ public sealed class RelayingConnectorTests : IDisposable
 
         INbdSession attempt = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
         Assert.True(attempt.Resumed);
-        Assert.Null(store.TakeGroup("nbd-relay/data/", ["relay-end", "kernel-end", "journal"])); // lent to the attempt
+        Assert.Null(store.TakeGroup("nbd-journal/data/", ["relay-end", "kernel-end", "journal"])); // lent to the attempt
         attempt.Dispose();
 
         Assert.Equal(3, store.Names.Count);
@@ -375,16 +446,16 @@ public sealed class RelayingConnectorTests : IDisposable
         using (relayEnd)
         using (Microsoft.Win32.SafeHandles.SafeFileHandle junk = File.OpenHandle(_dir.File("junk")))
         {
-            store.Store("nbd-relay/data/journal-1/relay-end", relayEnd);
-            store.Store("nbd-relay/data/journal-1/kernel-end", kernel);
-            store.Store("nbd-relay/data/journal-1/journal", junk);
+            store.Store("nbd-journal/data/1/relay-end", relayEnd);
+            store.Store("nbd-journal/data/1/kernel-end", kernel);
+            store.Store("nbd-journal/data/1/journal", junk);
         }
 
         using INbdSession session = await Connector(store, logs).ConnectAsync(mapping, CancellationToken.None);
         Assert.True(session.Resumed);
         session.Serves("/dev/nbd5");
 
-        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == "Mapping data on /dev/nbd5: relay journal nbd-relay/data/journal-1 left by the previous process refused (the relay journal is 100 bytes, less than its header); the kernel's connection is ended and the driver resends its requests after its timeout");
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == "Mapping data on /dev/nbd5: relay journal nbd-journal/data/1 left by the previous process refused (the relay journal is 100 bytes, less than its header); the kernel's connection is ended and the driver resends its requests after its timeout");
         Assert.Empty(store.Names);
         kernel.ReceiveTimeout = 5000;
         Assert.Equal(0, kernel.Receive(new byte[16]));
@@ -423,11 +494,11 @@ public sealed class RelayingConnectorTests : IDisposable
         return (kernel, group);
     }
 
-    /// <summary>The one journal group in <paramref name="store"/>: "nbd-relay/data/journal-" and 12 hex digits.</summary>
+    /// <summary>The one journal group in <paramref name="store"/>: "nbd-journal/data/" and 12 hex digits.</summary>
     private static string JournalGroup(FakeFileDescriptorStore store)
     {
         string group = Assert.Single(store.Names.Select(n => n[..n.LastIndexOf('/')]).Distinct());
-        Assert.Matches("^nbd-relay/data/journal-[0-9a-f]{12}$", group);
+        Assert.Matches("^nbd-journal/data/[0-9a-f]{12}$", group);
         return group;
     }
 

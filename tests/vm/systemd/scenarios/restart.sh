@@ -303,7 +303,7 @@ for i in 1 2; do
     NEXT=$(prop nbd-daemon MainPID)
     read -r ms rc < <(probe); r "relay_restart${i}_probe_rc" "$rc"
     r "relay_restart${i}_stall_ms" "$(stall "$t0" "$(now_ms)")"
-    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "its journal nbd-relay/fs/journal-[0-9a-f]* stays in systemd's file descriptor store")"
+    r "relay_restart${i}_handed_over" "$(jcount "$PREV" "its journal nbd-journal/fs/[0-9a-f]* stays in systemd's file descriptor store")"
     r "relay_restart${i}_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
     r "relay_restart${i}_carried_on" "$(jcount "$NEXT" 'carrying on with 2 relay connections')"
     r "relay_restart${i}_reconfigure" "$(jcount "$NEXT" 'NBD_CMD_RECONFIGURE')"
@@ -368,7 +368,7 @@ server_back() {
     read -r ms rc < <(probe); r "$1_probe_rc" "$rc"
     sleep 2
     r "$1_stall_after_back_ms" "$(stall_after "$t_back")"
-    r "$1_handed_over" "$(jcount "$PREV" "its journal nbd-relay/fs/journal-[0-9a-f]* stays in systemd's file descriptor store")"
+    r "$1_handed_over" "$(jcount "$PREV" "its journal nbd-journal/fs/[0-9a-f]* stays in systemd's file descriptor store")"
     r "$1_resumed" "$(jcount "$NEXT" 'relay resumed on the kernel')"
     # The store logs without a MAPPING field: every entry of the process.
     r "$1_unclaimed" "$(journalctl --no-pager -o cat -u nbd-daemon "_PID=$NEXT" 2>/dev/null | grep -c 'claimed by no mapping')"
