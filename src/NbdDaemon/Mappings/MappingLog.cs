@@ -112,7 +112,7 @@ internal static partial class RelayLog
     [LoggerMessage(EventId = 141, Level = LogLevel.Information, Message = "Mapping {Mapping} on {Device}: relay stopped between two requests with every reply delivered; its journal {Journal} stays in systemd's file descriptor store with both ends of the kernel's connection, for the next start to resume")]
     public static partial void HandedOverJournaled(ILogger logger, string mapping, string device, string journal);
 
-    [LoggerMessage(EventId = 143, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay stopped with {InFlight} requests unanswered after {Seconds:0.###} s; its journal {Journal} stays in systemd's file descriptor store with both ends of the kernel's connection, and the next start resends them")]
+    [LoggerMessage(EventId = 143, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: relay did not reach a point between two requests with every reply delivered within {Seconds:0.###} s ({InFlight} requests unanswered); it stopped where it stood, and its journal {Journal} stays in systemd's file descriptor store with both ends of the kernel's connection: the next start carries on from there")]
     public static partial void DetachedJournaled(ILogger logger, string mapping, string device, int inFlight, double seconds, string journal);
 
     [LoggerMessage(EventId = 144, Level = LogLevel.Warning, Message = "Mapping {Mapping} on {Device}: the kernel end's SO_SNDTIMEO could not be set back to the mapping's Timeout ({Reason}); it stays at what the previous process left")]

@@ -332,10 +332,26 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             return false;
         }
 
-        if (relay.TryHandOver(HandOverLimit, _ => { }))
+        try
         {
-            RelayLog.HandedOverJournaled(_logger, mapping.Name, device, group);
-            return true;
+            // The group is stored already: nothing to pass on, unless the journal was abandoned meanwhile (a request
+            // larger than its ring during the wait), which took the group out of the store.
+            if (relay.TryHandOver(HandOverLimit, _ =>
+            {
+                if (relay.JournalAbandoned)
+                {
+                    throw new InvalidOperationException("its journal was abandoned during the hand-over (a request larger than the ring)");
+                }
+            }))
+            {
+                RelayLog.HandedOverJournaled(_logger, mapping.Name, device, group);
+                return true;
+            }
+        }
+        catch (InvalidOperationException e)
+        {
+            RelayLog.NotHandedOver(_logger, null, mapping.Name, device, e.Message);
+            return false;
         }
 
         // Replies still owed (a server that stopped answering): the journal carries them over as it would a kill's.
@@ -756,7 +772,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             }
             else
             {
-                _owner.HandOver(_mapping, this, _kernelEnd, relay, slot);
+                _owner.HandOver(_mapping, this, _kernelEnd ?? _takenKernelView, relay, slot);
             }
         }
 
@@ -820,17 +836,17 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
                 relay = _relay;
                 group = _kept ? null : _group;
                 _group = null;
+                if (_roomReserved)
+                {
+                    // Under the lock: DropJournal, on a relay thread, may give the room up at the same time.
+                    _roomReserved = false;
+                    _owner.Unreserve(JournalDescriptors);
+                }
             }
 
             if (!first)
             {
                 return;
-            }
-
-            if (_roomReserved)
-            {
-                _roomReserved = false;
-                _owner.Unreserve(JournalDescriptors);
             }
 
             // A group never relayed on goes back untouched (unless Shutdown ended the kernel's connection); any other

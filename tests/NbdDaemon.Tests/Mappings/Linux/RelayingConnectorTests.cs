@@ -363,7 +363,7 @@ public sealed class RelayingConnectorTests : IDisposable
         first.Dispose();
 
         Assert.Equal(3, store.Names.Count);
-        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == $"Mapping data on /dev/nbd5: relay stopped with 1 requests unanswered after 5 s; its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection, and the next start resends them");
+        Assert.Contains(logs.Entries, e => e.Level == LogLevel.Warning && e.Message == $"Mapping data on /dev/nbd5: relay did not reach a point between two requests with every reply delivered within 5 s (1 requests unanswered); it stopped where it stood, and its journal {group} stays in systemd's file descriptor store with both ends of the kernel's connection: the next start carries on from there");
         Assert.Equal(0, kernel.Available); // neither a reply nor the end of the connection
         Kill();
         await StartServerAsync(DiskSize);

@@ -18,7 +18,8 @@
 #   rs_relay_*    the same mapping with Relay: true, Connections: 2, OnStop=Leave and Timeout 30 s, ext4 mounted again
 #                 with a writer: each relay keeps its journal and both ends of its kernel connection in systemd's file
 #                 descriptor store (3 descriptors each); two `systemctl restart`s, each relay stopping between two
-#                 requests and the next process resuming on both groups; then `systemctl kill -s KILL` under the writer
+#                 requests and the next process resuming on both groups; then three SIGKILLs under the writer, each the moment
+#                 a block request is in flight
 #                 (rs_relay_kill_*: the next process takes both groups and recovers from the journals: no new
 #                 connection, a stall of the restart); the writer, kernel log, e2fsck and checksums
 #   rs_relay_down_*  nbdkit SIGKILLed between the stopping and the new process of a `systemctl restart`, back once the
