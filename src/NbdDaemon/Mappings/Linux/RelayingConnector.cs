@@ -362,11 +362,14 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             return true;
         }
 
-        RelayLog.NotHandedOver(_logger, null, mapping.Name, device, relay.Completion.IsCompleted
-            ? "the relay had ended"
-            : string.Create(CultureInfo.InvariantCulture, $"{relay.InFlight} requests still unanswered after {HandOverLimit.TotalSeconds:0.###} s"));
+        RelayLog.NotHandedOver(_logger, null, mapping.Name, device, WhyNotHandedOver(relay));
         return false;
     }
+
+    /// <summary>Why <see cref="NbdRelay.TryHandOver"/> returned false, for event 115.</summary>
+    private static string WhyNotHandedOver(NbdRelay relay) => relay.Completion.IsCompleted
+        ? "the relay had ended"
+        : string.Create(CultureInfo.InvariantCulture, $"{relay.InFlight} requests still unanswered after {HandOverLimit.TotalSeconds:0.###} s");
 
     private void HandOver(MappingOptions mapping, RelaySession session, Socket? kernelEnd, NbdRelay relay, int slot)
     {
@@ -408,9 +411,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
             }
             else
             {
-                RelayLog.NotHandedOver(_logger, null, mapping.Name, device, relay.Completion.IsCompleted
-                    ? "the relay had ended"
-                    : string.Create(CultureInfo.InvariantCulture, $"{relay.InFlight} requests still unanswered after {HandOverLimit.TotalSeconds:0.###} s"));
+                RelayLog.NotHandedOver(_logger, null, mapping.Name, device, WhyNotHandedOver(relay));
             }
         }
 #pragma warning disable CA1031 // A failed hand-over ends like a plain stop: logged, the relay disposed as usual.
