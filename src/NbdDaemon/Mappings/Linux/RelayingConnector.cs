@@ -44,11 +44,11 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
     /// </summary>
     public const int JournalRingBytes = 8 << 20;
 
-    /// <summary>How many descriptors a relay connection's journal group holds in systemd's store.</summary>
-    public const int JournalDescriptors = 3;
-
     /// <summary>The members of a journal group in systemd's store, in the order the store hands them back.</summary>
     private static readonly string[] JournalMembers = ["relay-end", "kernel-end", "journal"];
+
+    /// <summary>How many descriptors a relay connection's journal group holds in systemd's store.</summary>
+    public static int JournalDescriptors => JournalMembers.Length;
 
     private readonly ILogger _logger = loggers.CreateLogger("NbdDaemon.Mappings.Relay");
     private readonly IFileDescriptorStore _store = store;
@@ -146,16 +146,16 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         }
 
         int reserved = 0;
-        while (reserved < JournalMembers.Length && _store.TryReserve())
+        while (reserved < JournalDescriptors && _store.TryReserve())
         {
             reserved++;
         }
 
-        if (reserved < JournalMembers.Length)
+        if (reserved < JournalDescriptors)
         {
             Unreserve(reserved);
             RelayLog.JournalNotKept(_logger, mapping.Name, DeviceText(mapping, null), string.Create(CultureInfo.InvariantCulture,
-                $"systemd's file descriptor store is full (FileDescriptorStoreMax={_store.Capacity}; {JournalMembers.Length} per relay connection)"));
+                $"systemd's file descriptor store is full (FileDescriptorStoreMax={_store.Capacity}; {JournalDescriptors} per relay connection)"));
             return null;
         }
 
@@ -205,10 +205,13 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         return null;
     }
 
-    /// <summary>Takes a journal group out of systemd's store (every member; the store logs a failure).</summary>
-    private void RemoveJournal(string group)
+    /// <summary>
+    /// Takes a journal group out of systemd's store: its first <paramref name="members"/> (all by default; the store
+    /// logs a failure).
+    /// </summary>
+    private void RemoveJournal(string group, int? members = null)
     {
-        foreach (string member in JournalMembers)
+        foreach (string member in JournalMembers.Take(members ?? JournalDescriptors))
         {
             _store.Remove(group + "/" + member);
         }
@@ -237,11 +240,7 @@ internal sealed class RelayingConnector(INbdConnector inner, ILoggerFactory logg
         catch (Exception e)
 #pragma warning restore CA1031
         {
-            for (int i = 0; i < stored; i++)
-            {
-                _store.Remove(group + "/" + JournalMembers[i]);
-            }
-
+            RemoveJournal(group, stored);
             Unreserve(members.Length - stored);
             RelayLog.JournalNotKept(_logger, mapping.Name, device, "passing it to systemd failed: " + e.Message);
             return false;
